@@ -1,0 +1,188 @@
+"""The GLM v2 decoder (ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B, and GLM-4-0414's sandwich-norm variant).
+
+    h   = x + Attn(RMSNorm_in(x))            [glm4: + RMSNorm(Attn(...)) instead]
+    out = h + MLP(RMSNorm_post(h))           [glm4: + RMSNorm(MLP(...)) instead]
+
+L such blocks run under `nn.scan` (one compiled block, parameters stacked on a leading "layers" axis), then a
+final RMSNorm and an untied output projection. Parameter tree of GLMForCausalLM:
+
+    model/embed/embedding                         [vocab, embed]
+    model/layers/input_norm/scale                 [L, embed]
+    model/layers/attention/{query,key,value}/kernel,bias   [L, embed, heads, head_dim], [L, heads, head_dim]
+    model/layers/attention/out/kernel             [L, heads, head_dim, embed]
+    model/layers/post_attention_norm/scale        [L, embed]
+    model/layers/mlp/wi/kernel                    [L, embed, 2, mlp]   (gate, up)
+    model/layers/mlp/wo/kernel                    [L, mlp, embed]
+    model/final_norm/scale                        [embed]
+    lm_head/kernel                                [embed, vocab]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from glm_jax.config import GLMConfig
+from glm_jax.model.layers import MLP, Attention, Embed, RMSNorm, rotary_cos_sin
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+BATCH_SEQ_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+def positions_from_segments(segment_ids):
+    """Per-token positions restarting at 0 wherever the segment id changes (packing, left padding)."""
+    idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None]
+    prev = jnp.concatenate([jnp.full_like(segment_ids[:, :1], -1), segment_ids[:, :-1]], axis=1)
+    run_start = jax.lax.cummax(jnp.where(segment_ids != prev, idx, 0), axis=1)
+    return idx - run_start
+
+
+def combine_segments(attention_mask, segment_ids):
+    """Segment ids (0 = padding) from an attention mask and/or explicit segment ids; None when neither is given."""
+    if segment_ids is None and attention_mask is None:
+        return None
+    seg = jnp.ones_like(attention_mask, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    if attention_mask is not None:
+        seg = jnp.where(attention_mask.astype(bool), seg, 0)
+    return seg
+
+
+class DecoderBlock(nn.Module):
+    cfg: GLMConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, cos, sin, q_segments, kv_segments, cache_index):
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+        def norm(name):
+            return RMSNorm(cfg.norm_eps, dtype, param_dtype, name=name)
+
+        x = nn.with_logical_constraint(x, BATCH_SEQ_EMBED)
+        h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias,
+                      cfg.attention_impl, self.decode, dtype, param_dtype, name="attention")(
+            norm("input_norm")(x), cos, sin, q_segments, kv_segments, cache_index)
+        if cfg.sandwich_norm:
+            h = norm("post_self_attn_norm")(h)
+        x = x + h
+        h = MLP(cfg.hidden_size, cfg.ffn_hidden_size, dtype, param_dtype, name="mlp")(norm("post_attention_norm")(x))
+        if cfg.sandwich_norm:
+            h = norm("post_mlp_norm")(h)
+        return nn.with_logical_constraint(x + h, BATCH_SEQ_EMBED), None
+
+
+class GLMModel(nn.Module):
+    """Embedding, L decoder blocks, final norm. Returns hidden states [batch, seq, hidden]."""
+
+    cfg: GLMConfig
+
+    @nn.compact
+    def __call__(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, decode: bool = False):
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        batch, seq = input_ids.shape
+        q_segments = combine_segments(attention_mask, segment_ids)
+
+        cache_index = None
+        kv_segments = q_segments
+        if decode:
+            # Cache-wide state: write slot, each slot's segment id (0 = pad / empty) and each row's next position.
+            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            slot_segments = self.variable("cache", "segment_ids", jnp.zeros, (batch, seq), jnp.int32)
+            next_position = self.variable("cache", "position", jnp.zeros, (batch,), jnp.int32)
+            cache_index = index.value
+            if q_segments is None:
+                q_segments = jnp.ones((batch, seq), jnp.int32)
+            kv_segments = jax.lax.dynamic_update_slice(slot_segments.value, q_segments, (0, cache_index))
+            if position_ids is None:
+                position_ids = next_position.value[:, None] + positions_from_segments(q_segments)
+            if not self.is_initializing():
+                slot_segments.value = kv_segments
+                next_position.value = position_ids[:, -1].astype(jnp.int32) + 1
+                index.value = cache_index + seq
+        elif position_ids is None:
+            position_ids = (positions_from_segments(q_segments) if q_segments is not None
+                            else jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)))
+
+        x = Embed(cfg.vocab_size, cfg.hidden_size, dtype, param_dtype, name="embed")(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, cfg.rope_position_divisor, dtype)
+
+        block = DecoderBlock
+        if cfg.remat_policy != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        layers = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = layers(cfg, decode, name="layers")(x, cos, sin, q_segments, kv_segments, cache_index)
+        return RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_norm")(x)
+
+
+class GLMForCausalLM(nn.Module):
+    """GLMModel plus the untied output projection. `apply` returns logits [batch, seq, vocab] in `cfg.dtype`.
+
+    Left padding: pass `attention_mask` (1 = token, 0 = pad). Packed sequences: pass `segment_ids` (documents
+    numbered from 1, 0 = padding); positions then restart per document unless `position_ids` are given.
+    Decoding: `decode=True` with `mutable=["cache"]` and a cache from `init_cache`.
+    """
+
+    cfg: GLMConfig
+
+    @nn.compact
+    def __call__(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, decode: bool = False,
+                 return_hidden: bool = False):
+        hidden = GLMModel(self.cfg, name="model")(input_ids, position_ids, attention_mask, segment_ids, decode)
+        if return_hidden:  # for losses that chunk the vocabulary projection themselves
+            return hidden
+        logits = nn.DenseGeneral(
+            self.cfg.vocab_size, use_bias=False, dtype=jnp.dtype(self.cfg.dtype),
+            param_dtype=jnp.dtype(self.cfg.param_dtype),
+            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+            name="lm_head")(hidden)
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+class GLMForSequenceClassification(nn.Module):
+    """A bias-free score head on the last non-pad token, as transformers' GlmForSequenceClassification.
+
+    The last token is the rightmost one with attention_mask == 1, or, without a mask, the rightmost one that
+    is not `cfg.pad_token_id`. Returns logits [batch, num_labels].
+    """
+
+    cfg: GLMConfig
+
+    @nn.compact
+    def __call__(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None):
+        hidden = GLMModel(self.cfg, name="model")(input_ids, position_ids, attention_mask, segment_ids)
+        if attention_mask is not None:
+            real = attention_mask.astype(bool)
+        elif self.cfg.pad_token_id is not None:
+            real = input_ids != self.cfg.pad_token_id
+        else:
+            real = jnp.ones(input_ids.shape, bool)
+        last = jnp.argmax(jnp.arange(input_ids.shape[1]) * real, axis=-1)
+        pooled = hidden[jnp.arange(input_ids.shape[0]), last]
+        return nn.DenseGeneral(
+            self.cfg.num_labels, use_bias=False, dtype=jnp.dtype(self.cfg.dtype),
+            param_dtype=jnp.dtype(self.cfg.param_dtype),
+            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "labels")),
+            name="score")(pooled)
+
+
+def init_params(model: nn.Module, rng, seq_len: int = 8, batch: int = 1):
+    """Randomly initialised, unboxed parameters of `model` (for sharded init use `jax.eval_shape` + shardings)."""
+    ids = jnp.zeros((batch, seq_len), jnp.int32)
+    return nn.unbox(model.init(rng, ids))["params"]
+
+
+def init_cache(model: nn.Module, batch_size: int, max_len: int):
+    """A zeroed KV cache for `batch_size` rows of up to `max_len` tokens (KV groups only, not expanded heads)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch_size, max_len), jnp.int32),
+                                               decode=True))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))

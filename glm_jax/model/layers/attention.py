@@ -1,0 +1,175 @@
+"""Grouped-query self-attention with GLM's partial rotary embedding, a KV cache, and three kernels.
+
+Kernels (config `attention_impl`):
+  xla     plain einsum + fp32 softmax; the reference, runs anywhere.
+  cudnn   cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
+  splash  the Pallas splash-attention kernel (TPU).
+  auto    cudnn on GPU, splash on TPU, xla otherwise.
+A kernel that cannot run here falls back to xla with a logged warning.
+
+Masking is expressed by segment ids: a query attends to keys at or before its own slot with the same segment
+id. Packed documents get distinct ids; left padding gets id 0, so real tokens never see pads and pad rows (which
+are ignored) see other pads, never an empty row.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from glm_jax.model.layers.embeddings import apply_rotary
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str):
+    log.warning(msg)
+
+
+def resolve_impl(impl: str, dtype) -> str:
+    """Picks the kernel for `impl` on the default backend."""
+    backend = jax.default_backend()
+    if impl == "auto":
+        if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+            return "cudnn"
+        return "splash" if backend == "tpu" else "xla"
+    if impl == "cudnn" and backend != "gpu":
+        _warn_once(f"attention_impl='cudnn' needs a GPU, running on {backend}: falling back to xla")
+        return "xla"
+    if impl == "splash" and backend != "tpu":
+        _warn_once(f"attention_impl='splash' needs a TPU, running on {backend}: falling back to xla")
+        return "xla"
+    return impl
+
+
+def make_mask(q_segments, kv_segments, q_len: int, kv_len: int, q_offset=0):
+    """Boolean [batch, q_len, kv_len]: causal by slot and same segment. Segments None means all one segment."""
+    q_idx = jnp.arange(q_len) + q_offset
+    mask = (q_idx[:, None] >= jnp.arange(kv_len)[None, :])[None]
+    if q_segments is not None:
+        mask = mask & (q_segments[:, :, None] == kv_segments[:, None, :])
+    return mask
+
+
+def xla_attention(q, k, v, mask):
+    """q [B,S,N,D], k/v [B,T,G,D], mask [B,S,T] -> [B,S,N,D]. Softmax in fp32, probabilities in v's dtype."""
+    b, s, n, d = q.shape
+    g = k.shape[2]
+    q = q.reshape(b, s, g, n // g, d)
+    scores = jnp.einsum("bsgrd,btgd->bgrst", q, k, preferred_element_type=jnp.float32) / np.sqrt(d).astype(np.float32)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrst,btgd->bsgrd", probs, v)
+    return out.reshape(b, s, n, d)
+
+
+def cudnn_attention(q, k, v, q_segments, kv_segments):
+    # Unpadded, unpacked batches take cuDNN's causal fast path; others pass an explicit mask (becomes a bias).
+    mask = None
+    if q_segments is not None:
+        mask = make_mask(q_segments, kv_segments, q.shape[1], k.shape[1])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation="cudnn")
+
+
+def splash_attention(q, k, v, q_segments, kv_segments, interpret: bool = False):
+    """TPU splash attention, causal, with segment ids; one MQA kernel per KV group, vmapped over batch."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, s, n, d = q.shape
+    g = k.shape[2]
+    r = n // g
+    block = min(512, s)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = sm.MultiHeadMask([sm.CausalMask((s, s)) for _ in range(r)])
+    kernel = sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
+    # [B,S,N,D] -> [B,G,R,S,D]; the kernel expects pre-scaled queries.
+    qh = (q / np.sqrt(d).astype(q.dtype)).reshape(b, s, g, r, d).transpose(0, 2, 3, 1, 4)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if q_segments is None:
+        q_segments = jnp.ones((b, s), jnp.int32)
+        kv_segments = q_segments
+    seg = sk.SegmentIds(q=q_segments, kv=kv_segments)
+
+    def per_group(qg, kg, vg, segs):  # qg [R,S,D], kg/vg [S,D]
+        return kernel(qg, kg, vg, segment_ids=segs)
+
+    out = jax.vmap(jax.vmap(per_group, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, sk.SegmentIds(0, 0)))(
+        qh, kh, vh, seg)  # [B,G,R,S,D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, d)
+
+
+def dot_product_attention(q, k, v, q_segments=None, kv_segments=None, q_offset=0, impl: str = "xla"):
+    """Dispatches to the configured kernel. `q_offset` is the query's first slot in the key sequence (decode)."""
+    impl = resolve_impl(impl, q.dtype)
+    is_self = q.shape[1] == k.shape[1] and isinstance(q_offset, int) and q_offset == 0
+    if impl == "cudnn" and is_self:
+        try:
+            return cudnn_attention(q, k, v, q_segments, kv_segments)
+        except Exception as e:  # unsupported shape / dtype / cuDNN version: say so, then stay correct
+            _warn_once(f"cuDNN attention unavailable ({type(e).__name__}: {e}); falling back to xla")
+    elif impl == "splash" and is_self:
+        try:
+            return splash_attention(q, k, v, q_segments, kv_segments)
+        except Exception as e:
+            _warn_once(f"splash attention unavailable ({type(e).__name__}: {e}); falling back to xla")
+    mask = make_mask(q_segments, kv_segments, q.shape[1], k.shape[1], q_offset)
+    return xla_attention(q, k, v, mask)
+
+
+class Attention(nn.Module):
+    """Self-attention block of GLM v2: separate q/k/v projections (with bias), rotary, GQA, output projection.
+
+    The q/k/v kernels are the row blocks of THUDM's fused `query_key_value`; keeping them apart lets tensor
+    parallelism split each by heads without a reshuffle.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    use_bias: bool = True
+    attention_impl: str = "auto"
+    decode: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None):
+        init = nn.initializers.normal(0.02)
+
+        def proj(heads, axis_name, name):
+            return nn.DenseGeneral(
+                (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(init, ("embed", axis_name, "head_dim")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name, "head_dim")),
+                name=name)(x)
+
+        q = apply_rotary(proj(self.num_heads, "q_heads", "query"), cos, sin)
+        k = apply_rotary(proj(self.num_kv_heads, "kv_heads", "key"), cos, sin)
+        v = proj(self.num_kv_heads, "kv_heads", "value")
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+
+        q_offset = 0
+        if self.decode:
+            # Preallocated cache of the KV groups only; its length is fixed when the cache is created.
+            cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+            cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+            k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, cache_index, 0, 0))
+            cached_k.value, cached_v.value = k, v
+            q_offset = cache_index
+
+        out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
+        return nn.DenseGeneral(self.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                               param_dtype=self.param_dtype,
+                               kernel_init=nn.with_logical_partitioning(init, ("q_heads", "head_dim", "embed")),
+                               name="out")(out)

@@ -1,0 +1,42 @@
+"""Token embedding and GLM's rotary position embedding."""
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class Embed(nn.Module):
+    vocab_size: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids):
+        table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                           (self.vocab_size, self.features), self.param_dtype)
+        # GLM does not scale the embedding output.
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
+def rotary_cos_sin(positions, rotary_dim: int, theta: float, position_divisor: float, dtype):
+    """cos/sin tables [batch, seq, rotary_dim // 2] for integer `positions` [batch, seq].
+
+    Computed in fp32, then rounded to the activation dtype as the original code does.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    angles = (positions.astype(jnp.float32) / position_divisor)[..., None] * inv_freq
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotates the first 2*cos.shape[-1] dims of each head of x [batch, seq, heads, head_dim].
+
+    GLM pairs ADJACENT dims (2i, 2i+1) ("GPT-J style"); the remaining dims pass through unchanged.
+    """
+    rot = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    pairs = x_rot.reshape(*x_rot.shape[:-1], rot // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).reshape(x_rot.shape)
+    return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
