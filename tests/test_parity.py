@@ -1,0 +1,82 @@
+"""Logits of our Flax GLM equal transformers' GlmForCausalLM / Glm4 / GlmForSequenceClassification (fp32)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from glm_jax import GLMForCausalLM, GLMForSequenceClassification, load_hf
+from hf_models import left_padded_batch, tiny_hf_model
+
+RTOL = 1e-4
+
+
+def rel_err(ours, ref):
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def torch_logits(model, ids, mask=None, pos=None):
+    with torch.no_grad():
+        kw = {}
+        if mask is not None:
+            kw.update(attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+        return model(torch.tensor(ids), **kw).logits.numpy()
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("rope_ratio", [1, 500])
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_lm_logits_match_transformers(tmp_path, groups, rope_ratio, padded):
+    ref = tiny_hf_model(groups=groups, rope_theta=10000.0 * rope_ratio, seed=groups + rope_ratio)
+    ref.save_pretrained(tmp_path)
+    cfg, params = load_hf(tmp_path)
+    assert cfg.num_kv_heads == groups and cfg.rope_theta == 10000.0 * rope_ratio
+    # Long enough (96 > 64 rotary periods at base 1e4) that a wrong rotary shows up.
+    lengths = [96, 60, 17] if padded else [96, 96, 96]
+    ids, mask, pos = left_padded_batch(lengths, 96, cfg.vocab_size, seed=groups)
+    model = GLMForCausalLM(cfg)
+    if padded:
+        ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+        ref_logits = torch_logits(ref, ids, mask, pos)
+        real = mask.astype(bool)
+        assert rel_err(ours[real], ref_logits[real]) < RTOL
+    else:
+        ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+        assert rel_err(ours, torch_logits(ref, ids)) < RTOL
+
+
+def test_explicit_positions_equal_derived_ones(tmp_path):
+    ref = tiny_hf_model()
+    ref.save_pretrained(tmp_path)
+    cfg, params = load_hf(tmp_path)
+    ids, mask, pos = left_padded_batch([40, 23], 40, cfg.vocab_size)
+    model = GLMForCausalLM(cfg)
+    a = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    b = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask), position_ids=jnp.asarray(pos))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_glm4_sandwich_norm_logits_match_transformers(tmp_path, padded):
+    ref = tiny_hf_model(glm4=True, rope_theta=5e6, seed=7)
+    ref.save_pretrained(tmp_path)
+    cfg, params = load_hf(tmp_path)
+    assert cfg.sandwich_norm
+    ids, mask, pos = left_padded_batch([48, 30] if padded else [48, 48], 48, cfg.vocab_size, seed=3)
+    ours = np.asarray(GLMForCausalLM(cfg).apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    real = mask.astype(bool)
+    assert rel_err(ours[real], torch_logits(ref, ids, mask, pos)[real]) < RTOL
+
+
+@pytest.mark.parametrize("glm4", [False, True])
+def test_sequence_classification_matches_transformers(tmp_path, glm4):
+    ref = tiny_hf_model(kind="classification", num_labels=3, glm4=glm4, seed=11)
+    ref.save_pretrained(tmp_path)
+    cfg, params = load_hf(tmp_path)
+    assert cfg.num_labels == 3 and "score" in params
+    ids, mask, pos = left_padded_batch([32, 20, 5], 32, cfg.vocab_size, seed=5)
+    ours = np.asarray(GLMForSequenceClassification(cfg).apply(
+        {"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    # transformers finds the last non-pad token from pad_token_id (0), which the padded batch uses for pads only.
+    assert rel_err(ours, torch_logits(ref, ids, mask, pos)) < RTOL
+    assert ours.shape == (3, 3)
