@@ -4,15 +4,7 @@ from glm_jax.config import PRESETS, GLMConfig
 from glm_jax.convert import load_hf, save_hf
 from glm_jax.model import GLMForCausalLM, GLMForSequenceClassification, GLMModel, init_cache, init_params
 from glm_jax.sharding import LOGICAL_RULES, make_mesh, param_shardings
-
-
-def __getattr__(name):  # the tokenizer pulls in sentencepiece: import it on first use
-    if name == "ChatGLMTokenizer":
-        from glm_jax.tokenizer import ChatGLMTokenizer
-
-        return ChatGLMTokenizer
-    raise AttributeError(f"module 'glm_jax' has no attribute {name!r}")
-
+from glm_jax.tokenizer import ChatGLMTokenizer
 
 __all__ = ["PRESETS", "GLMConfig", "load_hf", "save_hf", "GLMForCausalLM", "GLMForSequenceClassification",
            "GLMModel", "init_cache", "init_params", "LOGICAL_RULES", "make_mesh", "param_shardings",

@@ -1,0 +1,287 @@
+"""ChatGLM3 tokenizer: a SentencePiece model plus nine special tokens (GLM_REFERENCE.md §4).
+
+Mirrors THUDM's ``tokenization_chatglm.py`` for ChatGLM3 without the transformers
+dependency:
+
+* the nine special tokens are not SentencePiece pieces; they take the ids right after
+  the SentencePiece vocabulary (``sp size + index``);
+* every prompt starts with ``[gMASK] sop``;
+* a chat message is ``<|role|>`` + ``sp(metadata + "\\n")`` + ``sp(content)``, the two
+  parts encoded separately so each gets its own dummy-prefix ``▁``;
+* special-token strings inside text are plain text (THUDM's default,
+  ``encode_special_tokens=False``), so user input cannot forge a role token.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+DEFAULT_MODEL_FILE = Path(__file__).resolve().parent / "assets" / "tokenizer.model"
+
+SPECIAL_TOKENS = (
+    "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+)
+ROLES = ("system", "user", "assistant", "observation")
+
+# How a tool call is written in an assistant turn (THUDM's finetune demo).
+TOOL_CALL_PREFIX = "```python\n"
+TOOL_CALL_SUFFIX = "\n```"
+# Optional code fence around the body of a tool call or interpreter reply.
+_FENCED = re.compile(r"^```[\w+-]*\n(.*?)\n?```$", re.DOTALL)
+
+
+class ChatGLMTokenizer:
+    """ChatGLM3 tokenizer. ``model_file=None`` loads the SentencePiece model shipped with glm_jax."""
+
+    def __init__(self, model_file: str | Path | None = None):
+        path = Path(model_file) if model_file is not None else DEFAULT_MODEL_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"SentencePiece model not found: {path}")
+        self.model_file = path
+        self.sp_model = spm.SentencePieceProcessor(model_file=str(path))
+        n = self.sp_model.get_piece_size()
+        self._special_tokens = {token: n + i for i, token in enumerate(SPECIAL_TOKENS)}
+        self._special_ids = {i: token for token, i in self._special_tokens.items()}
+
+    # ------------------------------------------------------------------ vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp_model.get_piece_size() + len(SPECIAL_TOKENS)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.sp_model.unk_id()  # ChatGLM pads with <unk>
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.sp_model.bos_id()
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.sp_model.eos_id()
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special_tokens)
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        """``[gMASK] sop``, the start of every prompt."""
+        return [self._special_tokens["[gMASK]"], self._special_tokens["sop"]]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a chat reply: eos, or the model handing the turn to the user or a tool."""
+        return [self.eos_token_id, self._special_tokens["<|user|>"], self._special_tokens["<|observation|>"]]
+
+    def get_command(self, name: str) -> int:
+        """Id of a special token, or of ``<bos>``/``<eos>``/``<pad>`` (THUDM's names)."""
+        aliases = {"<bos>": self.bos_token_id, "<eos>": self.eos_token_id, "<pad>": self.pad_token_id}
+        if name in aliases:
+            return aliases[name]
+        if name not in self._special_tokens:
+            raise KeyError(f"{name!r} is not a special token; expected one of {list(self._special_tokens)}")
+        return self._special_tokens[name]
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
+        """Pieces or special-token names to ids; an unknown piece maps to <unk> as in SentencePiece."""
+        if isinstance(tokens, str):
+            return self._special_tokens.get(tokens, self.sp_model.piece_to_id(tokens))
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | list[str]:
+        if isinstance(ids, (int, np.integer)):
+            self._check_ids([ids])
+            return self._special_ids.get(int(ids)) or self.sp_model.id_to_piece(int(ids))
+        return [self.convert_ids_to_tokens(i) for i in ids]
+
+    # ------------------------------------------------------------------ text
+
+    def tokenize(self, text: str) -> list[str]:
+        """SentencePiece pieces of ``text`` (no special tokens added)."""
+        return self.sp_model.encode(self._check_text(text), out_type=str)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of ``text``, prefixed with ``[gMASK] sop`` unless ``add_special_tokens=False``."""
+        ids = self.sp_model.encode(self._check_text(text))
+        return self.prefix_ids + ids if add_special_tokens else ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``. Special tokens render as their names unless skipped (pads too)."""
+        ids = [int(i) for i in ids]
+        self._check_ids(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_ids and i != self.pad_token_id]
+        # Like THUDM: decode the runs between special tokens separately, so each run
+        # loses its own leading dummy-prefix space.
+        text, run = [], []
+        for i in ids:
+            if i in self._special_ids:
+                text += [self.sp_model.decode(run), self._special_ids[i]]
+                run = []
+            else:
+                run.append(i)
+        text.append(self.sp_model.decode(run))
+        return "".join(text)
+
+    # ------------------------------------------------------------------ chat
+
+    def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
+        """``<|role|>`` + sp(metadata + "\\n") + sp(message)."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {list(ROLES)}")
+        return ([self._special_tokens[f"<|{role}|>"]]
+                + self.sp_model.encode(self._check_text(metadata) + "\n")
+                + self.sp_model.encode(self._check_text(message)))
+
+    def build_message(self, message: dict[str, Any]) -> list[int]:
+        """One conversation message ``{"role", "content", "metadata"?, "tools"?}`` as ids.
+
+        A system message's ``tools`` are appended to its content as indented JSON; an
+        assistant ``content`` given as ``{"name", "parameters"}`` is written as the
+        fenced ``tool_call(...)`` block THUDM trains on, with the tool name as metadata.
+        """
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"a message must be a dict with 'role' and 'content', got {message!r:.80}")
+        role, content, metadata = message["role"], message["content"], message.get("metadata", "")
+        if "tools" in message:
+            if role != "system":
+                raise ValueError(f"only a system message may carry tools, not a {role!r} message")
+            content = self._check_text(content) + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
+        if isinstance(content, dict):
+            if role != "assistant" or set(content) != {"name", "parameters"}:
+                raise ValueError("dict content must be an assistant tool call {'name', 'parameters'}")
+            metadata = content["name"]
+            content = format_tool_call(content["parameters"])
+        return self.build_single_message(role, metadata, content)
+
+    def build_chat_input(self, query: str, history: Sequence[dict[str, Any]] | None = None,
+                         role: str = "user") -> list[int]:
+        """Prompt ids: ``[gMASK] sop`` + history + the new ``role`` message + ``<|assistant|>``.
+
+        Returns a plain id list; use ``batch_encode([ids])`` for model-ready arrays.
+        """
+        ids = list(self.prefix_ids)
+        for message in history or ():
+            ids += self.build_message(message)
+        ids += self.build_single_message(role, "", query)
+        return ids + [self._special_tokens["<|assistant|>"]]
+
+    def batch_encode(self, batch: Sequence[str | Sequence[int]], max_length: int | None = None,
+                     pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
+        """Left-pad texts (encoded with the prefix) or id lists into int32 arrays.
+
+        Returns ``input_ids``, ``attention_mask`` and ``position_ids`` of shape
+        ``[batch, length]``; positions restart at 0 on each row's first real token
+        and pads get position 0. ``length`` is the longest row, or ``max_length``,
+        rounded up to ``pad_to_multiple_of``. Rows are never truncated: a row longer
+        than ``max_length`` is an error.
+        """
+        if isinstance(batch, str) or not len(batch):
+            raise ValueError("batch_encode expects a non-empty list of texts or id lists")
+        rows = [self.encode(item) if isinstance(item, str) else [int(i) for i in item] for item in batch]
+        for row in rows:
+            self._check_ids(row)
+        longest = max(len(row) for row in rows)
+        length = longest if max_length is None else max_length
+        if longest > length:
+            raise ValueError(f"a sequence has {longest} tokens, more than max_length={max_length}")
+        if pad_to_multiple_of:
+            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+        input_ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int32)
+        attention_mask = np.zeros((len(rows), length), dtype=np.int32)
+        position_ids = np.zeros((len(rows), length), dtype=np.int32)
+        for b, row in enumerate(rows):
+            start = length - len(row)
+            input_ids[b, start:] = row
+            attention_mask[b, start:] = 1
+            position_ids[b, start:] = np.arange(len(row))
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+    def parse_reply(self, reply: str | Sequence[int]) -> dict[str, Any]:
+        """Interpret a generated reply the way THUDM's ``process_response`` does.
+
+        ``reply`` is the text or the ids generated after the prompt's ``<|assistant|>``
+        (a trailing stop id is ignored). Only the last ``<|assistant|>`` segment
+        counts. Its first line is the metadata:
+
+        * empty: ``{"type": "text", "content": stripped text}``;
+        * ``interpreter``: ``{"type": "code", "name", "code", "content": raw}``;
+        * any other name: a tool call ``{"type": "tool_call", "name", "parameters", "content": raw}``,
+          whose ``tool_call(k=v, ...)`` arguments must be Python literals. THUDM
+          ``eval``s them; here they go through ``ast.literal_eval``, so nothing runs.
+        """
+        if not isinstance(reply, str):
+            ids = [int(i) for i in reply]
+            if ids and ids[-1] in self.stop_ids:
+                ids = ids[:-1]
+            reply = self.decode(ids)
+        segment = reply.split("<|assistant|>")[-1]
+        metadata, content = segment.split("\n", 1) if "\n" in segment else ("", segment)
+        name = metadata.strip()
+        if not name:
+            return {"type": "text", "content": content.strip()}
+        body = _unfence(content)
+        if name == "interpreter":
+            return {"type": "code", "name": name, "code": body, "content": content}
+        return {"type": "tool_call", "name": name, "parameters": parse_tool_call(body), "content": content}
+
+    # ------------------------------------------------------------------ checks
+
+    @staticmethod
+    def _check_text(text: Any) -> str:
+        if not isinstance(text, str):
+            raise TypeError(f"expected str, got {type(text).__name__}")
+        return text
+
+    def _check_ids(self, ids: Iterable[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} out of range [0, {self.vocab_size})")
+
+
+def format_tool_call(parameters: dict[str, Any]) -> str:
+    """``parameters`` as the fenced ``tool_call(k=v, ...)`` block of an assistant turn."""
+    if not isinstance(parameters, dict):
+        raise ValueError(f"tool parameters must be a dict, got {type(parameters).__name__}")
+    call = ast.Call(func=ast.Name(id="tool_call"), args=[],
+                    keywords=[ast.keyword(arg=k, value=ast.Constant(v)) for k, v in parameters.items()])
+    return TOOL_CALL_PREFIX + ast.unparse(call) + TOOL_CALL_SUFFIX
+
+
+def parse_tool_call(code: str) -> dict[str, Any]:
+    """Keyword arguments of a ``tool_call(k=v, ...)`` expression; values must be literals."""
+    try:
+        tree = ast.parse(code.strip(), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"tool call is not valid Python: {e.msg}") from None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
+        raise ValueError(f"expected a tool_call(...) expression, got {code.strip()[:60]!r}")
+    if call.args or any(k.arg is None for k in call.keywords):
+        raise ValueError("tool_call takes keyword arguments only")
+    parameters = {}
+    for keyword in call.keywords:
+        if keyword.arg in parameters:
+            raise ValueError(f"tool_call argument {keyword.arg!r} is repeated")
+        try:
+            parameters[keyword.arg] = ast.literal_eval(keyword.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise ValueError(f"tool_call argument {keyword.arg!r} is not a literal: "
+                             f"{ast.unparse(keyword.value)[:60]!r}") from None
+    return parameters
+
+
+def _unfence(content: str) -> str:
+    content = content.strip()
+    match = _FENCED.match(content)
+    return match.group(1) if match else content
