@@ -160,8 +160,8 @@ class Attention(nn.Module):
         q_offset = 0
         if self.decode:
             # Preallocated cache of the KV groups only; its length is fixed when the cache is created.
-            cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
-            cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
             k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, cache_index, 0, 0))
             cached_k.value, cached_v.value = k, v

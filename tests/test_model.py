@@ -1,0 +1,106 @@
+"""Model behaviour beyond parity: KV-cache decoding, packed sequences, remat, kernel fallback."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glm_jax import GLMConfig, GLMForCausalLM, init_cache, init_params
+from glm_jax.model import positions_from_segments
+from glm_jax.model.layers import attention as attn
+
+CFG = GLMConfig.from_preset("glm-test")
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(GLMForCausalLM(CFG), jax.random.key(0))
+
+
+def test_param_tree_carries_logical_axes():
+    boxed = jax.eval_shape(GLMForCausalLM(CFG).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    q = boxed["model"]["layers"]["attention"]["query"]["kernel"]
+    assert q.names == ("layers", "embed", "q_heads", "head_dim")
+    assert boxed["lm_head"]["kernel"].names == ("embed", "vocab")
+    assert boxed["model"]["layers"]["mlp"]["wi"]["kernel"].names == ("layers", "embed", None, "mlp")
+
+
+def test_prefill_plus_decode_equals_full_forward(params):
+    """Left-padded prompt prefilled into the cache, then one token at a time: same logits as one full pass."""
+    model = GLMForCausalLM(CFG)
+    rng = np.random.RandomState(0)
+    prompt_len, new = 10, 6
+    ids = rng.randint(3, CFG.vocab_size, (2, prompt_len + new))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # row 1 is left-padded by 4
+    ids[1, :4] = 0
+    full = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+    cache = init_cache(model, 2, 32)
+    out, v = model.apply({"params": params, "cache": cache}, jnp.asarray(ids[:, :prompt_len]),
+                         attention_mask=jnp.asarray(mask[:, :prompt_len]), decode=True, mutable=["cache"])
+    steps = [np.asarray(out)]
+    cache = v["cache"]
+    for t in range(prompt_len, prompt_len + new):
+        out, v = model.apply({"params": params, "cache": cache}, jnp.asarray(ids[:, t:t + 1]), decode=True,
+                             mutable=["cache"])
+        cache = v["cache"]
+        steps.append(np.asarray(out))
+    decoded = np.concatenate(steps, axis=1)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(decoded[real], full[real], rtol=1e-5, atol=1e-5)
+    assert int(cache["model"]["index"]) == prompt_len + new
+    # The cache holds the KV groups only: [layers, batch, max_len, kv_heads, head_dim].
+    assert cache["model"]["layers"]["attention"]["cached_key"].shape == (CFG.num_layers, 2, 32, CFG.num_kv_heads,
+                                                                   CFG.head_dim)
+
+
+def test_packed_segments_do_not_attend_across_documents(params):
+    model = GLMForCausalLM(CFG)
+    rng = np.random.RandomState(1)
+    a, b = rng.randint(3, CFG.vocab_size, (1, 7)), rng.randint(3, CFG.vocab_size, (1, 9))
+    packed = np.concatenate([a, b, np.zeros((1, 4), int)], axis=1)
+    seg = np.array([[1] * 7 + [2] * 9 + [0] * 4])
+    out = np.asarray(model.apply({"params": params}, jnp.asarray(packed), segment_ids=jnp.asarray(seg)))
+    alone_a = np.asarray(model.apply({"params": params}, jnp.asarray(a)))
+    alone_b = np.asarray(model.apply({"params": params}, jnp.asarray(b)))
+    np.testing.assert_allclose(out[:, :7], alone_a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[:, 7:16], alone_b, rtol=1e-5, atol=1e-5)
+
+
+def test_positions_restart_per_segment():
+    seg = jnp.array([[0, 0, 1, 1, 1, 2, 2, 0]])
+    np.testing.assert_array_equal(np.asarray(positions_from_segments(seg)), [[0, 1, 0, 1, 2, 0, 1, 0]])
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots"])
+def test_remat_policies_keep_values_and_gradients(params, policy):
+    ids = jnp.asarray(np.random.RandomState(2).randint(3, CFG.vocab_size, (2, 12)))
+
+    def loss(p, cfg):
+        return jnp.mean(jax.nn.log_softmax(GLMForCausalLM(cfg).apply({"params": p}, ids)) ** 2)
+
+    g0 = jax.grad(loss)(params, CFG)
+    g1 = jax.grad(loss)(params, CFG.replace(remat_policy=policy))
+    for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_unavailable_kernel_falls_back_with_a_log(params, caplog):
+    ids = jnp.asarray(np.random.RandomState(3).randint(3, CFG.vocab_size, (1, 8)))
+    attn._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        out = GLMForCausalLM(CFG.replace(attention_impl="cudnn")).apply({"params": params}, ids)
+    assert "falling back to xla" in caplog.text
+    ref = GLMForCausalLM(CFG.replace(attention_impl="xla")).apply({"params": params}, ids)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_bf16_activations_stay_close_to_fp32(params):
+    ids = jnp.asarray(np.random.RandomState(4).randint(3, CFG.vocab_size, (2, 16)))
+    ref = np.asarray(GLMForCausalLM(CFG).apply({"params": params}, ids))
+    out = GLMForCausalLM(CFG.replace(dtype="bfloat16")).apply({"params": params}, ids)
+    assert out.dtype == jnp.bfloat16
+    assert np.max(np.abs(np.asarray(out, np.float32) - ref)) < 0.05 * np.max(np.abs(ref))
