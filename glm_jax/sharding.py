@@ -124,3 +124,8 @@ def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape=None,
 def axis_rules(rules=LOGICAL_RULES):
     """Context manager that activates the rules for `nn.with_logical_constraint` inside model code."""
     return nn.logical_axis_rules(rules)
+
+
+def use_mesh(mesh: Mesh):
+    """Context manager making `mesh` the current one (jax.set_mesh on new jax, the Mesh context on older)."""
+    return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from glm_jax.config import GLMConfig
-from glm_jax.model.layers import MLP, Attention, Embed, RMSNorm, rotary_cos_sin
+from glm_jax.model.layers import MLP, Attention, Embed, Linear, RMSNorm, rotary_cos_sin
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -140,11 +140,8 @@ class GLMForCausalLM(nn.Module):
         hidden = GLMModel(self.cfg, name="model")(input_ids, position_ids, attention_mask, segment_ids, decode)
         if return_hidden:  # for losses that chunk the vocabulary projection themselves
             return hidden
-        logits = nn.DenseGeneral(
-            self.cfg.vocab_size, use_bias=False, dtype=jnp.dtype(self.cfg.dtype),
-            param_dtype=jnp.dtype(self.cfg.param_dtype),
-            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
-            name="lm_head")(hidden)
+        logits = Linear((self.cfg.vocab_size,), ("embed", "vocab"), dtype=jnp.dtype(self.cfg.dtype),
+                        param_dtype=jnp.dtype(self.cfg.param_dtype), name="lm_head")(hidden)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
@@ -168,11 +165,8 @@ class GLMForSequenceClassification(nn.Module):
             real = jnp.ones(input_ids.shape, bool)
         last = jnp.argmax(jnp.arange(input_ids.shape[1]) * real, axis=-1)
         pooled = hidden[jnp.arange(input_ids.shape[0]), last]
-        return nn.DenseGeneral(
-            self.cfg.num_labels, use_bias=False, dtype=jnp.dtype(self.cfg.dtype),
-            param_dtype=jnp.dtype(self.cfg.param_dtype),
-            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "labels")),
-            name="score")(pooled)
+        return Linear((self.cfg.num_labels,), ("embed", "labels"), dtype=jnp.dtype(self.cfg.dtype),
+                      param_dtype=jnp.dtype(self.cfg.param_dtype), name="score")(pooled)
 
 
 def init_params(model: nn.Module, rng, seq_len: int = 8, batch: int = 1):

@@ -23,6 +23,7 @@ import numpy as np
 from flax import linen as nn
 
 from glm_jax.model.layers.embeddings import apply_rotary
+from glm_jax.model.layers.linear import Linear
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +144,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None):
-        init = nn.initializers.normal(0.02)
-
         def proj(heads, axis_name, name):
-            return nn.DenseGeneral(
-                (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(init, ("embed", axis_name, "head_dim")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name, "head_dim")),
-                name=name)(x)
+            return Linear((heads, self.head_dim), ("embed", axis_name, "head_dim"), use_bias=self.use_bias,
+                          bias_axes=(axis_name, "head_dim"), dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=name)(x)
 
         q = apply_rotary(proj(self.num_heads, "q_heads", "query"), cos, sin)
         k = apply_rotary(proj(self.num_kv_heads, "kv_heads", "key"), cos, sin)
@@ -169,7 +166,5 @@ class Attention(nn.Module):
 
         out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
-        return nn.DenseGeneral(self.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                               param_dtype=self.param_dtype,
-                               kernel_init=nn.with_logical_partitioning(init, ("q_heads", "head_dim", "embed")),
-                               name="out")(out)
+        return Linear((self.hidden_size,), ("q_heads", "head_dim", "embed"), n_in=2, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="out")(out)

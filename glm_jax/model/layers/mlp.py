@@ -4,6 +4,8 @@ split along `mlp` keeps each gate column next to its up column."""
 import jax.numpy as jnp
 from flax import linen as nn
 
+from glm_jax.model.layers.linear import Linear
+
 
 class MLP(nn.Module):
     hidden_size: int
@@ -13,12 +15,9 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        init = nn.initializers.normal(0.02)
-        gate_up = nn.DenseGeneral((2, self.ffn_hidden_size), use_bias=False, dtype=self.dtype,
-                                  param_dtype=self.param_dtype,
-                                  kernel_init=nn.with_logical_partitioning(init, ("embed", None, "mlp")),
-                                  name="wi")(x)
+        gate_up = Linear((2, self.ffn_hidden_size), ("embed", None, "mlp"), dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="wi")(x)
         gate_up = nn.with_logical_constraint(gate_up, ("activation_batch", "activation_length", None, "activation_mlp"))
         h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
-        return nn.DenseGeneral(self.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                               kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")), name="wo")(h)
+        return Linear((self.hidden_size,), ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="wo")(h)

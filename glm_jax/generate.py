@@ -1,0 +1,478 @@
+"""Autoregressive generation with a preallocated KV cache: batched, bucketed, streaming, optionally sharded.
+
+    from glm_jax.generate import generate, stream_generate
+    out = generate(model, params, input_ids, attention_mask, max_new_tokens=64, temperature=0.8, top_p=0.8,
+                   stop_ids=(2,))                     # np.int32 [batch, prompt + 64]
+    for tokens in stream_generate(model, params, ids, max_new_tokens=64):   # np.int32 [batch] per step
+        ...
+
+How it runs
+  * `generate` compiles ONE function per shape bucket: it allocates the cache, prefills the (left padded)
+    prompt, samples the first token, then runs the decode loop in a `lax.while_loop` that stops after
+    `max_new_tokens` tokens or as soon as every row has produced a stop id.
+  * Shapes are bucketed so that new prompt lengths do not recompile: the prompt is LEFT padded up to
+    `bucket_length(prompt_len)` (powers of two from 16, then multiples of 512) and the number of new tokens is
+    bucketed the same way; `max_new_tokens` itself is a runtime value. Compiled functions live in a module-level
+    cache keyed by (model, batch, buckets, static sampling options, mesh); `TRACE_COUNTS` counts the traces.
+  * Sampling knobs that are plain numbers (temperature, top_p, repetition_penalty, seed, stop ids, pad id) are
+    runtime values; only what changes the program is static: greedy or not, top_k (a `lax.top_k` size), whether
+    top_p / repetition penalty are active, and how many stop ids there are.
+  * `stream_generate` prefills with the same kind of compiled function, then runs the same loop body `chunk`
+    tokens per call and yields tokens as they arrive.
+  * `mesh=`: params are placed with `glm_jax.param_shardings` (tensor parallel over the mesh's "tensor" axis,
+    replicated where a dimension does not divide) and the model runs under `glm_jax.sharding.axis_rules()`.
+
+Semantics (those of transformers' `generate`)
+  * temperature == 0: greedy (argmax, first index on ties). Otherwise logits are processed in the order
+    repetition penalty -> temperature -> top_k -> top_p, then sampled with `jax.random.categorical` from
+    `jax.random.key(seed)` (folded with the step number).
+  * repetition_penalty (CTRL): for every token already in the row (the real prompt tokens, not pads, and the
+    generated ones), a positive logit is divided by the penalty and a negative one multiplied by it.
+  * top_p (nucleus): keep the smallest set of most likely tokens whose probability reaches top_p (always at
+    least one); top_k: keep the k most likely.
+  * Output: `[batch, prompt_len + max_new_tokens]`: the prompt exactly as given, then the new tokens. A row that
+    produced a stop id keeps that stop id and is filled with `pad_id` afterwards (default: the model config's
+    pad_token_id, else 0) - transformers does the same, but also trims columns once every row has stopped;
+    here the shape is fixed, so a trailing block of all-pad columns can remain.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import threading
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+log = logging.getLogger(__name__)
+
+# Number of times each kind of compiled function has been traced ("generate", "prefill", "decode"): lets tests
+# (and users) check that bucketing avoids recompiles.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+_COMPILED: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+
+MIN_BUCKET = 16
+LINEAR_BUCKET = 512
+
+
+def bucket_length(n: int, minimum: int = MIN_BUCKET, linear_from: int = LINEAR_BUCKET) -> int:
+    """`n` rounded up to a compile bucket: a power of two >= minimum, then multiples of `linear_from`."""
+    if n <= 0:
+        raise ValueError(f"bucket_length: expected a positive length, got {n}")
+    if n <= linear_from:
+        return max(minimum, 1 << (n - 1).bit_length())
+    return -(-n // linear_from) * linear_from
+
+
+def clear_cache():
+    """Drops the compiled functions (and the trace counts)."""
+    with _LOCK:
+        _COMPILED.clear()
+        TRACE_COUNTS.clear()
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
+@dataclasses.dataclass(frozen=True)
+class SamplingSpec:
+    """What about sampling changes the compiled program (the rest are runtime numbers)."""
+
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    use_penalty: bool
+    num_stop: int
+
+
+def make_spec(temperature: float, top_k: int, top_p: float, repetition_penalty: float, num_stop: int,
+              vocab_size: int) -> SamplingSpec:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    greedy = temperature == 0
+    top_k = 0 if greedy or top_k >= vocab_size else int(top_k)
+    return SamplingSpec(greedy=greedy, top_k=top_k, use_top_p=not greedy and top_p < 1.0,
+                        use_penalty=repetition_penalty != 1.0, num_stop=max(1, num_stop))
+
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL / transformers penalty over the tokens marked in `seen` [batch, vocab] (bool)."""
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def top_k_top_p_candidates(logits, top_k: int, top_p, use_top_p: bool):
+    """Candidate logits [B, C] (descending, removed ones at -inf) and their token ids [B, C].
+
+    C = top_k when top_k > 0 (a cheap `lax.top_k`), else the whole vocabulary (a full sort, only when top_p is
+    active). top_p is applied after top_k, on the renormalized top-k distribution, as transformers does.
+    """
+    size = top_k if top_k > 0 else logits.shape[-1]
+    values, ids = jax.lax.top_k(logits, size)
+    if use_top_p:
+        probs = jax.nn.softmax(values, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly more likely than each candidate
+        keep = (before < top_p).at[:, 0].set(True)
+        values = jnp.where(keep, values, -jnp.inf)
+    return values, ids
+
+
+def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
+    """Full-vocabulary logits with everything outside top_k / top_p set to -inf (for inspection and tests)."""
+    logits = jnp.asarray(logits, jnp.float32)
+    if top_k <= 0 and top_p >= 1.0:
+        return logits
+    values, ids = top_k_top_p_candidates(logits, top_k, jnp.float32(top_p), top_p < 1.0)
+    out = jnp.full_like(logits, -jnp.inf)
+    return out.at[jnp.arange(logits.shape[0])[:, None], ids].set(values)
+
+
+def choose_tokens(logits, seen, rng, spec: SamplingSpec, knobs):
+    """Next token per row from last-position logits [B, V]."""
+    logits = logits.astype(jnp.float32)
+    if spec.use_penalty:
+        logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
+    if spec.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / knobs["temperature"]
+    if spec.top_k > 0 or spec.use_top_p:
+        values, ids = top_k_top_p_candidates(logits, spec.top_k, knobs["top_p"], spec.use_top_p)
+        pick = jax.random.categorical(rng, values, axis=-1)
+        return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------- the decode program
+def _cache_constraint(cache, mesh, rules):
+    """Shards the KV cache like the activations: batch over data/fsdp, KV heads over tensor where they divide."""
+    if mesh is None:
+        return cache
+    from glm_jax.sharding import logical_sharding
+
+    names = {5: ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"),
+             4: ("cache_batch", "cache_length", "kv_heads", "head_dim"),
+             2: ("cache_batch", "cache_length"), 1: ("cache_batch",), 0: ()}
+
+    def one(x):
+        axes = names.get(x.ndim)
+        if axes is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, axes, x.shape, rules))
+
+    return jax.tree.map(one, cache)
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_shapes(model, batch: int, cache_len: int):
+    """ShapeDtypeStructs of the decode cache (what `init_cache` zeroes).
+
+    Computed once, outside any mesh context: `model.init` under `jax.set_mesh` + `axis_rules` trips over flax's
+    DenseGeneral kernel reshaping of logically partitioned kernels.
+    """
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, cache_len), jnp.int32),
+                                               decode=True))["cache"]
+    return nn.unbox(shapes)
+
+
+def _is_stop(tokens, stop_ids):
+    return (tokens[:, None] == stop_ids[None, :]).any(axis=-1)
+
+
+def _prefill_state(model, params, ids, mask, knobs, *, cache_shapes, out_len: int, spec: SamplingSpec, mesh, rules):
+    """Allocates the cache, runs the prompt, picks the first token. Returns the loop state."""
+    batch = ids.shape[0]
+    cache = _cache_constraint(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes), mesh, rules)
+    logits, variables = model.apply({"params": params, "cache": cache}, ids, attention_mask=mask, decode=True,
+                                    mutable=["cache"])
+    last = logits[:, -1].astype(jnp.float32)
+    vocab = last.shape[-1]
+    seen = None
+    if spec.use_penalty:
+        real = mask.astype(bool) & (ids >= 0) & (ids < vocab)
+        seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], jnp.clip(ids, 0, vocab - 1)].max(real)
+    rng = knobs["rng"]
+    tok = choose_tokens(last, seen, jax.random.fold_in(rng, 0), spec, knobs)
+    if seen is not None:
+        seen = seen.at[jnp.arange(batch), tok].set(True)
+    out = jnp.full((batch, out_len), knobs["pad_id"], jnp.int32).at[:, 0].set(tok)
+    state = dict(cache=_cache_constraint(variables["cache"], mesh, rules), tok=tok,
+                 done=_is_stop(tok, knobs["stop_ids"]), out=out, i=jnp.int32(1), seen=seen, knobs=knobs)
+    return state
+
+
+def _decode_loop(model, params, state, limit, *, spec: SamplingSpec, mesh, rules):
+    """Decodes until `state["i"] == limit` or every row is done."""
+
+    def cond(s):
+        return (s["i"] < limit) & ~jnp.all(s["done"])
+
+    def body(s):
+        knobs = s["knobs"]
+        logits, variables = model.apply({"params": params, "cache": s["cache"]}, s["tok"][:, None], decode=True,
+                                        mutable=["cache"])
+        tok = choose_tokens(logits[:, -1], s["seen"], jax.random.fold_in(knobs["rng"], s["i"]), spec, knobs)
+        tok = jnp.where(s["done"], knobs["pad_id"], tok)
+        seen = s["seen"]
+        if seen is not None:
+            seen = seen.at[jnp.arange(tok.shape[0]), tok].set(True)
+        out = jax.lax.dynamic_update_slice(s["out"], tok[:, None], (0, s["i"]))
+        return dict(s, cache=_cache_constraint(variables["cache"], mesh, rules), tok=tok, seen=seen, out=out,
+                    done=s["done"] | _is_stop(tok, knobs["stop_ids"]), i=s["i"] + 1)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+@contextlib.contextmanager
+def _mesh_context(mesh, rules):
+    if mesh is None:
+        yield
+        return
+    from glm_jax.sharding import axis_rules
+
+    set_mesh = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh", None)
+    with (set_mesh(mesh) if set_mesh is not None else mesh), axis_rules(rules):
+        yield
+
+
+def _compiled(kind: str, key: tuple, build):
+    with _LOCK:
+        fn = _COMPILED.get((kind,) + key)
+        if fn is None:
+            fn = _COMPILED[(kind,) + key] = build()
+        return fn
+
+
+def _generate_fn(model, batch, prompt_len, out_len, spec, mesh, rules):
+    def build():
+        shapes = _cache_shapes(model, batch, prompt_len + out_len)
+
+        def run(params, ids, mask, knobs):
+            TRACE_COUNTS["generate"] += 1  # Python side effect: runs once per trace
+            state = _prefill_state(model, params, ids, mask, knobs, cache_shapes=shapes, out_len=out_len,
+                                   spec=spec, mesh=mesh, rules=rules)
+            state = _decode_loop(model, params, state, knobs["max_new"], spec=spec, mesh=mesh, rules=rules)
+            return state["out"], state["i"]
+
+        return jax.jit(run)
+
+    return _compiled("generate", (model, batch, prompt_len, out_len, spec, mesh, rules), build)
+
+
+def _stream_fns(model, batch, prompt_len, out_len, spec, mesh, rules):
+    def build_prefill():
+        shapes = _cache_shapes(model, batch, prompt_len + out_len)
+
+        def prefill(params, ids, mask, knobs):
+            TRACE_COUNTS["prefill"] += 1
+            return _prefill_state(model, params, ids, mask, knobs, cache_shapes=shapes, out_len=out_len,
+                                  spec=spec, mesh=mesh, rules=rules)
+
+        return jax.jit(prefill)
+
+    def build_decode():
+        def decode(params, state, chunk):
+            TRACE_COUNTS["decode"] += 1
+            start = state["i"]
+            limit = jnp.minimum(start + chunk, state["knobs"]["max_new"])
+            state = _decode_loop(model, params, state, limit, spec=spec, mesh=mesh, rules=rules)
+            return state
+
+        return jax.jit(decode, donate_argnums=(1,))
+
+    key = (model, batch, prompt_len, out_len, spec, mesh, rules)
+    return _compiled("prefill", key, build_prefill), _compiled("decode", key, build_decode)
+
+
+# ------------------------------------------------------------------------------------------------ host side
+def _as_batch(input_ids, attention_mask):
+    ids = np.asarray(input_ids)
+    squeeze = ids.ndim == 1
+    if squeeze:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] (or [length]) with length > 0, got {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"input_ids must be integers, got {ids.dtype}")
+    if attention_mask is None:
+        mask = np.ones(ids.shape, np.int32)
+    else:
+        mask = np.asarray(attention_mask).astype(np.int32)
+        if squeeze and mask.ndim == 1:
+            mask = mask[None]
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        if ((mask != 0) & (mask != 1)).any():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        if (np.diff(mask, axis=1) < 0).any():
+            raise ValueError("attention_mask: only LEFT padding is supported (each row must be 0...0 1...1)")
+        if (mask.sum(axis=1) == 0).any():
+            raise ValueError("attention_mask: a row has no tokens")
+    return ids.astype(np.int32), mask, squeeze
+
+
+def _bucket(rule, n: int) -> int:
+    if rule is None:
+        return bucket_length(n)
+    return int(rule(n)) if callable(rule) else int(rule)
+
+
+def _model_cfg(model):
+    return getattr(model, "cfg", None)
+
+
+@dataclasses.dataclass
+class _Prepared:
+    params: Any
+    ids: jax.Array
+    mask: jax.Array
+    knobs: dict
+    spec: SamplingSpec
+    prompt_bucket: int
+    out_bucket: int
+    orig_ids: np.ndarray
+    squeeze: bool
+
+
+def shard_params(model, params, mesh, rules=None):
+    """`params` placed on `mesh` with the model's logical partitioning (tensor parallel over "tensor")."""
+    from glm_jax.sharding import LOGICAL_RULES, param_shardings
+
+    rules = LOGICAL_RULES if rules is None else rules
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
+    shardings = param_shardings(boxed, mesh, rules)
+    try:
+        return jax.device_put(params, shardings)
+    except ValueError as e:
+        raise ValueError(f"params do not match {type(model).__name__}'s parameter tree: {e}") from None
+
+
+def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, temperature, top_k, top_p,
+             repetition_penalty, stop_ids, pad_id, seed, mesh, rules, prompt_bucket, new_bucket) -> _Prepared:
+    ids, mask, squeeze = _as_batch(input_ids, attention_mask)
+    cfg = _model_cfg(model)
+    if max_new_tokens is None or int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new_tokens = int(max_new_tokens)
+    vocab = cfg.vocab_size if cfg is not None else None
+    if vocab is not None and ((ids < 0) | (ids >= vocab))[mask.astype(bool)].any():
+        raise ValueError(f"input_ids: token ids must be in [0, {vocab})")
+    if stop_ids is None:
+        stop_ids = tuple(cfg.eos_token_ids) if cfg is not None else ()
+    elif isinstance(stop_ids, (int, np.integer)):
+        stop_ids = (int(stop_ids),)
+    stop_ids = tuple(int(s) for s in stop_ids)
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg is not None and cfg.pad_token_id is not None else 0
+    spec = make_spec(temperature, top_k, top_p, repetition_penalty, len(stop_ids), vocab or 1 << 62)
+
+    batch, length = ids.shape
+    pb, nb = _bucket(prompt_bucket, length), _bucket(new_bucket, max_new_tokens)
+    if pb < length or nb < max_new_tokens:
+        raise ValueError(f"bucket too small: prompt {length} -> {pb}, new tokens {max_new_tokens} -> {nb}")
+    if cfg is not None and length + max_new_tokens > cfg.max_seq_len:
+        log.warning("prompt (%d) + max_new_tokens (%d) exceeds the model's max_seq_len %d", length, max_new_tokens,
+                    cfg.max_seq_len)
+    extra = pb - length  # extra LEFT padding up to the bucket
+    ids_b = np.concatenate([np.full((batch, extra), pad_id, np.int32), np.where(mask == 1, ids, pad_id)], axis=1)
+    mask_b = np.concatenate([np.zeros((batch, extra), np.int32), mask], axis=1)
+
+    stops = np.full((spec.num_stop,), -1, np.int32)
+    stops[:len(stop_ids)] = stop_ids
+    knobs = dict(temperature=np.float32(temperature if temperature > 0 else 1.0), top_p=np.float32(top_p),
+                 repetition_penalty=np.float32(repetition_penalty), stop_ids=stops, pad_id=np.int32(pad_id),
+                 max_new=np.int32(max_new_tokens), rng=jax.random.key(int(seed)))
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        params = shard_params(model, params, mesh, rules)
+        replicated = NamedSharding(mesh, P())
+        ids_j, mask_j = jax.device_put(ids_b, replicated), jax.device_put(mask_b, replicated)
+        knobs = jax.device_put(knobs, replicated)
+    else:
+        ids_j, mask_j = jnp.asarray(ids_b), jnp.asarray(mask_b)
+    return _Prepared(params, ids_j, mask_j, knobs, spec, pb, nb, ids, squeeze)
+
+
+def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             stop_ids: Sequence[int] | int | None = None, pad_id: int | None = None, seed: int = 0, mesh=None,
+             rules=None, prompt_bucket=None, new_bucket=None, return_num_steps: bool = False):
+    """Generates up to `max_new_tokens` tokens after each (left padded) prompt row.
+
+    input_ids [batch, len] (or [len]); attention_mask likewise, 1 = token, 0 = LEFT pad. stop_ids default to the
+    model config's eos_token_ids (pass () for none); pad_id defaults to its pad_token_id (else 0).
+    prompt_bucket / new_bucket: an int or a function of the length (default `bucket_length`).
+    Returns np.int32 [batch, len + max_new_tokens] (or [len + max_new_tokens] for a 1-D prompt); with
+    `return_num_steps`, also the number of decode positions actually run (< max_new_tokens if all rows stopped).
+    See the module docstring for sampling and padding semantics.
+    """
+    from glm_jax.sharding import LOGICAL_RULES
+
+    rules = LOGICAL_RULES if rules is None else tuple(rules)
+    prep = _prepare(model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=stop_ids, pad_id=pad_id,
+                    seed=seed, mesh=mesh, rules=rules, prompt_bucket=prompt_bucket, new_bucket=new_bucket)
+    fn = _generate_fn(model, prep.ids.shape[0], prep.prompt_bucket, prep.out_bucket, prep.spec, mesh, rules)
+    with _mesh_context(mesh, rules):
+        out, steps = fn(prep.params, prep.ids, prep.mask, prep.knobs)
+    new = np.asarray(jax.device_get(out))[:, :max_new_tokens]
+    result = np.concatenate([prep.orig_ids, new], axis=1)
+    if prep.squeeze:
+        result = result[0]
+    return (result, int(steps)) if return_num_steps else result
+
+
+def stream_generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                    stop_ids: Sequence[int] | int | None = None, pad_id: int | None = None, seed: int = 0,
+                    mesh=None, rules=None, chunk: int = 1, prompt_bucket=None, new_bucket=None) -> Iterator:
+    """Like `generate`, but yields the new tokens as they are produced: np.int32 [batch] per step (an int for a
+    1-D prompt). Rows that stopped yield `pad_id`; iteration ends after `max_new_tokens` steps or when every row
+    has produced a stop id (the stop id itself is yielded). `chunk` tokens are decoded per device call; with
+    the same seed, the tokens equal `generate`'s whatever the chunk size.
+    """
+    from glm_jax.sharding import LOGICAL_RULES
+
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    rules = LOGICAL_RULES if rules is None else tuple(rules)
+    prep = _prepare(model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=stop_ids, pad_id=pad_id,
+                    seed=seed, mesh=mesh, rules=rules, prompt_bucket=prompt_bucket, new_bucket=new_bucket)
+    prefill, decode = _stream_fns(model, prep.ids.shape[0], prep.prompt_bucket, prep.out_bucket, prep.spec, mesh,
+                                  rules)
+    chunk_arg = np.int32(chunk)
+
+    def emit(out, start, stop):
+        for j in range(start, stop):
+            col = out[:, j]
+            yield int(col[0]) if prep.squeeze else col.copy()
+
+    with _mesh_context(mesh, rules):
+        state = prefill(prep.params, prep.ids, prep.mask, prep.knobs)
+    produced = 0
+    while True:
+        i = int(state["i"])
+        done = bool(np.all(jax.device_get(state["done"])))
+        if i > produced:
+            # out is [batch, bucket] int32: small; fetching it whole avoids a slice compile per step.
+            out = np.asarray(jax.device_get(state["out"]))
+            yield from emit(out, produced, i)
+            produced = i
+        if done or produced >= max_new_tokens:
+            return
+        with _mesh_context(mesh, rules):
+            state = decode(prep.params, state, chunk_arg)

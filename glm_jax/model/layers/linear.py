@@ -1,0 +1,38 @@
+"""A dense layer over several input/output axes whose kernel is created at its full shape with logical axes.
+
+(flax's DenseGeneral initialises a flat kernel and reshapes it, which breaks logical sharding constraints on
+multi-axis kernels under a mesh; this one never reshapes parameters.)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class Linear(nn.Module):
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]  # logical names of (input axes..., output axes...)
+    n_in: int = 1  # how many trailing input axes are contracted
+    use_bias: bool = False
+    bias_axes: tuple[str | None, ...] = ()
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[-self.n_in:]
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                                                   self.kernel_axes),
+                            (*in_shape, *self.features), self.param_dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
+                              tuple(self.features), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y

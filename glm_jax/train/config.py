@@ -1,0 +1,353 @@
+"""Training configuration: YAML file + dotted command-line overrides, checked against a dataclass schema.
+
+    cfg = load_config("configs/tiny.yaml", ["train.steps=30", "mesh.fsdp=4"])
+
+Override values are parsed as YAML scalars (``train.lr=3e-4`` is a float, ``data.train_files=[a.txt,b.txt]`` a
+list). Every problem - unknown key, wrong type, impossible combination - raises `ConfigError` whose message is
+one line starting with the offending key; `train.py` prints it and exits with status 2 before touching jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+EXIT_CONFIG_ERROR = 2
+
+
+class ConfigError(ValueError):
+    """A bad configuration; str(e) is one line naming the key."""
+
+
+@dataclasses.dataclass
+class ModelSection:
+    preset: str = "glm-tiny"  # a glm_jax.PRESETS name; ignored when init_from is set
+    init_from: Optional[str] = None  # a THUDM / transformers checkpoint directory (load_hf)
+    overrides: dict = dataclasses.field(default_factory=dict)  # GLMConfig fields, e.g. {num_layers: 2}
+    dtype: Optional[str] = None  # compute dtype (float32 | bfloat16 | float16); None = the preset's
+    param_dtype: Optional[str] = None  # master-weight dtype; float32 gives fp32 master weights
+    remat_policy: Optional[str] = None  # none | full | save_dots | save_dots_no_batch
+    attention_impl: Optional[str] = None  # auto | xla | cudnn | splash
+
+
+@dataclasses.dataclass
+class DataSection:
+    task: str = "pretrain"  # pretrain | sft | classification
+    train_files: list = dataclasses.field(default_factory=list)  # files or glob patterns
+    eval_files: list = dataclasses.field(default_factory=list)
+    eval_fraction: float = 0.0  # without eval_files: hold out this fraction of the packed rows / records
+    seq_len: int = 128
+    text_split: str = "paragraph"  # .txt documents: paragraph (blank-line separated) | line | file
+    text_key: str = "text"  # JSONL pretraining: the field holding the text
+    max_tokens: Optional[int] = None  # pretraining: stop reading documents after this many tokens
+    skip_bad_records: bool = False
+    tokenizer: Optional[str] = None  # SentencePiece model file; None = the one shipped with glm_jax
+
+
+@dataclasses.dataclass
+class TrainSection:
+    steps: int = 100
+    global_batch_size: int = 8  # rows per optimizer step, over all hosts and microbatches
+    grad_accum: int = 1  # microbatches per step (scanned inside the one jitted step)
+    seed: int = 0
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: Optional[float] = 1.0
+    z_loss: float = 0.0
+    on_nan: str = "stop"  # stop (exit 3, last good checkpoint kept) | skip (drop the update, count it)
+    mode: str = "full"  # full | lora
+    log_every: int = 1
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 4
+
+
+@dataclasses.dataclass
+class LoraSection:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list = dataclasses.field(default_factory=lambda: ["query", "key", "value", "out"])
+
+
+@dataclasses.dataclass
+class MeshSection:
+    data: int = 1
+    fsdp: int = 1
+    sequence: int = 1
+    tensor: int = 1  # one of data/fsdp may be -1: all devices the others leave
+
+
+@dataclasses.dataclass
+class CheckpointSection:
+    enabled: bool = True
+    every: int = 50
+    keep: int = 3
+    keep_best: bool = False  # also keep the checkpoint with the lowest eval loss in {run_dir}/checkpoints_best
+    async_save: bool = True
+
+
+@dataclasses.dataclass
+class DistributedSection:
+    enabled: Optional[bool] = None  # None: initialise when the env (JAX_COORDINATOR_ADDRESS, TPU pod, SLURM) says so
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclasses.dataclass
+class ExportSection:
+    path: Optional[str] = None  # save_hf directory written at the end of the run
+    format: str = "transformers"  # transformers | thudm
+
+
+@dataclasses.dataclass
+class Config:
+    run_dir: str = "runs/tiny"
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+    export: ExportSection = dataclasses.field(default_factory=ExportSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.task": ("pretrain", "sft", "classification"),
+    "data.text_split": ("paragraph", "line", "file"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.on_nan": ("stop", "skip"),
+    "train.mode": ("full", "lora"),
+    "model.dtype": ("float32", "bfloat16", "float16", None),
+    "model.param_dtype": ("float32", "bfloat16", "float16", None),
+    "model.remat_policy": ("none", "full", "save_dots", "save_dots_no_batch", None),
+    "model.attention_impl": ("auto", "xla", "cudnn", "splash", None),
+    "export.format": ("transformers", "thudm"),
+}
+LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo")
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` (no dot, which YAML 1.1 leaves a string) as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """`value` checked against annotation `tp` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, str):  # a single path is a one-element list
+            return [value]
+        if isinstance(value, list):
+            return list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown key (known in {prefix.rstrip('.') or 'the top level'}: "
+                              f"{', '.join(sorted(names))})")
+    kw = {k: _coerce(prefix + k, v, hints[k]) for k, v in raw.items()}
+    return cls(**kw)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return _yaml_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"{item}: an override must look like key=value (e.g. train.steps=30)")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"{item}: bad override key")
+    node = raw
+    parts = key.split(".")
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a section, cannot set {key}")
+        node = nxt
+    node[parts[-1]] = _parse_scalar(text)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (None = defaults only) + overrides -> validated `Config` (static checks only)."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file not found: {p}")
+        try:
+            raw = _yaml_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {p} is not valid YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config: {p} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = _build(Config, raw)
+    validate_static(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def validate_static(cfg: Config) -> None:
+    """Checks that need no devices and no model."""
+    for key, allowed in CHOICES.items():
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name)
+        if v not in allowed:
+            raise ConfigError(f"{key}: {v!r} is not one of {[a for a in allowed if a is not None]}")
+    t, d = cfg.train, cfg.data
+    positive = {"train.steps": t.steps, "train.global_batch_size": t.global_batch_size, "train.grad_accum": t.grad_accum,
+                "data.seq_len": d.seq_len, "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
+                "train.log_every": t.log_every, "train.eval_batches": t.eval_batches, "lora.rank": cfg.lora.rank}
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{k}: must be positive, got {v}")
+    for k, v in {"train.warmup_steps": t.warmup_steps, "train.eval_every": t.eval_every, "train.z_loss": t.z_loss,
+                 "train.weight_decay": t.weight_decay, "train.lr": t.lr}.items():
+        if v < 0:
+            raise ConfigError(f"{k}: must be >= 0, got {v}")
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if t.clip_norm is not None and t.clip_norm <= 0:
+        raise ConfigError(f"train.clip_norm: must be positive or null, got {t.clip_norm}")
+    if not d.train_files:
+        raise ConfigError("data.train_files: no training files given")
+    bad_targets = [x for x in cfg.lora.targets if x not in LORA_TARGETS]
+    if bad_targets:
+        raise ConfigError(f"lora.targets: unknown target(s) {bad_targets}, expected some of {list(LORA_TARGETS)}")
+    if t.global_batch_size % t.grad_accum:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                          f"train.grad_accum={t.grad_accum}")
+    m = cfg.mesh
+    sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.sequence": m.sequence, "mesh.tensor": m.tensor}
+    for k, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"{k}: must be a positive size or -1, got {v}")
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError("mesh.data: only one mesh axis may be -1")
+    if m.sequence == -1 or m.tensor == -1:
+        raise ConfigError(f"mesh.{'sequence' if m.sequence == -1 else 'tensor'}: -1 is only allowed for data or fsdp")
+    if d.seq_len % m.sequence:
+        raise ConfigError(f"data.seq_len: {d.seq_len} is not divisible by mesh.sequence={m.sequence}")
+    if m.data > 0 and m.fsdp > 0:
+        _check_batch(cfg, m.data * m.fsdp)
+    if cfg.model.overrides:
+        from glm_jax.config import GLMConfig
+        fields = {f.name for f in dataclasses.fields(GLMConfig)}
+        for k in cfg.model.overrides:
+            if k not in fields:
+                raise ConfigError(f"model.overrides.{k}: not a GLMConfig field")
+
+
+def _check_batch(cfg: Config, batch_shards: int) -> None:
+    t = cfg.train
+    micro = t.global_batch_size // t.grad_accum
+    if micro % batch_shards:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} rows / {t.grad_accum} microbatches = "
+                          f"{micro} is not divisible by mesh.data*mesh.fsdp={batch_shards}")
+
+
+def resolve_mesh(cfg: Config, device_count: int) -> dict[str, int]:
+    """Mesh axis sizes with -1 resolved; ConfigError if they need more devices than exist."""
+    m = cfg.mesh
+    sizes = {"data": m.data, "fsdp": m.fsdp, "sequence": m.sequence, "tensor": m.tensor}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    for k, v in sizes.items():
+        if v == -1:
+            if device_count % fixed:
+                raise ConfigError(f"mesh.{k}: -1 cannot fill {device_count} devices: the other axes' product "
+                                  f"{fixed} does not divide it")
+            sizes[k] = device_count // fixed
+    total = math.prod(sizes.values())
+    if total > device_count:
+        raise ConfigError(f"mesh.data: mesh data={sizes['data']} fsdp={sizes['fsdp']} sequence={sizes['sequence']} "
+                          f"tensor={sizes['tensor']} needs {total} devices, only {device_count} available")
+    _check_batch(cfg, sizes["data"] * sizes["fsdp"])
+    return sizes
+
+
+def check_model_fit(cfg: Config, model_cfg) -> None:
+    """Checks that need the model config (GLMConfig)."""
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,390 @@
+"""Training data: pretraining text packed into rows, ChatGLM3 SFT conversations, classification records.
+
+Every task yields a dict of numpy arrays with a leading example axis; `Loader` turns them into deterministic,
+resumable global batches, each process producing only its own rows.
+
+Batch layout (all int32 unless noted, [rows, seq_len]):
+  pretrain / sft:   input_ids, segment_ids (documents from 1, 0 = padding), targets (the next token),
+                    loss_mask (float32: 1 where `targets` is trained on)
+  classification:   input_ids, segment_ids (1 = token, 0 = padding), labels [rows]
+
+Targets are shifted on the host: targets[t] = input_ids[t+1], and loss_mask[t] says whether token t+1 is a
+target. In a packed row a document's last token predicts nothing (the next document is a different segment).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A malformed record; the message starts with file:line."""
+
+
+@dataclass
+class BadRecords:
+    """Counts (and remembers the first few) records skipped with data.skip_bad_records=true."""
+
+    skip: bool = False
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def handle(self, where: str, why: str) -> None:
+        msg = f"{where}: {why}"
+        if not self.skip:
+            raise DataError(msg + " (set data.skip_bad_records=true to skip such records)")
+        self.count += 1
+        if len(self.examples) < 5:
+            self.examples.append(msg)
+        log.warning("skipping bad record %s", msg)
+
+
+def expand_files(patterns: Iterable[str]) -> list[Path]:
+    out: list[Path] = []
+    for pat in patterns:
+        hits = sorted(glob.glob(str(pat), recursive=True))
+        if not hits:
+            raise DataError(f"{pat}:0: no such file")
+        out += [Path(h) for h in hits if Path(h).is_file()]
+    return out
+
+
+def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line; unparsable lines go to `bad`."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.handle(f"{path}:{n}", f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.handle(f"{path}:{n}", f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def read_text_documents(path: Path, split: str, bad: BadRecords, text_key: str = "text") -> Iterator[str]:
+    """Documents of a .txt file (split by blank lines, lines, or the whole file) or of a JSONL file's text_key."""
+    if path.suffix in (".jsonl", ".json"):
+        for n, obj in read_jsonl(path, bad):
+            text = obj.get(text_key) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                bad.handle(f"{path}:{n}", f"expected an object with a string field {text_key!r}")
+                continue
+            if text.strip():
+                yield text
+        return
+    lines: list[str] = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                bad.handle(f"{path}:{n}", f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if split == "line":
+                if line.strip():
+                    yield line
+            elif split == "paragraph" and not line.strip():
+                if lines:
+                    yield "\n".join(lines)
+                lines = []
+            else:
+                lines.append(line)
+    if lines:
+        yield "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ pretraining
+
+def pack_documents(docs: Iterable[list[int]], seq_len: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy packing into rows of seq_len: (tokens, segment_ids), both int32 [rows, seq_len].
+
+    Documents are laid end to end; one that does not fit in the rest of a row continues at the start of the
+    next row (as a new segment there). Segments are numbered from 1 within each row; the tail of the last
+    row is padding (segment 0).
+    """
+    rows_t: list[np.ndarray] = []
+    rows_s: list[np.ndarray] = []
+    cur_t = np.full(seq_len, pad_id, np.int32)
+    cur_s = np.zeros(seq_len, np.int32)
+    fill, seg = 0, 0
+    for doc in docs:
+        doc = np.asarray(doc, np.int32)
+        start = 0
+        while start < len(doc):
+            take = min(seq_len - fill, len(doc) - start)
+            seg += 1
+            cur_t[fill:fill + take] = doc[start:start + take]
+            cur_s[fill:fill + take] = seg
+            fill += take
+            start += take
+            if fill == seq_len:
+                rows_t.append(cur_t)
+                rows_s.append(cur_s)
+                cur_t = np.full(seq_len, pad_id, np.int32)
+                cur_s = np.zeros(seq_len, np.int32)
+                fill, seg = 0, 0
+    if fill:
+        rows_t.append(cur_t)
+        rows_s.append(cur_s)
+    if not rows_t:
+        return np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.int32)
+    return np.stack(rows_t), np.stack(rows_s)
+
+
+def lm_examples(tokens: np.ndarray, segments: np.ndarray, target_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Shifted targets and loss mask for rows of tokens. `target_mask[t]` (default: every real token) says
+    whether token t may be predicted; token t+1 is predicted from t only within the same segment."""
+    if target_mask is None:
+        target_mask = segments > 0
+    targets = np.zeros_like(tokens)
+    targets[:, :-1] = tokens[:, 1:]
+    mask = np.zeros(tokens.shape, np.float32)
+    same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
+    mask[:, :-1] = (same & target_mask[:, 1:].astype(bool)).astype(np.float32)
+    return {"input_ids": tokens.astype(np.int32), "segment_ids": segments.astype(np.int32),
+            "targets": targets.astype(np.int32), "loss_mask": mask}
+
+
+def build_pretrain(files: list[Path], tok, seq_len: int, split: str, bad: BadRecords, text_key: str = "text",
+                   max_tokens: int | None = None) -> dict[str, np.ndarray]:
+    """Each document -> tokens + eos, packed into rows of seq_len."""
+    eos = tok.eos_token_id
+    total = 0
+
+    def docs():
+        nonlocal total
+        for path in files:
+            for text in read_text_documents(path, split, bad, text_key):
+                ids = tok.encode(text, add_special_tokens=False) + [eos]
+                if max_tokens is not None and total + len(ids) > max_tokens:
+                    ids = ids[:max_tokens - total]
+                total += len(ids)
+                if ids:
+                    yield ids
+                if max_tokens is not None and total >= max_tokens:
+                    return
+
+    tokens, segments = pack_documents(docs(), seq_len, tok.pad_token_id)
+    log.info("pretraining data: %d tokens from %d files -> %d rows of %d", total, len(files), len(tokens), seq_len)
+    return lm_examples(tokens, segments)
+
+
+# ------------------------------------------------------------------------------------------------ SFT
+
+SFT_ROLES = ("system", "user", "assistant", "observation")
+
+
+def encode_conversation(tok, conversation: list[dict], tools: Any = None) -> tuple[list[int], list[bool]]:
+    """ChatGLM3 SFT encoding (GLM_REFERENCE.md §4, THUDM's finetune_demo): ids and, per id, whether it is a target.
+
+    ids = [gMASK] sop + every message (`tok.build_message`) + eos. Assistant messages (including tool calls)
+    are trained on, shifted by one: the assistant role token is NOT a target, every later token of the message
+    is, and so is the token that closes the message (the next message's role token, or the final eos).
+    A conversation-level `tools` list is attached to a leading system message (or becomes one).
+    """
+    msgs = [dict(m) for m in conversation]
+    if tools is not None:
+        if msgs and msgs[0].get("role") == "system":
+            msgs[0].setdefault("tools", tools)
+        else:
+            msgs.insert(0, {"role": "system", "content": "", "tools": tools})
+    ids = list(tok.prefix_ids)
+    train_on = [False] * len(ids)  # unshifted: "this token belongs to an assistant message"
+    for m in msgs:
+        piece = tok.build_message(m)
+        ids += piece
+        train_on += [m["role"] == "assistant"] * len(piece)
+    ids.append(tok.eos_token_id)
+    train_on.append(False)
+    is_target = [False] + train_on[:-1]  # the shift of §4
+    return ids, is_target
+
+
+def check_conversation(obj: Any) -> tuple[list[dict], Any]:
+    if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
+        raise ValueError('expected {"conversations": [...]}')
+    conv = obj["conversations"]
+    if not conv:
+        raise ValueError("empty conversation")
+    for i, m in enumerate(conv):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i} is not an object")
+        if m.get("role") not in SFT_ROLES:
+            raise ValueError(f"message {i}: role {m.get('role')!r} is not one of {list(SFT_ROLES)}")
+        if not isinstance(m.get("content"), (str, dict)):
+            raise ValueError(f"message {i}: content must be a string (or a tool-call object)")
+        if "metadata" in m and not isinstance(m["metadata"], str):
+            raise ValueError(f"message {i}: metadata must be a string")
+    if not any(m["role"] == "assistant" for m in conv):
+        raise ValueError("no assistant message to train on")
+    return conv, obj.get("tools")
+
+
+def build_sft(files: list[Path], tok, seq_len: int, bad: BadRecords) -> tuple[dict[str, np.ndarray], dict]:
+    """One conversation per row, right-padded. Truncation rule: a conversation longer than seq_len keeps its
+    first seq_len tokens (the prompt is never cut before the answer); one left with no target token is dropped
+    and counted in stats["dropped_no_target"]."""
+    rows_ids, rows_tgt = [], []
+    stats = {"conversations": 0, "truncated": 0, "dropped_no_target": 0}
+    for path in files:
+        for n, obj in read_jsonl(path, bad):
+            try:
+                conv, tools = check_conversation(obj)
+                ids, tgt = encode_conversation(tok, conv, tools)
+            except (ValueError, KeyError, TypeError) as e:
+                bad.handle(f"{path}:{n}", str(e))
+                continue
+            stats["conversations"] += 1
+            if len(ids) > seq_len:
+                stats["truncated"] += 1
+                ids, tgt = ids[:seq_len], tgt[:seq_len]
+            if not any(tgt[1:]):
+                stats["dropped_no_target"] += 1
+                continue
+            rows_ids.append(ids)
+            rows_tgt.append(tgt)
+    n = len(rows_ids)
+    tokens = np.full((n, seq_len), tok.pad_token_id, np.int32)
+    segments = np.zeros((n, seq_len), np.int32)
+    target = np.zeros((n, seq_len), bool)
+    for i, (ids, tgt) in enumerate(zip(rows_ids, rows_tgt)):
+        tokens[i, :len(ids)] = ids
+        segments[i, :len(ids)] = 1
+        target[i, :len(tgt)] = tgt
+    log.info("SFT data: %s", stats)
+    return lm_examples(tokens, segments, target), stats
+
+
+# ------------------------------------------------------------------------------------------------ classification
+
+def build_classification(files: list[Path], tok, seq_len: int, num_labels: int,
+                         bad: BadRecords) -> dict[str, np.ndarray]:
+    """{"text", "label"} records -> [gMASK] sop + text, truncated to its first seq_len tokens, right-padded.
+    The classifier reads the last real token."""
+    ids_rows, labels = [], []
+    for path in files:
+        for n, obj in read_jsonl(path, bad):
+            text = obj.get("text") if isinstance(obj, dict) else None
+            label = obj.get("label") if isinstance(obj, dict) else None
+            if not isinstance(text, str) or not isinstance(label, int) or isinstance(label, bool):
+                bad.handle(f"{path}:{n}", 'expected {"text": str, "label": int}')
+                continue
+            if not 0 <= label < num_labels:
+                bad.handle(f"{path}:{n}", f"label {label} is outside [0, {num_labels}) (model num_labels)")
+                continue
+            ids_rows.append(tok.encode(text)[:seq_len])
+            labels.append(label)
+    n = len(ids_rows)
+    tokens = np.full((n, seq_len), tok.pad_token_id, np.int32)
+    segments = np.zeros((n, seq_len), np.int32)
+    for i, ids in enumerate(ids_rows):
+        tokens[i, :len(ids)] = ids
+        segments[i, :len(ids)] = 1
+    return {"input_ids": tokens, "segment_ids": segments, "labels": np.asarray(labels, np.int32)}
+
+
+def split_holdout(arrays: dict[str, np.ndarray], fraction: float) -> tuple[dict, dict]:
+    """The last `fraction` of the examples (before any shuffling) as held-out data."""
+    n = len(next(iter(arrays.values())))
+    k = int(round(n * fraction))
+    if fraction > 0 and k == 0:
+        k = 1
+    if k >= n:
+        raise DataError(f"data.eval_fraction={fraction} leaves no training examples out of {n}")
+    return {a: v[:n - k] for a, v in arrays.items()}, {a: v[n - k:] for a, v in arrays.items()}
+
+
+def num_examples(arrays: dict[str, np.ndarray]) -> int:
+    return len(next(iter(arrays.values())))
+
+
+# ------------------------------------------------------------------------------------------------ loader
+
+class Loader:
+    """Deterministic, resumable batches from in-memory example arrays.
+
+    The stream is an endless sequence of epochs, each a permutation of the examples drawn from
+    (seed, epoch). Global batch k takes stream items [k*B, (k+1)*B), laid out as [grad_accum, B/grad_accum];
+    this process gets rows [lo, hi) of every microbatch. The state is just the number of batches delivered,
+    so it is the same on every process and restores exactly.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, grad_accum: int = 1, seed: int = 0,
+                 rows: tuple[int, int] | None = None, shuffle: bool = True):
+        self.arrays = arrays
+        self.n = num_examples(arrays)
+        if self.n == 0:
+            raise DataError("no examples to train on")
+        self.global_batch, self.grad_accum = global_batch, grad_accum
+        self.micro = global_batch // grad_accum
+        self.rows = rows or (0, self.micro)
+        self.seed, self.shuffle = seed, shuffle
+        self.position = 0
+        self._perm_epoch, self._perm = -1, None
+
+    def state(self) -> dict:
+        return {"position": int(self.position), "seed": int(self.seed), "num_examples": int(self.n),
+                "global_batch": int(self.global_batch)}
+
+    def restore(self, state: dict) -> None:
+        if int(state["num_examples"]) != self.n or int(state["global_batch"]) != self.global_batch:
+            log.warning("data changed since the checkpoint (examples %s -> %d, batch %s -> %d): the resumed order "
+                        "differs from an uninterrupted run", state["num_examples"], self.n, state["global_batch"],
+                        self.global_batch)
+        self.position = int(state["position"])
+
+    def _perm_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+                          else np.arange(self.n))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def indices(self, k: int) -> np.ndarray:
+        """Example indices of this process's part of global batch k, shape [grad_accum, hi - lo]."""
+        lo, hi = self.rows
+        out = np.empty((self.grad_accum, hi - lo), np.int64)
+        for a in range(self.grad_accum):
+            for j, r in enumerate(range(lo, hi)):
+                item = k * self.global_batch + a * self.micro + r
+                out[a, j] = self._perm_of(item // self.n)[item % self.n]
+        return out
+
+    def batch(self, k: int) -> dict[str, np.ndarray]:
+        idx = self.indices(k)
+        return {name: v[idx] for name, v in self.arrays.items()}
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b = self.batch(self.position)
+        self.position += 1
+        return b
+
+    def __iter__(self):
+        return self
+
+
+def eval_batches(arrays: dict[str, np.ndarray], micro_batch: int, count: int,
+                 rows: tuple[int, int] | None = None) -> list[dict[str, np.ndarray]]:
+    """`count` fixed, unshuffled microbatches [micro_batch, ...] (this process's rows), cycling if short."""
+    n = num_examples(arrays)
+    lo, hi = rows or (0, micro_batch)
+    count = min(count, max(1, -(-n // micro_batch)))
+    out = []
+    for k in range(count):
+        idx = np.array([(k * micro_batch + r) % n for r in range(lo, hi)])
+        out.append({name: v[idx] for name, v in arrays.items()})
+    return out

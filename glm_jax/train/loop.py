@@ -1,0 +1,442 @@
+"""The training run behind `python train.py --config configs/X.yaml [key=value ...]`.
+
+Exit codes: 0 = finished, or stopped by SIGTERM/SIGINT after saving a checkpoint (re-run the same command to
+resume); 2 = bad configuration or data (one line on stderr naming the key / file:line); 3 = the loss or the
+gradient norm was NaN/Inf with train.on_nan=stop (the last good checkpoint is kept, nothing newer is saved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from glm_jax.train.config import Config, ConfigError, check_model_fit, resolve_mesh, to_yaml
+
+log = logging.getLogger("glm_jax.train")
+
+EXIT_OK, EXIT_CONFIG, EXIT_NAN = 0, 2, 3
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+def maybe_init_distributed(cfg: Config) -> bool:
+    """jax.distributed.initialize() when the config or the environment asks for several processes.
+
+    Env: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (explicit), a multi-worker Cloud TPU slice
+    (TPU_WORKER_HOSTNAMES with several hosts) or SLURM with several tasks (auto-detected by jax).
+    """
+    import jax
+
+    d, env = cfg.distributed, os.environ
+    address = d.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    nproc = d.num_processes if d.num_processes is not None else (int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None)
+    pid = d.process_id if d.process_id is not None else (int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None)
+    enabled = d.enabled
+    if enabled is None:
+        enabled = bool(address) or (nproc or 1) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", "") \
+            or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+    if not enabled:
+        return False
+    jax.distributed.initialize(coordinator_address=address, num_processes=nproc, process_id=pid)
+    return True
+
+
+def build_model_config(cfg: Config):
+    from glm_jax import GLMConfig
+
+    m = cfg.model
+    kw = dict(m.overrides)
+    for f in ("dtype", "param_dtype", "remat_policy", "attention_impl"):
+        if getattr(m, f) is not None:
+            kw[f] = getattr(m, f)
+    try:
+        if m.init_from:
+            mc = GLMConfig.from_hf(m.init_from, **kw)
+        else:
+            mc = GLMConfig.from_preset(m.preset, **kw)
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        key = "model.init_from" if m.init_from else ("model.overrides" if "GLMConfig:" in str(e) else "model.preset")
+        raise ConfigError(f"{key}: {' '.join(str(e).split())}") from None
+    return mc
+
+
+def _process_slices(sharding, shape) -> tuple[slice, ...]:
+    """The bounding box, per dimension, of this process's shards of a global array of `shape`."""
+    idx = list(sharding.addressable_devices_indices_map(tuple(shape)).values())
+    out = []
+    for d in range(len(shape)):
+        starts = [(i[d].start or 0) if i[d] is not None else 0 for i in idx]
+        stops = [(i[d].stop if i[d].stop is not None else shape[d]) if i[d] is not None else shape[d] for i in idx]
+        out.append(slice(min(starts), max(stops)))
+    return tuple(out)
+
+
+class _Stop:
+    """SIGTERM / SIGINT: finish the current step, save, exit 0. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint after this step, then exiting", self.requested)
+
+    def uninstall(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+def run(cfg: Config) -> int:
+    """Trains according to `cfg`; returns the process exit code. Raises ConfigError / DataError on bad input."""
+    maybe_init_distributed(cfg)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import linen as nn
+
+    from glm_jax import GLMForCausalLM, GLMForSequenceClassification, make_mesh, param_shardings
+    from glm_jax.sharding import axis_rules
+    from glm_jax.train import data as D
+    from glm_jax.train import lora as lora_lib
+    from glm_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+    from glm_jax.train.metrics import MetricsWriter, mfu, plot_loss
+    from glm_jax.train.optimizer import make_optimizer
+    from glm_jax.train.step import StepBuilder, batch_shardings, make_state, state_shardings
+
+    primary = jax.process_index() == 0
+    sizes = resolve_mesh(cfg, jax.device_count())
+    model_cfg = build_model_config(cfg)
+    check_model_fit(cfg, model_cfg)
+    t, dc = cfg.train, cfg.data
+    run_dir = Path(cfg.run_dir)
+
+    # -------------------------------------------------------------------- data (host side, before compiling)
+    from glm_jax.tokenizer import ChatGLMTokenizer
+
+    tok = ChatGLMTokenizer(dc.tokenizer)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"model.overrides.vocab_size: the model's vocab_size={model_cfg.vocab_size} is smaller "
+                          f"than the tokenizer's {tok.vocab_size}")
+    bad = D.BadRecords(skip=dc.skip_bad_records)
+
+    def build(files):
+        files = D.expand_files(files)
+        if dc.task == "pretrain":
+            return D.build_pretrain(files, tok, dc.seq_len, dc.text_split, bad, dc.text_key, dc.max_tokens)
+        if dc.task == "sft":
+            return D.build_sft(files, tok, dc.seq_len, bad)[0]
+        return D.build_classification(files, tok, dc.seq_len, model_cfg.num_labels, bad)
+
+    train_arrays = build(dc.train_files)
+    eval_arrays = build(dc.eval_files) if dc.eval_files else None
+    if eval_arrays is None and dc.eval_fraction > 0:
+        train_arrays, eval_arrays = D.split_holdout(train_arrays, dc.eval_fraction)
+    if D.num_examples(train_arrays) == 0:
+        raise D.DataError(f"{dc.train_files[0]}:0: no training examples")
+
+    # -------------------------------------------------------------------- mesh, model, shardings
+    mesh = make_mesh(**sizes)
+    task = "classification" if dc.task == "classification" else "lm"
+    model = (GLMForSequenceClassification if task == "classification" else GLMForCausalLM)(model_cfg)
+    ids_spec = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), ids_spec)["params"]
+    p_shard = param_shardings(boxed, mesh)
+    tx, schedule = make_optimizer(t)
+    micro = t.global_batch_size // t.grad_accum
+
+    # global batch layout and this process's rows of it
+    example = {k: v[:1] for k, v in train_arrays.items()}
+    train_shapes = {k: (t.grad_accum, micro) + v.shape[1:] for k, v in example.items()}
+    b_shard = batch_shardings(mesh, {k: np.zeros(s, np.int8) for k, s in train_shapes.items()}, microbatched=True)
+    train_slices = {k: _process_slices(b_shard[k], train_shapes[k]) for k in train_shapes}
+    rows = (train_slices["input_ids"][1].start, train_slices["input_ids"][1].stop)
+    loader = D.Loader(train_arrays, t.global_batch_size, t.grad_accum, seed=t.seed, rows=rows)
+    eval_shapes = {k: (micro,) + v.shape[1:] for k, v in example.items()}
+    e_shard = batch_shardings(mesh, {k: np.zeros(s, np.int8) for k, s in eval_shapes.items()}, microbatched=False)
+    eval_slices = {k: _process_slices(e_shard[k], eval_shapes[k]) for k in eval_shapes}
+    eval_sets = (D.eval_batches(eval_arrays, micro, t.eval_batches, (eval_slices["input_ids"][0].start,
+                                                                    eval_slices["input_ids"][0].stop))
+                 if eval_arrays is not None and D.num_examples(eval_arrays) else [])
+
+    def to_global(local, shapes, shardings, slices, batch_dim):
+        """Global arrays from this process's rows (other dims cut to its shards, e.g. a sequence axis)."""
+        out = {}
+        for k, v in local.items():
+            sl = list(slices[k])
+            sl[batch_dim] = slice(None)  # the loader already produced only this process's rows
+            out[k] = jax.make_array_from_process_local_data(shardings[k], np.ascontiguousarray(v[tuple(sl)]),
+                                                            shapes[k])
+        return out
+
+    # -------------------------------------------------------------------- banner
+    n_params = model_cfg.num_params()
+    if task == "classification":
+        n_params += model_cfg.hidden_size * (model_cfg.num_labels - model_cfg.vocab_size)
+    flops_tok = model_cfg.flops_per_token(dc.seq_len)
+    tokens_per_step = t.global_batch_size * dc.seq_len
+    if primary:
+        print("resolved config:\n" + to_yaml(cfg), flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        kinds = sorted({d.device_kind for d in jax.devices()})
+        print(f"devices: {jax.device_count()} x {', '.join(kinds)} ({jax.process_count()} process(es), "
+              f"backend {jax.default_backend()})")
+        print(f"mesh: {dict(mesh.shape)}")
+        print(f"model: {model_cfg.name or model.__class__.__name__} ({type(model).__name__}), "
+              f"{n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOPs/token (train, seq_len {dc.seq_len})")
+        print(f"data: task {dc.task}, {D.num_examples(train_arrays)} train examples"
+              f"{f', {D.num_examples(eval_arrays)} eval' if eval_arrays is not None else ''}, "
+              f"{tokens_per_step} tokens/step, bad records skipped: {bad.count}", flush=True)
+
+    lora_cfg = None
+    if t.mode == "lora":
+        lora_cfg = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout}
+
+    with jax.set_mesh(mesh):
+        use_rules = _probe_rules(model, mesh, axis_rules, dc.seq_len)
+        builder = StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora_cfg, use_rules)
+
+        # ---------------------------------------------------------------- parameters
+        def init_params(keep=None):
+            def f(key):
+                p = nn.unbox(model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])
+                return p if keep is None else {k: p[k] for k in keep}
+            shard = p_shard if keep is None else {k: p_shard[k] for k in keep}
+            return jax.jit(f, out_shardings=shard)(jax.random.key(t.seed))
+
+        ckpt = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, cfg.checkpoint.keep_best,
+                            cfg.checkpoint.enabled)
+        resume_step = ckpt.latest_step()
+        base = None
+        if resume_step is None or lora_cfg is not None:
+            if cfg.model.init_from:
+                base = _load_pretrained(cfg, model_cfg, mesh, p_shard, init_params)
+            else:
+                base = init_params()
+        if lora_cfg is not None:
+            frozen = base
+            frozen_shard = p_shard
+            lora_shapes = lora_lib.lora_shapes(base, cfg.lora.targets, cfg.lora.rank)
+            train_shard = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                                       lora_shapes)
+            init_trainable = lambda: jax.jit(  # noqa: E731
+                lambda b: lora_lib.init_lora(jax.random.key(t.seed + 1), b, cfg.lora.targets, cfg.lora.rank),
+                out_shardings=train_shard)(base)
+            abstract_trainable = lora_shapes
+        else:
+            frozen, frozen_shard = {}, {}
+            train_shard = p_shard
+            init_trainable = lambda: base  # noqa: E731
+            abstract_trainable = nn.unbox(boxed)
+
+        abstract_state = jax.eval_shape(lambda p: make_state(p, tx, t.seed), abstract_trainable)
+        s_shard = state_shardings(abstract_state, train_shard, tx, mesh)
+        if resume_step is not None:
+            state, loader_state = ckpt.restore(abstract_with_shardings(abstract_state, s_shard), resume_step)
+            loader.restore(loader_state)
+            if primary:
+                print(f"resumed from {ckpt.dir / str(resume_step)} (step {resume_step}, data position "
+                      f"{loader.position})", flush=True)
+        else:
+            state = jax.jit(lambda p: make_state(p, tx, t.seed), out_shardings=s_shard)(init_trainable())
+        del base
+        if lora_cfg is not None and primary:
+            n_lora = sum(x.size for x in jax.tree.leaves(abstract_trainable))
+            print(f"LoRA: rank {cfg.lora.rank}, targets {cfg.lora.targets}: {n_lora / 1e6:.3f}M trainable parameters")
+
+        train_step = builder.jit_train(s_shard, frozen_shard, b_shard)
+        eval_step = builder.jit_eval(s_shard, frozen_shard, e_shard) if eval_sets else None
+
+        def evaluate(state):
+            sums = None
+            for eb in eval_sets:
+                out = jax.device_get(eval_step(state, frozen, to_global(eb, eval_shapes, e_shard, eval_slices, 0)))
+                sums = out if sums is None else {k: sums[k] + out[k] for k in out}
+            loss = float(sums["loss_sum"] / max(sums["count"], 1.0))
+            res = {"eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 50.0)))}
+            if task == "classification":
+                res["eval_accuracy"] = float(sums["correct"] / max(sums["count"], 1.0))
+            return res
+
+        # ---------------------------------------------------------------- loop
+        writer = MetricsWriter(run_dir, active=primary)
+        start = int(jax.device_get(state["step"]))
+        if start >= t.steps:
+            if primary:
+                print(f"already trained: checkpoint at step {start} >= train.steps={t.steps}; nothing to do")
+            ckpt.close()
+            return EXIT_OK
+        stop = _Stop()
+        stop.install()
+        bar = None
+        if primary:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                       file=sys.stdout, mininterval=1.0)
+        device_kind = jax.devices()[0].device_kind
+        exit_code = EXIT_OK
+        last_time, timed_steps, timed_secs = None, 0, 0.0
+        step = start
+        try:
+            while step < t.steps:
+                batch = to_global(next(loader), train_shapes, b_shard, train_slices, 1)
+                state, m = train_step(state, frozen, batch)
+                m = jax.device_get(m)
+                step += 1
+                now = time.perf_counter()
+                dt = None if last_time is None else now - last_time
+                last_time = now
+                if dt is not None:
+                    timed_steps, timed_secs = timed_steps + 1, timed_secs + dt
+                tps = tokens_per_step / dt if dt else None
+                record = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
+                          "grad_norm": float(m["grad_norm"]), "tokens": int(m["tokens"]),
+                          "tokens_per_s": tps, "mfu": mfu(tps, flops_tok, device_kind, jax.device_count()) if tps else None}
+                if task == "classification":
+                    record["accuracy"] = float(m["accuracy"])
+                if t.on_nan == "skip":
+                    record["skipped"] = int(m["skipped"])
+                if not bool(m["finite"]):
+                    if t.on_nan == "stop":
+                        writer.write(record)
+                        raise NonFiniteLoss(f"step {step}: loss={record['loss']} grad_norm={record['grad_norm']} "
+                                            f"is not finite; stopping without saving (last good checkpoint: "
+                                            f"{ckpt.latest_step()})")
+                    log.warning("step %d: non-finite loss/grad, update skipped (%d so far)", step, record["skipped"])
+                is_eval = eval_sets and t.eval_every and step % t.eval_every == 0 and step < t.steps
+                if is_eval:
+                    record.update(evaluate(state))
+                if step % t.log_every == 0 or is_eval or step == t.steps:
+                    writer.write(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:.0f}" if tps else "-",
+                                    **({"eval": f"{record['eval_loss']:.3f}"} if is_eval else {}))
+                if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == t.steps):
+                    ckpt.save(step, state, loader.state())
+                if is_eval:
+                    ckpt.save_best(step, state, loader.state(), record["eval_loss"])
+                if stop.requested:
+                    if cfg.checkpoint.enabled:
+                        ckpt.save(step, state, loader.state(), force=True)
+                    ckpt.wait()
+                    if bar is not None:
+                        bar.close()
+                    if primary:
+                        print(f"stopped by {stop.requested} at step {step}; checkpoint saved to {ckpt.dir}; "
+                              f"re-run the same command to resume", flush=True)
+                    return EXIT_OK
+        except NonFiniteLoss as e:
+            if bar is not None:
+                bar.close()
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            ckpt.close()
+            return EXIT_NAN
+        finally:
+            stop.uninstall()
+        if bar is not None:
+            bar.close()
+
+        # ---------------------------------------------------------------- end of run
+        final = {"step": step, "final": True}
+        if eval_sets:
+            final.update(evaluate(state))
+            ckpt.save_best(step, state, loader.state(), final["eval_loss"])
+        if timed_steps:
+            final["tokens_per_s"] = tokens_per_step * timed_steps / timed_secs
+            final["mfu"] = mfu(final["tokens_per_s"], flops_tok, device_kind, jax.device_count())
+        writer.write(final)
+        ckpt.close()
+        if primary:
+            print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in final.items() if k != "final"), flush=True)
+        if cfg.export.path:
+            params = builder.effective_params(state["params"], frozen)
+            _export(cfg, model_cfg, params, primary)
+        writer.close()
+        if primary:
+            png = plot_loss(run_dir)
+            if png:
+                print(f"loss curve: {png}")
+            print(f"metrics: {run_dir / 'metrics.jsonl'}")
+        return exit_code
+
+
+def _probe_rules(model, mesh, axis_rules, seq_len) -> bool:
+    """Whether the model traces with the logical-axis rules active (activation sharding constraints).
+
+    Some flax versions fail to trace DenseGeneral's multi-dim kernels under an active mesh + rules; the step
+    then runs without activation constraints (parameter and batch shardings still apply) and says so."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    def f(ids):
+        with axis_rules():
+            p = nn.unbox(model.init(jax.random.key(0), ids)["params"])
+            return model.apply({"params": p}, ids)
+
+    try:
+        jax.eval_shape(f, jax.ShapeDtypeStruct((math.prod(mesh.shape[a] for a in ("data", "fsdp")), min(8, seq_len)),
+                                               jnp.int32))
+        return True
+    except Exception as e:  # noqa: BLE001
+        log.warning("activation sharding constraints disabled: the model does not trace under the logical axis "
+                    "rules (%s: %s)", type(e).__name__, str(e).splitlines()[0][:200])
+        return False
+
+
+def _load_pretrained(cfg, model_cfg, mesh, p_shard, init_params):
+    """Parameters from model.init_from (load_hf), heads the checkpoint lacks initialised randomly."""
+    from glm_jax import load_hf
+
+    kw = dict(cfg.model.overrides)
+    for f in ("dtype", "param_dtype", "remat_policy", "attention_impl"):
+        if getattr(cfg.model, f) is not None:
+            kw[f] = getattr(cfg.model, f)
+    from glm_jax.convert.hf import abstract_params
+    from glm_jax.sharding import param_shardings
+
+    _, loaded = load_hf(cfg.model.init_from, shardings=param_shardings(abstract_params(model_cfg), mesh), **kw)
+    params = {k: loaded[k] for k in p_shard if k in loaded}
+    missing = [k for k in p_shard if k not in params]
+    if missing:
+        log.warning("%s has no %s: initialising it randomly", cfg.model.init_from, missing)
+        params.update(init_params(keep=missing))
+    return params
+
+
+def _export(cfg, model_cfg, params, primary):
+    import jax
+    from jax.experimental import multihost_utils
+
+    from glm_jax import save_hf
+
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if primary:
+        out = save_hf(model_cfg, params, cfg.export.path, format=cfg.export.format)
+        print(f"exported {cfg.export.format} checkpoint to {out}", flush=True)

@@ -1,0 +1,134 @@
+"""Metrics: JSON lines, optional TensorBoard events, MFU, and the loss-curve PNG.
+
+MFU = tokens/s * model FLOPs per token (GLMConfig.flops_per_token: 6N + attention, fwd+bwd, no remat
+recompute counted) / (devices * peak dense bf16 FLOP/s of one device). The peak table below covers TPU and
+NVIDIA data-centre parts; on CPU and unknown devices there is no meaningful peak and mfu is reported as null.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device (per chip for TPUs), from the vendors' spec sheets.
+PEAK_FLOPS = {
+    "tpu v2": 45e12,
+    "tpu v3": 123e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+    "tpu7x": 2307e12,
+    "h100 pcie": 756e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "h800": 989e12,
+    "gh200": 989e12,
+    "b200": 2250e12,
+    "a100": 312e12,
+    "a800": 312e12,
+    "l4": 121e12,
+    "l40s": 362e12,
+    "a10g": 125e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    kind = device_kind.lower()
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in kind:
+            return PEAK_FLOPS[key]
+    return None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, device_kind: str, num_devices: int) -> float | None:
+    peak = peak_flops(device_kind)
+    if peak is None or not tokens_per_s:
+        return None
+    return tokens_per_s * flops_per_token / (peak * num_devices)
+
+
+class MetricsWriter:
+    """Appends JSON lines to {run_dir}/metrics.jsonl (process 0 only) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, active: bool = True):
+        self.active = active
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if not active:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from tensorboardX import SummaryWriter  # type: ignore
+        except ImportError:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # type: ignore
+            except Exception:
+                SummaryWriter = None
+        if SummaryWriter is not None:
+            try:
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except Exception as e:  # tensorboard missing behind torch's wrapper
+                log.info("TensorBoard events disabled (%s)", e)
+        else:
+            log.info("TensorBoard events disabled: neither tensorboardX nor torch.utils.tensorboard is installed")
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) and k == "mfu" else v)
+                 for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(run_dir: str | Path) -> Path | None:
+    """{run_dir}/loss.png from metrics.jsonl if matplotlib is installed (it is not a dependency)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: skipping the loss-curve PNG (pip install matplotlib to get it)")
+        return None
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -1,0 +1,172 @@
+"""The jitted train and eval steps.
+
+State (a plain dict, checkpointed as is):
+    step     int32 []       optimizer steps taken
+    params   pytree         the trained parameters (all of them, or the LoRA factors)
+    opt_state               optax state of `params` only
+    rng      uint32 [2]     base key; step s uses fold_in(rng, s)
+    skipped  int32 []       updates dropped because the loss / gradient was not finite (train.on_nan=skip)
+
+`frozen` is a second, non-donated argument: the base parameters in LoRA mode, {} otherwise.
+
+Loss: logits in float32, nll = logsumexp(logits) - logit[target], optional z-loss z * logsumexp^2, summed over
+target tokens and divided by the number of target tokens in the whole global batch. Microbatches (grad_accum)
+are scanned inside the step and their gradients summed, so the update equals the one of a single big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from glm_jax.sharding import axis_rules
+from glm_jax.train import lora as lora_lib
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def batch_spec(name: str, ndim: int, microbatched: bool) -> P:
+    lead = (None,) if microbatched else ()
+    body = (BATCH_AXES, "sequence") if ndim - len(lead) == 2 else (BATCH_AXES,)
+    return P(*lead, *body)
+
+
+def batch_shardings(mesh, example: dict, microbatched: bool = True) -> dict:
+    return {k: NamedSharding(mesh, batch_spec(k, v.ndim, microbatched)) for k, v in example.items()}
+
+
+def lm_token_losses(logits, targets, z_loss: float):
+    """Per-token nll and z-loss terms in float32."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return lse - target_logit, z_loss * jnp.square(lse)
+
+
+class StepBuilder:
+    """Builds `train_step(state, frozen, batch) -> (state, metrics)` and `eval_step(state, frozen, batch)`.
+
+    task: "lm" (pretrain / sft) or "classification".
+    """
+
+    def __init__(self, model, tx: optax.GradientTransformation, schedule: Callable, task: str, z_loss: float = 0.0,
+                 on_nan: str = "stop", lora: dict | None = None, use_rules: bool = True):
+        self.model, self.tx, self.schedule, self.task = model, tx, schedule, task
+        self.z_loss, self.on_nan, self.lora, self.use_rules = z_loss, on_nan, lora, use_rules
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def _rules(self):
+        return axis_rules() if self.use_rules else contextlib.nullcontext()
+
+    def effective_params(self, params, frozen, rng=None, train: bool = False):
+        if self.lora is None:
+            return params
+        return lora_lib.merge(frozen, params, self.lora["alpha"], self.lora["rank"],
+                              self.lora["dropout"] if train else 0.0, rng)
+
+    def _forward(self, params, batch):
+        with self._rules():
+            return self.model.apply({"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"])
+
+    def sums(self, params, batch):
+        """(objective sum, aux sums) over one microbatch."""
+        logits = self._forward(params, batch)
+        if self.task == "classification":
+            logits = logits.astype(jnp.float32)
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            nll = lse - jnp.take_along_axis(logits, batch["labels"][:, None], axis=-1)[:, 0]
+            z = self.z_loss * jnp.square(lse)
+            correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+            return jnp.sum(nll + z), {"loss_sum": jnp.sum(nll), "correct": jnp.sum(correct),
+                                      "count": jnp.asarray(nll.shape[0], jnp.float32)}
+        nll, z = lm_token_losses(logits, batch["targets"], self.z_loss)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return jnp.sum((nll + z) * mask), {"loss_sum": jnp.sum(nll * mask), "count": jnp.sum(mask)}
+
+    @staticmethod
+    def count(batch, task):
+        if task == "classification":
+            return jnp.asarray(batch["labels"].size, jnp.float32)
+        return jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+    # ---------------------------------------------------------------------------------------------- steps
+    def train_step(self, state, frozen, batch):
+        total = jnp.maximum(self.count(batch, self.task), 1.0)
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        params = state["params"]
+
+        def micro_loss(p, mb):
+            eff = self.effective_params(p, frozen, rng, train=True)
+            obj, aux = self.sums(eff, mb)
+            return obj / total, aux
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
+        if n_micro == 1:
+            (_, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        else:
+            def body(carry, mb):
+                g_acc, a_acc = carry
+                (_, aux), g = grad_fn(params, mb)
+                g_acc = jax.tree.map(lambda s, x: s + x.astype(jnp.float32), g_acc, g)
+                return (g_acc, jax.tree.map(jnp.add, a_acc, aux)), None
+
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+            aux0 = jax.tree.map(lambda x: jnp.zeros((), jnp.float32), jax.eval_shape(
+                lambda: self.sums(self.effective_params(params, frozen), jax.tree.map(lambda x: x[0], batch))[1]))
+            (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), batch)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+        loss = aux["loss_sum"] / jnp.maximum(aux["count"], 1.0)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"],
+                     "skipped": state["skipped"]}
+        if self.on_nan == "skip":
+            keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            new_state["params"] = jax.tree.map(keep_old, new_params, params)
+            new_state["opt_state"] = jax.tree.map(keep_old, opt_state, state["opt_state"])
+            new_state["skipped"] = state["skipped"] + (~finite).astype(jnp.int32)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(self.schedule(state["step"]), jnp.float32),
+                   "tokens": aux["count"] if self.task != "classification" else total, "finite": finite,
+                   "skipped": new_state["skipped"]}
+        if self.task == "classification":
+            metrics["accuracy"] = aux["correct"] / total
+        return new_state, metrics
+
+    def eval_step(self, state, frozen, batch):
+        eff = self.effective_params(state["params"], frozen)
+        _, aux = self.sums(eff, batch)
+        return aux
+
+    # ---------------------------------------------------------------------------------------------- jit
+    def jit_train(self, state_shardings, frozen_shardings, batch_shardings):
+        repl = NamedSharding(next(iter(jax.tree.leaves(batch_shardings))).mesh, P())
+        return jax.jit(self.train_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+                       out_shardings=(state_shardings, repl), donate_argnums=(0,))
+
+    def jit_eval(self, state_shardings, frozen_shardings, batch_shardings):
+        repl = NamedSharding(next(iter(jax.tree.leaves(batch_shardings))).mesh, P())
+        return jax.jit(self.eval_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+                       out_shardings=repl)
+
+
+def make_state(params, tx, seed: int) -> dict[str, Any]:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.PRNGKey(seed),
+            "skipped": jnp.zeros((), jnp.int32)}
+
+
+def state_shardings(abstract_state, param_shardings_tree, tx, mesh):
+    """Shardings for the state: params as given, optimizer moments like their params, the rest replicated."""
+    repl = NamedSharding(mesh, P())
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], param_shardings_tree,
+                                transform_non_params=lambda _: repl)
+    return {"step": repl, "params": param_shardings_tree, "opt_state": opt, "rng": repl, "skipped": repl}
