@@ -46,6 +46,8 @@ class GLMConfig:
     param_dtype: str = "float32"
     attention_impl: str = "auto"
     remat_policy: str = "none"
+    # Weight-only int8 / int4 block linears (q, k, v, out, wi, wo), dequantized on the fly; 0 = off.
+    quantization_bit: int = 0
     name: str = ""
 
     def __post_init__(self):
@@ -63,6 +65,8 @@ class GLMConfig:
             fail(f"attention_impl={self.attention_impl!r}, expected one of {ATTENTION_IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             fail(f"remat_policy={self.remat_policy!r}, expected one of {REMAT_POLICIES}")
+        if self.quantization_bit not in (0, 4, 8):
+            fail(f"quantization_bit={self.quantization_bit}, expected 0, 4 or 8")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in ("float32", "bfloat16", "float16"):
                 fail(f"{f}={getattr(self, f)!r}, expected float32, bfloat16 or float16")

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from glm_jax.config import GLMConfig
 from glm_jax.convert.formats import ENTRIES, HEADS, IGNORED_TORCH_NAMES, QUANTIZABLE, Entry
-from glm_jax.convert.quant import dequantize_rows, quantize_rows
+from glm_jax.convert.quant import QUANTIZED_KERNELS, dequantize_kernel, dequantize_rows, quantize_kernel, quantize_rows
 from glm_jax.convert.tensors import CheckpointReader, write_safetensors
 from glm_jax.sharding import LOGICAL_RULES, param_shardings
 
@@ -65,7 +65,9 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
     The format is detected from config.json; weights may be .safetensors or .bin, sharded or not, and THUDM
     int8/int4 checkpoints are dequantized. Tensors are read one at a time and each parameter goes straight to
     its device placement: `shardings` (a tree like params) or, given a `mesh`, the shardings that the logical
-    axis `rules` give. `config_overrides` (e.g. param_dtype="float32", dtype="bfloat16") adjust the config.
+    axis `rules` give. `config_overrides` (e.g. param_dtype="float32", dtype="bfloat16") adjust the config;
+    `quantization_bit=8` or `4` keeps the block linears as int8/int4 (quantized per tensor on the host, so the
+    float model never sits on the device; a THUDM quantized checkpoint keeps its own integers exactly).
     """
     fmt, raw = detect_format(ckpt_dir)
     cfg = GLMConfig.from_hf(ckpt_dir, **config_overrides)
@@ -109,9 +111,15 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
                 buf[i] = read(entry, entry.torch_name.format(i=i), shape[1:])
         else:
             buf = read(entry, entry.torch_name, shape)
-        target = _get(shardings, entry.path) if shardings is not None else None
-        _set(params, entry.path, jax.device_put(buf, target) if target is not None else jax.numpy.asarray(buf))
-        del buf
+        arrays = {entry.path: buf}
+        n_in = QUANTIZED_KERNELS.get(entry.path[2:4]) if entry.path[1:2] == ("layers",) else None
+        if cfg.quantization_bit and n_in and entry.path[-1] == "kernel":
+            q, scale = quantize_kernel(buf, n_in, cfg.quantization_bit)
+            arrays = {entry.path: q, entry.path[:-1] + ("scale",): scale}
+        for path, arr in arrays.items():
+            target = _get(shardings, path) if shardings is not None else None
+            _set(params, path, jax.device_put(arr, target) if target is not None else jax.numpy.asarray(arr))
+        del buf, arrays
     if not any(h[0] in params for h in HEADS):
         raise KeyError(f"{ckpt_dir}: no output head found (expected tensor "
                        f"{next(e.torch_name for e in entries if e.path == ('lm_head', 'kernel'))!r})")
@@ -154,8 +162,11 @@ def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transfor
         parts = []
         for e in sorted(by_name[name_template], key=lambda e: e.rows or (0, 0)):
             x = _get(params, e.path)
-            x = x[layer] if layer is not None else x
-            parts.append(e.to_torch(np.asarray(jax.device_get(x)).astype(out_dtype)))
+            x = np.asarray(jax.device_get(x[layer] if layer is not None else x))
+            if e.path[-1] == "kernel" and "scale" in _get(params, e.path[:-1]):  # a quantized block linear
+                scale = np.asarray(jax.device_get(_get(params, e.path[:-1] + ("scale",))[layer]))
+                x = dequantize_kernel(x, scale, QUANTIZED_KERNELS[e.path[2:4]], lead=0)
+            parts.append(e.to_torch(x.astype(out_dtype)))
         return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
     def tensors():  # embedding, then layer by layer, then final norm and heads: one layer in memory at a time

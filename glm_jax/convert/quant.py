@@ -36,3 +36,43 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray, bits: int, dtype=np.float3
         low = (q << 4).astype(np.int8) >> 4
         q = np.stack([high, low], axis=-1).reshape(q.shape[0], -1)
     return (q.astype(np.float32) * np.asarray(scale, np.float32)[:, None]).astype(dtype)
+
+
+# Our block linears' kernels: path inside model/layers -> number of input axes (after the leading layer axis).
+QUANTIZED_KERNELS = {("attention", "query"): 1, ("attention", "key"): 1, ("attention", "value"): 1,
+                     ("attention", "out"): 2, ("mlp", "wi"): 1, ("mlp", "wo"): 1}
+
+
+def quantize_kernel(kernel, n_in: int, bits: int, lead: int = 1):
+    """Our [layers, in..., out...] kernel -> (int8/int4 kernel, scale [layers, out...]), THUDM's per-output scheme.
+
+    Works on numpy arrays (host, while loading) and jax arrays (on device, keeping their sharding).
+    """
+    import jax.numpy as jnp
+
+    xp = np if isinstance(kernel, np.ndarray) else jnp
+    axes = tuple(range(lead, lead + n_in))
+    k32 = kernel.astype(np.float32)
+    scale = xp.max(xp.abs(k32), axis=axes) / (2 ** (bits - 1) - 1)
+    safe = xp.where(scale == 0, 1.0, scale)
+    q = xp.round(k32 / xp.expand_dims(safe, axes)).astype(np.int8 if bits == 8 else jnp.int4)
+    return q, scale.astype(kernel.dtype)
+
+
+def dequantize_kernel(kernel, scale, n_in: int, lead: int = 1):
+    """Inverse of quantize_kernel (float32)."""
+    return kernel.astype(np.float32) * np.expand_dims(np.asarray(scale, np.float32), tuple(range(lead, lead + n_in)))
+
+
+def quantize_params(cfg, params, bits: int):
+    """A float model -> (cfg with quantization_bit=bits, params with int8/int4 block kernels + scales)."""
+    if cfg.quantization_bit:
+        raise ValueError(f"the model is already quantized to {cfg.quantization_bit} bits")
+    layers = dict(params["model"]["layers"])
+    for (group, name), n_in in QUANTIZED_KERNELS.items():
+        sub = dict(layers[group])
+        leaf = dict(sub[name])
+        leaf["kernel"], leaf["scale"] = quantize_kernel(leaf["kernel"], n_in, bits)
+        sub[name] = leaf
+        layers[group] = sub
+    return cfg.replace(quantization_bit=bits), {**params, "model": {**params["model"], "layers": layers}}

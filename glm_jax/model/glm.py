@@ -67,12 +67,13 @@ class DecoderBlock(nn.Module):
 
         x = nn.with_logical_constraint(x, BATCH_SEQ_EMBED)
         h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias,
-                      cfg.attention_impl, self.decode, dtype, param_dtype, name="attention")(
+                      cfg.attention_impl, self.decode, dtype, param_dtype, cfg.quantization_bit, name="attention")(
             norm("input_norm")(x), cos, sin, q_segments, kv_segments, cache_index)
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)
         x = x + h
-        h = MLP(cfg.hidden_size, cfg.ffn_hidden_size, dtype, param_dtype, name="mlp")(norm("post_attention_norm")(x))
+        h = MLP(cfg.hidden_size, cfg.ffn_hidden_size, dtype, param_dtype, cfg.quantization_bit, name="mlp")(
+            norm("post_attention_norm")(x))
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
         return nn.with_logical_constraint(x + h, BATCH_SEQ_EMBED), None

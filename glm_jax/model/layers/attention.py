@@ -141,13 +141,14 @@ class Attention(nn.Module):
     decode: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    quantization_bit: int = 0
 
     @nn.compact
     def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None):
         def proj(heads, axis_name, name):
             return Linear((heads, self.head_dim), ("embed", axis_name, "head_dim"), use_bias=self.use_bias,
                           bias_axes=(axis_name, "head_dim"), dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=name)(x)
+                          quantization_bit=self.quantization_bit, name=name)(x)
 
         q = apply_rotary(proj(self.num_heads, "q_heads", "query"), cos, sin)
         k = apply_rotary(proj(self.num_kv_heads, "kv_heads", "key"), cos, sin)
@@ -167,4 +168,4 @@ class Attention(nn.Module):
         out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         return Linear((self.hidden_size,), ("q_heads", "head_dim", "embed"), n_in=2, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="out")(out)
+                      param_dtype=self.param_dtype, quantization_bit=self.quantization_bit, name="out")(out)

@@ -22,15 +22,26 @@ class Linear(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_std: float = 0.02
+    # Weight-only quantization (THUDM's scheme): int8 / int4 kernel plus a scale per output feature, applied
+    # to the matmul's output (x @ (q * s) == (x @ q) * s); the kernel is converted inside the fused matmul.
+    quantization_bit: int = 0
 
     @nn.compact
     def __call__(self, x):
-        in_shape = x.shape[-self.n_in:]
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
-                                                                   self.kernel_axes),
-                            (*in_shape, *self.features), self.param_dtype)
+        shape = (*x.shape[-self.n_in:], *self.features)
+        if self.quantization_bit:
+            kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes),
+                                shape, jnp.int8 if self.quantization_bit == 8 else jnp.int4)
+            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                     self.kernel_axes[self.n_in:]),
+                               tuple(self.features), self.param_dtype)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                                                       self.kernel_axes), shape, self.param_dtype)
         contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.quantization_bit:
+            y = y * scale.astype(self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
                               tuple(self.features), self.param_dtype)

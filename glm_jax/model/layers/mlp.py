@@ -12,12 +12,14 @@ class MLP(nn.Module):
     ffn_hidden_size: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    quantization_bit: int = 0
 
     @nn.compact
     def __call__(self, x):
         gate_up = Linear((2, self.ffn_hidden_size), ("embed", None, "mlp"), dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="wi")(x)
+                         param_dtype=self.param_dtype,
+                         quantization_bit=self.quantization_bit, name="wi")(x)
         gate_up = nn.with_logical_constraint(gate_up, ("activation_batch", "activation_length", None, "activation_mlp"))
         h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
         return Linear((self.hidden_size,), ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="wo")(h)
+                      quantization_bit=self.quantization_bit, name="wo")(h)
