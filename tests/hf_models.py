@@ -165,3 +165,20 @@ def write_checkpoint(out: Path, state_dict: dict[str, torch.Tensor], config: dic
     if shards > 1:
         (out / f"{stem}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return out
+
+
+def quantize_thudm_state_dict(sd: dict[str, torch.Tensor], bits: int):
+    """Quantizes the four block linears of a THUDM state dict as the quantized releases store them.
+
+    Returns (state dict with int8 `.weight` + `.weight_scale`, {name: unpacked integer values [out, in]}).
+    """
+    out, ints = dict(sd), {}
+    for name, w in sd.items():
+        if "layers" in name and name.endswith(".weight") and any(
+                k in name for k in ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")):
+            q, scale = thudm_quantize(w, bits)
+            out[name], out[name + "_scale"] = q, scale
+            if bits == 4:  # int8 arithmetic shifts sign-extend each nibble
+                q = torch.stack([q >> 4, (q << 4) >> 4], dim=-1).reshape(q.shape[0], -1)
+            ints[name] = q
+    return out, ints

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from glm_jax import GLMConfig, GLMForCausalLM, load_hf, save_hf
 from glm_jax.convert import dequantize_rows, quantize_rows
-from hf_models import (left_padded_batch, thudm_config, thudm_quantize, thudm_to_transformers_state_dict,
+from hf_models import (left_padded_batch, quantize_thudm_state_dict, thudm_config, thudm_quantize, thudm_to_transformers_state_dict,
                        tiny_hf_model, transformers_to_thudm_state_dict, write_checkpoint)
 
 
@@ -122,17 +122,10 @@ def test_quantize_rows_matches_thudm_reference(bits):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_thudm_checkpoint_loads_within_quantization_error(tmp_path, bits):
     ref = tiny_hf_model(groups=2, seed=5)
-    sd = transformers_to_thudm_state_dict(ref.state_dict())
-    dequant = dict(sd)  # the oracle: THUDM's dequantization (q * scale) written in torch, test-side
-    for name in list(sd):
-        if "layers" in name and name.endswith(".weight") and any(
-                k in name for k in ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")):
-            q, scale = thudm_quantize(sd[name], bits)
-            sd[name], sd[name + "_scale"] = q, scale
-            if bits == 4:
-                hi, lo = q >> 4, (q << 4) >> 4  # int8 arithmetic shifts sign-extend each nibble
-                q = torch.stack([hi, lo], dim=-1).reshape(q.shape[0], -1)
-            dequant[name] = q.float() * scale[:, None]
+    sd, ints = quantize_thudm_state_dict(transformers_to_thudm_state_dict(ref.state_dict()), bits)
+    # The oracle: THUDM's dequantization (q * scale) written in torch, test-side.
+    dequant = {n: ints[n].float() * sd[n + "_scale"][:, None] if n in ints else t
+               for n, t in sd.items() if not n.endswith("_scale")}
     d = write_checkpoint(tmp_path / "q", sd, thudm_config(ref.config, quantization_bit=bits))
     cfg, params = load_hf(d)
     ids = np.random.RandomState(3).randint(1, cfg.vocab_size, (2, 24))

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from glm_jax import GLMConfig, GLMForCausalLM, init_params, load_hf, save_hf
 from glm_jax.convert.quant import quantize_params
-from hf_models import thudm_config, thudm_quantize, tiny_hf_model, transformers_to_thudm_state_dict, write_checkpoint
+from hf_models import (quantize_thudm_state_dict, thudm_config, tiny_hf_model, transformers_to_thudm_state_dict,
+                       write_checkpoint)
 
 
 def param_bytes(params):
@@ -43,16 +43,8 @@ def test_quantized_model_memory_and_logit_error():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_thudm_quantized_checkpoint_kept_as_is(tmp_path, bits):
     ref = tiny_hf_model(groups=2, seed=9)
-    sd = transformers_to_thudm_state_dict(ref.state_dict())
-    ints = {}
-    for name in list(sd):
-        if "layers" in name and name.endswith(".weight") and any(
-                k in name for k in ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")):
-            q, scale = thudm_quantize(sd[name], bits)
-            sd[name], sd[name + "_scale"] = q, scale
-            if bits == 4:
-                q = torch.stack([q >> 4, (q << 4) >> 4], dim=-1).reshape(q.shape[0], -1)
-            ints[name] = q.numpy()
+    sd, ints = quantize_thudm_state_dict(transformers_to_thudm_state_dict(ref.state_dict()), bits)
+    ints = {n: q.numpy() for n, q in ints.items()}
     d = write_checkpoint(tmp_path / "q", sd, thudm_config(ref.config, quantization_bit=bits))
     cfg_f, params_f = load_hf(d)                          # dequantized floats
     cfg_q, params_q = load_hf(d, quantization_bit=bits)   # integers kept
