@@ -3,4 +3,7 @@ import sys
 
 # Tests run on the CPU in float32; the oracle helpers live next to the tests.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's CPU compiles dominate the suite's time: share compiled programs between tests and test processes.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(__file__))

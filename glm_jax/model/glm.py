@@ -173,7 +173,7 @@ class GLMForSequenceClassification(nn.Module):
 def init_params(model: nn.Module, rng, seq_len: int = 8, batch: int = 1):
     """Randomly initialised, unboxed parameters of `model` (for sharded init use `jax.eval_shape` + shardings)."""
     ids = jnp.zeros((batch, seq_len), jnp.int32)
-    return nn.unbox(model.init(rng, ids))["params"]
+    return jax.jit(lambda r: nn.unbox(model.init(r, ids))["params"])(rng)
 
 
 def init_cache(model: nn.Module, batch_size: int, max_len: int):
