@@ -16,7 +16,7 @@ How it runs
     cache keyed by (model, batch, buckets, static sampling options, mesh); `TRACE_COUNTS` counts the traces.
   * Sampling knobs that are plain numbers (temperature, top_p, repetition_penalty, seed, stop ids, pad id) are
     runtime values; only what changes the program is static: greedy or not, top_k (a `lax.top_k` size), whether
-    top_p / repetition penalty are active, and how many stop ids there are.
+    top_p / repetition penalty are active, and the number of stop ids rounded up to a multiple of 4.
   * `stream_generate` prefills with the same kind of compiled function, then runs the same loop body `chunk`
     tokens per call and yields tokens as they arrive.
   * `mesh=`: params are placed with `glm_jax.param_shardings` (tensor parallel over the mesh's "tensor" axis,
@@ -39,11 +39,9 @@ Semantics (those of transformers' `generate`)
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -105,7 +103,7 @@ def make_spec(temperature: float, top_k: int, top_p: float, repetition_penalty: 
     greedy = temperature == 0
     top_k = 0 if greedy or top_k >= vocab_size else int(top_k)
     return SamplingSpec(greedy=greedy, top_k=top_k, use_top_p=not greedy and top_p < 1.0,
-                        use_penalty=repetition_penalty != 1.0, num_stop=max(1, num_stop))
+                        use_penalty=repetition_penalty != 1.0, num_stop=max(4, -(-num_stop // 4) * 4))
 
 
 def apply_repetition_penalty(logits, seen, penalty):
@@ -143,6 +141,8 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
 def choose_tokens(logits, seen, rng, spec: SamplingSpec, knobs):
     """Next token per row from last-position logits [B, V]."""
     logits = logits.astype(jnp.float32)
+    if "vocab_limit" in knobs:  # ids past the tokenizer's vocabulary (padded embedding rows) are never produced
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < knobs["vocab_limit"], logits, -jnp.inf)
     if spec.use_penalty:
         logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
     if spec.greedy:
@@ -177,11 +177,7 @@ def _cache_constraint(cache, mesh, rules):
 
 @functools.lru_cache(maxsize=64)
 def _cache_shapes(model, batch: int, cache_len: int):
-    """ShapeDtypeStructs of the decode cache (what `init_cache` zeroes).
-
-    Computed once, outside any mesh context: `model.init` under `jax.set_mesh` + `axis_rules` trips over flax's
-    DenseGeneral kernel reshaping of logically partitioned kernels.
-    """
+    """ShapeDtypeStructs of the decode cache (what `init_cache` zeroes), computed once per shape."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, cache_len), jnp.int32),
                                                decode=True))["cache"]
     return nn.unbox(shapes)
@@ -235,16 +231,14 @@ def _decode_loop(model, params, state, limit, *, spec: SamplingSpec, mesh, rules
     return jax.lax.while_loop(cond, body, state)
 
 
-@contextlib.contextmanager
-def _mesh_context(mesh, rules):
-    if mesh is None:
-        yield
-        return
-    from glm_jax.sharding import axis_rules
+def _run_sharded(mesh, rules, fn, *args):
+    """fn(*args) under the mesh and the logical axis rules, so the model's activation constraints apply."""
+    from glm_jax.sharding import axis_rules, use_mesh
 
-    set_mesh = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh", None)
-    with (set_mesh(mesh) if set_mesh is not None else mesh), axis_rules(rules):
-        yield
+    if mesh is None:
+        return fn(*args)
+    with use_mesh(mesh), axis_rules(rules):
+        return fn(*args)
 
 
 def _compiled(kind: str, key: tuple, build):
@@ -346,13 +340,19 @@ class _Prepared:
     squeeze: bool
 
 
+@functools.lru_cache(maxsize=16)
+def _param_shardings(model, mesh, rules):
+    from glm_jax.sharding import param_shardings
+
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
+    return param_shardings(boxed, mesh, rules)
+
+
 def shard_params(model, params, mesh, rules=None):
     """`params` placed on `mesh` with the model's logical partitioning (tensor parallel over "tensor")."""
-    from glm_jax.sharding import LOGICAL_RULES, param_shardings
+    from glm_jax.sharding import LOGICAL_RULES
 
-    rules = LOGICAL_RULES if rules is None else rules
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
-    shardings = param_shardings(boxed, mesh, rules)
+    shardings = _param_shardings(model, mesh, LOGICAL_RULES if rules is None else tuple(rules))
     try:
         return jax.device_put(params, shardings)
     except ValueError as e:
@@ -360,7 +360,8 @@ def shard_params(model, params, mesh, rules=None):
 
 
 def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, temperature, top_k, top_p,
-             repetition_penalty, stop_ids, pad_id, seed, mesh, rules, prompt_bucket, new_bucket) -> _Prepared:
+             repetition_penalty, stop_ids, pad_id, seed, mesh, rules, prompt_bucket, new_bucket,
+             vocab_limit=None) -> _Prepared:
     ids, mask, squeeze = _as_batch(input_ids, attention_mask)
     cfg = _model_cfg(model)
     if max_new_tokens is None or int(max_new_tokens) < 1:
@@ -393,7 +394,8 @@ def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, temper
     stops[:len(stop_ids)] = stop_ids
     knobs = dict(temperature=np.float32(temperature if temperature > 0 else 1.0), top_p=np.float32(top_p),
                  repetition_penalty=np.float32(repetition_penalty), stop_ids=stops, pad_id=np.int32(pad_id),
-                 max_new=np.int32(max_new_tokens), rng=jax.random.key(int(seed)))
+                 max_new=np.int32(max_new_tokens), rng=jax.random.key(int(seed)),
+                 vocab_limit=np.int32(min(vocab_limit or np.iinfo(np.int32).max, np.iinfo(np.int32).max)))
     if mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -409,12 +411,14 @@ def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, temper
 def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] | int | None = None, pad_id: int | None = None, seed: int = 0, mesh=None,
-             rules=None, prompt_bucket=None, new_bucket=None, return_num_steps: bool = False):
+             rules=None, prompt_bucket=None, new_bucket=None, vocab_limit: int | None = None,
+             return_num_steps: bool = False):
     """Generates up to `max_new_tokens` tokens after each (left padded) prompt row.
 
     input_ids [batch, len] (or [len]); attention_mask likewise, 1 = token, 0 = LEFT pad. stop_ids default to the
     model config's eos_token_ids (pass () for none); pad_id defaults to its pad_token_id (else 0).
     prompt_bucket / new_bucket: an int or a function of the length (default `bucket_length`).
+    vocab_limit: only ids below it are generated (a tokenizer smaller than the model's padded vocabulary).
     Returns np.int32 [batch, len + max_new_tokens] (or [len + max_new_tokens] for a 1-D prompt); with
     `return_num_steps`, also the number of decode positions actually run (< max_new_tokens if all rows stopped).
     See the module docstring for sampling and padding semantics.
@@ -424,10 +428,10 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     rules = LOGICAL_RULES if rules is None else tuple(rules)
     prep = _prepare(model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=stop_ids, pad_id=pad_id,
-                    seed=seed, mesh=mesh, rules=rules, prompt_bucket=prompt_bucket, new_bucket=new_bucket)
+                    seed=seed, mesh=mesh, rules=rules, prompt_bucket=prompt_bucket, new_bucket=new_bucket,
+                    vocab_limit=vocab_limit)
     fn = _generate_fn(model, prep.ids.shape[0], prep.prompt_bucket, prep.out_bucket, prep.spec, mesh, rules)
-    with _mesh_context(mesh, rules):
-        out, steps = fn(prep.params, prep.ids, prep.mask, prep.knobs)
+    out, steps = _run_sharded(mesh, rules, fn, prep.params, prep.ids, prep.mask, prep.knobs)
     new = np.asarray(jax.device_get(out))[:, :max_new_tokens]
     result = np.concatenate([prep.orig_ids, new], axis=1)
     if prep.squeeze:
@@ -438,7 +442,8 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
 def stream_generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                     stop_ids: Sequence[int] | int | None = None, pad_id: int | None = None, seed: int = 0,
-                    mesh=None, rules=None, chunk: int = 1, prompt_bucket=None, new_bucket=None) -> Iterator:
+                    mesh=None, rules=None, chunk: int = 1, prompt_bucket=None, new_bucket=None,
+                    vocab_limit: int | None = None) -> Iterator:
     """Like `generate`, but yields the new tokens as they are produced: np.int32 [batch] per step (an int for a
     1-D prompt). Rows that stopped yield `pad_id`; iteration ends after `max_new_tokens` steps or when every row
     has produced a stop id (the stop id itself is yielded). `chunk` tokens are decoded per device call; with
@@ -451,7 +456,8 @@ def stream_generate(model, params, input_ids, attention_mask=None, *, max_new_to
     rules = LOGICAL_RULES if rules is None else tuple(rules)
     prep = _prepare(model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=stop_ids, pad_id=pad_id,
-                    seed=seed, mesh=mesh, rules=rules, prompt_bucket=prompt_bucket, new_bucket=new_bucket)
+                    seed=seed, mesh=mesh, rules=rules, prompt_bucket=prompt_bucket, new_bucket=new_bucket,
+                    vocab_limit=vocab_limit)
     prefill, decode = _stream_fns(model, prep.ids.shape[0], prep.prompt_bucket, prep.out_bucket, prep.spec, mesh,
                                   rules)
     chunk_arg = np.int32(chunk)
@@ -461,8 +467,7 @@ def stream_generate(model, params, input_ids, attention_mask=None, *, max_new_to
             col = out[:, j]
             yield int(col[0]) if prep.squeeze else col.copy()
 
-    with _mesh_context(mesh, rules):
-        state = prefill(prep.params, prep.ids, prep.mask, prep.knobs)
+    state = _run_sharded(mesh, rules, prefill, prep.params, prep.ids, prep.mask, prep.knobs)
     produced = 0
     while True:
         i = int(state["i"])
@@ -474,5 +479,4 @@ def stream_generate(model, params, input_ids, attention_mask=None, *, max_new_to
             produced = i
         if done or produced >= max_new_tokens:
             return
-        with _mesh_context(mesh, rules):
-            state = decode(prep.params, state, chunk_arg)
+        state = _run_sharded(mesh, rules, decode, prep.params, state, chunk_arg)

@@ -1,0 +1,155 @@
+"""ChatSession and the chat CLI: history as ChatGLM3 messages, stop ids, tool calls answered by observations."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from glm_jax import GLMConfig, GLMForCausalLM, init_params, save_hf
+from glm_jax import chat as C
+G = importlib.import_module("glm_jax.generate")  # the module, not a re-exported function
+
+pytest.importorskip("sentencepiece")
+from glm_jax.tokenizer import ChatGLMTokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = [{"name": "get_weather", "description": "Current weather of a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ChatGLMTokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    """A random model whose (padded) vocabulary covers the ChatGLM3 tokenizer."""
+    cfg = GLMConfig.from_preset("glm-test", vocab_size=65024, max_seq_len=512)
+    model = GLMForCausalLM(cfg)
+    params = jax.jit(lambda k: jax.tree.map(lambda x: x * 8 if x.ndim >= 2 else x, init_params(model, k)))(
+        jax.random.key(0))
+    return cfg, model, params
+
+
+class Scripted:
+    """Stands in for `glm_jax.generate.stream_generate`: replays scripted replies, records each call."""
+
+    def __init__(self, tok, replies):
+        self.tok, self.replies, self.calls = tok, list(replies), []
+
+    def __call__(self, model, params, input_ids, **kw):
+        self.calls.append((np.asarray(input_ids).tolist(), kw))
+        text, stop = self.replies.pop(0)
+        ids = self.tok.encode(text, add_special_tokens=False) + ([self.tok.get_command(stop)] if stop else [])
+        yield from ids[:kw["max_new_tokens"]]
+
+
+def test_session_with_random_model(tok, tiny, monkeypatch):
+    """The real loop on a random model: prompts grow with the history, replies are recorded, ids stay in vocab."""
+    cfg, model, params = tiny
+    session = C.ChatSession(model, params, tok, system="You are terse.", max_new_tokens=6, temperature=0.0)
+    spy = []
+    real = G.stream_generate
+
+    def spying(*a, **kw):
+        spy.append((np.asarray(a[2]).tolist(), kw))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(C._generate, "stream_generate", spying)
+    pieces = list(session.stream("Hello there"))
+    first = session.last_reply
+    second = session.send("And again?")
+    assert first["type"] == "text" and "".join(pieces) == first["content"]
+    assert second["type"] == "text"
+    assert 0 < len(session.last_ids) <= 6 and all(i < tok.vocab_size for i in session.last_ids)
+    roles = [m["role"] for m in session.history]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    assert session.history[1]["content"] == "Hello there"
+    # The second prompt is the first conversation plus the new message, encoded the ChatGLM3 way.
+    (p1, kw1), (p2, kw2) = spy
+    assert p1 == tok.build_chat_input("Hello there", history=session.history[:1])
+    assert p2 == tok.build_chat_input("And again?", history=session.history[:3])
+    assert p2[:len(p1)] == p1
+    assert list(kw1["stop_ids"]) == tok.stop_ids and kw1["pad_id"] == tok.pad_token_id
+    assert kw1["seed"] != kw2["seed"]
+    # Greedy and deterministic: a fresh session replays the same first reply.
+    again = C.ChatSession(model, params, tok, system="You are terse.", max_new_tokens=6, temperature=0.0)
+    assert again.send("Hello there") == first
+    session.reset()
+    assert session.history == [{"role": "system", "content": "You are terse."}]
+
+
+def test_tool_call_and_observation(tok, monkeypatch):
+    script = Scripted(tok, [
+        ("get_weather\n```python\ntool_call(city='Paris')\n```", "<|observation|>"),
+        ("\nIt is 21 degrees in Paris.", "<|user|>"),
+    ])
+    monkeypatch.setattr(C._generate, "stream_generate", script)
+    session = C.ChatSession(object(), None, tok, tools=TOOLS, max_new_tokens=64)
+    assert session.history == [{"role": "system", "content": C.DEFAULT_TOOL_SYSTEM, "tools": TOOLS}]
+    streamed = list(session.stream("Weather in Paris?"))
+    call = session.last_reply
+    assert streamed == []  # a call is not streamed as text
+    assert call["type"] == "tool_call" and call["name"] == "get_weather" and call["parameters"] == {"city": "Paris"}
+    assert session.pending_tool_call is call
+    assert tok.get_command("<|observation|>") not in session.last_ids  # the stop id is not part of the reply
+    pieces = list(session.stream_observe({"temperature": 21}))
+    reply = session.last_reply
+    assert reply == {"type": "text", "content": "It is 21 degrees in Paris."}
+    assert "".join(pieces) == reply["content"] and len(pieces) > 1  # streamed token by token
+    assert session.pending_tool_call is None
+    assert session.history[1:] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "metadata": "get_weather", "content": call["content"]},
+        {"role": "observation", "content": '{"temperature": 21}'},
+        {"role": "assistant", "metadata": "", "content": "It is 21 degrees in Paris."},
+    ]
+    # The observation turn's prompt: the whole conversation, the observation message, then <|assistant|>.
+    prompt = script.calls[1][0]
+    assert prompt == tok.build_chat_input('{"temperature": 21}', history=session.history[:3], role="observation")
+    assert tok.decode(prompt).count("get_weather") >= 2  # in the tools JSON and as the call's metadata
+    assert prompt[-1] == tok.get_command("<|assistant|>")
+
+
+def test_interrupted_and_malformed_replies(tok, monkeypatch):
+    script = Scripted(tok, [("\nOne two three four five six", "<|user|>"), ("lookup\nnot a call at all", None)])
+    monkeypatch.setattr(C._generate, "stream_generate", script)
+    session = C.ChatSession(object(), None, tok, max_new_tokens=64)
+    it = session.stream("count")
+    next(it)
+    it.close()  # the user interrupts: the partial reply is recorded
+    assert session.last_reply.get("interrupted") and session.history[-1]["role"] == "assistant"
+    reply = session.send("look something up")  # a header line but no tool_call(...): text with an error
+    assert reply["type"] == "text" and "error" in reply
+    with pytest.raises(ValueError, match="role"):
+        session.send("x", role="assistant")
+
+
+def test_cli_drives_a_checkpoint(tok, tiny, tmp_path):
+    cfg, model, params = tiny
+    ckpt = save_hf(cfg, params, tmp_path / "ckpt", format="thudm")
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(ROOT)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
+    r = subprocess.run(
+        [sys.executable, "-m", "glm_jax.chat", "--checkpoint", str(ckpt), "--max-new-tokens", "5",
+         "--temperature", "0.9", "--top-p", "0.8", "--tools", str(tmp_path / "tools.json")],
+        input="Hello\n/reset\nHi again\n/exit\n", env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = r.stdout
+    assert out.count("Assistant: ") == 2 and "(conversation reset)" in out and out.rstrip().endswith("bye")
+    assert "Hi again" in out
+
+
+def test_cli_errors(tmp_path, capsys):
+    (tmp_path / "run" / "100").mkdir(parents=True)
+    assert C.main(["--checkpoint", str(tmp_path / "run")]) == 2
+    assert "orbax" in capsys.readouterr().err
+    assert C.main(["--checkpoint", str(tmp_path / "missing")]) == 2
