@@ -65,3 +65,21 @@ def test_thudm_quantized_checkpoint_kept_as_is(tmp_path, bits):
     _, params_q2 = load_hf(out, quantization_bit=bits)
     np.testing.assert_array_equal(np.asarray(params_q2["model"]["layers"]["mlp"]["wi"]["kernel"]).astype(np.int8),
                                   np.asarray(params_q["model"]["layers"]["mlp"]["wi"]["kernel"]).astype(np.int8))
+
+
+def test_generation_with_int8_weights_equals_dequantized_float_model():
+    from glm_jax import generate
+    from glm_jax.convert.quant import QUANTIZED_KERNELS, dequantize_kernel
+
+    cfg = GLMConfig.from_preset("glm-test")
+    params = jax.tree.map(lambda x: x * 6 if x.ndim >= 2 else x, init_params(GLMForCausalLM(cfg), jax.random.key(1)))
+    qcfg, qparams = quantize_params(cfg, params, 8)
+    deq = jax.tree.map(lambda x: x, qparams)
+    for (group, name), n_in in QUANTIZED_KERNELS.items():
+        leaf = deq["model"]["layers"][group][name]
+        leaf["kernel"] = jnp.asarray(dequantize_kernel(np.asarray(leaf.pop("kernel")), leaf.pop("scale"), n_in))
+    ids = np.random.RandomState(2).randint(3, cfg.vocab_size, (2, 12))
+    a = np.asarray(generate(GLMForCausalLM(qcfg), qparams, ids, max_new_tokens=12, stop_ids=()))
+    b = np.asarray(generate(GLMForCausalLM(cfg), deq, ids, max_new_tokens=12, stop_ids=()))
+    np.testing.assert_array_equal(a, b)
+    assert len(set(a[0, 12:].tolist())) > 2
