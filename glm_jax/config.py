@@ -48,6 +48,8 @@ class GLMConfig:
     remat_policy: str = "none"
     # Weight-only int8 / int4 block linears (q, k, v, out, wi, wo), dequantized on the fly; 0 = off.
     quantization_bit: int = 0
+    # P-tuning v2: number of learned prefix key/value slots per layer (0 = off).
+    pre_seq_len: int = 0
     name: str = ""
 
     def __post_init__(self):
@@ -149,7 +151,11 @@ class GLMConfig:
             divides = "chatglm2" in name and rope_ratio != 1.0
             if divides:
                 log.info("%s: chatglm2 checkpoint with rope_ratio=%s: positions are divided by it", source, rope_ratio)
+            if raw.get("pre_seq_len") and raw.get("prefix_projection"):
+                raise ValueError(f"{source}: prefix_projection=true (an MLP-reparametrised P-tuning prefix) is not "
+                                 "supported; only the plain prefix embedding is")
             kw = dict(
+                pre_seq_len=int(raw.get("pre_seq_len") or 0),
                 vocab_size=need("padded_vocab_size"),
                 hidden_size=need("hidden_size"),
                 ffn_hidden_size=need("ffn_hidden_size"),
@@ -235,6 +241,8 @@ class GLMConfig:
                 "post_layer_norm": True,
                 "rmsnorm": True,
                 "rope_ratio": rope_ratio,
+                "pre_seq_len": self.pre_seq_len or None,
+                "prefix_projection": False,
                 "seq_length": self.max_seq_len,
                 "use_cache": True,
                 "torch_dtype": torch_dtype,
@@ -245,6 +253,8 @@ class GLMConfig:
         if format == "transformers":
             if self.rope_position_divisor != 1.0:
                 raise ValueError("transformers' glm has no position-dividing rope (ChatGLM2-32K); save as format='thudm'")
+            if self.pre_seq_len:
+                raise ValueError("transformers' glm has no P-tuning prefix; save as format='thudm'")
             return {
                 "model_type": "glm4" if self.sandwich_norm else "glm",
                 "architectures": ["Glm4ForCausalLM" if self.sandwich_norm else "GlmForCausalLM"],

@@ -117,3 +117,39 @@ def test_splash_kernel_matches_xla_in_interpret_mode():
     ref = np.asarray(attn.xla_attention(q, k, v, attn.make_mask(seg, seg, s, s)))
     real = np.asarray(seg)[0] > 0
     np.testing.assert_allclose(out[:, real], ref[:, real], rtol=1e-4, atol=1e-4)
+
+
+def test_ptuning_prefix_acts_as_cached_keys_values(params, tmp_path):
+    """A P-tuning v2 prefix equals K/V already sitting in the cache before the sequence (THUDM feeds the prefix
+    as past_key_values): prefill tokens A into a cache, copy their K/V into the prefix, then run tokens B with
+    unshifted positions both ways."""
+    from glm_jax import load_hf, save_hf
+
+    p_len = 5
+    cfg_p = CFG.replace(pre_seq_len=p_len)
+    model = GLMForCausalLM(CFG)
+    rng = np.random.RandomState(6)
+    a = jnp.asarray(rng.randint(3, CFG.vocab_size, (1, p_len)))
+    b = jnp.asarray(rng.randint(3, CFG.vocab_size, (1, 9)))
+    cache = init_cache(model, 1, 16)
+    _, v = model.apply({"params": params, "cache": cache}, a, decode=True, mutable=["cache"])
+    pos = jnp.arange(9)[None]
+    want, _ = model.apply({"params": params, "cache": v["cache"]}, b, position_ids=pos, decode=True, mutable=["cache"])
+
+    layers = v["cache"]["model"]["layers"]["attention"]
+    prefix = jnp.stack([layers["cached_key"][:, 0, :p_len], layers["cached_value"][:, 0, :p_len]], axis=1)
+    params_p = {**params, "model": {**params["model"], "prefix": prefix}}
+    got = GLMForCausalLM(cfg_p).apply({"params": params_p}, b, position_ids=pos)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(np.asarray(got) - np.asarray(model.apply({"params": params}, b)))) > 1e-3
+
+    # THUDM layout round trip: transformer.prefix_encoder.embedding.weight [pre_seq_len, L*2*groups*hd].
+    out = save_hf(cfg_p, params_p, tmp_path / "pt", format="thudm")
+    from safetensors.numpy import load_file
+    emb = load_file(str(out / "model.safetensors"))["transformer.prefix_encoder.embedding.weight"]
+    assert emb.shape == (p_len, CFG.num_layers * 2 * CFG.num_kv_heads * CFG.head_dim)
+    layer1_value = emb.reshape(p_len, CFG.num_layers * 2, CFG.num_kv_heads, CFG.head_dim)[:, 2 * 1 + 1]
+    np.testing.assert_array_equal(layer1_value, np.asarray(prefix[1, 1]))
+    cfg2, params2 = load_hf(out)
+    assert cfg2.pre_seq_len == p_len
+    np.testing.assert_array_equal(np.asarray(params2["model"]["prefix"]), np.asarray(prefix))

@@ -4,6 +4,7 @@ Each `Entry` ties one of our parameters to one PyTorch tensor (per layer for sta
   kind "copy"    same layout (embeddings, norm scales)
   kind "linear"  torch [out, in] -> our kernel = W.T reshaped; `n_in` leading kernel dims are inputs
   kind "bias"    torch [out] -> our bias reshaped
+  kind "prefix"  THUDM's P-tuning v2 prefix embedding [pre_seq_len, L*2*groups*hd] -> [L, 2, pre_seq_len, G, D]
 `rows` selects a row block of a fused torch tensor (THUDM's query_key_value).
 """
 
@@ -35,6 +36,9 @@ class Entry:
             w = w[self.rows[0]:self.rows[1]]
         if self.kind == "linear":
             w = w.T
+        if self.kind == "prefix":  # [P, L*2*G*D] -> [L, 2, P, G, D] (THUDM: view(P, L*2, G, D), layer i = rows 2i, 2i+1)
+            l, two, p, g, d = shape
+            return w.reshape(p, l, two, g, d).transpose(1, 2, 0, 3, 4)
         return w.reshape(shape)
 
     def to_torch(self, x: np.ndarray) -> np.ndarray:
@@ -43,6 +47,8 @@ class Entry:
             return x.reshape(n_in, -1).T
         if self.kind == "bias":
             return x.reshape(-1)
+        if self.kind == "prefix":
+            return x.transpose(2, 0, 1, 3, 4).reshape(x.shape[2], -1)
         return x
 
     def torch_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -51,6 +57,8 @@ class Entry:
             return (math.prod(shape[self.n_in:]), math.prod(shape[: self.n_in]))
         if self.kind == "bias":
             return (math.prod(shape),)
+        if self.kind == "prefix":
+            return (shape[2], math.prod(shape) // shape[2])
         return tuple(shape)
 
 
@@ -81,6 +89,8 @@ def thudm_entries(cfg: GLMConfig) -> list[Entry]:
         Entry(("model", "final_norm", "scale"), "transformer.encoder.final_layernorm.weight"),
         Entry(("lm_head", "kernel"), "transformer.output_layer.weight", "linear"),
     ]
+    if cfg.pre_seq_len:
+        e.append(Entry(("model", "prefix"), "transformer.prefix_encoder.embedding.weight", "prefix"))
     return e
 
 

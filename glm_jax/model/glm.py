@@ -14,6 +14,7 @@ final RMSNorm and an untied output projection. Parameter tree of GLMForCausalLM:
     model/layers/mlp/wi/kernel                    [L, embed, 2, mlp]   (gate, up)
     model/layers/mlp/wo/kernel                    [L, mlp, embed]
     model/final_norm/scale                        [embed]
+    model/prefix                                  [L, 2, pre_seq_len, kv_heads, head_dim]   (P-tuning v2 only)
     lm_head/kernel                                [embed, vocab]
 """
 
@@ -58,7 +59,7 @@ class DecoderBlock(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_segments, kv_segments, cache_index):
+    def __call__(self, x, cos, sin, q_segments, kv_segments, cache_index, prefix):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
@@ -68,7 +69,7 @@ class DecoderBlock(nn.Module):
         x = nn.with_logical_constraint(x, BATCH_SEQ_EMBED)
         h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias,
                       cfg.attention_impl, self.decode, dtype, param_dtype, cfg.quantization_bit, name="attention")(
-            norm("input_norm")(x), cos, sin, q_segments, kv_segments, cache_index)
+            norm("input_norm")(x), cos, sin, q_segments, kv_segments, cache_index, prefix)
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)
         x = x + h
@@ -115,13 +116,20 @@ class GLMModel(nn.Module):
         x = Embed(cfg.vocab_size, cfg.hidden_size, dtype, param_dtype, name="embed")(input_ids)
         cos, sin = rotary_cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, cfg.rope_position_divisor, dtype)
 
+        prefix = None
+        if cfg.pre_seq_len:
+            # P-tuning v2: learned per-layer keys/values in front of every sequence; positions are not shifted.
+            prefix = self.param("prefix", nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("layers", None, None, "kv_heads", "head_dim")),
+                (cfg.num_layers, 2, cfg.pre_seq_len, cfg.num_kv_heads, cfg.head_dim), param_dtype)
+
         block = DecoderBlock
         if cfg.remat_policy != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = layers(cfg, decode, name="layers")(x, cos, sin, q_segments, kv_segments, cache_index)
+                         in_axes=(nn.broadcast,) * 5 + (0 if prefix is not None else nn.broadcast,),
+                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = layers(cfg, decode, name="layers")(x, cos, sin, q_segments, kv_segments, cache_index, prefix)
         return RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_norm")(x)
 
 

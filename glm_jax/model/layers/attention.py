@@ -107,9 +107,22 @@ def splash_attention(q, k, v, q_segments, kv_segments, interpret: bool = False):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, d)
 
 
-def dot_product_attention(q, k, v, q_segments=None, kv_segments=None, q_offset=0, impl: str = "xla"):
-    """Dispatches to the configured kernel. `q_offset` is the query's first slot in the key sequence (decode)."""
+def dot_product_attention(q, k, v, q_segments=None, kv_segments=None, q_offset=0, impl: str = "xla",
+                          prefix=None):
+    """Dispatches to the configured kernel. `q_offset` is the query's first slot in the key sequence (decode).
+
+    `prefix` [2, P, kv_heads, head_dim]: P-tuning v2 keys/values placed before the sequence, visible to every
+    query (xla kernel only: prefix tuning is a fine-tuning mode, not the fast path).
+    """
     impl = resolve_impl(impl, q.dtype)
+    if prefix is not None:
+        if impl != "xla":
+            _warn_once(f"attention_impl={impl!r} has no P-tuning prefix support: using xla")
+        b, p = q.shape[0], prefix.shape[1]
+        pk, pv = (jnp.broadcast_to(x.astype(k.dtype), (b, *x.shape)) for x in prefix)
+        mask = make_mask(q_segments, kv_segments, q.shape[1], k.shape[1], q_offset)
+        mask = jnp.concatenate([jnp.ones((mask.shape[0], q.shape[1], p), bool), mask], axis=-1)
+        return xla_attention(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), mask)
     is_self = q.shape[1] == k.shape[1] and isinstance(q_offset, int) and q_offset == 0
     if impl == "cudnn" and is_self:
         try:
@@ -144,7 +157,7 @@ class Attention(nn.Module):
     quantization_bit: int = 0
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None):
+    def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None, prefix=None):
         def proj(heads, axis_name, name):
             return Linear((heads, self.head_dim), ("embed", axis_name, "head_dim"), use_bias=self.use_bias,
                           bias_axes=(axis_name, "head_dim"), dtype=self.dtype, param_dtype=self.param_dtype,
@@ -165,7 +178,7 @@ class Attention(nn.Module):
             cached_k.value, cached_v.value = k, v
             q_offset = cache_index
 
-        out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl)
+        out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl, prefix)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         return Linear((self.hidden_size,), ("q_heads", "head_dim", "embed"), n_in=2, dtype=self.dtype,
                       param_dtype=self.param_dtype, quantization_bit=self.quantization_bit, name="out")(out)
