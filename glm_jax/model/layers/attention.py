@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from glm_jax.model.layers.embeddings import apply_rotary
 from glm_jax.model.layers.linear import Linear
@@ -107,6 +108,29 @@ def splash_attention(q, k, v, q_segments, kv_segments, interpret: bool = False):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, d)
 
 
+def sharded_splash_attention(q, k, v, q_segments, kv_segments, interpret: bool = False):
+    """Splash attention under the current mesh: a Mosaic kernel cannot be partitioned by XLA, so it runs per
+    shard inside `shard_map` (batch over data/fsdp, KV groups over tensor when they divide; the sequence stays
+    whole, gathered by XLA if it was sharded)."""
+    if q_segments is None:
+        q_segments = kv_segments = jnp.ones(q.shape[:2], jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    kernel = functools.partial(splash_attention, interpret=interpret)
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, q_segments, kv_segments)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    batch_axes, n = [], 1
+    for a in ("data", "fsdp"):
+        if sizes.get(a, 1) > 1 and q.shape[0] % (n * sizes[a]) == 0:
+            batch_axes.append(a)
+            n *= sizes[a]
+    batch = tuple(batch_axes) or None
+    heads = "tensor" if sizes.get("tensor", 1) > 1 and k.shape[2] % sizes["tensor"] == 0 else None
+    qkv_spec, seg_spec = P(batch, None, heads, None), P(batch, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, seg_spec),
+                         out_specs=qkv_spec, check_vma=False)(q, k, v, q_segments, kv_segments)
+
+
 def dot_product_attention(q, k, v, q_segments=None, kv_segments=None, q_offset=0, impl: str = "xla",
                           prefix=None):
     """Dispatches to the configured kernel. `q_offset` is the query's first slot in the key sequence (decode).
@@ -131,7 +155,7 @@ def dot_product_attention(q, k, v, q_segments=None, kv_segments=None, q_offset=0
             _warn_once(f"cuDNN attention unavailable ({type(e).__name__}: {e}); falling back to xla")
     elif impl == "splash" and is_self:
         try:
-            return splash_attention(q, k, v, q_segments, kv_segments)
+            return sharded_splash_attention(q, k, v, q_segments, kv_segments)
         except Exception as e:
             _warn_once(f"splash attention unavailable ({type(e).__name__}: {e}); falling back to xla")
     mask = make_mask(q_segments, kv_segments, q.shape[1], k.shape[1], q_offset)
