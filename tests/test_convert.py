@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from glm_jax import GLMConfig, GLMForCausalLM, load_hf, save_hf
 from glm_jax.convert import dequantize_rows, quantize_rows
-from hf_models import (left_padded_batch, quantize_thudm_state_dict, thudm_config, thudm_quantize, thudm_to_transformers_state_dict,
+from hf_models import (quantize_thudm_state_dict, thudm_config, thudm_quantize, thudm_to_transformers_state_dict,
                        tiny_hf_model, transformers_to_thudm_state_dict, write_checkpoint)
 
 
@@ -58,7 +58,7 @@ def test_thudm_checkpoint_from_save_hf_loads_in_transformers(tmp_path):
     thudm_cfg = json.loads((out / "config.json").read_text())
     sd = thudm_to_transformers_state_dict(read_dir_state_dict(out), thudm_cfg)
     fresh = transformers.GlmForCausalLM(ref.config).eval()
-    missing, unexpected = fresh.load_state_dict(sd, strict=True), None
+    fresh.load_state_dict(sd, strict=True)
     ids = np.random.RandomState(0).randint(1, cfg.vocab_size, (2, 40))
     with torch.no_grad():
         theirs = fresh(torch.tensor(ids)).logits.numpy()

@@ -68,7 +68,7 @@ class TrainSection:
     clip_norm: Optional[float] = 1.0
     z_loss: float = 0.0
     on_nan: str = "stop"  # stop (exit 3, last good checkpoint kept) | skip (drop the update, count it)
-    mode: str = "full"  # full | lora
+    mode: str = "full"  # full | lora | ptuning (P-tuning v2: only the per-layer prefix K/V are trained)
     log_every: int = 1
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 4
@@ -80,6 +80,11 @@ class LoraSection:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list = dataclasses.field(default_factory=lambda: ["query", "key", "value", "out"])
+
+
+@dataclasses.dataclass
+class PtuningSection:
+    pre_seq_len: int = 16  # prefix key/value slots per layer (GLM_REFERENCE.md §2)
 
 
 @dataclasses.dataclass
@@ -120,6 +125,7 @@ class Config:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    ptuning: PtuningSection = dataclasses.field(default_factory=PtuningSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
@@ -134,7 +140,7 @@ CHOICES = {
     "data.text_split": ("paragraph", "line", "file"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.on_nan": ("stop", "skip"),
-    "train.mode": ("full", "lora"),
+    "train.mode": ("full", "lora", "ptuning"),
     "model.dtype": ("float32", "bfloat16", "float16", None),
     "model.param_dtype": ("float32", "bfloat16", "float16", None),
     "model.remat_policy": ("none", "full", "save_dots", "save_dots_no_batch", None),
@@ -273,7 +279,8 @@ def validate_static(cfg: Config) -> None:
     t, d = cfg.train, cfg.data
     positive = {"train.steps": t.steps, "train.global_batch_size": t.global_batch_size, "train.grad_accum": t.grad_accum,
                 "data.seq_len": d.seq_len, "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
-                "train.log_every": t.log_every, "train.eval_batches": t.eval_batches, "lora.rank": cfg.lora.rank}
+                "train.log_every": t.log_every, "train.eval_batches": t.eval_batches, "lora.rank": cfg.lora.rank,
+                "ptuning.pre_seq_len": cfg.ptuning.pre_seq_len}
     for k, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{k}: must be positive, got {v}")

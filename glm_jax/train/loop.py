@@ -7,7 +7,6 @@ gradient norm was NaN/Inf with train.on_nan=stop (the last good checkpoint is ke
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -59,6 +58,8 @@ def build_model_config(cfg: Config):
     for f in ("dtype", "param_dtype", "remat_policy", "attention_impl"):
         if getattr(m, f) is not None:
             kw[f] = getattr(m, f)
+    if cfg.train.mode == "ptuning":
+        kw["pre_seq_len"] = cfg.ptuning.pre_seq_len
     try:
         if m.init_from:
             mc = GLMConfig.from_hf(m.init_from, **kw)
@@ -117,7 +118,7 @@ def run(cfg: Config) -> int:
     from flax import linen as nn
 
     from glm_jax import GLMForCausalLM, GLMForSequenceClassification, make_mesh, param_shardings
-    from glm_jax.sharding import axis_rules
+    from glm_jax.sharding import use_mesh
     from glm_jax.train import data as D
     from glm_jax.train import lora as lora_lib
     from glm_jax.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -131,6 +132,11 @@ def run(cfg: Config) -> int:
     check_model_fit(cfg, model_cfg)
     t, dc = cfg.train, cfg.data
     run_dir = Path(cfg.run_dir)
+
+    if primary:
+        print("resolved config:\n" + to_yaml(cfg), flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     # -------------------------------------------------------------------- data (host side, before compiling)
     from glm_jax.tokenizer import ChatGLMTokenizer
@@ -197,9 +203,6 @@ def run(cfg: Config) -> int:
     flops_tok = model_cfg.flops_per_token(dc.seq_len)
     tokens_per_step = t.global_batch_size * dc.seq_len
     if primary:
-        print("resolved config:\n" + to_yaml(cfg), flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
         kinds = sorted({d.device_kind for d in jax.devices()})
         print(f"devices: {jax.device_count()} x {', '.join(kinds)} ({jax.process_count()} process(es), "
               f"backend {jax.default_backend()})")
@@ -214,23 +217,33 @@ def run(cfg: Config) -> int:
     if t.mode == "lora":
         lora_cfg = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout}
 
-    with jax.set_mesh(mesh):
-        use_rules = _probe_rules(model, mesh, axis_rules, dc.seq_len)
-        builder = StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora_cfg, use_rules)
+    with use_mesh(mesh):
+        builder = StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora_cfg, ptuning=t.mode == "ptuning")
 
         # ---------------------------------------------------------------- parameters
         def init_params(keep=None):
+            """Random parameters (seed train.seed); with `keep` (a list of key paths) only those subtrees, so
+            that XLA computes nothing else."""
+            def pick(tree):
+                out = {}
+                for path in keep:
+                    src, dst = tree, out
+                    for k in path[:-1]:
+                        src, dst = src[k], dst.setdefault(k, {})
+                    dst[path[-1]] = src[path[-1]]
+                return out
+
             def f(key):
                 p = nn.unbox(model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])
-                return p if keep is None else {k: p[k] for k in keep}
-            shard = p_shard if keep is None else {k: p_shard[k] for k in keep}
+                return p if keep is None else pick(p)
+            shard = p_shard if keep is None else pick(p_shard)
             return jax.jit(f, out_shardings=shard)(jax.random.key(t.seed))
 
         ckpt = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, cfg.checkpoint.keep_best,
                             cfg.checkpoint.enabled)
         resume_step = ckpt.latest_step()
         base = None
-        if resume_step is None or lora_cfg is not None:
+        if resume_step is None or t.mode != "full":
             if cfg.model.init_from:
                 base = _load_pretrained(cfg, model_cfg, mesh, p_shard, init_params)
             else:
@@ -245,6 +258,13 @@ def run(cfg: Config) -> int:
                 lambda b: lora_lib.init_lora(jax.random.key(t.seed + 1), b, cfg.lora.targets, cfg.lora.rank),
                 out_shardings=train_shard)(base)
             abstract_trainable = lora_shapes
+        elif t.mode == "ptuning":
+            frozen = None if base is None else {**base, "model": {k: v for k, v in base["model"].items()
+                                                                  if k != "prefix"}}
+            frozen_shard = {**p_shard, "model": {k: v for k, v in p_shard["model"].items() if k != "prefix"}}
+            train_shard = {"prefix": p_shard["model"]["prefix"]}
+            init_trainable = lambda: {"prefix": base["model"]["prefix"]}  # noqa: E731
+            abstract_trainable = {"prefix": nn.unbox(boxed)["model"]["prefix"]}
         else:
             frozen, frozen_shard = {}, {}
             train_shard = p_shard
@@ -262,9 +282,12 @@ def run(cfg: Config) -> int:
         else:
             state = jax.jit(lambda p: make_state(p, tx, t.seed), out_shardings=s_shard)(init_trainable())
         del base
+        n_train = sum(x.size for x in jax.tree.leaves(abstract_trainable))
         if lora_cfg is not None and primary:
-            n_lora = sum(x.size for x in jax.tree.leaves(abstract_trainable))
-            print(f"LoRA: rank {cfg.lora.rank}, targets {cfg.lora.targets}: {n_lora / 1e6:.3f}M trainable parameters")
+            print(f"LoRA: rank {cfg.lora.rank}, targets {cfg.lora.targets}: {n_train / 1e6:.3f}M trainable parameters")
+        if t.mode == "ptuning" and primary:
+            print(f"P-tuning v2: {cfg.ptuning.pre_seq_len} prefix slots per layer: {n_train / 1e6:.3f}M trainable "
+                  f"parameters (base frozen)")
 
         train_step = builder.jit_train(s_shard, frozen_shard, b_shard)
         eval_step = builder.jit_eval(s_shard, frozen_shard, e_shard) if eval_sets else None
@@ -303,7 +326,8 @@ def run(cfg: Config) -> int:
         try:
             while step < t.steps:
                 batch = to_global(next(loader), train_shapes, b_shard, train_slices, 1)
-                state, m = train_step(state, frozen, batch)
+                hyper = {"lr": np.float32(schedule(step)), "skip_nonfinite": np.bool_(t.on_nan == "skip")}
+                state, m = train_step(state, frozen, batch, hyper)
                 m = jax.device_get(m)
                 step += 1
                 now = time.perf_counter()
@@ -385,30 +409,6 @@ def run(cfg: Config) -> int:
         return exit_code
 
 
-def _probe_rules(model, mesh, axis_rules, seq_len) -> bool:
-    """Whether the model traces with the logical-axis rules active (activation sharding constraints).
-
-    Some flax versions fail to trace DenseGeneral's multi-dim kernels under an active mesh + rules; the step
-    then runs without activation constraints (parameter and batch shardings still apply) and says so."""
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    def f(ids):
-        with axis_rules():
-            p = nn.unbox(model.init(jax.random.key(0), ids)["params"])
-            return model.apply({"params": p}, ids)
-
-    try:
-        jax.eval_shape(f, jax.ShapeDtypeStruct((math.prod(mesh.shape[a] for a in ("data", "fsdp")), min(8, seq_len)),
-                                               jnp.int32))
-        return True
-    except Exception as e:  # noqa: BLE001
-        log.warning("activation sharding constraints disabled: the model does not trace under the logical axis "
-                    "rules (%s: %s)", type(e).__name__, str(e).splitlines()[0][:200])
-        return False
-
-
 def _load_pretrained(cfg, model_cfg, mesh, p_shard, init_params):
     """Parameters from model.init_from (load_hf), heads the checkpoint lacks initialised randomly."""
     from glm_jax import load_hf
@@ -420,12 +420,22 @@ def _load_pretrained(cfg, model_cfg, mesh, p_shard, init_params):
     from glm_jax.convert.hf import abstract_params
     from glm_jax.sharding import param_shardings
 
-    _, loaded = load_hf(cfg.model.init_from, shardings=param_shardings(abstract_params(model_cfg), mesh), **kw)
+    if cfg.train.mode == "ptuning":
+        kw["pre_seq_len"] = 0  # the base checkpoint; a fresh prefix is added below
+    load_cfg = model_cfg.replace(pre_seq_len=kw.get("pre_seq_len", model_cfg.pre_seq_len))
+    _, loaded = load_hf(cfg.model.init_from, shardings=param_shardings(abstract_params(load_cfg), mesh), **kw)
     params = {k: loaded[k] for k in p_shard if k in loaded}
-    missing = [k for k in p_shard if k not in params]
+    missing = [(k,) for k in p_shard if k not in params]
+    if "prefix" in p_shard.get("model", {}) and "prefix" not in params.get("model", {}):
+        missing.append(("model", "prefix"))
     if missing:
-        log.warning("%s has no %s: initialising it randomly", cfg.model.init_from, missing)
-        params.update(init_params(keep=missing))
+        log.warning("%s has no %s: initialising randomly", cfg.model.init_from, ["/".join(m) for m in missing])
+        fresh = init_params(keep=missing)
+        for path in missing:
+            if path == ("model", "prefix"):
+                params["model"] = {**params["model"], "prefix": fresh["model"]["prefix"]}
+            else:
+                params[path[0]] = fresh[path[0]]
     return params
 
 

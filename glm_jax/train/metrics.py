@@ -65,9 +65,12 @@ class MetricsWriter:
         if not active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        import importlib.util
+
+        SummaryWriter = None
+        if importlib.util.find_spec("tensorboardX") is not None:
             from tensorboardX import SummaryWriter  # type: ignore
-        except ImportError:
+        elif importlib.util.find_spec("tensorboard") is not None and importlib.util.find_spec("torch") is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # type: ignore
             except Exception:
@@ -83,10 +86,13 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.active:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) and k == "mfu" else v)
-                 for k, v in record.items()}
+        # strict JSON: non-finite floats become null and are listed under "nonfinite"
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        clean = {k: (None if k in bad else v) for k, v in record.items()}
+        if bad:
+            clean["nonfinite"] = bad
         with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
         if self.tb is not None:
             step = record.get("step", 0)
             for k, v in record.items():

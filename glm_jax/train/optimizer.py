@@ -40,9 +40,15 @@ def decay_mask(params):
 
 
 def make_optimizer(t: TrainSection) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(tx, schedule). tx is AdamW WITHOUT the final learning-rate scaling: the step multiplies its output by
+    -lr, with lr = schedule(step) computed on the host and passed in as an argument. This is exactly
+    optax.adamw(schedule, ...) (= scale_by_adam, add_decayed_weights, scale_by_learning_rate), but the
+    compiled step does not depend on the schedule, so changing steps / lr / warmup reuses the compiled
+    program (and its persistent-cache entry)."""
     schedule = make_schedule(t)
     parts = []
     if t.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(t.clip_norm))
-    parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask))
+    parts += [optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps),
+              optax.add_decayed_weights(t.weight_decay, mask=decay_mask)]
     return optax.chain(*parts), schedule

@@ -7,7 +7,7 @@ State (a plain dict, checkpointed as is):
     rng      uint32 [2]     base key; step s uses fold_in(rng, s)
     skipped  int32 []       updates dropped because the loss / gradient was not finite (train.on_nan=skip)
 
-`frozen` is a second, non-donated argument: the base parameters in LoRA mode, {} otherwise.
+`frozen` is a second, non-donated argument: the base parameters in LoRA / P-tuning mode, {} otherwise.
 
 Loss: logits in float32, nll = logsumexp(logits) - logit[target], optional z-loss z * logsumexp^2, summed over
 target tokens and divided by the number of target tokens in the whole global batch. Microbatches (grad_accum)
@@ -16,7 +16,6 @@ are scanned inside the step and their gradients summed, so the update equals the
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import jax
@@ -55,22 +54,22 @@ class StepBuilder:
     """
 
     def __init__(self, model, tx: optax.GradientTransformation, schedule: Callable, task: str, z_loss: float = 0.0,
-                 on_nan: str = "stop", lora: dict | None = None, use_rules: bool = True):
+                 on_nan: str = "stop", lora: dict | None = None, ptuning: bool = False):
         self.model, self.tx, self.schedule, self.task = model, tx, schedule, task
-        self.z_loss, self.on_nan, self.lora, self.use_rules = z_loss, on_nan, lora, use_rules
+        self.ptuning = ptuning
+        self.z_loss, self.on_nan, self.lora = z_loss, on_nan, lora
 
     # ---------------------------------------------------------------------------------------------- pieces
-    def _rules(self):
-        return axis_rules() if self.use_rules else contextlib.nullcontext()
-
     def effective_params(self, params, frozen, rng=None, train: bool = False):
+        if self.ptuning:  # trained: {"prefix": [L, 2, P, G, D]}; frozen: everything else
+            return {**frozen, "model": {**frozen["model"], "prefix": params["prefix"]}}
         if self.lora is None:
             return params
         return lora_lib.merge(frozen, params, self.lora["alpha"], self.lora["rank"],
                               self.lora["dropout"] if train else 0.0, rng)
 
     def _forward(self, params, batch):
-        with self._rules():
+        with axis_rules():
             return self.model.apply({"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"])
 
     def sums(self, params, batch):
@@ -95,7 +94,8 @@ class StepBuilder:
         return jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
     # ---------------------------------------------------------------------------------------------- steps
-    def train_step(self, state, frozen, batch):
+    def train_step(self, state, frozen, batch, hyper):
+        """hyper: {"lr": f32 [], "skip_nonfinite": bool []} (host-side values, so they never recompile)."""
         total = jnp.maximum(self.count(batch, self.task), 1.0)
         rng = jax.random.fold_in(state["rng"], state["step"])
         params = state["params"]
@@ -125,16 +125,17 @@ class StepBuilder:
         loss = aux["loss_sum"] / jnp.maximum(aux["count"], 1.0)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        lr = hyper["lr"].astype(jnp.float32)
+        updates = jax.tree.map(lambda u: (-lr * u.astype(jnp.float32)).astype(u.dtype), updates)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"],
-                     "skipped": state["skipped"]}
-        if self.on_nan == "skip":
-            keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-            new_state["params"] = jax.tree.map(keep_old, new_params, params)
-            new_state["opt_state"] = jax.tree.map(keep_old, opt_state, state["opt_state"])
-            new_state["skipped"] = state["skipped"] + (~finite).astype(jnp.int32)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(self.schedule(state["step"]), jnp.float32),
+        # on_nan=skip: a non-finite step keeps the old params and optimizer state (on_nan=stop: the host stops)
+        take_new = finite | ~hyper["skip_nonfinite"]
+        keep_old = lambda new, old: jnp.where(take_new, new, old)  # noqa: E731
+        new_state = {"step": state["step"] + 1, "params": jax.tree.map(keep_old, new_params, params),
+                     "opt_state": jax.tree.map(keep_old, opt_state, state["opt_state"]), "rng": state["rng"],
+                     "skipped": state["skipped"] + (~take_new).astype(jnp.int32)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
                    "tokens": aux["count"] if self.task != "classification" else total, "finite": finite,
                    "skipped": new_state["skipped"]}
         if self.task == "classification":
@@ -149,7 +150,7 @@ class StepBuilder:
     # ---------------------------------------------------------------------------------------------- jit
     def jit_train(self, state_shardings, frozen_shardings, batch_shardings):
         repl = NamedSharding(next(iter(jax.tree.leaves(batch_shardings))).mesh, P())
-        return jax.jit(self.train_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+        return jax.jit(self.train_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings, repl),
                        out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
     def jit_eval(self, state_shardings, frozen_shardings, batch_shardings):

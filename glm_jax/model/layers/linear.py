@@ -6,7 +6,6 @@ multi-axis kernels under a mesh; this one never reshapes parameters.)
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
