@@ -251,3 +251,28 @@ def test_ptuning_trains_only_the_prefix(tmp_path):
         jax.random.key(0))["model"]["prefix"]
     assert np.abs(np.asarray(state["params"]["prefix"]) - np.asarray(init)).max() > 1e-3  # the prefix trained
     assert all(np.isfinite(v) for v in losses(tmp_path).values())
+
+
+@pytest.mark.parametrize("mode", ["full", "ptuning"])
+def test_init_from_a_converted_checkpoint(tmp_path, mode):
+    """model.init_from loads a THUDM checkpoint (load_hf); with a ~zero learning rate the export is that
+    checkpoint again. P-tuning starts from a base checkpoint that has no prefix yet."""
+    import jax
+
+    from glm_jax import GLMConfig, GLMForCausalLM, init_params, load_hf, save_hf
+
+    cfg = GLMConfig.from_preset("glm-test", vocab_size=8192)
+    params = init_params(GLMForCausalLM(cfg), jax.random.key(123))
+    save_hf(cfg, params, tmp_path / "ckpt", format="thudm")
+    extra = ["train.mode=ptuning", "ptuning.pre_seq_len=4"] if mode == "ptuning" else []
+    r = train(tmp_path / "run", "train.steps=2", "train.lr=1e-12", "train.eval_every=0", "checkpoint.every=2",
+              f"model.init_from={tmp_path / 'ckpt'}", f"export.path={tmp_path / 'export'}", "export.format=thudm",
+              *extra)
+    assert all(np.isfinite(v) for v in losses(tmp_path / "run").values()), r.stdout
+    cfg2, exported = load_hf(tmp_path / "export")
+    assert cfg2.pre_seq_len == (4 if mode == "ptuning" else 0)
+    assert ("prefix" in exported["model"]) == (mode == "ptuning")
+    exported["model"].pop("prefix", None)
+    assert jax.tree.structure(exported) == jax.tree.structure(params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(exported)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, err_msg=jax.tree_util.keystr(path))

@@ -21,6 +21,7 @@ from glm_jax.sharding import LOGICAL_RULES, param_shardings
 
 log = logging.getLogger(__name__)
 
+PREFIX = ("model", "prefix")
 FORMAT_OF_MODEL_TYPE = {"chatglm": "thudm", "glm": "transformers", "glm4": "transformers"}
 
 
@@ -102,8 +103,8 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
 
     params: dict = {}
     for entry in entries:
-        if entry.path[:1] in HEADS and entry.torch_name not in reader:
-            continue  # heads are optional: a checkpoint has lm_head, score, or both
+        if (entry.path[:1] in HEADS or entry.path == PREFIX) and entry.torch_name not in reader:
+            continue  # optional: a checkpoint has lm_head, score or both; a P-tuning prefix only once trained
         shape = _get(shapes, entry.path).shape
         if entry.per_layer:
             buf = np.empty(shape, dtype)

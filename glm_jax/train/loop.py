@@ -420,10 +420,9 @@ def _load_pretrained(cfg, model_cfg, mesh, p_shard, init_params):
     from glm_jax.convert.hf import abstract_params
     from glm_jax.sharding import param_shardings
 
-    if cfg.train.mode == "ptuning":
-        kw["pre_seq_len"] = 0  # the base checkpoint; a fresh prefix is added below
-    load_cfg = model_cfg.replace(pre_seq_len=kw.get("pre_seq_len", model_cfg.pre_seq_len))
-    _, loaded = load_hf(cfg.model.init_from, shardings=param_shardings(abstract_params(load_cfg), mesh), **kw)
+    if model_cfg.pre_seq_len:
+        kw["pre_seq_len"] = model_cfg.pre_seq_len  # a base checkpoint has no prefix yet: load_hf leaves it out
+    _, loaded = load_hf(cfg.model.init_from, shardings=param_shardings(abstract_params(model_cfg), mesh), **kw)
     params = {k: loaded[k] for k in p_shard if k in loaded}
     missing = [(k,) for k in p_shard if k not in params]
     if "prefix" in p_shard.get("model", {}) and "prefix" not in params.get("model", {}):
