@@ -74,6 +74,10 @@ def test_short_run_lowers_the_loss_and_logs(baseline):
     assert "mesh: {'data': 1, 'fsdp': 1" in r.stdout and "parameters" in r.stdout and "MFLOPs/token" in r.stdout
     assert "resolved config:" in r.stdout
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12]
+    png = run_dir / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert any(p.name.startswith("events.out.tfevents") and p.stat().st_size > 0
+               for p in (run_dir / "tensorboard").iterdir())
 
 
 def test_resume_equals_uninterrupted(baseline, tmp_path):
@@ -276,3 +280,14 @@ def test_init_from_a_converted_checkpoint(tmp_path, mode):
     assert jax.tree.structure(exported) == jax.tree.structure(params)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(exported)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_keep_best_holds_the_lowest_eval_loss(tmp_path):
+    # lr 0.3 makes the eval loss bounce, so "best" differs from "latest" more often than not.
+    train(tmp_path, "train.steps=8", "train.eval_every=2", "train.lr=0.3", "checkpoint.keep_best=true",
+          "checkpoint.every=4")
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in recs if r.get("eval_loss") is not None}
+    assert sorted(evals) == [2, 4, 6, 8]
+    kept = [int(p.name) for p in (tmp_path / "checkpoints_best").iterdir() if p.name.isdigit()]
+    assert kept == [min(evals, key=evals.get)], (kept, evals)

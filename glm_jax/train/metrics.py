@@ -112,15 +112,12 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_loss(run_dir: str | Path) -> Path | None:
-    """{run_dir}/loss.png from metrics.jsonl if matplotlib is installed (it is not a dependency)."""
-    try:
-        import matplotlib
+    """{run_dir}/loss.png (train and eval loss against step) from metrics.jsonl."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed: skipping the loss-curve PNG (pip install matplotlib to get it)")
-        return None
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
