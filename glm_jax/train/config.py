@@ -67,6 +67,7 @@ class TrainSection:
     eps: float = 1e-8
     clip_norm: Optional[float] = 1.0
     z_loss: float = 0.0
+    loss_chunk: int = 0  # >0: cross-entropy over the vocabulary this many positions at a time (must divide seq_len)
     on_nan: str = "stop"  # stop (exit 3, last good checkpoint kept) | skip (drop the update, count it)
     mode: str = "full"  # full | lora | ptuning (P-tuning v2: only the per-layer prefix K/V are trained)
     log_every: int = 1
@@ -288,6 +289,8 @@ def validate_static(cfg: Config) -> None:
                  "train.weight_decay": t.weight_decay, "train.lr": t.lr}.items():
         if v < 0:
             raise ConfigError(f"{k}: must be >= 0, got {v}")
+    if t.loss_chunk < 0 or (t.loss_chunk and d.seq_len % t.loss_chunk):
+        raise ConfigError(f"train.loss_chunk: must be 0 or divide data.seq_len={d.seq_len}, got {t.loss_chunk}")
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
     if not 0 <= cfg.lora.dropout < 1:

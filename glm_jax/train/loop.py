@@ -218,7 +218,8 @@ def run(cfg: Config) -> int:
         lora_cfg = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout}
 
     with use_mesh(mesh):
-        builder = StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora_cfg, ptuning=t.mode == "ptuning")
+        builder = StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora_cfg, ptuning=t.mode == "ptuning",
+                              loss_chunk=t.loss_chunk)
 
         # ---------------------------------------------------------------- parameters
         def init_params(keep=None):

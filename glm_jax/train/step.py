@@ -39,6 +39,31 @@ def batch_shardings(mesh, example: dict, microbatched: bool = True) -> dict:
     return {k: NamedSharding(mesh, batch_spec(k, v.ndim, microbatched)) for k, v in example.items()}
 
 
+def chunked_lm_sums(hidden, kernel, targets, mask, z_loss: float, chunk: int, dtype):
+    """sum(nll + z) and sum(nll) over masked tokens, projecting onto the vocabulary `chunk` positions at a time.
+
+    The fp32 logits [batch, seq, vocab] (1 GiB for 4 x 2048 x 65024 in fp32) never exist at once: each chunk's
+    logits are recomputed in the backward pass (jax.checkpoint) instead of being stored.
+    """
+    b, s, h = hidden.shape
+    if s % chunk:
+        raise ValueError(f"train.loss_chunk={chunk} must divide the sequence length {s}")
+    n = s // chunk
+
+    @jax.checkpoint
+    def one(carry, xs):
+        hc, tc, mc = xs
+        logits = jnp.einsum("bsh,hv->bsv", hc.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        nll, z = lm_token_losses(logits, tc, z_loss)
+        mc = mc.astype(jnp.float32)
+        return (carry[0] + jnp.sum((nll + z) * mc), carry[1] + jnp.sum(nll * mc)), None
+
+    split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+    zero = jnp.zeros((), jnp.float32)
+    (obj, nll_sum), _ = jax.lax.scan(one, (zero, zero), (split(hidden), split(targets), split(mask)))
+    return obj, nll_sum
+
+
 def lm_token_losses(logits, targets, z_loss: float):
     """Per-token nll and z-loss terms in float32."""
     logits = logits.astype(jnp.float32)
@@ -54,8 +79,9 @@ class StepBuilder:
     """
 
     def __init__(self, model, tx: optax.GradientTransformation, schedule: Callable, task: str, z_loss: float = 0.0,
-                 on_nan: str = "stop", lora: dict | None = None, ptuning: bool = False):
+                 on_nan: str = "stop", lora: dict | None = None, ptuning: bool = False, loss_chunk: int = 0):
         self.model, self.tx, self.schedule, self.task = model, tx, schedule, task
+        self.loss_chunk = loss_chunk
         self.ptuning = ptuning
         self.z_loss, self.on_nan, self.lora = z_loss, on_nan, lora
 
@@ -68,12 +94,18 @@ class StepBuilder:
         return lora_lib.merge(frozen, params, self.lora["alpha"], self.lora["rank"],
                               self.lora["dropout"] if train else 0.0, rng)
 
-    def _forward(self, params, batch):
+    def _forward(self, params, batch, return_hidden=False):
+        kw = {"return_hidden": True} if return_hidden else {}
         with axis_rules():
-            return self.model.apply({"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"])
+            return self.model.apply({"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"], **kw)
 
     def sums(self, params, batch):
         """(objective sum, aux sums) over one microbatch."""
+        if self.task != "classification" and self.loss_chunk:
+            hidden = self._forward(params, batch, return_hidden=True)
+            obj, nll_sum = chunked_lm_sums(hidden, params["lm_head"]["kernel"], batch["targets"], batch["loss_mask"],
+                                           self.z_loss, self.loss_chunk, jnp.dtype(self.model.cfg.dtype))
+            return obj, {"loss_sum": nll_sum, "count": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
         logits = self._forward(params, batch)
         if self.task == "classification":
             logits = logits.astype(jnp.float32)
