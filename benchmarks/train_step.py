@@ -1,0 +1,231 @@
+"""Training throughput: the real train step of train.py vs transformers' GlmForCausalLM + fused AdamW.
+
+    python benchmarks/train_step.py                           # ChatGLM3-6B shape, 8 layers, bf16, 4 x 2048
+    python benchmarks/train_step.py --layers 28 --remat save_dots --fsdp -1
+    python benchmarks/train_step.py --seq 8192 --batch 1 --attention cudnn --loss-chunk 1024
+    python benchmarks/train_step.py --tiny                    # CPU smoke test (glm-test shape, torch on CPU too)
+
+Model: hidden 4096, ffn 13696, 32 heads x 128, 2 KV groups, vocab 65024 (GLMConfig "chatglm3-6b") with
+--layers decoder blocks; random weights initialised directly on the device(s), bf16 compute. The step is
+glm_jax.train.step.StepBuilder's jitted train step (AdamW + clipping + weight decay, donated state), the one
+train.py runs, on a mesh over all devices (fsdp by default).
+
+Reported per implementation: step time (median of --steps after 2 warm-up steps), tokens/s, model TFLOP/s,
+MFU and peak device memory.
+  FLOPs per token = 6 * N + 12 * L * S * heads * head_dim   (GLMConfig.flops_per_token)
+    N = parameters excluding the input embedding (a gather), including the output projection; the attention
+    term counts QK^T and PV of the full S x S square, forward + backward (PaLM / MaxText convention).
+  MFU = tokens/s * FLOPs per token / (peak bf16 dense FLOP/s of the device x devices); peaks from
+    glm_jax.train.metrics.PEAK_FLOPS (H100 SXM: 989 TFLOP/s).
+transformers runs in the same process when torch is installed and CUDA is available (or with --tiny on CPU):
+bf16 weights, sdpa attention, torch.optim.AdamW(fused=True) (foreach on CPU), the same shape, batch and
+sequence length; the table prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to torch afterwards
+
+try:  # run from a checkout without installing
+    import glm_jax  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from glm_jax import GLMConfig, GLMForCausalLM, make_mesh, param_shardings  # noqa: E402
+from glm_jax.sharding import use_mesh  # noqa: E402
+from glm_jax.train.config import TrainSection  # noqa: E402
+from glm_jax.train.metrics import peak_flops  # noqa: E402
+from glm_jax.train.optimizer import make_optimizer  # noqa: E402
+from glm_jax.train.step import StepBuilder, batch_shardings, make_state, state_shardings  # noqa: E402
+
+
+def model_config(args) -> GLMConfig:
+    if args.tiny:
+        return GLMConfig.from_preset("glm-test", dtype="float32", param_dtype="float32", remat_policy=args.remat,
+                                     attention_impl=args.attention)
+    return GLMConfig.from_preset("chatglm3-6b", num_layers=args.layers, dtype="bfloat16",
+                                 param_dtype=args.param_dtype, remat_policy=args.remat,
+                                 attention_impl=args.attention, max_seq_len=max(args.seq, 8192))
+
+
+def timed_steps(step_fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step_fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def peak_memory_gib() -> float | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return peak / 2**30 if peak else None
+
+
+def run_jax(cfg: GLMConfig, args) -> dict:
+    mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
+    model = GLMForCausalLM(cfg)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
+    p_shard = param_shardings(boxed, mesh)
+    tx, schedule = make_optimizer(TrainSection(steps=1000, lr=1e-5, warmup_steps=0))
+    builder = StepBuilder(model, tx, schedule, "lm", loss_chunk=args.loss_chunk)
+    micro = args.batch // args.grad_accum
+    shapes = (args.grad_accum, micro, args.seq)
+    rng = np.random.RandomState(0)
+    host = {"input_ids": rng.randint(3, cfg.vocab_size, shapes).astype(np.int32),
+            "targets": rng.randint(3, cfg.vocab_size, shapes).astype(np.int32),
+            "segment_ids": np.ones(shapes, np.int32), "loss_mask": np.ones(shapes, np.int32)}
+    b_shard = batch_shardings(mesh, host, microbatched=True)
+    with use_mesh(mesh):
+        params = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]),
+                         out_shardings=p_shard)(jax.random.key(0))
+        abstract = jax.eval_shape(lambda p: make_state(p, tx, 0), params)
+        s_shard = state_shardings(abstract, p_shard, tx, mesh)
+        state = jax.jit(lambda p: make_state(p, tx, 0), out_shardings=s_shard)(params)
+        del params
+        step = builder.jit_train(s_shard, {}, b_shard)
+        batch = {k: jax.device_put(v, b_shard[k]) for k, v in host.items()}
+        hyper = {"lr": jnp.float32(1e-5), "skip_nonfinite": jnp.bool_(False)}
+        holder = {"state": state}
+
+        def one():
+            holder["state"], metrics = step(holder["state"], {}, batch, hyper)
+            float(metrics["loss"])  # blocks until the step is done
+
+        t = time.perf_counter()
+        one()
+        compile_s = time.perf_counter() - t
+        one()
+        times = timed_steps(one, args.steps)
+    del holder, batch
+    return {"impl": "glm_jax", "step_s": statistics.median(times), "compile_s": compile_s,
+            "peak_mem_gib": peak_memory_gib(), "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind}
+
+
+def run_torch(cfg: GLMConfig, args) -> dict | None:
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        print("torch / transformers not installed: skipping the PyTorch reference")
+        return None
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        print("no CUDA device: skipping the PyTorch reference (use --tiny to run it on CPU)")
+        return None
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if not args.tiny else torch.float32
+    hf_cfg = transformers.GlmConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps, attention_bias=cfg.qkv_bias, pad_token_id=0)
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.GlmForCausalLM(hf_cfg).to(dtype)
+    if args.remat != "none":
+        model.gradient_checkpointing_enable()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=cuda, foreach=not cuda)
+    ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq), device=device)
+
+    def one():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    one()
+    warm = time.perf_counter() - t
+    one()
+    times = timed_steps(one, args.steps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    kind = torch.cuda.get_device_name() if cuda else "cpu"
+    del model, opt
+    gc.collect()
+    return {"impl": f"transformers {transformers.__version__} + torch {torch.__version__}",
+            "step_s": statistics.median(times), "compile_s": warm, "peak_mem_gib": peak, "devices": 1,
+            "device_kind": kind}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--remat", default="none", choices=["none", "full", "save_dots", "save_dots_no_batch"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"])
+    ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="master weights (float32 = bf16 compute with fp32 master weights)")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="chunked cross-entropy (positions per chunk)")
+    ap.add_argument("--data", type=int, default=1)
+    ap.add_argument("--fsdp", type=int, default=-1)
+    ap.add_argument("--tensor", type=int, default=1)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="glm-test shape on CPU, fp32 (a smoke test, not a benchmark)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.batch, args.seq, args.steps = min(args.batch, 2), min(args.seq, 64), min(args.steps, 2)
+
+    cfg = model_config(args)
+    flops_tok = cfg.flops_per_token(args.seq)
+    tokens = args.batch * args.seq
+    print(f"shape: {cfg.num_layers} layers, hidden {cfg.hidden_size}, ffn {cfg.ffn_hidden_size}, "
+          f"{cfg.num_heads}x{cfg.head_dim} heads, {cfg.num_kv_heads} KV groups, vocab {cfg.vocab_size}; "
+          f"batch {args.batch} x {args.seq}; {cfg.num_params() / 1e9:.2f}B params; "
+          f"{flops_tok / 1e9:.2f} GFLOPs/token; remat {args.remat}, attention {args.attention}, "
+          f"master weights {cfg.param_dtype}, loss_chunk {args.loss_chunk}", flush=True)
+    rows = [run_jax(cfg, args)]
+    gc.collect()
+    if not args.no_torch:
+        row = run_torch(cfg, args)
+        if row:
+            rows.append(row)
+    for r in rows:
+        r["tokens_per_s"] = tokens / r["step_s"]
+        r["tflops"] = r["tokens_per_s"] * flops_tok / 1e12
+        peak = peak_flops(r["device_kind"])
+        r["mfu"] = r["tflops"] * 1e12 / (peak * r["devices"]) if peak else None
+
+    print("\n| implementation | step (s) | tokens/s | model TFLOP/s | MFU | peak mem (GiB) | vs PyTorch |")
+    print("|---|---|---|---|---|---|---|")
+    ref = rows[1]["tokens_per_s"] if len(rows) > 1 else None
+    for r in rows:
+        mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
+        ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "n/a"
+        print(f"| {r['impl']} ({r['devices']} x {r['device_kind']}) | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} "
+              f"| {r['tflops']:.1f} | {mfu} | {mem} | {ratio} |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
