@@ -194,8 +194,7 @@ def _observation_text(result: Any) -> str:
 def load_checkpoint(path: str | Path, **overrides):
     """(GLMConfig, params) from a checkpoint directory: THUDM / transformers (config.json) via `load_hf`.
 
-    Orbax run directories (from `python train.py`) are the hook for the training side: they are recognised and
-    rejected with instructions until the trainer exposes a loader.
+    or a `python train.py` run directory (its orbax checkpoints) via `glm_jax.train.loop.load_run`.
     """
     from glm_jax import load_hf
 
@@ -211,15 +210,17 @@ def load_checkpoint(path: str | Path, **overrides):
 
 
 def _looks_like_orbax(path: Path) -> bool:
-    markers = ("_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "checkpoints", "manifest.ocdbt")
-    return any((path / m).exists() for m in markers) or any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
+    """A `python train.py` run directory: its resolved config and orbax checkpoints."""
+    return (path / "config.yaml").exists() and (path / "checkpoints").is_dir()
 
 
 def load_orbax_run(path: Path, **overrides):
-    """Hook for orbax run directories. Not wired yet: the training side owns that checkpoint layout."""
-    raise NotImplementedError(
-        f"{path} looks like an orbax training run; loading those for chat is not implemented yet. "
-        f"Export it with glm_jax.save_hf(cfg, params, OUT_DIR) and pass --checkpoint OUT_DIR.")
+    """(GLMConfig, params) of the latest checkpoint of a `python train.py` run directory (LoRA merged, P-tuning
+    prefix in place); `overrides` are GLMConfig fields (e.g. dtype)."""
+    from glm_jax.train.loop import load_run
+
+    cfg, params = load_run(path)
+    return cfg.replace(**overrides), params
 
 
 # ---------------------------------------------------------------------------------------------------- terminal

@@ -222,6 +222,12 @@ def test_lora_sft_trains_only_adapters_and_exports_base_plus_delta(tmp_path):
         get = lambda t: np.asarray(lora_lib._get(t, path))  # noqa: E731
         np.testing.assert_allclose(get(exported), get(merged), atol=1e-6, err_msg=str(path))
         assert (np.abs(get(exported) - get(base)).max() > 1e-6) == changed, path
+    # The run directory itself loads for inference (chat) with the adapters merged, as the export.
+    from glm_jax.chat import load_checkpoint
+
+    _, from_run = load_checkpoint(tmp_path)
+    for a, b in zip(jax.tree.leaves(from_run), jax.tree.leaves(exported)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 def test_classification_reports_accuracy(tmp_path):
@@ -276,6 +282,13 @@ def test_init_from_a_converted_checkpoint(tmp_path, mode):
     cfg2, exported = load_hf(tmp_path / "export")
     assert cfg2.pre_seq_len == (4 if mode == "ptuning" else 0)
     assert ("prefix" in exported["model"]) == (mode == "ptuning")
+    from glm_jax.train.loop import load_run
+
+    run_cfg, from_run = load_run(tmp_path / "run")
+    assert run_cfg.pre_seq_len == cfg2.pre_seq_len
+    assert jax.tree.structure(from_run) == jax.tree.structure(exported)
+    for a, b in zip(jax.tree.leaves(from_run), jax.tree.leaves(exported)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     exported["model"].pop("prefix", None)
     assert jax.tree.structure(exported) == jax.tree.structure(params)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(exported)):

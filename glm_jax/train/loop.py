@@ -7,6 +7,7 @@ gradient norm was NaN/Inf with train.on_nan=stop (the last good checkpoint is ke
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from glm_jax.train.config import Config, ConfigError, check_model_fit, resolve_mesh, to_yaml
+from glm_jax.train.config import Config, ConfigError, check_model_fit, load_config, resolve_mesh, to_yaml
 
 log = logging.getLogger("glm_jax.train")
 
@@ -50,16 +51,22 @@ def maybe_init_distributed(cfg: Config) -> bool:
     return True
 
 
+def model_overrides(cfg: Config) -> dict:
+    """GLMConfig fields the run sets on top of the preset / checkpoint config."""
+    kw = dict(cfg.model.overrides)
+    for f in ("dtype", "param_dtype", "remat_policy", "attention_impl"):
+        if getattr(cfg.model, f) is not None:
+            kw[f] = getattr(cfg.model, f)
+    if cfg.train.mode == "ptuning":
+        kw["pre_seq_len"] = cfg.ptuning.pre_seq_len
+    return kw
+
+
 def build_model_config(cfg: Config):
     from glm_jax import GLMConfig
 
     m = cfg.model
-    kw = dict(m.overrides)
-    for f in ("dtype", "param_dtype", "remat_policy", "attention_impl"):
-        if getattr(m, f) is not None:
-            kw[f] = getattr(m, f)
-    if cfg.train.mode == "ptuning":
-        kw["pre_seq_len"] = cfg.ptuning.pre_seq_len
+    kw = model_overrides(cfg)
     try:
         if m.init_from:
             mc = GLMConfig.from_hf(m.init_from, **kw)
@@ -222,23 +229,7 @@ def run(cfg: Config) -> int:
                               loss_chunk=t.loss_chunk)
 
         # ---------------------------------------------------------------- parameters
-        def init_params(keep=None):
-            """Random parameters (seed train.seed); with `keep` (a list of key paths) only those subtrees, so
-            that XLA computes nothing else."""
-            def pick(tree):
-                out = {}
-                for path in keep:
-                    src, dst = tree, out
-                    for k in path[:-1]:
-                        src, dst = src[k], dst.setdefault(k, {})
-                    dst[path[-1]] = src[path[-1]]
-                return out
-
-            def f(key):
-                p = nn.unbox(model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])
-                return p if keep is None else pick(p)
-            shard = p_shard if keep is None else pick(p_shard)
-            return jax.jit(f, out_shardings=shard)(jax.random.key(t.seed))
+        init_params = functools.partial(random_params, model, p_shard, t.seed)
 
         ckpt = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, cfg.checkpoint.keep_best,
                             cfg.checkpoint.enabled)
@@ -246,7 +237,7 @@ def run(cfg: Config) -> int:
         base = None
         if resume_step is None or t.mode != "full":
             if cfg.model.init_from:
-                base = _load_pretrained(cfg, model_cfg, mesh, p_shard, init_params)
+                base = _load_pretrained(cfg, model_cfg, p_shard, init_params)
             else:
                 base = init_params()
         if lora_cfg is not None:
@@ -410,19 +401,41 @@ def run(cfg: Config) -> int:
         return exit_code
 
 
-def _load_pretrained(cfg, model_cfg, mesh, p_shard, init_params):
-    """Parameters from model.init_from (load_hf), heads the checkpoint lacks initialised randomly."""
-    from glm_jax import load_hf
+def random_params(model, shardings, seed: int, keep=None):
+    """Random parameters of `model` (key `seed`), placed by `shardings`; with `keep` (a list of key paths) only
+    those subtrees, so that XLA computes nothing else. The values do not depend on the shardings."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
 
-    kw = dict(cfg.model.overrides)
-    for f in ("dtype", "param_dtype", "remat_policy", "attention_impl"):
-        if getattr(cfg.model, f) is not None:
-            kw[f] = getattr(cfg.model, f)
+    def pick(tree):
+        out = {}
+        for path in keep:
+            src, dst = tree, out
+            for k in path[:-1]:
+                src, dst = src[k], dst.setdefault(k, {})
+            dst[path[-1]] = src[path[-1]]
+        return out
+
+    def f(key):
+        p = nn.unbox(model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])
+        return p if keep is None else pick(p)
+
+    shard = shardings if keep is None else pick(shardings)
+    return jax.jit(f, out_shardings=shard)(jax.random.key(seed))
+
+
+def _load_pretrained(cfg, model_cfg, p_shard, init_params):
+    """Parameters from model.init_from (load_hf), heads the checkpoint lacks initialised randomly."""
+    import jax
+
+    from glm_jax import load_hf
     from glm_jax.convert.hf import abstract_params
     from glm_jax.sharding import param_shardings
 
-    if model_cfg.pre_seq_len:
-        kw["pre_seq_len"] = model_cfg.pre_seq_len  # a base checkpoint has no prefix yet: load_hf leaves it out
+    mesh = next(iter(jax.tree.leaves(p_shard))).mesh
+    # model_cfg carries the run's overrides (dtypes, remat, pre_seq_len: a base checkpoint has no prefix yet)
+    kw = {f: getattr(model_cfg, f) for f in model_overrides(cfg)}
     _, loaded = load_hf(cfg.model.init_from, shardings=param_shardings(abstract_params(model_cfg), mesh), **kw)
     params = {k: loaded[k] for k in p_shard if k in loaded}
     missing = [(k,) for k in p_shard if k not in params]
@@ -437,6 +450,43 @@ def _load_pretrained(cfg, model_cfg, mesh, p_shard, init_params):
             else:
                 params[path[0]] = fresh[path[0]]
     return params
+
+
+def load_run(run_dir: str | Path, step: int | None = None):
+    """(GLMConfig, params) of a training run's checkpoint, ready for inference on one device: the trained
+    parameters of a full run, or the base (model.init_from, else the run's seed initialisation) with the LoRA
+    factors merged in or the P-tuning prefix put in place."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from glm_jax import GLMForCausalLM, GLMForSequenceClassification, make_mesh, param_shardings
+    from glm_jax.train import lora as lora_lib
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'}: not a training run directory (no resolved config)")
+    cfg = load_config(run_dir / "config.yaml")
+    model_cfg = build_model_config(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoints in this run")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{ckpt_dir / str(step)}: no such checkpoint (have {steps})")
+    trained = ocp.StandardCheckpointer().restore((ckpt_dir / str(step) / "state").absolute())["params"]
+    trained = jax.tree.map(jax.numpy.asarray, trained)
+    if cfg.train.mode == "full":
+        return model_cfg, trained
+    model = (GLMForSequenceClassification if cfg.data.task == "classification" else GLMForCausalLM)(model_cfg)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jax.numpy.int32))["params"]
+    p_shard = param_shardings(boxed, mesh)
+    init_params = functools.partial(random_params, model, p_shard, cfg.train.seed)
+    base = _load_pretrained(cfg, model_cfg, p_shard, init_params) if cfg.model.init_from else init_params()
+    if cfg.train.mode == "lora":
+        return model_cfg, lora_lib.merge(base, trained, cfg.lora.alpha, cfg.lora.rank)
+    return model_cfg, {**base, "model": {**base["model"], "prefix": trained["prefix"]}}
 
 
 def _export(cfg, model_cfg, params, primary):
