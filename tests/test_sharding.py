@@ -27,7 +27,9 @@ SCRIPT = textwrap.dedent("""
     params = nn.unbox(model.init(jax.random.key(0), ids))["params"]
     single = np.asarray(jax.jit(lambda p: model.apply({"params": p}, ids, attention_mask=mask))(params))
 
-    for shape in [dict(data=2, fsdp=2, tensor=2), dict(fsdp=8), dict(tensor=8), dict(data=2, tensor=4)]:
+    shapes = [dict(data=2, fsdp=2, tensor=2), dict(fsdp=8), dict(tensor=8), dict(data=2, tensor=4),
+              dict(fsdp=2, sequence=2, tensor=2)]  # sequence (context) parallel: activations split along length
+    for shape in shapes:
         mesh = make_mesh(**shape)
         boxed = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
         shardings = param_shardings(boxed, mesh)
@@ -37,7 +39,7 @@ SCRIPT = textwrap.dedent("""
             spec = shardings["model"]["layers"]["attention"]["key"]["kernel"].spec
             assert spec[2] is None, spec
             assert shardings["model"]["layers"]["attention"]["query"]["kernel"].spec[2] == "tensor"
-        batch = NamedSharding(mesh, P(("data", "fsdp")))
+        batch = NamedSharding(mesh, P(("data", "fsdp"), "sequence"))
 
         @jax.jit
         def fwd(p, i, m):
@@ -73,4 +75,4 @@ def test_sharded_forward_equals_single_device(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     r = subprocess.run([sys.executable, "-c", SCRIPT, repo], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    assert r.stdout.count("ok") == 5, r.stdout
+    assert r.stdout.count("ok") == 6, r.stdout
