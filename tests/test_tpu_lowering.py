@@ -1,6 +1,6 @@
 """TPU path without a TPU: on 8 fake CPU devices, the splash kernel under the sharding rules (1) computes the
 reference attention when interpreted per shard and (2) lowers, forward and backward, for the TPU platform on a
-v5p-8-shaped (fsdp x tensor) mesh. Runs in a subprocess: the device count is fixed at jax import."""
+v5p-8-shaped (fsdp x tensor) mesh, (3) as does train.py's whole train step. Runs in a subprocess: the device count is fixed at jax import."""
 
 import os
 import subprocess
@@ -52,6 +52,25 @@ SCRIPT = textwrap.dedent("""
     # splash forward, and its dq and dkv backward kernels
     assert text.count("tpu_custom_call") >= 3, text.count("tpu_custom_call")
     print("ok lowering", flush=True)
+
+    # (3) the whole train step of train.py (AdamW, donated sharded state) lowers for TPU the same way
+    from glm_jax.train.config import TrainSection
+    from glm_jax.train.optimizer import make_optimizer
+    from glm_jax.train.step import StepBuilder, batch_shardings, make_state, state_shardings
+
+    tx, schedule = make_optimizer(TrainSection())
+    builder = StepBuilder(model, tx, schedule, "lm", loss_chunk=128)
+    abstract = jax.eval_shape(lambda p: make_state(p, tx, 0), params)
+    s_shard = state_shardings(abstract, shardings, tx, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, s_shard)
+    host = {k: np.zeros((1, 8, 512), np.int32) for k in ("input_ids", "targets", "segment_ids", "loss_mask")}
+    b_shard = batch_shardings(mesh, host)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in host.items()}
+    hyper = {"lr": jax.ShapeDtypeStruct((), jnp.float32), "skip_nonfinite": jax.ShapeDtypeStruct((), jnp.bool_)}
+    with mock.patch("jax.default_backend", return_value="tpu"), use_mesh(mesh):
+        step = jax.export.export(builder.jit_train(s_shard, {}, b_shard), platforms=("tpu",))(state, {}, batch, hyper)
+    assert step.mlir_module().count("tpu_custom_call") >= 3
+    print("ok train step", flush=True)
 """)
 
 
@@ -60,4 +79,4 @@ def test_splash_path_shards_and_lowers_for_tpu():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     r = subprocess.run([sys.executable, "-c", SCRIPT, repo], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    assert r.stdout.count("ok") == 2, r.stdout
+    assert r.stdout.count("ok") == 3, r.stdout
