@@ -153,3 +153,19 @@ def test_ptuning_prefix_acts_as_cached_keys_values(params, tmp_path):
     cfg2, params2 = load_hf(out)
     assert cfg2.pre_seq_len == p_len
     np.testing.assert_array_equal(np.asarray(params2["model"]["prefix"]), np.asarray(prefix))
+
+
+def test_classifier_reads_the_last_real_token_of_right_padded_rows():
+    from glm_jax import GLMForSequenceClassification
+
+    cfg = CFG.replace(num_labels=3)
+    model = GLMForSequenceClassification(cfg)
+    params = init_params(model, jax.random.key(2))
+    rng = np.random.RandomState(7)
+    row = rng.randint(3, cfg.vocab_size, (1, 9))
+    padded = np.concatenate([row, np.zeros((1, 7), int)], axis=1)
+    padded[0, 12] = 5  # garbage after the end: only segment ids say where the row ends
+    seg = np.array([[1] * 9 + [0] * 7])
+    alone = model.apply({"params": params}, jnp.asarray(row))
+    got = model.apply({"params": params}, jnp.asarray(padded), segment_ids=jnp.asarray(seg))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(alone), rtol=1e-5, atol=1e-5)

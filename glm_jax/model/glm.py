@@ -157,8 +157,8 @@ class GLMForCausalLM(nn.Module):
 class GLMForSequenceClassification(nn.Module):
     """A bias-free score head on the last non-pad token, as transformers' GlmForSequenceClassification.
 
-    The last token is the rightmost one with attention_mask == 1, or, without a mask, the rightmost one that
-    is not `cfg.pad_token_id`. Returns logits [batch, num_labels].
+    The last token is the rightmost one with attention_mask == 1 / segment id > 0, or, with neither given, the
+    rightmost one that is not `cfg.pad_token_id`. Returns logits [batch, num_labels].
     """
 
     cfg: GLMConfig
@@ -166,8 +166,8 @@ class GLMForSequenceClassification(nn.Module):
     @nn.compact
     def __call__(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None):
         hidden = GLMModel(self.cfg, name="model")(input_ids, position_ids, attention_mask, segment_ids)
-        if attention_mask is not None:
-            real = attention_mask.astype(bool)
+        if attention_mask is not None or segment_ids is not None:
+            real = combine_segments(attention_mask, segment_ids) > 0
         elif self.cfg.pad_token_id is not None:
             real = input_ids != self.cfg.pad_token_id
         else:
