@@ -14,8 +14,11 @@ class Embed(nn.Module):
     def __call__(self, ids):
         table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                            (self.vocab_size, self.features), self.param_dtype)
-        # GLM does not scale the embedding output.
-        return jnp.take(table, ids, axis=0).astype(self.dtype)
+        # Gather from a table whose embed axis is unsharded: a gather from the fsdp-sharded table cannot produce
+        # batch-sharded rows without replicating them first (XLA's "involuntary full rematerialization").
+        table = nn.with_logical_constraint(table, ("vocab", None))
+        out = jnp.take(table, ids, axis=0).astype(self.dtype)  # GLM does not scale the embedding output
+        return nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_embed"))
 
 
 def rotary_cos_sin(positions, rotary_dim: int, theta: float, position_divisor: float, dtype):
