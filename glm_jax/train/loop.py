@@ -315,11 +315,14 @@ def run(cfg: Config) -> int:
         exit_code = EXIT_OK
         last_time, timed_steps, timed_secs = None, 0, 0.0
         step = start
+        batch = to_global(next(loader), train_shapes, b_shard, train_slices, 1)
         try:
             while step < t.steps:
-                batch = to_global(next(loader), train_shapes, b_shard, train_slices, 1)
                 hyper = {"lr": np.float32(schedule(step)), "skip_nonfinite": np.bool_(t.on_nan == "skip")}
                 state, m = train_step(state, frozen, batch, hyper)
+                consumed = loader.state()  # the data position that goes with this step's state
+                if step + 1 < t.steps:  # the next batch is read and sent while the device runs this step
+                    batch = to_global(next(loader), train_shapes, b_shard, train_slices, 1)
                 m = jax.device_get(m)
                 step += 1
                 now = time.perf_counter()
@@ -352,12 +355,12 @@ def run(cfg: Config) -> int:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:.0f}" if tps else "-",
                                     **({"eval": f"{record['eval_loss']:.3f}"} if is_eval else {}))
                 if cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == t.steps):
-                    ckpt.save(step, state, loader.state())
+                    ckpt.save(step, state, consumed)
                 if is_eval:
-                    ckpt.save_best(step, state, loader.state(), record["eval_loss"])
+                    ckpt.save_best(step, state, consumed, record["eval_loss"])
                 if stop.requested:
                     if cfg.checkpoint.enabled:
-                        ckpt.save(step, state, loader.state(), force=True)
+                        ckpt.save(step, state, consumed, force=True)
                     ckpt.wait()
                     if bar is not None:
                         bar.close()
