@@ -191,8 +191,9 @@ def _prefill_state(model, params, ids, mask, knobs, *, cache_shapes, out_len: in
     """Allocates the cache, runs the prompt, picks the first token. Returns the loop state."""
     batch = ids.shape[0]
     cache = _cache_constraint(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes), mesh, rules)
+    # The cache is empty: the prompt attends within itself (flash kernels apply), logits of its last token only.
     logits, variables = model.apply({"params": params, "cache": cache}, ids, attention_mask=mask, decode=True,
-                                    mutable=["cache"])
+                                    prefill=True, last_logits_only=True, mutable=["cache"])
     last = logits[:, -1].astype(jnp.float32)
     vocab = last.shape[-1]
     seen = None

@@ -27,8 +27,10 @@ def test_param_tree_carries_logical_axes():
     assert boxed["model"]["layers"]["mlp"]["wi"]["kernel"].names == ("layers", "embed", None, "mlp")
 
 
-def test_prefill_plus_decode_equals_full_forward(params):
-    """Left-padded prompt prefilled into the cache, then one token at a time: same logits as one full pass."""
+@pytest.mark.parametrize("prefill", [False, True])
+def test_prefill_plus_decode_equals_full_forward(params, prefill):
+    """Left-padded prompt prefilled into the cache, then one token at a time: same logits as one full pass.
+    prefill=True (empty cache) attends within the prompt only; it must give the same result."""
     model = GLMForCausalLM(CFG)
     rng = np.random.RandomState(0)
     prompt_len, new = 10, 6
@@ -40,8 +42,14 @@ def test_prefill_plus_decode_equals_full_forward(params):
 
     cache = init_cache(model, 2, 32)
     out, v = model.apply({"params": params, "cache": cache}, jnp.asarray(ids[:, :prompt_len]),
-                         attention_mask=jnp.asarray(mask[:, :prompt_len]), decode=True, mutable=["cache"])
+                         attention_mask=jnp.asarray(mask[:, :prompt_len]), decode=True, prefill=prefill,
+                         mutable=["cache"])
     steps = [np.asarray(out)]
+    if prefill:
+        last, _ = model.apply({"params": params, "cache": cache}, jnp.asarray(ids[:, :prompt_len]),
+                              attention_mask=jnp.asarray(mask[:, :prompt_len]), decode=True, prefill=True,
+                              last_logits_only=True, mutable=["cache"])
+        np.testing.assert_allclose(np.asarray(last), steps[0][:, -1:], rtol=1e-5, atol=1e-5)
     cache = v["cache"]
     for t in range(prompt_len, prompt_len + new):
         out, v = model.apply({"params": params, "cache": cache}, jnp.asarray(ids[:, t:t + 1]), decode=True,

@@ -57,6 +57,7 @@ def combine_segments(attention_mask, segment_ids):
 class DecoderBlock(nn.Module):
     cfg: GLMConfig
     decode: bool = False
+    prefill: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, q_segments, kv_segments, cache_index, prefix):
@@ -68,7 +69,8 @@ class DecoderBlock(nn.Module):
 
         x = nn.with_logical_constraint(x, BATCH_SEQ_EMBED)
         h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias,
-                      cfg.attention_impl, self.decode, dtype, param_dtype, cfg.quantization_bit, name="attention")(
+                      cfg.attention_impl, self.decode, self.prefill, dtype, param_dtype, cfg.quantization_bit,
+                      name="attention")(
             norm("input_norm")(x), cos, sin, q_segments, kv_segments, cache_index, prefix)
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)
@@ -86,7 +88,8 @@ class GLMModel(nn.Module):
     cfg: GLMConfig
 
     @nn.compact
-    def __call__(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, decode: bool = False):
+    def __call__(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, decode: bool = False,
+                 prefill: bool = False):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         batch, seq = input_ids.shape
@@ -102,11 +105,13 @@ class GLMModel(nn.Module):
             cache_index = index.value
             if q_segments is None:
                 q_segments = jnp.ones((batch, seq), jnp.int32)
-            kv_segments = jax.lax.dynamic_update_slice(slot_segments.value, q_segments, (0, cache_index))
+            all_segments = jax.lax.dynamic_update_slice(slot_segments.value, q_segments, (0, cache_index))
+            # A prefill (empty cache) attends within its own tokens; later calls attend over every slot.
+            kv_segments = q_segments if prefill else all_segments
             if position_ids is None:
                 position_ids = next_position.value[:, None] + positions_from_segments(q_segments)
             if not self.is_initializing():
-                slot_segments.value = kv_segments
+                slot_segments.value = all_segments
                 next_position.value = position_ids[:, -1].astype(jnp.int32) + 1
                 index.value = cache_index + seq
         elif position_ids is None:
@@ -129,7 +134,7 @@ class GLMModel(nn.Module):
         layers = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast,) * 5 + (0 if prefix is not None else nn.broadcast,),
                          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = layers(cfg, decode, name="layers")(x, cos, sin, q_segments, kv_segments, cache_index, prefix)
+        x, _ = layers(cfg, decode, prefill, name="layers")(x, cos, sin, q_segments, kv_segments, cache_index, prefix)
         return RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_norm")(x)
 
 
@@ -138,17 +143,22 @@ class GLMForCausalLM(nn.Module):
 
     Left padding: pass `attention_mask` (1 = token, 0 = pad). Packed sequences: pass `segment_ids` (documents
     numbered from 1, 0 = padding); positions then restart per document unless `position_ids` are given.
-    Decoding: `decode=True` with `mutable=["cache"]` and a cache from `init_cache`.
+    Decoding: `decode=True` with `mutable=["cache"]` and a cache from `init_cache`; the first call on an empty
+    cache may pass `prefill=True` (the prompt then attends within itself, with the flash kernels, instead of
+    against every cache slot) and `last_logits_only=True` (logits of the last position only: [batch, 1, vocab]).
     """
 
     cfg: GLMConfig
 
     @nn.compact
     def __call__(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, decode: bool = False,
-                 return_hidden: bool = False):
-        hidden = GLMModel(self.cfg, name="model")(input_ids, position_ids, attention_mask, segment_ids, decode)
+                 return_hidden: bool = False, prefill: bool = False, last_logits_only: bool = False):
+        hidden = GLMModel(self.cfg, name="model")(input_ids, position_ids, attention_mask, segment_ids, decode,
+                                                  prefill)
         if return_hidden:  # for losses that chunk the vocabulary projection themselves
             return hidden
+        if last_logits_only:
+            hidden = hidden[:, -1:]
         logits = Linear((self.cfg.vocab_size,), ("embed", "vocab"), dtype=jnp.dtype(self.cfg.dtype),
                         param_dtype=jnp.dtype(self.cfg.param_dtype), name="lm_head")(hidden)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))

@@ -176,6 +176,7 @@ class Attention(nn.Module):
     use_bias: bool = True
     attention_impl: str = "auto"
     decode: bool = False
+    prefill: bool = False  # decode into an EMPTY cache: the new tokens attend among themselves only
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     quantization_bit: int = 0
@@ -197,10 +198,11 @@ class Attention(nn.Module):
             # Preallocated cache of the KV groups only; its length is fixed when the cache is created.
             cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
             cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-            k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, cache_index, 0, 0))
-            cached_k.value, cached_v.value = k, v
-            q_offset = cache_index
+            full_k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, cache_index, 0, 0))
+            full_v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, cache_index, 0, 0))
+            cached_k.value, cached_v.value = full_k, full_v
+            if not self.prefill:  # attend over the whole cache; a prefill attends within its own tokens (any kernel)
+                k, v, q_offset = full_k, full_v, cache_index
 
         out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl, prefix)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
