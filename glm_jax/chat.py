@@ -304,7 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tools = None
     if args.tools:
-        tools = json.loads(Path(args.tools).read_text())
+        try:
+            tools = json.loads(Path(args.tools).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"error: {args.tools}: cannot read the tools JSON ({e})", file=sys.stderr)
+            return 2
         if isinstance(tools, dict):
             tools = [tools]
     tok_file = args.tokenizer
@@ -314,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = dict(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else {}
     try:
         cfg, params = load_checkpoint(args.checkpoint, **overrides)
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.vocab_size < tokenizer.vocab_size:
