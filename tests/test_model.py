@@ -61,7 +61,7 @@ def test_prefill_plus_decode_equals_full_forward(params, prefill):
     np.testing.assert_allclose(decoded[real], full[real], rtol=1e-5, atol=1e-5)
     assert int(cache["model"]["index"]) == prompt_len + new
     # The cache holds the KV groups only: [layers, batch, max_len, kv_heads, head_dim].
-    assert cache["model"]["layers"]["attention"]["cached_key"].shape == (CFG.num_layers, 2, 32, CFG.num_kv_heads,
+    assert cache["model"]["cached_key"].shape == (CFG.num_layers, 2, 32, CFG.num_kv_heads,
                                                                    CFG.head_dim)
 
 
@@ -144,8 +144,8 @@ def test_ptuning_prefix_acts_as_cached_keys_values(params, tmp_path):
     pos = jnp.arange(9)[None]
     want, _ = model.apply({"params": params, "cache": v["cache"]}, b, position_ids=pos, decode=True, mutable=["cache"])
 
-    layers = v["cache"]["model"]["layers"]["attention"]
-    prefix = jnp.stack([layers["cached_key"][:, 0, :p_len], layers["cached_value"][:, 0, :p_len]], axis=1)
+    kv = v["cache"]["model"]
+    prefix = jnp.stack([kv["cached_key"][:, 0, :p_len], kv["cached_value"][:, 0, :p_len]], axis=1)
     params_p = {**params, "model": {**params["model"], "prefix": prefix}}
     got = GLMForCausalLM(cfg_p).apply({"params": params_p}, b, position_ids=pos)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

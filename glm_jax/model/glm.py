@@ -60,7 +60,8 @@ class DecoderBlock(nn.Module):
     prefill: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_segments, kv_segments, cache_index, prefix):
+    def __call__(self, carry, cos, sin, q_segments, kv_segments, cache_index, prefix, layer):
+        x, kv_cache = carry  # kv_cache: all layers' (keys, values) while decoding, else None
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
@@ -68,10 +69,10 @@ class DecoderBlock(nn.Module):
             return RMSNorm(cfg.norm_eps, dtype, param_dtype, name=name)
 
         x = nn.with_logical_constraint(x, BATCH_SEQ_EMBED)
-        h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias,
-                      cfg.attention_impl, self.decode, self.prefill, dtype, param_dtype, cfg.quantization_bit,
-                      name="attention")(
-            norm("input_norm")(x), cos, sin, q_segments, kv_segments, cache_index, prefix)
+        h, kv_cache = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias,
+                                cfg.attention_impl, self.decode, self.prefill, dtype, param_dtype,
+                                cfg.quantization_bit, name="attention")(
+            norm("input_norm")(x), cos, sin, q_segments, kv_segments, cache_index, prefix, kv_cache, layer)
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)
         x = x + h
@@ -79,7 +80,7 @@ class DecoderBlock(nn.Module):
             norm("post_attention_norm")(x))
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
-        return nn.with_logical_constraint(x + h, BATCH_SEQ_EMBED), None
+        return (nn.with_logical_constraint(x + h, BATCH_SEQ_EMBED), kv_cache), None
 
 
 class GLMModel(nn.Module):
@@ -95,9 +96,15 @@ class GLMModel(nn.Module):
         batch, seq = input_ids.shape
         q_segments = combine_segments(attention_mask, segment_ids)
 
-        cache_index = None
+        cache_index = kv_cache = None
         kv_segments = q_segments
         if decode:
+            # Preallocated keys/values of the KV groups only, all layers stacked [L, batch, max_len, G, D]; the
+            # length is fixed when the cache is created (init with input of the cache length).
+            kv_vars = [self.variable("cache", name, jnp.zeros,
+                                     (cfg.num_layers, batch, seq, cfg.num_kv_heads, cfg.head_dim), dtype)
+                       for name in ("cached_key", "cached_value")]
+            kv_cache = tuple(var.value for var in kv_vars)
             # Cache-wide state: write slot, each slot's segment id (0 = pad / empty) and each row's next position.
             index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
             slot_segments = self.variable("cache", "segment_ids", jnp.zeros, (batch, seq), jnp.int32)
@@ -131,10 +138,14 @@ class GLMModel(nn.Module):
         block = DecoderBlock
         if cfg.remat_policy != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-        layers = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast,) * 5 + (0 if prefix is not None else nn.broadcast,),
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast,) * 5 + (0 if prefix is not None else nn.broadcast, 0),
                          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = layers(cfg, decode, prefill, name="layers")(x, cos, sin, q_segments, kv_segments, cache_index, prefix)
+        (x, kv_cache), _ = layers(cfg, decode, prefill, name="layers")(
+            (x, kv_cache), cos, sin, q_segments, kv_segments, cache_index, prefix, jnp.arange(cfg.num_layers))
+        if decode and not self.is_initializing():
+            for var, value in zip(kv_vars, kv_cache):
+                var.value = value
         return RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_norm")(x)
 
 

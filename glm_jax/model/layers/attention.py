@@ -182,7 +182,11 @@ class Attention(nn.Module):
     quantization_bit: int = 0
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None, prefix=None):
+    def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None, prefix=None, kv_cache=None,
+                 layer=None):
+        """Returns (output, kv_cache). Decoding, `kv_cache` is (keys, values) of ALL layers [L, batch, max_len,
+        kv_heads, head_dim] and `layer` this block's index: the new keys/values are written in place, so the
+        layer scan carries one cache buffer instead of re-stacking a copy of it every step."""
         def proj(heads, axis_name, name):
             return Linear((heads, self.head_dim), ("embed", axis_name, "head_dim"), use_bias=self.use_bias,
                           bias_axes=(axis_name, "head_dim"), dtype=self.dtype, param_dtype=self.param_dtype,
@@ -195,16 +199,15 @@ class Attention(nn.Module):
 
         q_offset = 0
         if self.decode:
-            # Preallocated cache of the KV groups only; its length is fixed when the cache is created.
-            cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-            cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-            full_k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, cache_index, 0, 0))
-            full_v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, cache_index, 0, 0))
-            cached_k.value, cached_v.value = full_k, full_v
+            at = (layer, 0, cache_index, 0, 0)
+            kv_cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), at)
+                             for c, new in zip(kv_cache, (k, v)))
             if not self.prefill:  # attend over the whole cache; a prefill attends within its own tokens (any kernel)
-                k, v, q_offset = full_k, full_v, cache_index
+                k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv_cache)
+                q_offset = cache_index
 
         out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl, prefix)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
-        return Linear((self.hidden_size,), ("q_heads", "head_dim", "embed"), n_in=2, dtype=self.dtype,
-                      param_dtype=self.param_dtype, quantization_bit=self.quantization_bit, name="out")(out)
+        out = Linear((self.hidden_size,), ("q_heads", "head_dim", "embed"), n_in=2, dtype=self.dtype,
+                     param_dtype=self.param_dtype, quantization_bit=self.quantization_bit, name="out")(out)
+        return out, kv_cache
