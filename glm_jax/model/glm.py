@@ -16,6 +16,10 @@ final RMSNorm and an untied output projection. Parameter tree of GLMForCausalLM:
     model/final_norm/scale                        [embed]
     model/prefix                                  [L, 2, pre_seq_len, kv_heads, head_dim]   (P-tuning v2 only)
     lm_head/kernel                                [embed, vocab]
+
+Decode cache ("cache" collection, `init_cache`): model/cached_key and model/cached_value [L, batch, max_len,
+kv_heads, head_dim] (carried through the layer scan and updated in place), model/index (next write slot),
+model/segment_ids [batch, max_len] (0 = pad / empty) and model/position [batch] (each row's next position).
 """
 
 from __future__ import annotations
