@@ -217,8 +217,8 @@ def main(argv=None) -> int:
                 torch_rows = bench_torch(cfg, batch_sizes, prompt, new, repeats, device, args.dtype)
 
     print()
-    header = (f"| impl | batch | tokens/s | decode tokens/s | ms/step | prefill ms | weight GB/s | of copy BW |"
-              f" vs transformers |")
+    header = ("| impl | batch | tokens/s | decode tokens/s | ms/step | prefill ms | weight GB/s | of copy BW |"
+              " vs transformers |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     ref = {r["batch"]: r for r in torch_rows}

@@ -181,7 +181,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
     # the same command resumes from there
     r = train(tmp_path, "train.steps=100000", "checkpoint.every=100000", "train.eval_every=0",
               f"train.steps={last + 2}", check=True)
-    assert f"resumed from" in r.stdout and f"(step {last}, data position {last})" in r.stdout
+    assert "resumed from" in r.stdout and f"(step {last}, data position {last})" in r.stdout
     assert max(losses(tmp_path)) == last + 2
 
 
