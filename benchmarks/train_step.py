@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from glm_jax import GLMConfig, GLMForCausalLM, make_mesh, param_shardings  # noqa: E402
+from glm_jax.model import param_specs  # noqa: E402
 from glm_jax.sharding import use_mesh  # noqa: E402
 from glm_jax.train.config import TrainSection  # noqa: E402
 from glm_jax.train.metrics import peak_flops  # noqa: E402
@@ -80,8 +81,7 @@ def peak_memory_gib() -> float | None:
 def run_jax(cfg: GLMConfig, args) -> dict:
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
     model = GLMForCausalLM(cfg)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
-    p_shard = param_shardings(boxed, mesh)
+    p_shard = param_shardings(param_specs(model), mesh)
     tx, schedule = make_optimizer(TrainSection(steps=1000, lr=1e-5, warmup_steps=0))
     builder = StepBuilder(model, tx, schedule, "lm", loss_chunk=args.loss_chunk)
     micro = args.batch // args.grad_accum

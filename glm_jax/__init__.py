@@ -2,7 +2,8 @@
 
 from glm_jax.config import PRESETS, GLMConfig
 from glm_jax.convert import load_hf, save_hf
-from glm_jax.model import GLMForCausalLM, GLMForSequenceClassification, GLMModel, init_cache, init_params
+from glm_jax.model import (GLMForCausalLM, GLMForSequenceClassification, GLMModel, init_cache, init_params,
+                           param_specs)
 from glm_jax.sharding import LOGICAL_RULES, make_mesh, param_shardings
 from glm_jax.tokenizer import ChatGLMTokenizer
 from glm_jax.generate import generate, stream_generate  # the function shadows the module name, as intended
@@ -10,7 +11,7 @@ from glm_jax.chat import ChatSession
 from glm_jax.convert.quant import quantize_params
 
 __all__ = ["PRESETS", "GLMConfig", "load_hf", "save_hf", "GLMForCausalLM", "GLMForSequenceClassification",
-           "GLMModel", "init_cache", "init_params", "LOGICAL_RULES", "make_mesh", "param_shardings",
+           "GLMModel", "init_cache", "init_params", "param_specs", "LOGICAL_RULES", "make_mesh", "param_shardings",
            "ChatGLMTokenizer", "generate", "stream_generate", "ChatSession", "quantize_params"]
 __version__ = "0.1.0"
 

@@ -343,10 +343,10 @@ class _Prepared:
 
 @functools.lru_cache(maxsize=16)
 def _param_shardings(model, mesh, rules):
+    from glm_jax.model import param_specs
     from glm_jax.sharding import param_shardings
 
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
-    return param_shardings(boxed, mesh, rules)
+    return param_shardings(param_specs(model), mesh, rules)
 
 
 def shard_params(model, params, mesh, rules=None):

@@ -104,7 +104,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
 
 
 def param_shardings(abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
-    """NamedShardings for a (boxed, e.g. from `jax.eval_shape(model.init, ...)`) parameter tree.
+    """NamedShardings for a boxed parameter tree (e.g. `glm_jax.param_specs(model)`).
 
     Leaves must be `nn.LogicallyPartitioned` boxes or plain arrays (plain arrays are replicated).
     Returns an unboxed tree of shardings matching `nn.unbox(abstract_params)`.

@@ -39,12 +39,9 @@ def detect_format(ckpt_dir: str | Path) -> tuple[str, dict[str, Any]]:
 
 def abstract_params(cfg: GLMConfig):
     """Boxed ShapeDtypeStructs of every parameter any head may have (model + lm_head + score)."""
-    from glm_jax.model import GLMForCausalLM, GLMForSequenceClassification
+    from glm_jax.model import GLMForCausalLM, GLMForSequenceClassification, param_specs
 
-    ids = jax.ShapeDtypeStruct((1, 8), np.int32)
-    lm = jax.eval_shape(GLMForCausalLM(cfg).init, jax.random.key(0), ids)["params"]
-    cls = jax.eval_shape(GLMForSequenceClassification(cfg).init, jax.random.key(0), ids)["params"]
-    return {**lm, "score": cls["score"]}
+    return {**param_specs(GLMForCausalLM(cfg)), "score": param_specs(GLMForSequenceClassification(cfg))["score"]}
 
 
 def _get(tree, path):

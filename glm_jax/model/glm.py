@@ -203,8 +203,14 @@ class GLMForSequenceClassification(nn.Module):
                       param_dtype=jnp.dtype(self.cfg.param_dtype), name="score")(pooled)
 
 
+def param_specs(model: nn.Module):
+    """Shapes and dtypes of `model`'s parameters, still boxed with their logical axis names: what
+    `glm_jax.param_shardings` turns into shardings. Nothing is computed."""
+    return jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
+
+
 def init_params(model: nn.Module, rng, seq_len: int = 8, batch: int = 1):
-    """Randomly initialised, unboxed parameters of `model` (for sharded init use `jax.eval_shape` + shardings)."""
+    """Randomly initialised, unboxed parameters of `model` (sharded: `param_specs` + `param_shardings`)."""
     ids = jnp.zeros((batch, seq_len), jnp.int32)
     return jax.jit(lambda r: nn.unbox(model.init(r, ids))["params"])(rng)
 

@@ -120,11 +120,10 @@ def run(cfg: Config) -> int:
     """Trains according to `cfg`; returns the process exit code. Raises ConfigError / DataError on bad input."""
     maybe_init_distributed(cfg)
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import linen as nn
 
-    from glm_jax import GLMForCausalLM, GLMForSequenceClassification, make_mesh, param_shardings
+    from glm_jax import GLMForCausalLM, GLMForSequenceClassification, make_mesh, param_shardings, param_specs
     from glm_jax.sharding import use_mesh
     from glm_jax.train import data as D
     from glm_jax.train import lora as lora_lib
@@ -173,8 +172,7 @@ def run(cfg: Config) -> int:
     mesh = make_mesh(**sizes)
     task = "classification" if dc.task == "classification" else "lm"
     model = (GLMForSequenceClassification if task == "classification" else GLMForCausalLM)(model_cfg)
-    ids_spec = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), ids_spec)["params"]
+    boxed = param_specs(model)
     p_shard = param_shardings(boxed, mesh)
     tx, schedule = make_optimizer(t)
     micro = t.global_batch_size // t.grad_accum
@@ -462,7 +460,7 @@ def load_run(run_dir: str | Path, step: int | None = None):
     import jax
     import orbax.checkpoint as ocp
 
-    from glm_jax import GLMForCausalLM, GLMForSequenceClassification, make_mesh, param_shardings
+    from glm_jax import GLMForCausalLM, GLMForSequenceClassification, make_mesh, param_shardings, param_specs
     from glm_jax.train import lora as lora_lib
 
     run_dir = Path(run_dir)
@@ -483,8 +481,7 @@ def load_run(run_dir: str | Path, step: int | None = None):
         return model_cfg, trained
     model = (GLMForSequenceClassification if cfg.data.task == "classification" else GLMForCausalLM)(model_cfg)
     mesh = make_mesh(devices=jax.devices()[:1])
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jax.numpy.int32))["params"]
-    p_shard = param_shardings(boxed, mesh)
+    p_shard = param_shardings(param_specs(model), mesh)
     init_params = functools.partial(random_params, model, p_shard, cfg.train.seed)
     base = _load_pretrained(cfg, model_cfg, p_shard, init_params) if cfg.model.init_from else init_params()
     if cfg.train.mode == "lora":
