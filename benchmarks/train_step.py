@@ -74,7 +74,18 @@ def model_config(args) -> GLMConfig:
     return GLMConfig.from_preset(args.preset, num_layers=args.layers, dtype="bfloat16",
                                  param_dtype=args.param_dtype, remat_policy=args.remat,
                                  attention_impl=args.attention, max_seq_len=max(args.seq, 8192),
-                                 scan_unroll=args.unroll)
+                                 scan_unroll=args.unroll, max_segments=args.max_segments)
+
+
+def packed_segments(shape, docs: int) -> np.ndarray:
+    """Segment ids of rows packed from `docs` documents of random lengths each (ids from 1), as train.py's rows."""
+    rng = np.random.RandomState(1)
+    rows = np.zeros((int(np.prod(shape[:-1])), shape[-1]), np.int32)
+    for row in rows:
+        cuts = np.sort(rng.choice(np.arange(1, shape[-1]), docs - 1, replace=False)) if docs > 1 else []
+        for i, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, shape[-1]])):
+            row[lo:hi] = i + 1
+    return rows.reshape(shape)
 
 
 def timed_steps(step_fn, n: int) -> list[float]:
@@ -105,7 +116,7 @@ def run_jax(cfg: GLMConfig, args) -> dict:
     rng = np.random.RandomState(0)
     host = {"input_ids": rng.randint(3, cfg.vocab_size, shapes).astype(np.int32),
             "targets": rng.randint(3, cfg.vocab_size, shapes).astype(np.int32),
-            "segment_ids": np.ones(shapes, np.int32), "loss_mask": np.ones(shapes, np.int32)}
+            "segment_ids": packed_segments(shapes, args.docs), "loss_mask": np.ones(shapes, np.int32)}
     if args.no_segments:  # what train.py never does: its packed rows always carry segment ids
         del host["segment_ids"]
     b_shard = batch_shardings(mesh, host, microbatched=True)
@@ -230,6 +241,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-segments", action="store_true",
                     help="batches without segment ids: plain causal attention (cuDNN's fast path) instead of the "
                          "packed-document mask train.py's rows need")
+    ap.add_argument("--docs", type=int, default=8, help="documents per packed row (segment ids 1..docs)")
+    ap.add_argument("--max-segments", type=int, default=0,
+                    help="GLMConfig.max_segments: cuDNN's packed layout for up to this many documents per row "
+                         "(0: the [B, 1, S, S] mask)")
     ap.add_argument("--unroll", type=int, default=1, help="GLMConfig.scan_unroll: decoder blocks per scan iteration")
     ap.add_argument("--compile-only", action="store_true",
                     help="compile for abstract inputs and print XLA's memory plan and FLOPs; runs nothing")
@@ -250,7 +265,7 @@ def main(argv=None) -> int:
           f"batch {args.batch} x {args.seq}; {cfg.num_params() / 1e9:.2f}B params; "
           f"{flops_tok / 1e9:.2f} GFLOPs/token; remat {args.remat}, attention {args.attention}, "
           f"master weights {cfg.param_dtype}, loss_chunk {args.loss_chunk}, "
-          f"{'no segment ids (causal)' if args.no_segments else 'segment ids (packed rows, as train.py)'}", flush=True)
+          f"{'no segment ids (causal)' if args.no_segments else f'packed rows of {args.docs} documents, max_segments {args.max_segments}'}", flush=True)
     rows = [run_jax(cfg, args)]
     if args.compile_only:
         return print_compile_report(rows[0], cfg, flops_tok, tokens, args)

@@ -45,6 +45,9 @@ class GLMConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "auto"
+    # cuDNN attention on segment ids (packed rows): up to this many documents per row run in cuDNN's packed
+    # layout (no [S, S] mask); rows with more fall back to the mask. 0 = always the mask.
+    max_segments: int = 0
     remat_policy: str = "none"
     # Decoder blocks per iteration of the layer scan: 1 = one compiled block (compile time independent of depth),
     # num_layers = straight-line code (longer compile; XLA may schedule and fuse across layers).

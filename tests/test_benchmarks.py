@@ -30,6 +30,13 @@ def test_benchmark_script_runs_in_tiny_mode(script, extra, tmp_path):
         assert by["int8"] < 0.8 * by["bfloat16"]  # int8 block kernels; norms, scales and lm_head stay bf16
 
 
+def test_attention_benchmark_runs_in_tiny_mode(tmp_path):
+    out = tmp_path / "attn.json"
+    run("attention.py", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["kernel"] == "xla" and rows[0]["err_out"] == 0.0
+
+
 def test_train_step_compile_only_reports_the_memory_plan(tmp_path):
     """--compile-only runs nothing: XLA's plan for the step; unrolled, the compiled FLOPs match the formula."""
     out = tmp_path / "plan.json"

@@ -49,6 +49,28 @@ def test_cudnn_attention_matches_xla(layout):
         assert np.max(np.abs(a - c)) < 3e-2 * np.max(np.abs(c))
 
 
+@pytest.mark.parametrize("max_segments", [4, 2])  # 2 < the 3 documents of a row: the mask fallback
+def test_cudnn_packed_layout_matches_xla(max_segments):
+    """GLMConfig.max_segments: packed rows in cuDNN's ragged layout (or its fallback), forward and backward."""
+    q, k, v = _inputs(1)
+    b, s = q.shape[:2]
+    seg = jnp.asarray(np.repeat([[1] * 200 + [2] * 250 + [3] * (s - 450)], b, 0), jnp.int32)
+
+    def loss(fn, q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+    packed = lambda q, k, v: attn.cudnn_attention(q, k, v, seg, seg, max_segments)  # noqa: E731
+    xla = lambda q, k, v: attn.xla_attention(q, k, v, attn.make_mask(seg, seg, s, s))  # noqa: E731
+    (_, out), g_out = jax.jit(jax.value_and_grad(lambda *a: loss(packed, *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, ref), g_ref = jax.jit(jax.value_and_grad(lambda *a: loss(xla, *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    o, r = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.max(np.abs(o - r)) < 2e-2 * np.max(np.abs(r))
+    for a, c in zip(g_out, g_ref):
+        a, c = np.asarray(a, np.float32), np.asarray(c, np.float32)
+        assert np.max(np.abs(a - c)) < 3e-2 * np.max(np.abs(c))
+
+
 def test_model_logits_agree_across_kernels():
     cfg = GLMConfig.from_preset("glm-test", num_heads=8, num_kv_heads=2, head_dim=128, dtype="bfloat16")
     params = init_params(GLMForCausalLM(cfg), jax.random.key(0))

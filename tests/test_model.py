@@ -84,6 +84,20 @@ def test_positions_restart_per_segment():
     np.testing.assert_array_equal(np.asarray(positions_from_segments(seg)), [[0, 1, 0, 1, 2, 0, 1, 0]])
 
 
+def test_segment_runs_describe_cudnn_packed_layout():
+    """The (lengths, starts) arrays of cuDNN's packed layout: one entry per run of equal id, -1 after the last."""
+    rng = np.random.RandomState(0)
+    seg = np.sort(rng.randint(0, 5, (3, 40)), axis=1)  # left padding (0) then documents 1..4
+    seg[2] = 1
+    lengths, starts, n_runs = (np.asarray(x) for x in attn.segment_runs(jnp.asarray(seg), 6))
+    for row, ln, st in zip(seg, lengths, starts):
+        ids, first, counts = np.unique(row, return_index=True, return_counts=True)
+        k = len(ids)
+        np.testing.assert_array_equal(ln, [*counts, *[-1] * (6 - k)])
+        np.testing.assert_array_equal(st, [*first, *[-1] * (7 - k)])
+    assert n_runs == max(len(np.unique(r)) for r in seg)
+
+
 @pytest.mark.parametrize("policy", ["full", "save_dots"])
 def test_remat_policies_keep_values_and_gradients(params, policy):
     ids = jnp.asarray(np.random.RandomState(2).randint(3, CFG.vocab_size, (2, 12)))

@@ -76,7 +76,7 @@ class DecoderBlock(nn.Module):
         x = nn.with_logical_constraint(x, BATCH_SEQ_EMBED)
         h, kv_cache = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias,
                                 cfg.attention_impl, self.decode, self.prefill, dtype, param_dtype,
-                                cfg.quantization_bit, name="attention")(
+                                cfg.quantization_bit, max_segments=cfg.max_segments, name="attention")(
             norm("input_norm")(x), cos, sin, q_segments, kv_segments, cache_index, prefix, kv_cache, layer)
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)

@@ -81,12 +81,48 @@ def xla_attention(q, k, v, mask):
     return out.reshape(b, s, n, d)
 
 
-def cudnn_attention(q, k, v, q_segments, kv_segments):
-    # Unpadded, unpacked batches take cuDNN's causal fast path; others pass an explicit mask (becomes a bias).
-    mask = None
-    if q_segments is not None:
-        mask = make_mask(q_segments, kv_segments, q.shape[1], k.shape[1])[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation="cudnn")
+def segment_runs(segments, max_runs: int):
+    """cuDNN's packed-layout description of each row: (lengths [B, M], starts [B, M + 1]) of the maximal runs of
+    equal segment id, -1 past the row's last run, and the largest run count of the batch. A run is a document
+    of a packed row (or the left padding, which then attends only to itself)."""
+    b, s = segments.shape
+    start = jnp.concatenate([jnp.ones((b, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    run = jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1  # run index of every token
+    n_runs = run[:, -1] + 1
+    lengths = jax.vmap(lambda r: jnp.zeros((max_runs,), jnp.int32).at[r].add(1, mode="drop"))(run)
+    lengths = jnp.where(jnp.arange(max_runs)[None] < n_runs[:, None], lengths, -1)
+    starts = jax.vmap(lambda st: jnp.nonzero(st, size=max_runs + 1, fill_value=-1)[0])(start).astype(jnp.int32)
+    starts = jnp.where(jnp.arange(max_runs + 1)[None] < n_runs[:, None], starts, -1)
+    return lengths, starts, jnp.max(n_runs)
+
+
+def _cudnn_packed(q, k, v, segments, max_runs: int):
+    """cuDNN flash attention over packed documents (its ragged "THD" layout): each run of equal segment id is
+    its own causal sequence, so nothing of size [S, S] exists. Hopper or later."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa  # the packed layout has no public entry point yet
+
+    lengths, starts, _ = segment_runs(segments, max_runs)
+    return fa.dot_product_attention(q, k, v, None, None, lengths, lengths, starts, starts,
+                                    scale=float(1 / np.sqrt(q.shape[-1])), mask_type=fa.MaskType.PADDING_CAUSAL,
+                                    qkv_layout="BTNH")
+
+
+def cudnn_attention(q, k, v, q_segments, kv_segments, max_segments: int = 0):
+    """Unpadded, unpacked batches take cuDNN's causal fast path. Segment ids with `max_segments` > 0 take the
+    packed layout while no row has more runs than that (else the mask path below: same result, slower);
+    `max_segments` = 0 passes an explicit [B, 1, S, S] mask, which cuDNN reads as a bias."""
+    if q_segments is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    def masked(q, k, v, seg):
+        mask = make_mask(seg, seg, q.shape[1], k.shape[1])[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+    if not max_segments:
+        return masked(q, k, v, q_segments)
+    _, _, n_runs = segment_runs(q_segments, 1)
+    return jax.lax.cond(n_runs <= max_segments, functools.partial(_cudnn_packed, max_runs=max_segments), masked,
+                        q, k, v, q_segments)
 
 
 def splash_attention(q, k, v, q_segments, kv_segments, interpret: bool = False, q_offset: int = 0):
@@ -147,7 +183,7 @@ def sharded_splash_attention(q, k, v, q_segments, kv_segments, interpret: bool =
 
 
 def dot_product_attention(q, k, v, q_segments=None, kv_segments=None, q_offset=0, impl: str = "xla",
-                          prefix=None):
+                          prefix=None, max_segments: int = 0):
     """Dispatches to the configured kernel. `q_offset` is the query's first slot in the key sequence (decode).
 
     `prefix` [2, P, kv_heads, head_dim]: P-tuning v2 keys/values placed before the sequence, visible to every
@@ -165,7 +201,7 @@ def dot_product_attention(q, k, v, q_segments=None, kv_segments=None, q_offset=0
     is_self = q.shape[1] == k.shape[1] and isinstance(q_offset, int) and q_offset == 0
     if impl == "cudnn" and is_self:
         try:
-            return cudnn_attention(q, k, v, q_segments, kv_segments)
+            return cudnn_attention(q, k, v, q_segments, kv_segments, max_segments)
         except Exception as e:  # unsupported shape / dtype / cuDNN version: say so, then stay correct
             _warn_once(f"cuDNN attention unavailable ({type(e).__name__}: {e}); falling back to xla")
     elif impl == "splash" and is_self:
@@ -195,6 +231,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     quantization_bit: int = 0
+    max_segments: int = 0  # GLMConfig.max_segments: cuDNN's packed layout (see cudnn_attention)
 
     @nn.compact
     def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None, prefix=None, kv_cache=None,
@@ -221,7 +258,8 @@ class Attention(nn.Module):
                 k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv_cache)
                 q_offset = cache_index
 
-        out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl, prefix)
+        out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl, prefix,
+                                    self.max_segments)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         out = Linear((self.hidden_size,), ("q_heads", "head_dim", "embed"), n_in=2, dtype=self.dtype,
                      param_dtype=self.param_dtype, quantization_bit=self.quantization_bit, name="out")(out)
