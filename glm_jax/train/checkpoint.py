@@ -1,18 +1,27 @@
-"""orbax checkpoints of the train state and the data loader position.
+"""orbax checkpoints of the train state and the data loader position, with checksums and fallback.
 
-Layout: {run_dir}/checkpoints/<step>/{state,loader}, written asynchronously every checkpoint.every steps,
-the last checkpoint.keep kept; with checkpoint.keep_best, {run_dir}/checkpoints_best holds the checkpoint
+Layout: {run_dir}/checkpoints/<step>/{state,loader,integrity}, written asynchronously every checkpoint.every
+steps, the last checkpoint.keep kept; with checkpoint.keep_best, {run_dir}/checkpoints_best holds the checkpoint
 with the lowest eval loss. orbax writes each step into a temporary directory and renames it when complete,
 so a crash never leaves a half-written "latest" checkpoint. Every process calls save/restore (orbax
 coordinates multi-host writes itself).
+
+`integrity` holds a checksum per state tensor: the wrapping uint32 sum of its bits, computed on the device when
+the checkpoint is taken and again after a restore. Integer addition is associative, so the sum is the same
+whatever the mesh or the reduction order; any flipped bit changes it. A checkpoint that fails to restore
+(missing or truncated files, missing metadata, a checksum mismatch) is moved to {run_dir}/checkpoints_corrupt/
+with one logged line naming it, and the previous one is tried (docs/training.md, "Faults").
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -23,7 +32,32 @@ def _manager(directory: Path, keep: int, async_save: bool, best: bool = False) -
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         best_fn=(lambda m: m["eval_loss"]) if best else None, best_mode="min",
         keep_checkpoints_without_metrics=not best)
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "loader"))
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "loader", "integrity"))
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run could be restored; str(e) is one line naming the latest one and why."""
+
+
+@jax.jit
+def state_checksums(state) -> dict:
+    """{tensor path: wrapping uint32 sum of its bits}: order-independent, so any mesh gives the same value."""
+    def one(x):
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+        return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+    return {jax.tree_util.keystr(path): one(x) for path, x in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def checksums_json(state) -> dict:
+    return {"format": 1, "state": {k: int(v) for k, v in jax.device_get(state_checksums(state)).items()}}
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:240]}"
 
 
 class Checkpointer:
@@ -42,8 +76,7 @@ class Checkpointer:
             return False
         if self.mngr.latest_step() == step:
             return False
-        saved = self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                             loader=ocp.args.JsonSave(loader_state)), force=force)
+        saved = self.mngr.save(step, args=self._save_args(state, loader_state), force=force)
         if saved:
             log.info("checkpoint: saving step %d to %s", step, self.dir)
         return saved
@@ -51,16 +84,66 @@ class Checkpointer:
     def save_best(self, step: int, state, loader_state: dict, eval_loss: float) -> None:
         if self.best is None:
             return
-        self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     loader=ocp.args.JsonSave(loader_state)),
-                       metrics={"eval_loss": float(eval_loss)}, force=True)
+        self.best.save(step, args=self._save_args(state, loader_state), metrics={"eval_loss": float(eval_loss)},
+                       force=True)
+
+    @staticmethod
+    def _save_args(state, loader_state: dict):
+        return ocp.args.Composite(state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader_state),
+                                  integrity=ocp.args.JsonSave(checksums_json(state)))
 
     def restore(self, abstract_state, step: int | None = None):
-        """(state, loader_state) of `step` (default: latest). `abstract_state` carries target shardings."""
+        """(state, loader_state) of `step` (default: latest), its checksums verified. `abstract_state` carries
+        target shardings."""
         step = self.mngr.latest_step() if step is None else step
-        out = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                              loader=ocp.args.JsonRestore()))
+        items = {"state": ocp.args.StandardRestore(abstract_state), "loader": ocp.args.JsonRestore()}
+        has_sums = (self.dir / str(step) / "integrity").exists()
+        if has_sums:
+            items["integrity"] = ocp.args.JsonRestore()
+        out = self.mngr.restore(step, args=ocp.args.Composite(**items))
+        if has_sums:
+            expected = out["integrity"]["state"]
+            got = checksums_json(out["state"])["state"]
+            bad = [k for k in expected if got.get(k) != expected[k]] or sorted(set(got) - set(expected))
+            if bad:
+                raise CheckpointError(f"tensor state{bad[0]} does not match its checksum")
+        else:
+            log.warning("checkpoint %s has no checksums (written by an older glm_jax): not verified",
+                        self.dir / str(step))
         return out["state"], out["loader"]
+
+    def restore_latest_good(self, abstract_state):
+        """(step, state, loader_state) of the newest checkpoint that restores and verifies; the newer ones
+        that do not are moved to checkpoints_corrupt/ with a line each. Raises CheckpointError when none
+        restores (nothing is moved then: a config that no longer fits the run must not discard its work)."""
+        failed = []
+        for step in sorted(self.mngr.all_steps(), reverse=True):
+            try:
+                state, loader = self.restore(abstract_state, step)
+            except Exception as e:  # orbax / tensorstore raise many types for damaged files
+                failed.append((step, _first_line(e)))
+                log.warning("checkpoint %s does not restore: %s", self.dir / str(step), failed[-1][1])
+                continue
+            for bad_step, why in failed:
+                self._set_aside(bad_step, why)
+            return step, state, loader
+        step, why = failed[0]
+        raise CheckpointError(f"{self.dir / str(step)}: cannot restore ({why})"
+                              + (f"; nor can the {len(failed) - 1} older checkpoint(s)" if len(failed) > 1 else ""))
+
+    def _set_aside(self, step: int, why: str) -> None:
+        src = self.dir / str(step)
+        dst = self.dir.parent / "checkpoints_corrupt" / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+        if jax.process_index() == 0:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), str(dst))
+            print(f"checkpoint {src} is damaged ({why}): moved to {dst}; resuming from the previous one",
+                  flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"glm_jax set aside checkpoint {step}")
+        self.mngr.reload()
 
     def wait(self) -> None:
         for m in (self.mngr, self.best):

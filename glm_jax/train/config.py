@@ -72,6 +72,7 @@ class TrainSection:
     z_loss: float = 0.0
     loss_chunk: int = 0  # >0: cross-entropy over the vocabulary this many positions at a time (must divide seq_len)
     on_nan: str = "stop"  # stop (exit 3, last good checkpoint kept) | skip (drop the update, count it)
+    max_skips: int = 10  # on_nan=skip: this many non-finite steps in a row stop the run (exit 3)
     mode: str = "full"  # full | lora | ptuning (P-tuning v2: only the per-layer prefix K/V are trained)
     log_every: int = 1
     eval_every: int = 0  # 0 = only at the end

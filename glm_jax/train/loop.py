@@ -1,9 +1,14 @@
 """The training run behind `python train.py --config configs/X.yaml [key=value ...]`.
 
 Exit codes: 0 = finished, or stopped by SIGTERM/SIGINT after saving a checkpoint (re-run the same command to
-resume); 2 = bad configuration or data (one line on stderr naming the key / file:line); 3 = the loss or the
-gradient norm was NaN/Inf with train.on_nan=stop (the last good checkpoint is kept, nothing newer is saved);
-4 = --compile-only: the compiled step does not fit in the device's memory.
+resume); 2 = bad configuration or data (one line on stderr naming the key / file:line), a run directory owned
+by another live process, or no checkpoint of the run restores; 3 = the loss, the gradient norm or the updated
+state was NaN/Inf with train.on_nan=stop, or train.max_skips steps in a row were with on_nan=skip (the last
+good checkpoint is kept, nothing newer is saved); 4 = --compile-only: the compiled step does not fit in the
+device's memory; 5 = the run directory cannot be written (disk full, read-only, permissions).
+
+A rerun of the same command resumes from the newest checkpoint that restores and verifies, and finishes an
+interrupted end of run (final eval, final record, export). docs/training.md, "Faults", lists every fault.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from glm_jax.train.config import Config, ConfigError, check_model_fit, load_conf
 
 log = logging.getLogger("glm_jax.train")
 
-EXIT_OK, EXIT_CONFIG, EXIT_NAN, EXIT_NO_FIT = 0, 2, 3, 4
+EXIT_OK, EXIT_CONFIG, EXIT_NAN, EXIT_NO_FIT, EXIT_IO = 0, 2, 3, 4, 5
+# Errors that mean the run directory cannot be written, whatever layer (orbax, tensorstore) reports them.
+IO_MARKERS = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -140,8 +147,44 @@ class _Stop:
 # ---------------------------------------------------------------------------------------------- run
 
 def run(cfg: Config) -> int:
-    """Trains according to `cfg`; returns the process exit code. Raises ConfigError / DataError on bad input."""
-    maybe_init_distributed(cfg)
+    """Trains according to `cfg`; returns the process exit code. Raises ConfigError / DataError on bad input.
+
+    Signals are caught from the start (a SIGTERM during start-up or compilation exits cleanly at the first
+    chance); process 0 holds the run directory's lock until it returns."""
+    from glm_jax.train.checkpoint import CheckpointError
+    from glm_jax.train.rundir import RunDirBusy, RunLock, check_resume_config
+
+    stop = _Stop()
+    stop.install()
+    lock = None
+    try:
+        maybe_init_distributed(cfg)
+        import jax
+
+        if jax.process_index() == 0:
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            lock = RunLock(cfg.run_dir)
+            lock.acquire()
+        check_resume_config(cfg, cfg.run_dir)
+        return _train(cfg, stop)
+    except (RunDirBusy, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except Exception as e:
+        if not (isinstance(e, OSError) or any(m in str(e) for m in IO_MARKERS)):
+            raise
+        where = getattr(e, "filename", None) or cfg.run_dir
+        why = getattr(e, "strerror", None) or " ".join(str(e).split())[:300]
+        print(f"error: cannot write {where}: {why} (the last complete checkpoint is kept)", file=sys.stderr,
+              flush=True)
+        return EXIT_IO
+    finally:
+        stop.uninstall()
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, stop: "_Stop") -> int:
     import jax
     import numpy as np
 
@@ -150,7 +193,8 @@ def run(cfg: Config) -> int:
     from glm_jax.train import data as D
     from glm_jax.train import lora as lora_lib
     from glm_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-    from glm_jax.train.metrics import MetricsWriter, mfu, plot_loss
+    from glm_jax.train.metrics import MetricsWriter, mfu, plot_loss, truncate_metrics
+    from glm_jax.train.rundir import export_atomically, mark_complete, read_complete, write_config
     from glm_jax.train.step import batch_shardings, make_state, state_shardings
 
     primary = jax.process_index() == 0
@@ -162,8 +206,6 @@ def run(cfg: Config) -> int:
 
     if primary:
         print("resolved config:\n" + to_yaml(cfg), flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     # -------------------------------------------------------------------- data (host side, before compiling)
     from glm_jax.tokenizer import ChatGLMTokenizer
@@ -274,7 +316,8 @@ def run(cfg: Config) -> int:
         abstract_state = jax.eval_shape(lambda p: make_state(p, tx, t.seed), abstract_trainable)
         s_shard = state_shardings(abstract_state, train_shard, tx, mesh)
         if resume_step is not None:
-            state, loader_state = ckpt.restore(abstract_with_shardings(abstract_state, s_shard), resume_step)
+            resume_step, state, loader_state = ckpt.restore_latest_good(
+                abstract_with_shardings(abstract_state, s_shard))
             loader.restore(loader_state)
             if primary:
                 print(f"resumed from {ckpt.dir / str(resume_step)} (step {resume_step}, data position "
@@ -304,24 +347,38 @@ def run(cfg: Config) -> int:
             return res
 
         # ---------------------------------------------------------------- loop
-        writer = MetricsWriter(run_dir, active=primary)
         start = int(jax.device_get(state["step"]))
+        if primary:  # the state fits this config: from now on config.yaml describes the checkpoints
+            write_config(run_dir, to_yaml(cfg))
         if start >= t.steps:
+            done = read_complete(run_dir)
+            if done is not None and done.get("step") == start:
+                if primary:
+                    print(f"already trained: checkpoint at step {start} >= train.steps={t.steps}; nothing to do")
+                ckpt.close()
+                return EXIT_OK
             if primary:
-                print(f"already trained: checkpoint at step {start} >= train.steps={t.steps}; nothing to do")
+                print(f"checkpoint at step {start} >= train.steps={t.steps}, but the run's end did not complete: "
+                      f"finishing it (final eval, final record, export)", flush=True)
+        if primary:  # what was logged after the resumed step is logged again below: each step exactly once
+            dropped = truncate_metrics(run_dir / "metrics.jsonl", start)
+            if dropped:
+                print(f"metrics.jsonl: dropped {dropped} record(s) after step {start}, which is resumed from")
+        writer = MetricsWriter(run_dir, active=primary)
+        if stop.requested:
+            if primary:
+                print(f"stopped by {stop.requested} before the first step; nothing new to save", flush=True)
             ckpt.close()
             return EXIT_OK
-        stop = _Stop()
-        stop.install()
         bar = None
-        if primary:
+        if primary and start < t.steps:
             from tqdm import tqdm
 
             bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                        file=sys.stdout, mininterval=1.0)
         device_kind = jax.devices()[0].device_kind
         exit_code = EXIT_OK
-        clock = {"last": None, "steps": 0, "secs": 0.0}
+        clock = {"last": None, "steps": 0, "secs": 0.0, "skips_in_row": 0}
 
         def report(step, m, is_eval=False):
             """Reads step `step`'s metrics from the device: the JSON line, the progress bar, the NaN check."""
@@ -339,13 +396,18 @@ def run(cfg: Config) -> int:
                 record["accuracy"] = float(m["accuracy"])
             if t.on_nan == "skip":
                 record["skipped"] = int(m["skipped"])
+            clock["skips_in_row"] = 0 if bool(m["finite"]) else clock["skips_in_row"] + 1
             if not bool(m["finite"]):
-                if t.on_nan == "stop":
+                what = (f"loss={record['loss']} grad_norm={record['grad_norm']} is not finite"
+                        if bool(m["update_finite"]) or not math.isfinite(record["loss"] + record["grad_norm"])
+                        else "the updated parameters / optimizer state are not finite")
+                if t.on_nan == "stop" or clock["skips_in_row"] >= t.max_skips:
                     writer.write(record)
-                    raise NonFiniteLoss(f"step {step}: loss={record['loss']} grad_norm={record['grad_norm']} "
-                                        f"is not finite; stopping without saving (last good checkpoint: "
+                    why = what if t.on_nan == "stop" else (f"{clock['skips_in_row']} non-finite steps in a row "
+                                                           f"(train.max_skips={t.max_skips}); last: {what}")
+                    raise NonFiniteLoss(f"step {step}: {why}; stopping without saving (last good checkpoint: "
                                         f"{ckpt.latest_step()})")
-                log.warning("step %d: non-finite loss/grad, update skipped (%d so far)", step, record["skipped"])
+                log.warning("step %d: %s, update skipped (%d so far)", step, what, record["skipped"])
             if is_eval:
                 record.update(evaluate(state))
             if step % t.log_every == 0 or is_eval or step == t.steps:
@@ -358,7 +420,7 @@ def run(cfg: Config) -> int:
 
         step = start
         pending = None  # (step, metrics) not read yet: read after the next step is queued, so the device never idles
-        batch = to_global(next(loader), train_shapes, b_shard, train_slices, 1)
+        batch = to_global(next(loader), train_shapes, b_shard, train_slices, 1) if step < t.steps else None
         try:
             while step < t.steps:
                 hyper = {"lr": np.float32(schedule(step)), "skip_nonfinite": np.bool_(t.on_nan == "skip")}
@@ -388,8 +450,10 @@ def run(cfg: Config) -> int:
                     if bar is not None:
                         bar.close()
                     if primary:
-                        print(f"stopped by {stop.requested} at step {step}; checkpoint saved to {ckpt.dir}; "
-                              f"re-run the same command to resume", flush=True)
+                        saved = (f"checkpoint saved to {ckpt.dir}; re-run the same command to resume"
+                                 if cfg.checkpoint.enabled else
+                                 "nothing saved (checkpoint.enabled=false): a rerun starts over")
+                        print(f"stopped by {stop.requested} at step {step}; {saved}", flush=True)
                     return EXIT_OK
         except NonFiniteLoss as e:
             if bar is not None:
@@ -397,8 +461,6 @@ def run(cfg: Config) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
             ckpt.close()
             return EXIT_NAN
-        finally:
-            stop.uninstall()
         if bar is not None:
             bar.close()
 
@@ -417,13 +479,14 @@ def run(cfg: Config) -> int:
                                         for k, v in final.items() if k != "final"), flush=True)
         if cfg.export.path:
             params = builder.effective_params(state["params"], frozen)
-            _export(cfg, model_cfg, params, primary)
+            _export(cfg, model_cfg, params, primary, export_atomically)
         writer.close()
         if primary:
             png = plot_loss(run_dir)
             if png:
                 print(f"loss curve: {png}")
             print(f"metrics: {run_dir / 'metrics.jsonl'}")
+            mark_complete(run_dir, step, cfg.export.path)  # last: a kill before this line redoes the end
         return exit_code
 
 
@@ -626,7 +689,7 @@ def load_run(run_dir: str | Path, step: int | None = None):
     return model_cfg, {**base, "model": {**base["model"], "prefix": trained["prefix"]}}
 
 
-def _export(cfg, model_cfg, params, primary):
+def _export(cfg, model_cfg, params, primary, export_atomically):
     import jax
     from jax.experimental import multihost_utils
 
@@ -635,5 +698,6 @@ def _export(cfg, model_cfg, params, primary):
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     if primary:
-        out = save_hf(model_cfg, params, cfg.export.path, format=cfg.export.format)
+        out = export_atomically(lambda tmp: save_hf(model_cfg, params, tmp, format=cfg.export.format),
+                                cfg.export.path)
         print(f"exported {cfg.export.format} checkpoint to {out}", flush=True)

@@ -109,11 +109,42 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _parse_lines(text: str, path) -> list[dict]:
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+            log.warning("%s:%d: not a complete JSON record, skipped", path, i)
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a cut (unparsable) line is skipped with a warning."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return _parse_lines(p.read_text(errors="replace"), p)
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Keeps the records of steps before `step` and the step `step` itself unless it is a final record: what
+    a run resuming from the checkpoint of `step` has already logged. Cut lines go too. Returns lines dropped.
+    The file is replaced atomically (a kill during this leaves the old or the new file, never half)."""
+    p = Path(path)
+    if not p.exists():
+        return 0
+    records = read_metrics(p)
+    lines = [line for line in p.read_text(errors="replace").splitlines() if line.strip()]
+    keep = [r for r in records if r.get("step", 0) < step or (r.get("step") == step and not r.get("final"))]
+    if len(keep) == len(lines):
+        return 0
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
+    tmp.replace(p)
+    return len(lines) - len(keep)
 
 
 def plot_loss(run_dir: str | Path) -> Path | None:

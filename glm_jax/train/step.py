@@ -162,7 +162,10 @@ class StepBuilder:
         lr = hyper["lr"].astype(jnp.float32)
         updates = jax.tree.map(lambda u: (-lr * u.astype(jnp.float32)).astype(u.dtype), updates)
         new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The update is checked too: a finite loss and gradient can still give non-finite parameters (an
+        # overflowing float16 weight, an absurd learning rate), and those must never reach a checkpoint.
+        update_finite = all_finite(new_params) & all_finite(opt_state)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & update_finite
         # on_nan=skip: a non-finite step keeps the old params and optimizer state (on_nan=stop: the host stops)
         take_new = finite | ~hyper["skip_nonfinite"]
         keep_old = lambda new, old: jnp.where(take_new, new, old)  # noqa: E731
@@ -171,6 +174,7 @@ class StepBuilder:
                      "skipped": state["skipped"] + (~take_new).astype(jnp.int32)}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
                    "tokens": aux["count"] if self.task != "classification" else total, "finite": finite,
+                   "update_finite": update_finite,
                    "skipped": new_state["skipped"]}
         if self.task == "classification":
             metrics["accuracy"] = aux["correct"] / total
@@ -191,6 +195,12 @@ class StepBuilder:
         repl = NamedSharding(next(iter(jax.tree.leaves(batch_shardings))).mesh, P())
         return jax.jit(self.eval_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                        out_shardings=repl)
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every float in `tree` is finite (one fused reduction per leaf, on the device)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def make_state(params, tx, seed: int) -> dict[str, Any]:

@@ -1,0 +1,170 @@
+"""The run directory's own bookkeeping: who owns it, whether a new config may resume its checkpoints, whether
+its end (final eval, final record, export) is done, and atomic exports.
+
+    {run_dir}/run.lock       {"pid", "host", "proc_start", "time"} of the process training in it (process 0)
+    {run_dir}/config.yaml    the resolved config of the checkpoints, written once the new config is known to fit
+    {run_dir}/complete.json  {"step", "export"}: written last, after the export; without it a rerun finishes the end
+
+See docs/training.md, "Faults".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from glm_jax.train.config import Config, ConfigError, load_config
+
+log = logging.getLogger("glm_jax.train")
+
+LOCK_NAME, COMPLETE_NAME = "run.lock", "complete.json"
+# Keys a resumed run must share with its checkpoints: they define the state's shapes or the data stream the
+# loader position refers to. Everything else (steps, lr, eval and checkpoint cadence, export) may change.
+RESUME_KEYS = ("model.", "train.mode", "train.seed", "train.global_batch_size", "data.task", "data.seq_len",
+               "data.tokenizer", "data.prepared", "data.train_files", "lora.", "ptuning.")
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process owns the run directory; str(e) is one line naming it."""
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a live owner from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, proc_start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = _proc_start(pid)
+    return proc_start is None or now is None or now == proc_start
+
+
+class RunLock:
+    """An exclusive lock file in the run directory, held while training. A lock whose process is gone (same
+    host, pid not running or reused) is stale and taken over with a warning; a lock of another host is
+    respected, since its process cannot be checked from here."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": _proc_start(os.getpid()),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._break_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise RunDirBusy(f"{self.path}: could not take the lock (another process keeps taking it)")
+
+    def _break_if_stale(self) -> None:
+        try:
+            text = self.path.read_text()
+            owner = json.loads(text)
+            pid, host = int(owner["pid"]), str(owner["host"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError):  # empty or cut: a writer in progress, or a dead one
+            if time.time() - self.path.stat().st_mtime < 5:
+                time.sleep(0.5)
+                return
+            owner, pid, host = {}, -1, socket.gethostname()
+        if host == socket.gethostname() and not (pid > 0 and _alive(pid, owner.get("proc_start"))):
+            log.warning("%s: removing the stale lock of pid %s (not running)", self.path, pid)
+            self.path.unlink(missing_ok=True)
+            return
+        raise RunDirBusy(f"{self.path.parent}: in use by pid {pid} on {host} since {owner.get('time')} "
+                         f"({self.path}; delete it only if that run is dead)")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"a.b.c": leaf}; empty mappings vanish, so `model.overrides: {}` equals no overrides."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    d = Path(run_dir) / "checkpoints"
+    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
+def check_resume_config(cfg: Config, run_dir: str | Path) -> None:
+    """Raises ConfigError naming the first key that differs from the config of the run's checkpoints."""
+    old_path = Path(run_dir) / "config.yaml"
+    if not has_checkpoints(run_dir) or not old_path.exists():
+        return
+    try:
+        old = _flat(load_config(old_path).to_dict())
+    except ConfigError as e:
+        raise ConfigError(f"{old_path}: the config of this run's checkpoints does not load ({e})") from None
+    new = _flat(cfg.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(RESUME_KEYS) and old.get(key) != new.get(key):
+            raise ConfigError(f"{key}: {new.get(key)!r} differs from {old.get(key)!r} of the checkpoints in "
+                              f"{run_dir} ({old_path}); use another run_dir, or the old value to resume")
+
+
+def write_config(run_dir: str | Path, text: str) -> None:
+    path = Path(run_dir) / "config.yaml"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_complete(run_dir: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / COMPLETE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mark_complete(run_dir: str | Path, step: int, export: str | None) -> None:
+    path = Path(run_dir) / COMPLETE_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "export": export}))
+    tmp.replace(path)
+
+
+def clear_complete(run_dir: str | Path) -> None:
+    (Path(run_dir) / COMPLETE_NAME).unlink(missing_ok=True)
+
+
+def export_atomically(write, out: str | Path) -> Path:
+    """Calls write(tmp_dir) and renames tmp_dir to `out` (replacing whatever a killed export left there)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+    return out
