@@ -6,7 +6,9 @@
 DIR is a THUDM (`chatglm`) or transformers (`glm`) checkpoint directory (`glm_jax.load_hf`). In the terminal:
 `/reset` starts over (keeping the system prompt and tools), `/exit` (or EOF) quits. Replies stream as they are
 generated; a tool call is printed as a structured call and the tool's result is read from the terminal and sent
-back as an `<|observation|>` message.
+back as an `<|observation|>` message. Exit status: 0 after `/exit` or end of input; 2 for bad arguments (a missing
+or unreadable checkpoint, tokenizer or tools file, tools that are not a list of objects), reported as one
+`error: ...` line on stderr naming the option and the file.
 
     session = ChatSession(model, params, tokenizer, system="...", tools=[...], temperature=0.8, top_p=0.8)
     reply = session.send("What's the weather in Paris?")    # {"type": "text", "content": ...}
@@ -302,29 +304,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     from glm_jax import GLMForCausalLM
     from glm_jax.tokenizer import ChatGLMTokenizer
 
+    def fail(msg: str) -> int:
+        print("error: " + " ".join(str(msg).split()), file=sys.stderr, flush=True)
+        return 2
+
     tools = None
     if args.tools:
         try:
-            tools = json.loads(Path(args.tools).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            print(f"error: {args.tools}: cannot read the tools JSON ({e})", file=sys.stderr)
-            return 2
+            tools = json.loads(Path(args.tools).read_bytes())
+        except OSError as e:
+            return fail(f"--tools: {args.tools}: cannot read the tools JSON ({e.strerror or e})")
+        except json.JSONDecodeError as e:
+            return fail(f"--tools: {args.tools}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+        except UnicodeDecodeError as e:
+            return fail(f"--tools: {args.tools}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})")
+        except RecursionError:
+            return fail(f"--tools: {args.tools}: not valid JSON (nested too deeply)")
         if isinstance(tools, dict):
             tools = [tools]
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            what = type(tools).__name__ if not isinstance(tools, list) else "a list holding non-objects"
+            return fail(f"--tools: {args.tools}: must hold a list of tool objects (or one object), got {what}")
     tok_file = args.tokenizer
     if tok_file is None and (Path(args.checkpoint) / "tokenizer.model").exists():
         tok_file = Path(args.checkpoint) / "tokenizer.model"
-    tokenizer = ChatGLMTokenizer(tok_file)
+    if tok_file is not None and not Path(tok_file).is_file():
+        return fail(f"--tokenizer: {tok_file}: no such file")
+    try:
+        tokenizer = ChatGLMTokenizer(tok_file)
+    except (OSError, RuntimeError, ValueError) as e:  # sentencepiece: RuntimeError on a file that is no model
+        return fail(f"--tokenizer: {tok_file}: cannot load the SentencePiece model ({e})")
     overrides = dict(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else {}
     try:
         cfg, params = load_checkpoint(args.checkpoint, **overrides)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, KeyError) as e:
+        return fail(e)
     if cfg.vocab_size < tokenizer.vocab_size:
-        print(f"error: the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
-              f"({tokenizer.vocab_size})", file=sys.stderr)
-        return 2
+        return fail(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
+                    f"({tokenizer.vocab_size})")
     session = ChatSession(GLMForCausalLM(cfg), params, tokenizer, system=args.system, tools=tools,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)

@@ -18,6 +18,27 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 
 
+def read_json_object(file: str | Path) -> dict[str, Any]:
+    """The JSON object in `file` (a checkpoint's config.json). A file that cannot be read or parsed raises one
+    ValueError naming it and the position of the JSON error (FileNotFoundError if it does not exist)."""
+    file = Path(file)
+    try:
+        raw = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ValueError(f"{file}: cannot read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ValueError(f"{file}: not valid JSON (nested too deeply)") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object at the top level, got {type(raw).__name__}")
+    return raw
+
+
 @dataclasses.dataclass(frozen=True)
 class GLMConfig:
     vocab_size: int = 65024
@@ -132,11 +153,7 @@ class GLMConfig:
         file = path / "config.json" if path.is_dir() else path
         if not file.exists():
             raise FileNotFoundError(f"{file}: no config.json")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(raw, source=str(file), **overrides)
+        return cls.from_hf_dict(read_json_object(file), source=str(file), **overrides)
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json", **overrides) -> "GLMConfig":

@@ -166,8 +166,10 @@ def test_two_processes_match_one_process(baseline, tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12]
 
 
-NAN = ["train.steps=5", "train.lr=1e30", "train.warmup_steps=0", "train.schedule=constant", "checkpoint.every=1",
-       "train.eval_every=0"]
+# Step 1 is finite, step 2 overflows: float16 compute after one step of the largest valid learning rate (an
+# absurd one such as 1e30 is a config error, train.lr <= 10).
+NAN = ["train.steps=5", "train.lr=10", "train.weight_decay=0", "model.dtype=float16", "train.warmup_steps=0",
+       "train.schedule=constant", "checkpoint.every=1", "train.eval_every=0"]
 
 
 def test_nan_stops_without_overwriting_the_last_good_checkpoint(tmp_path):

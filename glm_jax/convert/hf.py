@@ -13,7 +13,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from glm_jax.config import GLMConfig
+from glm_jax.config import GLMConfig, read_json_object
 from glm_jax.convert.formats import ENTRIES, HEADS, IGNORED_TORCH_NAMES, QUANTIZABLE, Entry
 from glm_jax.convert.quant import QUANTIZED_KERNELS, dequantize_kernel, dequantize_rows, quantize_kernel, quantize_rows
 from glm_jax.convert.tensors import CheckpointReader, write_safetensors
@@ -30,7 +30,7 @@ def detect_format(ckpt_dir: str | Path) -> tuple[str, dict[str, Any]]:
     file = Path(ckpt_dir) / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"{file}: missing (a checkpoint directory needs its config.json)")
-    raw = json.loads(file.read_text())
+    raw = read_json_object(file)
     fmt = FORMAT_OF_MODEL_TYPE.get(raw.get("model_type"))
     if fmt is None:
         raise ValueError(f"{file}: unknown model_type {raw.get('model_type')!r} (expected chatglm, glm or glm4)")

@@ -35,7 +35,7 @@ class CheckpointReader:
         if index is not None:
             try:
                 self.weight_map = dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError) as e:
+            except (ValueError, KeyError, TypeError) as e:  # bad JSON or UTF-8, no weight_map mapping
                 raise ValueError(f"{index}: not a valid checkpoint index ({type(e).__name__}: {e})") from None
             for name, file in self.weight_map.items():
                 if not (self.dir / file).exists():

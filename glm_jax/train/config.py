@@ -5,6 +5,10 @@
 Override values are parsed as YAML scalars (``train.lr=3e-4`` is a float, ``data.train_files=[a.txt,b.txt]`` a
 list). Every problem - unknown key, wrong type, impossible combination - raises `ConfigError` whose message is
 one line starting with the offending key; `train.py` prints it and exits with status 2 before touching jax.
+Every float must be finite (`.nan` / `.inf` are errors); `train.lr` must be at most `MAX_LR`; `train.seed` is in
+[0, 2**31 - 1]; `data.max_tokens` is positive or null (no limit). `load_config` also checks the two paths a run
+needs before it starts: `data.tokenizer` must be an existing file, and `run_dir` a non-empty path that is not
+an existing file.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any, Optional, Union
 import yaml
 
 EXIT_CONFIG_ERROR = 2
+MAX_LR = 10.0  # a learning rate above this is a typo (1e39, 3e4 for 3e-4), not a setting
+MAX_SEED = 2**31 - 1  # jax.random.key keeps only the low 32 bits of larger seeds (2**32 would be seed 0)
 
 
 class ConfigError(ValueError):
@@ -46,9 +52,9 @@ class DataSection:
     seq_len: int = 128
     text_split: str = "paragraph"  # .txt documents: paragraph (blank-line separated) | line | file
     text_key: str = "text"  # JSONL pretraining: the field holding the text
-    max_tokens: Optional[int] = None  # pretraining: stop reading documents after this many tokens
+    max_tokens: Optional[int] = None  # pretraining: stop reading documents after this many tokens (null: no limit)
     skip_bad_records: bool = False
-    tokenizer: Optional[str] = None  # SentencePiece model file; None = the one shipped with glm_jax
+    tokenizer: Optional[str] = None  # SentencePiece model file (must exist); None = the one shipped with glm_jax
     # pretrain: a directory written by `train.py --prepare-data DIR` (rows packed once, memory-mapped; each
     # process reads only its rows); train_files / eval_files are then not read
     prepared: Optional[str] = None
@@ -199,8 +205,16 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int too large for a float
+                raise ConfigError(f"{key}: {value} is too large") from None
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value}")
+            return value
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -252,8 +266,12 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = _parse_scalar(text)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """YAML file (None = defaults only) + overrides -> validated `Config` (static checks only)."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_paths: bool = True) -> Config:
+    """YAML file (None = defaults only) + overrides -> validated `Config` (static checks only).
+
+    check_paths=False skips the file-system checks (`validate_paths`), e.g. to read the config.yaml of a run
+    whose tokenizer file is not on this machine."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -269,6 +287,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         apply_override(raw, item)
     cfg = _build(Config, raw)
     validate_static(cfg)
+    if check_paths:
+        validate_paths(cfg)
     return cfg
 
 
@@ -290,9 +310,27 @@ def validate_static(cfg: Config) -> None:
         if v <= 0:
             raise ConfigError(f"{k}: must be positive, got {v}")
     for k, v in {"train.warmup_steps": t.warmup_steps, "train.eval_every": t.eval_every, "train.z_loss": t.z_loss,
-                 "train.weight_decay": t.weight_decay, "train.lr": t.lr}.items():
+                 "train.weight_decay": t.weight_decay, "train.lr": t.lr, "train.max_skips": t.max_skips}.items():
         if v < 0:
             raise ConfigError(f"{k}: must be >= 0, got {v}")
+    if t.lr > MAX_LR:
+        raise ConfigError(f"train.lr: {t.lr} is not a plausible learning rate (must be at most {MAX_LR:g})")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise ConfigError(f"train.seed: must be in [0, {MAX_SEED}], got {t.seed}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    for k, v in {"train.b1": t.b1, "train.b2": t.b2}.items():
+        if not 0 <= v < 1:
+            raise ConfigError(f"{k}: must be in [0, 1), got {v}")
+    if t.lr * t.weight_decay >= 1:
+        raise ConfigError(f"train.weight_decay: {t.weight_decay} with train.lr={t.lr} decays every weight past zero "
+                          f"in one step (lr * weight_decay must be below 1)")
+    if t.eps <= 0:
+        raise ConfigError(f"train.eps: must be positive, got {t.eps}")
+    if cfg.lora.alpha <= 0:
+        raise ConfigError(f"lora.alpha: must be positive, got {cfg.lora.alpha}")
+    if d.max_tokens is not None and d.max_tokens <= 0:
+        raise ConfigError(f"data.max_tokens: must be positive or null (no limit), got {d.max_tokens}")
     if t.loss_chunk < 0 or (t.loss_chunk and d.seq_len % t.loss_chunk):
         raise ConfigError(f"train.loss_chunk: must be 0 or divide data.seq_len={d.seq_len}, got {t.loss_chunk}")
     if not 0 <= d.eval_fraction < 1:
@@ -330,6 +368,29 @@ def validate_static(cfg: Config) -> None:
         for k in cfg.model.overrides:
             if k not in fields:
                 raise ConfigError(f"model.overrides.{k}: not a GLMConfig field")
+
+
+def validate_paths(cfg: Config) -> None:
+    """File-system checks that need no devices: the tokenizer file exists, run_dir can be a directory."""
+    tok = cfg.data.tokenizer
+    if tok is not None:
+        if not str(tok).strip():
+            raise ConfigError("data.tokenizer: empty path (null for the tokenizer shipped with glm_jax)")
+        p = Path(tok)
+        if not p.exists():
+            raise ConfigError(f"data.tokenizer: file not found: {p}")
+        if not p.is_file():
+            raise ConfigError(f"data.tokenizer: {p} is not a file (expected a SentencePiece tokenizer.model)")
+    if not cfg.run_dir.strip():
+        raise ConfigError("run_dir: empty path (the run directory would be the current directory)")
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} exists and is not a directory")
+    for parent in run_dir.absolute().parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"run_dir: {run_dir} cannot be created: {parent} is not a directory")
+            break
 
 
 def _check_batch(cfg: Config, batch_shards: int) -> None:

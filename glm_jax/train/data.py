@@ -54,8 +54,23 @@ def expand_files(patterns: Iterable[str]) -> list[Path]:
         hits = sorted(glob.glob(str(pat), recursive=True))
         if not hits:
             raise DataError(f"{pat}:0: no such file")
-        out += [Path(h) for h in hits if Path(h).is_file()]
+        files = [Path(h) for h in hits if Path(h).is_file()]
+        if not files:
+            raise DataError(f"{pat}:0: not a file (a directory?); give files or a glob pattern such as DIR/*.txt")
+        out += files
     return out
+
+
+def no_examples(files: list[Path], bad: BadRecords, why: str | None = None) -> DataError:
+    """The DataError of data files that gave no example at all, naming them (an empty or blank file, every record
+    bad or dropped)."""
+    names = ", ".join(str(f) for f in files[:3]) + (f" (and {len(files) - 3} more)" if len(files) > 3 else "")
+    if why is None:
+        if bad.count:
+            why = f"{bad.count} bad record(s) skipped, no good one left"
+        else:
+            why = "the file is empty or blank" if len(files) == 1 else "the files are empty or blank"
+    return DataError(f"{names or 'no files'}: no examples ({why})")
 
 
 def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, Any]]:
@@ -70,9 +85,14 @@ def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 bad.handle(f"{path}:{n}", f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            except RecursionError:  # e.g. "[[[[..." thousands deep: the decoder's nesting limit
+                bad.handle(f"{path}:{n}", "JSON nested too deeply")
+                continue
+            yield n, obj
 
 
 def read_text_documents(path: Path, split: str, bad: BadRecords, text_key: str = "text") -> Iterator[str]:
@@ -174,11 +194,15 @@ class PretrainDocuments:
     def _texts(self) -> Iterator[list[str]]:
         batch: list[str] = []
         for path in self.files:
+            docs = 0
             for text in read_text_documents(path, self.split, self.bad, self.text_key):
+                docs += 1
                 batch.append(text)
                 if len(batch) == self.BATCH:
                     yield batch
                     batch = []
+            if not docs:
+                log.warning("%s: no documents (empty or blank file, or every record bad)", path)
         if batch:
             yield batch
 
@@ -203,6 +227,8 @@ def build_pretrain(files: list[Path], tok, seq_len: int, split: str, bad: BadRec
     tokens, segments = pack_documents(docs, seq_len, tok.pad_token_id)
     log.info("pretraining data: %d tokens from %d files -> %d rows of %d", docs.tokens, len(files), len(tokens),
              seq_len)
+    if not len(tokens):
+        raise no_examples(files, bad)
     return lm_examples(tokens, segments)
 
 
@@ -356,9 +382,23 @@ def check_conversation(obj: Any) -> tuple[list[dict], Any]:
             raise ValueError(f"message {i}: content must be a string (or a tool-call object)")
         if "metadata" in m and not isinstance(m["metadata"], str):
             raise ValueError(f"message {i}: metadata must be a string")
+        if "tools" in m:
+            _check_tools(m["tools"], f"message {i}: tools")
     if not any(m["role"] == "assistant" for m in conv):
         raise ValueError("no assistant message to train on")
-    return conv, obj.get("tools")
+    tools = obj.get("tools")
+    if tools is not None:
+        _check_tools(tools, "tools")
+    return conv, tools
+
+
+def _check_tools(tools: Any, key: str) -> None:
+    """ChatGLM3 tools: a list of tool-description objects."""
+    if not isinstance(tools, list):
+        raise ValueError(f"{key}: must be a list of tool objects, got {type(tools).__name__} {tools!r:.40}")
+    for j, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise ValueError(f"{key}[{j}]: must be a tool object, got {type(t).__name__} {t!r:.40}")
 
 
 def build_sft(files: list[Path], tok, seq_len: int, bad: BadRecords) -> tuple[dict[str, np.ndarray], dict]:
@@ -375,6 +415,9 @@ def build_sft(files: list[Path], tok, seq_len: int, bad: BadRecords) -> tuple[di
             except (ValueError, KeyError, TypeError) as e:
                 bad.handle(f"{path}:{n}", str(e))
                 continue
+            except RecursionError:  # tools / a tool call nested too deeply to serialise
+                bad.handle(f"{path}:{n}", "nested too deeply")
+                continue
             stats["conversations"] += 1
             if len(ids) > seq_len:
                 stats["truncated"] += 1
@@ -385,6 +428,10 @@ def build_sft(files: list[Path], tok, seq_len: int, bad: BadRecords) -> tuple[di
             rows_ids.append(ids)
             rows_tgt.append(tgt)
     n = len(rows_ids)
+    if not n:
+        raise no_examples(files, bad, None if not stats["dropped_no_target"] else
+                          f"all {stats['dropped_no_target']} conversations were dropped: no assistant token within "
+                          f"the first data.seq_len={seq_len} tokens")
     tokens = np.full((n, seq_len), tok.pad_token_id, np.int32)
     segments = np.zeros((n, seq_len), np.int32)
     target = np.zeros((n, seq_len), bool)
@@ -416,6 +463,8 @@ def build_classification(files: list[Path], tok, seq_len: int, num_labels: int,
             ids_rows.append(tok.encode(text)[:seq_len])
             labels.append(label)
     n = len(ids_rows)
+    if not n:
+        raise no_examples(files, bad)
     tokens = np.full((n, seq_len), tok.pad_token_id, np.int32)
     segments = np.zeros((n, seq_len), np.int32)
     for i, ids in enumerate(ids_rows):

@@ -1,0 +1,312 @@
+"""Bad input (issue 9, item 6): each case is one clear line on stderr naming the key, file or line, with the
+documented exit code (train.py: 2, "config error: ..." / "data error: ..."; the chat CLI: 2, "error: ..."), and
+no traceback. Every train.py case fails before compiling anything, most before importing the training loop."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from glm_jax.train import data as D
+from glm_jax.train.config import MAX_LR, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+SMALL = ["model.preset=glm-test", "model.overrides.vocab_size=8192", "data.seq_len=32", "data.max_tokens=20000",
+         "data.eval_fraction=0.05", "train.global_batch_size=8", "train.lr=1e-2", "train.warmup_steps=2",
+         "train.eval_every=6", "train.eval_batches=2", "checkpoint.every=4", "checkpoint.keep=5"]
+DEEP = "[" * 100000
+GOOD_SFT = {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+
+
+def env():
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(ROOT)]
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
+
+
+def train(run_dir, *overrides, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *SMALL, *overrides, f"run_dir={run_dir}"],
+                          cwd=cwd, env=env(), capture_output=True, text=True, timeout=120)
+
+
+def one_line(r, expected: str, code: int = 2) -> None:
+    """Exit `code`, no traceback, and exactly one error line on stderr: `expected`, the last line."""
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == code, r.stderr[-3000:]
+    prefix = expected.split(":")[0] + ":"
+    errors = [line for line in r.stderr.splitlines() if line.startswith(prefix)]
+    assert errors == [expected], r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == expected
+
+
+# ------------------------------------------------------------------------------------- 1. empty / blank files
+
+@pytest.mark.parametrize("content", ["", "\n   \n\n\t\n"], ids=["empty", "blank"])
+def test_an_empty_or_blank_train_file_is_named(tmp_path, content):
+    f = tmp_path / "train.txt"
+    f.write_text(content)
+    r = train(tmp_path / "run", f"data.train_files={f}")  # with data.eval_fraction=0.05: not blamed on it
+    one_line(r, f"data error: {f}: no examples (the file is empty or blank)")
+
+
+def test_an_empty_eval_file_is_named(tmp_path):
+    f = tmp_path / "eval.jsonl"
+    f.write_text("\n")
+    r = train(tmp_path / "run", f"data.eval_files={f}")
+    one_line(r, f"data error: {f}: no examples (the file is empty or blank)")
+
+
+def test_builders_name_the_files_that_give_no_example(tmp_path):
+    from glm_jax.tokenizer import ChatGLMTokenizer
+
+    tok = ChatGLMTokenizer()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("")
+    b.write_text("\n\n")
+    with pytest.raises(D.DataError, match=rf"^{a}, {b}: no examples \(the files are empty or blank\)$"):
+        D.build_pretrain([a, b], tok, 32, "paragraph", D.BadRecords())
+    with pytest.raises(D.DataError, match=rf"^{a}: no examples"):
+        D.build_sft([a], tok, 32, D.BadRecords())
+    with pytest.raises(D.DataError, match=rf"^{b}: no examples"):
+        D.build_classification([b], tok, 32, 2, D.BadRecords())
+    b.write_text(json.dumps({"conversations": [{"role": "user", "content": "a long question " * 20},
+                                               {"role": "assistant", "content": "a"}]}) + "\n")
+    with pytest.raises(D.DataError, match=rf"^{b}: no examples \(all 1 conversations were dropped: no assistant "
+                                          r"token within the first data.seq_len=16 tokens\)$"):
+        D.build_sft([b], tok, 16, D.BadRecords())
+    with pytest.raises(D.DataError, match=rf"^{tmp_path}:0: not a file"):
+        D.expand_files([str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------- 2-5. config keys and paths
+
+def test_a_missing_tokenizer_file_names_the_key_and_path(tmp_path):
+    missing = tmp_path / "nope" / "tokenizer.model"
+    r = train(tmp_path / "run", f"data.tokenizer={missing}")
+    one_line(r, f"config error: data.tokenizer: file not found: {missing}")
+    assert not (tmp_path / "run").exists()  # failed before creating anything
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.seed=-1", "train.seed: must be in [0, 2147483647], got -1"),
+    ("data.max_tokens=-1", "data.max_tokens: must be positive or null (no limit), got -1"),
+    ("train.lr=1e39", f"train.lr: 1e+39 is not a plausible learning rate (must be at most {MAX_LR:g})"),
+    ("train.lr=.nan", "train.lr: must be a finite number, got nan"),
+    ("train.lr=inf", "train.lr: must be a finite number, got 'inf'"),
+])
+def test_bad_values_are_config_errors_before_anything_runs(tmp_path, override, expected):
+    r = train(tmp_path / "run", override)
+    one_line(r, "config error: " + expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_that_is_a_file_or_empty(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    one_line(train(f), f"config error: run_dir: {f} exists and is not a directory")
+    one_line(train(f / "sub"), f"config error: run_dir: {f / 'sub'} cannot be created: {f} is not a directory")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    r = train("", f"data.train_files={ROOT / 'data' / 'corpus' / '*.txt'}", cwd=cwd)
+    one_line(r, "config error: run_dir: empty path (the run directory would be the current directory)")
+    assert list(cwd.iterdir()) == []  # nothing written into the current directory
+    with pytest.raises(ConfigError, match=r"^run_dir: empty path"):
+        load_config(TINY, ["run_dir='  '"])
+    assert f.read_text() == "x"
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.lr=-1", "train.lr: must be >= 0, got -1.0"),
+    (f"train.lr={MAX_LR * 1.01}", f"train.lr: {MAX_LR * 1.01} is not a plausible learning rate (must be at most 10)"),
+    ("train.lr=1e400", "train.lr: must be a finite number, got inf"),
+    ("train.lr=-.inf", "train.lr: must be a finite number, got -inf"),
+    ("train.lr=NaN", "train.lr: must be a finite number, got 'NaN'"),
+    ("train.clip_norm=.inf", "train.clip_norm: must be a finite number, got inf"),
+    ("train.weight_decay=.nan", "train.weight_decay: must be a finite number, got nan"),
+    ("train.weight_decay=1000", "train.weight_decay: 1000.0 with train.lr=0.003 decays every weight past zero in "
+                                "one step (lr * weight_decay must be below 1)"),
+    ("train.warmup_steps=.inf", "train.warmup_steps: expected int, got float inf"),
+    ("train.z_loss=.inf", "train.z_loss: must be a finite number, got inf"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio: must be in [0, 1], got 2.0"),
+    ("train.b1=1", "train.b1: must be in [0, 1), got 1.0"),
+    ("train.b2=-0.5", "train.b2: must be in [0, 1), got -0.5"),
+    ("train.eps=0", "train.eps: must be positive, got 0.0"),
+    ("train.eps=.nan", "train.eps: must be a finite number, got nan"),
+    ("lora.alpha=.inf", "lora.alpha: must be a finite number, got inf"),
+    ("lora.alpha=0", "lora.alpha: must be positive, got 0.0"),
+    ("data.eval_fraction=.nan", "data.eval_fraction: must be a finite number, got nan"),
+    ("train.seed=2147483648", "train.seed: must be in [0, 2147483647], got 2147483648"),
+    ("train.max_skips=-1", "train.max_skips: must be >= 0, got -1"),
+    ("data.max_tokens=0", "data.max_tokens: must be positive or null (no limit), got 0"),
+    ("data.tokenizer=", "data.tokenizer: empty path (null for the tokenizer shipped with glm_jax)"),
+    ("data.tokenizer=/", "data.tokenizer: / is not a file (expected a SentencePiece tokenizer.model)"),
+])
+def test_non_finite_and_absurd_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert str(e.value) == expected
+
+
+def test_the_boundaries_still_load(tmp_path):
+    cfg = load_config(TINY, ["train.seed=2147483647", "data.max_tokens=null", "train.lr=10", "train.weight_decay=0",
+                             "train.clip_norm=null", f"run_dir={tmp_path}", "data.tokenizer=null"])
+    assert cfg.train.lr == 10 and cfg.data.max_tokens is None
+    tok = ROOT / "glm_jax" / "assets" / "tokenizer.model"
+    assert load_config(TINY, [f"data.tokenizer={tok}"]).data.tokenizer == str(tok)
+    # a run's saved config is readable without its paths (e.g. a tokenizer not on this machine)
+    assert load_config(TINY, ["data.tokenizer=/nope.model", "run_dir="], check_paths=False).run_dir == ""
+
+
+# ------------------------------------------------------------------------------------- 6-7. bad records
+
+def test_deeply_nested_json_is_a_bad_record(tmp_path):
+    f = tmp_path / "deep.jsonl"
+    f.write_text(json.dumps({"text": "one good document"}) + "\n" + DEEP + "\n")
+    r = train(tmp_path / "run", f"data.train_files={f}")
+    one_line(r, f"data error: {f}:2: JSON nested too deeply (set data.skip_bad_records=true to skip such records)")
+    # skipped with skip_bad_records: nothing good left here, which is then the error, naming the file
+    f.write_text(DEEP + "\n")
+    r = train(tmp_path / "run", f"data.train_files={f}", "data.skip_bad_records=true")
+    assert f"skipping bad record {f}:1: JSON nested too deeply" in r.stderr
+    one_line(r, f"data error: {f}: no examples (1 bad record(s) skipped, no good one left)")
+
+
+def test_deeply_nested_json_is_skipped_by_every_builder(tmp_path):
+    from glm_jax.tokenizer import ChatGLMTokenizer
+
+    tok = ChatGLMTokenizer()
+    f = tmp_path / "pre.jsonl"
+    f.write_text(DEEP + "\n" + json.dumps({"text": "one good document"}) + "\n" + '{"a": ' * 5000 + "\n")
+    bad = D.BadRecords(skip=True)
+    arrays = D.build_pretrain([f], tok, 16, "paragraph", bad)
+    assert len(arrays["input_ids"]) == 1 and bad.count == 2
+    assert bad.examples == [f"{f}:1: JSON nested too deeply", f"{f}:3: JSON nested too deeply"]
+    s = tmp_path / "sft.jsonl"
+    s.write_text(DEEP + "\n" + json.dumps(GOOD_SFT) + "\n")
+    bad = D.BadRecords(skip=True)
+    arrays, _ = D.build_sft([s], tok, 32, bad)
+    assert len(arrays["input_ids"]) == 1 and bad.examples == [f"{s}:1: JSON nested too deeply"]
+    with pytest.raises(D.DataError, match=rf"^{s}:1: JSON nested too deeply \(set data.skip_bad_records"):
+        D.build_classification([s], tok, 32, 2, D.BadRecords())
+
+
+@pytest.mark.parametrize("tools,where,why", [
+    (5, "tools", "must be a list of tool objects, got int 5"),
+    ({"name": "f"}, "tools", "must be a list of tool objects, got dict {'name': 'f'}"),
+    ([{"name": "f"}, "g"], "tools[1]", "must be a tool object, got str 'g'"),
+])
+def test_sft_tools_must_be_a_list_of_objects(tmp_path, tools, where, why):
+    from glm_jax.tokenizer import ChatGLMTokenizer
+
+    tok = ChatGLMTokenizer()
+    f = tmp_path / "sft.jsonl"
+    f.write_text(json.dumps(GOOD_SFT) + "\n" + json.dumps({**GOOD_SFT, "tools": tools}) + "\n")
+    with pytest.raises(D.DataError) as e:
+        D.build_sft([f], tok, 64, D.BadRecords())
+    assert str(e.value) == f"{f}:2: {where}: {why} (set data.skip_bad_records=true to skip such records)"
+    bad = D.BadRecords(skip=True)
+    arrays, _ = D.build_sft([f], tok, 64, bad)
+    assert len(arrays["input_ids"]) == 1 and bad.examples == [f"{f}:2: {where}: {why}"]
+
+
+def test_sft_tools_in_a_system_message_and_valid_tools(tmp_path):
+    from glm_jax.tokenizer import ChatGLMTokenizer
+
+    tok = ChatGLMTokenizer()
+    conv = [{"role": "system", "content": "s", "tools": 5}] + GOOD_SFT["conversations"]
+    with pytest.raises(ValueError, match=r"^message 0: tools: must be a list of tool objects, got int 5$"):
+        D.check_conversation({"conversations": conv})
+    tools = [{"name": "get_weather", "parameters": {}}]
+    assert D.check_conversation({**GOOD_SFT, "tools": tools})[1] == tools
+    assert D.check_conversation({**GOOD_SFT, "tools": None})[1] is None
+    f = tmp_path / "sft.jsonl"
+    f.write_text(json.dumps({**GOOD_SFT, "tools": 5}) + "\n")
+    r = train(tmp_path / "run", "data.task=sft", f"data.train_files={f}", "data.eval_fraction=0")
+    one_line(r, f"data error: {f}:1: tools: must be a list of tool objects, got int 5 "
+                f"(set data.skip_bad_records=true to skip such records)")
+
+
+# ------------------------------------------------------------------------------------- 8. broken config.json
+
+@pytest.mark.parametrize("text,why", [
+    ('{"model_type": "chatglm",\n', "not valid JSON (Expecting property name enclosed in double quotes at line 2 "
+                                    "column 1)"),
+    ("", "not valid JSON (Expecting value at line 1 column 1)"),
+    ("[1, 2]", "expected a JSON object at the top level, got list"),
+    (b"\xff\xfe{", None),
+])
+def test_a_broken_checkpoint_config_json_is_one_clear_error(tmp_path, text, why):
+    from glm_jax import GLMConfig, load_hf
+    from glm_jax.convert.hf import detect_format
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    cfg_file = ckpt / "config.json"
+    (cfg_file.write_bytes if isinstance(text, bytes) else cfg_file.write_text)(text)
+    msg = f"{cfg_file}: {why}" if why else f"{cfg_file}: not valid JSON"
+    for call in (lambda: GLMConfig.from_hf(ckpt), lambda: GLMConfig.from_hf(cfg_file), lambda: detect_format(ckpt),
+                 lambda: load_hf(ckpt)):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value).startswith(msg) and "\n" not in str(e.value), str(e.value)
+        assert type(e.value) is ValueError  # not a bare JSONDecodeError / UnicodeDecodeError
+
+
+def test_init_from_with_a_broken_config_json(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "chatglm",\n')
+    r = train(tmp_path / "run", f"model.init_from={ckpt}")
+    one_line(r, f"config error: model.init_from: {ckpt / 'config.json'}: not valid JSON (Expecting property name "
+                f"enclosed in double quotes at line 2 column 1)")
+
+
+# ------------------------------------------------------------------------------------- 9. the chat CLI
+
+def chat(*args):
+    return subprocess.run([sys.executable, "-m", "glm_jax.chat", *map(str, args)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120, input="/exit\n")
+
+
+def test_chat_cli_missing_tokenizer_and_bad_tools(tmp_path):
+    missing = tmp_path / "missing.model"
+    one_line(chat("--checkpoint", tmp_path, "--tokenizer", missing), f"error: --tokenizer: {missing}: no such file")
+    tools = tmp_path / "tools.json"
+    tools.write_text("5")
+    one_line(chat("--checkpoint", tmp_path, "--tools", tools),
+             f"error: --tools: {tools}: must hold a list of tool objects (or one object), got int")
+
+
+def test_chat_cli_argument_errors_in_process(tmp_path, capsys):
+    from glm_jax import chat as C
+
+    tools = tmp_path / "tools.json"
+    cases = [("[1, 2]", f"error: --tools: {tools}: must hold a list of tool objects (or one object), got a list "
+                        f"holding non-objects"),
+             ('"get_weather"', f"error: --tools: {tools}: must hold a list of tool objects (or one object), got str"),
+             ("[{", f"error: --tools: {tools}: not valid JSON (Expecting property name enclosed in double quotes at "
+                    f"line 1 column 3)"),
+             (DEEP, f"error: --tools: {tools}: not valid JSON (nested too deeply)")]
+    for text, expected in cases:
+        tools.write_text(text)
+        assert C.main(["--checkpoint", str(tmp_path), "--tools", str(tools)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [expected]
+    assert C.main(["--checkpoint", str(tmp_path), "--tools", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --tools: {tmp_path / 'none.json'}: cannot read the tools JSON (No such file or "
+                   f"directory)"]
+    not_a_model = tmp_path / "tokenizer.model"
+    not_a_model.write_text("not a sentencepiece model")
+    assert C.main(["--checkpoint", str(tmp_path), "--tokenizer", str(not_a_model)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --tokenizer: {not_a_model}: cannot load"), err
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{")
+    assert C.main(["--checkpoint", str(ckpt)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {ckpt / 'config.json'}: not valid JSON (Expecting property name enclosed in double quotes at line 1 "
+        f"column 2)"]
