@@ -9,21 +9,35 @@ Re-running the same command resumes from the latest checkpoint in run_dir.
 `--compile-only [--topology v5p-128]` compiles the configured train step without data or parameters and prints
 XLA's memory plan per device (with --topology: for a Cloud TPU slice that is not here; needs libtpu).
 
-Exit codes: 0 done (or stopped by SIGTERM/SIGINT after saving), 2 bad config/data, 3 NaN/Inf loss (on_nan=stop),
-4 the compiled step does not fit in device memory (--compile-only).
+Exit codes: 0 done (or stopped by SIGTERM/SIGINT after saving), 2 bad config/data (or the run directory is in
+use by another live process, or none of its checkpoints restores), 3 NaN/Inf loss, gradient or updated state
+(on_nan=stop, or train.max_skips in a row with on_nan=skip), 4 the compiled step does not fit in device memory
+(--compile-only), 5 the run directory cannot be written (disk full, read-only, permissions).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 
+def _catch_early_signals() -> list:
+    """SIGTERM / SIGINT before training installs its own handler (imports, data, compilation): remembered, so
+    the run stops cleanly at its first chance instead of dying with exit 143 and nothing said."""
+    seen = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: seen.append(signal.Signals(signum).name))
+    return seen
+
+
 def main(argv: list[str] | None = None) -> int:
+    early = _catch_early_signals()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name})")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=30")
@@ -51,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         from glm_jax.train.loop import plan, prepare_data, run
 
-        if args.prepare_data:
-            return prepare_data(cfg, args.prepare_data)
-        return plan(cfg, args.topology) if args.compile_only else run(cfg)
+        if args.prepare_data or args.compile_only:  # no checkpoint to save: signals act as usual
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+            if early:
+                return 128 + getattr(signal, early[0]).value
+            return prepare_data(cfg, args.prepare_data) if args.prepare_data else plan(cfg, args.topology)
+        return run(cfg, early)
     except (ConfigError, DataError, TopologyError) as e:
         kind = {ConfigError: "config", DataError: "data", TopologyError: "topology"}[type(e)]
         print(f"{kind} error: {e}", file=sys.stderr, flush=True)
@@ -61,4 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 5:  # orbax's save threads are stuck on the failed write and would hang the interpreter's exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

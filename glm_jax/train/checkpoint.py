@@ -48,11 +48,48 @@ def state_checksums(state) -> dict:
         bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
         return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
 
-    return {jax.tree_util.keystr(path): one(x) for path, x in jax.tree_util.tree_leaves_with_path(state)}
+    return {tensor_name(path): one(x) for path, x in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def tensor_name(path) -> str:
+    """"opt_state/1/mu/model/embed/embedding": the same for the optax state and orbax's plain-dict view of it."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def checksums_json(state) -> dict:
     return {"format": 1, "state": {k: int(v) for k, v in jax.device_get(state_checksums(state)).items()}}
+
+
+def _quiet_failed_reads() -> None:
+    """A failed orbax restore leaves read coroutines behind whose errors Python prints as multi-page
+    "Exception ignored" tracebacks when they are collected (and, at exit, "Event loop is closed"): the one line
+    of restore_latest_good already says what happened, so these go to the debug log."""
+    import sys
+    import threading
+
+    def noise(exc) -> bool:
+        text = str(exc)
+        return text.startswith("Encountered error while reading") or text == "Event loop is closed"
+
+    def unraisable(u, previous=sys.unraisablehook):
+        if noise(u.exc_value):
+            log.debug("after a failed restore: %s", _first_line(u.exc_value))
+        else:
+            previous(u)
+
+    def thread_error(a, previous=threading.excepthook):
+        if noise(a.exc_value):
+            log.debug("after a failed restore: %s", _first_line(a.exc_value))
+        else:
+            previous(a)
+
+    def log_filter(record: logging.LogRecord) -> bool:  # asyncio's "Task exception was never retrieved"
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and (noise(exc) or noise(exc.__cause__ or "")))
+
+    if getattr(sys.unraisablehook, "__name__", "") != "unraisable":
+        sys.unraisablehook, threading.excepthook = unraisable, thread_error
+        logging.getLogger("asyncio").addFilter(log_filter)
 
 
 def _first_line(e: BaseException) -> str:
@@ -106,7 +143,7 @@ class Checkpointer:
             got = checksums_json(out["state"])["state"]
             bad = [k for k in expected if got.get(k) != expected[k]] or sorted(set(got) - set(expected))
             if bad:
-                raise CheckpointError(f"tensor state{bad[0]} does not match its checksum")
+                raise CheckpointError(f"tensor {bad[0]} does not match its checksum")
         else:
             log.warning("checkpoint %s has no checksums (written by an older glm_jax): not verified",
                         self.dir / str(step))
@@ -121,6 +158,7 @@ class Checkpointer:
             try:
                 state, loader = self.restore(abstract_state, step)
             except Exception as e:  # orbax / tensorstore raise many types for damaged files
+                _quiet_failed_reads()
                 failed.append((step, _first_line(e)))
                 log.warning("checkpoint %s does not restore: %s", self.dir / str(step), failed[-1][1])
                 continue

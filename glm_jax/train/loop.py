@@ -146,7 +146,7 @@ class _Stop:
 
 # ---------------------------------------------------------------------------------------------- run
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, early_signals: list | None = None) -> int:
     """Trains according to `cfg`; returns the process exit code. Raises ConfigError / DataError on bad input.
 
     Signals are caught from the start (a SIGTERM during start-up or compilation exits cleanly at the first
@@ -154,8 +154,16 @@ def run(cfg: Config) -> int:
     from glm_jax.train.checkpoint import CheckpointError
     from glm_jax.train.rundir import RunDirBusy, RunLock, check_resume_config
 
+    def not_an_io_traceback(record: logging.LogRecord) -> bool:  # orbax's background threads log each failed
+        exc = record.exc_info[1] if record.exc_info else None  # write with a traceback; one line below says it
+        return not (exc is not None and (isinstance(exc, OSError) or any(m in str(exc) for m in IO_MARKERS)))
+
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(not_an_io_traceback)
     stop = _Stop()
     stop.install()
+    if early_signals:  # caught by train.py before this handler was installed
+        stop.requested = early_signals[0]
     lock = None
     try:
         maybe_init_distributed(cfg)
@@ -180,6 +188,7 @@ def run(cfg: Config) -> int:
         return EXIT_IO
     finally:
         stop.uninstall()
+        absl_log.removeFilter(not_an_io_traceback)
         if lock is not None:
             lock.release()
 
@@ -210,7 +219,11 @@ def _train(cfg: Config, stop: "_Stop") -> int:
     # -------------------------------------------------------------------- data (host side, before compiling)
     from glm_jax.tokenizer import ChatGLMTokenizer
 
-    tok = ChatGLMTokenizer(dc.tokenizer)
+    try:
+        tok = ChatGLMTokenizer(dc.tokenizer)
+    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"data.tokenizer: {dc.tokenizer}: cannot load the SentencePiece model "
+                          f"({' '.join(str(e).split())[:200]})") from None
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"model.overrides.vocab_size: the model's vocab_size={model_cfg.vocab_size} is smaller "
                           f"than the tokenizer's {tok.vocab_size}")
@@ -666,7 +679,7 @@ def load_run(run_dir: str | Path, step: int | None = None):
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir / 'config.yaml'}: not a training run directory (no resolved config)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", check_paths=False)
     model_cfg = build_model_config(cfg)
     ckpt_dir = run_dir / "checkpoints"
     steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []

@@ -123,7 +123,7 @@ def check_resume_config(cfg: Config, run_dir: str | Path) -> None:
     if not has_checkpoints(run_dir) or not old_path.exists():
         return
     try:
-        old = _flat(load_config(old_path).to_dict())
+        old = _flat(load_config(old_path, check_paths=False).to_dict())
     except ConfigError as e:
         raise ConfigError(f"{old_path}: the config of this run's checkpoints does not load ({e})") from None
     new = _flat(cfg.to_dict())
