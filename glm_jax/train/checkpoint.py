@@ -69,7 +69,8 @@ def _quiet_failed_reads() -> None:
 
     def noise(exc) -> bool:
         text = str(exc)
-        return text.startswith("Encountered error while reading") or text == "Event loop is closed"
+        return (text.startswith("Encountered error while reading") or text == "Event loop is closed"
+                or "Error reading" in text and "OCDBT" in text)
 
     def unraisable(u, previous=sys.unraisablehook):
         if noise(u.exc_value):
@@ -87,8 +88,14 @@ def _quiet_failed_reads() -> None:
         exc = record.exc_info[1] if record.exc_info else None
         return not (exc is not None and (noise(exc) or noise(exc.__cause__ or "")))
 
+    def excepthook(kind, exc, tb, previous=sys.excepthook):  # tensorstore's callbacks into the closed loop
+        if noise(exc):
+            log.debug("after a failed restore: %s", _first_line(exc))
+        else:
+            previous(kind, exc, tb)
+
     if getattr(sys.unraisablehook, "__name__", "") != "unraisable":
-        sys.unraisablehook, threading.excepthook = unraisable, thread_error
+        sys.unraisablehook, threading.excepthook, sys.excepthook = unraisable, thread_error, excepthook
         logging.getLogger("asyncio").addFilter(log_filter)
 
 
@@ -154,11 +161,11 @@ class Checkpointer:
         that do not are moved to checkpoints_corrupt/ with a line each. Raises CheckpointError when none
         restores (nothing is moved then: a config that no longer fits the run must not discard its work)."""
         failed = []
+        _quiet_failed_reads()  # before the first attempt: tensorstore reports into a closed loop while it fails
         for step in sorted(self.mngr.all_steps(), reverse=True):
             try:
                 state, loader = self.restore(abstract_state, step)
             except Exception as e:  # orbax / tensorstore raise many types for damaged files
-                _quiet_failed_reads()
                 failed.append((step, _first_line(e)))
                 log.warning("checkpoint %s does not restore: %s", self.dir / str(step), failed[-1][1])
                 continue
