@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from glm_jax.train.config import Config, ConfigError, check_model_fit, load_config, resolve_mesh, to_yaml
@@ -29,10 +27,6 @@ log = logging.getLogger("glm_jax.train")
 EXIT_OK, EXIT_CONFIG, EXIT_NAN, EXIT_NO_FIT, EXIT_IO = 0, 2, 3, 4, 5
 # Errors that mean the run directory cannot be written, whatever layer (orbax, tensorstore) reports them.
 IO_MARKERS = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -106,17 +100,6 @@ def step_builder(cfg: Config, model, task: str):
             if t.mode == "lora" else None)
     return StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora, ptuning=t.mode == "ptuning",
                        loss_chunk=t.loss_chunk)
-
-
-def _process_slices(sharding, shape) -> tuple[slice, ...]:
-    """The bounding box, per dimension, of this process's shards of a global array of `shape`."""
-    idx = list(sharding.addressable_devices_indices_map(tuple(shape)).values())
-    out = []
-    for d in range(len(shape)):
-        starts = [(i[d].start or 0) if i[d] is not None else 0 for i in idx]
-        stops = [(i[d].stop if i[d].stop is not None else shape[d]) if i[d] is not None else shape[d] for i in idx]
-        out.append(slice(min(starts), max(stops)))
-    return tuple(out)
 
 
 class _Stop:
@@ -194,313 +177,37 @@ def run(cfg: Config, early_signals: list | None = None) -> int:
 
 
 def _train(cfg: Config, stop: "_Stop") -> int:
-    import jax
-    import numpy as np
-
-    from glm_jax import make_mesh, param_shardings, param_specs
+    """Set-up, the run directory's bookkeeping, then the step loop with the default hooks."""
     from glm_jax.sharding import use_mesh
-    from glm_jax.train import data as D
-    from glm_jax.train import lora as lora_lib
-    from glm_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-    from glm_jax.train.metrics import MetricsWriter, mfu, plot_loss, truncate_metrics
-    from glm_jax.train.rundir import export_atomically, mark_complete, read_complete, write_config
-    from glm_jax.train.step import batch_shardings, make_state, state_shardings
+    from glm_jax.train.metrics import MetricsWriter, truncate_metrics
+    from glm_jax.train.rundir import read_complete, write_config
+    from glm_jax.train.trainer import Trainer, add_default_hooks
 
-    primary = jax.process_index() == 0
-    sizes = resolve_mesh(cfg, jax.device_count())
-    model_cfg = build_model_config(cfg)
-    check_model_fit(cfg, model_cfg)
-    t, dc = cfg.train, cfg.data
-    run_dir = Path(cfg.run_dir)
-
-    if primary:
-        print("resolved config:\n" + to_yaml(cfg), flush=True)
-
-    # -------------------------------------------------------------------- data (host side, before compiling)
-    from glm_jax.tokenizer import ChatGLMTokenizer
-
-    try:
-        tok = ChatGLMTokenizer(dc.tokenizer)
-    except (OSError, RuntimeError) as e:
-        raise ConfigError(f"data.tokenizer: {dc.tokenizer}: cannot load the SentencePiece model "
-                          f"({' '.join(str(e).split())[:200]})") from None
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(f"model.overrides.vocab_size: the model's vocab_size={model_cfg.vocab_size} is smaller "
-                          f"than the tokenizer's {tok.vocab_size}")
-    bad = D.BadRecords(skip=dc.skip_bad_records)
-
-    def build(files):
-        files = D.expand_files(files)
-        if dc.task == "pretrain":
-            return D.build_pretrain(files, tok, dc.seq_len, dc.text_split, bad, dc.text_key, dc.max_tokens)
-        if dc.task == "sft":
-            return D.build_sft(files, tok, dc.seq_len, bad)[0]
-        return D.build_classification(files, tok, dc.seq_len, model_cfg.num_labels, bad)
-
-    if dc.prepared:
-        train_arrays = D.open_prepared(dc.prepared, "train", dc.seq_len, model_cfg.vocab_size)
-        eval_arrays = D.open_prepared(dc.prepared, "eval", dc.seq_len, model_cfg.vocab_size)
-        if train_arrays is None:
-            raise D.DataError(f"{Path(dc.prepared) / D.PREPARED_META}: no train split")
-    else:
-        train_arrays = build(dc.train_files)
-        eval_arrays = build(dc.eval_files) if dc.eval_files else None
-    if eval_arrays is None and dc.eval_fraction > 0:
-        train_arrays, eval_arrays = D.split_holdout(train_arrays, dc.eval_fraction)
-    if D.num_examples(train_arrays) == 0:
-        raise D.DataError(f"{dc.train_files[0]}:0: no training examples")
-
-    # -------------------------------------------------------------------- mesh, model, shardings
-    mesh = make_mesh(**sizes)
-    task, model = task_model(cfg, model_cfg)
-    boxed = param_specs(model)
-    p_shard = param_shardings(boxed, mesh)
-    builder = step_builder(cfg, model, task)
-    tx, schedule = builder.tx, builder.schedule
-    micro = t.global_batch_size // t.grad_accum
-
-    # global batch layout and this process's rows of it
-    example = {k: v[:1] for k, v in train_arrays.items()}
-    train_shapes = {k: (t.grad_accum, micro) + v.shape[1:] for k, v in example.items()}
-    b_shard = batch_shardings(mesh, {k: np.zeros(s, np.int8) for k, s in train_shapes.items()}, microbatched=True)
-    train_slices = {k: _process_slices(b_shard[k], train_shapes[k]) for k in train_shapes}
-    rows = (train_slices["input_ids"][1].start, train_slices["input_ids"][1].stop)
-    loader = D.Loader(train_arrays, t.global_batch_size, t.grad_accum, seed=t.seed, rows=rows)
-    eval_shapes = {k: (micro,) + v.shape[1:] for k, v in example.items()}
-    e_shard = batch_shardings(mesh, {k: np.zeros(s, np.int8) for k, s in eval_shapes.items()}, microbatched=False)
-    eval_slices = {k: _process_slices(e_shard[k], eval_shapes[k]) for k in eval_shapes}
-    eval_sets = (D.eval_batches(eval_arrays, micro, t.eval_batches, (eval_slices["input_ids"][0].start,
-                                                                    eval_slices["input_ids"][0].stop))
-                 if eval_arrays is not None and D.num_examples(eval_arrays) else [])
-
-    def to_global(local, shapes, shardings, slices, batch_dim):
-        """Global arrays from this process's rows (other dims cut to its shards, e.g. a sequence axis)."""
-        out = {}
-        for k, v in local.items():
-            sl = list(slices[k])
-            sl[batch_dim] = slice(None)  # the loader already produced only this process's rows
-            out[k] = jax.make_array_from_process_local_data(shardings[k], np.ascontiguousarray(v[tuple(sl)]),
-                                                            shapes[k])
-        return out
-
-    # -------------------------------------------------------------------- banner
-    n_params = model_cfg.num_params()
-    if task == "classification":
-        n_params += model_cfg.hidden_size * (model_cfg.num_labels - model_cfg.vocab_size)
-    flops_tok = model_cfg.flops_per_token(dc.seq_len)
-    tokens_per_step = t.global_batch_size * dc.seq_len
-    if primary:
-        kinds = sorted({d.device_kind for d in jax.devices()})
-        print(f"devices: {jax.device_count()} x {', '.join(kinds)} ({jax.process_count()} process(es), "
-              f"backend {jax.default_backend()})")
-        print(f"mesh: {dict(mesh.shape)}")
-        print(f"model: {model_cfg.name or model.__class__.__name__} ({type(model).__name__}), "
-              f"{n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOPs/token (train, seq_len {dc.seq_len})")
-        print(f"data: task {dc.task}, {D.num_examples(train_arrays)} train examples"
-              f"{f', {D.num_examples(eval_arrays)} eval' if eval_arrays is not None else ''}, "
-              f"{tokens_per_step} tokens/step, bad records skipped: {bad.count}", flush=True)
-
-    with use_mesh(mesh):
-        # ---------------------------------------------------------------- parameters
-        init_params = functools.partial(random_params, model, p_shard, t.seed)
-
-        ckpt = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, cfg.checkpoint.keep_best,
-                            cfg.checkpoint.enabled)
-        resume_step = ckpt.latest_step()
-        base = None
-        if resume_step is None or t.mode != "full":
-            if cfg.model.init_from:
-                base = _load_pretrained(cfg, model_cfg, p_shard, init_params)
-            else:
-                base = init_params()
-        abstract_trainable, train_shard, _, frozen_shard = trainable_layout(cfg, boxed, p_shard, mesh)
-        if t.mode == "lora":
-            frozen = base
-            init_trainable = lambda: jax.jit(  # noqa: E731
-                lambda b: lora_lib.init_lora(jax.random.key(t.seed + 1), b, cfg.lora.targets, cfg.lora.rank),
-                out_shardings=train_shard)(base)
-        elif t.mode == "ptuning":
-            frozen = None if base is None else without_prefix(base)
-            init_trainable = lambda: {"prefix": base["model"]["prefix"]}  # noqa: E731
-        else:
-            frozen = {}
-            init_trainable = lambda: base  # noqa: E731
-
-        abstract_state = jax.eval_shape(lambda p: make_state(p, tx, t.seed), abstract_trainable)
-        s_shard = state_shardings(abstract_state, train_shard, tx, mesh)
-        if resume_step is not None:
-            resume_step, state, loader_state = ckpt.restore_latest_good(
-                abstract_with_shardings(abstract_state, s_shard))
-            loader.restore(loader_state)
-            if primary:
-                print(f"resumed from {ckpt.dir / str(resume_step)} (step {resume_step}, data position "
-                      f"{loader.position})", flush=True)
-        else:
-            state = jax.jit(lambda p: make_state(p, tx, t.seed), out_shardings=s_shard)(init_trainable())
-        del base
-        n_train = sum(x.size for x in jax.tree.leaves(abstract_trainable))
-        if t.mode == "lora" and primary:
-            print(f"LoRA: rank {cfg.lora.rank}, targets {cfg.lora.targets}: {n_train / 1e6:.3f}M trainable parameters")
-        if t.mode == "ptuning" and primary:
-            print(f"P-tuning v2: {cfg.ptuning.pre_seq_len} prefix slots per layer: {n_train / 1e6:.3f}M trainable "
-                  f"parameters (base frozen)")
-
-        train_step = builder.jit_train(s_shard, frozen_shard, b_shard)
-        eval_step = builder.jit_eval(s_shard, frozen_shard, e_shard) if eval_sets else None
-
-        def evaluate(state):
-            sums = None
-            for eb in eval_sets:
-                out = jax.device_get(eval_step(state, frozen, to_global(eb, eval_shapes, e_shard, eval_slices, 0)))
-                sums = out if sums is None else {k: sums[k] + out[k] for k in out}
-            loss = float(sums["loss_sum"] / max(sums["count"], 1.0))
-            res = {"eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 50.0)))}
-            if task == "classification":
-                res["eval_accuracy"] = float(sums["correct"] / max(sums["count"], 1.0))
-            return res
-
-        # ---------------------------------------------------------------- loop
-        start = int(jax.device_get(state["step"]))
-        if primary:  # the state fits this config: from now on config.yaml describes the checkpoints
-            write_config(run_dir, to_yaml(cfg))
-        if start >= t.steps:
-            done = read_complete(run_dir)
-            if done is not None and done.get("step") == start:
-                if primary:
-                    print(f"already trained: checkpoint at step {start} >= train.steps={t.steps}; nothing to do")
-                ckpt.close()
-                return EXIT_OK
-            if primary:
-                print(f"checkpoint at step {start} >= train.steps={t.steps}, but the run's end did not complete: "
-                      f"finishing it (final eval, final record, export)", flush=True)
-        if primary:  # what was logged after the resumed step is logged again below: each step exactly once
-            dropped = truncate_metrics(run_dir / "metrics.jsonl", start)
-            if dropped:
-                print(f"metrics.jsonl: dropped {dropped} record(s) after step {start}, which is resumed from")
-        writer = MetricsWriter(run_dir, active=primary)
-        if stop.requested:
-            if primary:
-                print(f"stopped by {stop.requested} before the first step; nothing new to save", flush=True)
-            ckpt.close()
+    trainer = Trainer.from_config(cfg, stop)
+    run, steps = trainer.run, cfg.train.steps
+    if run.primary:  # the state fits this config: from now on config.yaml describes the checkpoints
+        write_config(run.run_dir, to_yaml(cfg))
+    if run.start >= steps:
+        done = read_complete(run.run_dir)
+        if done is not None and done.get("step") == run.start:
+            run.say(f"already trained: checkpoint at step {run.start} >= train.steps={steps}; nothing to do")
+            run.close()
             return EXIT_OK
-        bar = None
-        if primary and start < t.steps:
-            from tqdm import tqdm
-
-            bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                       file=sys.stdout, mininterval=1.0)
-        device_kind = jax.devices()[0].device_kind
-        exit_code = EXIT_OK
-        clock = {"last": None, "steps": 0, "secs": 0.0, "skips_in_row": 0}
-
-        def report(step, m, is_eval=False):
-            """Reads step `step`'s metrics from the device: the JSON line, the progress bar, the NaN check."""
-            m = jax.device_get(m)
-            now = time.perf_counter()
-            dt = None if clock["last"] is None else now - clock["last"]
-            clock["last"] = now
-            if dt is not None:
-                clock["steps"], clock["secs"] = clock["steps"] + 1, clock["secs"] + dt
-            tps = tokens_per_step / dt if dt else None
-            record = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
-                      "grad_norm": float(m["grad_norm"]), "tokens": int(m["tokens"]),
-                      "tokens_per_s": tps, "mfu": mfu(tps, flops_tok, device_kind, jax.device_count()) if tps else None}
-            if task == "classification":
-                record["accuracy"] = float(m["accuracy"])
-            if t.on_nan == "skip":
-                record["skipped"] = int(m["skipped"])
-            clock["skips_in_row"] = 0 if bool(m["finite"]) else clock["skips_in_row"] + 1
-            if not bool(m["finite"]):
-                what = (f"loss={record['loss']} grad_norm={record['grad_norm']} is not finite"
-                        if bool(m["update_finite"]) or not math.isfinite(record["loss"] + record["grad_norm"])
-                        else "the updated parameters / optimizer state are not finite")
-                if t.on_nan == "stop" or clock["skips_in_row"] >= t.max_skips:
-                    writer.write(record)
-                    why = what if t.on_nan == "stop" else (f"{clock['skips_in_row']} non-finite steps in a row "
-                                                           f"(train.max_skips={t.max_skips}); last: {what}")
-                    raise NonFiniteLoss(f"step {step}: {why}; stopping without saving (last good checkpoint: "
-                                        f"{ckpt.latest_step()})")
-                log.warning("step %d: %s, update skipped (%d so far)", step, what, record["skipped"])
-            if is_eval:
-                record.update(evaluate(state))
-            if step % t.log_every == 0 or is_eval or step == t.steps:
-                writer.write(record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:.0f}" if tps else "-",
-                                **({"eval": f"{record['eval_loss']:.3f}"} if is_eval else {}))
-            return record
-
-        step = start
-        pending = None  # (step, metrics) not read yet: read after the next step is queued, so the device never idles
-        batch = to_global(next(loader), train_shapes, b_shard, train_slices, 1) if step < t.steps else None
-        try:
-            while step < t.steps:
-                hyper = {"lr": np.float32(schedule(step)), "skip_nonfinite": np.bool_(t.on_nan == "skip")}
-                state, m = train_step(state, frozen, batch, hyper)
-                consumed = loader.state()  # the data position that goes with this step's state
-                step += 1
-                if step < t.steps:  # the next batch is read and sent while the device runs this step
-                    batch = to_global(next(loader), train_shapes, b_shard, train_slices, 1)
-                if pending is not None:
-                    report(*pending)
-                pending = (step, m)
-                is_eval = bool(eval_sets and t.eval_every and step % t.eval_every == 0 and step < t.steps)
-                is_save = cfg.checkpoint.enabled and (step % cfg.checkpoint.every == 0 or step == t.steps)
-                if not (is_eval or is_save or stop.requested or step == t.steps):
-                    continue
-                # A step whose state is evaluated or saved is checked (finite loss) before anything is written.
-                record = report(*pending, is_eval=is_eval)
-                pending = None
-                if is_save:
-                    ckpt.save(step, state, consumed)
-                if is_eval:
-                    ckpt.save_best(step, state, consumed, record["eval_loss"])
-                if stop.requested:
-                    if cfg.checkpoint.enabled:
-                        ckpt.save(step, state, consumed, force=True)
-                    ckpt.wait()
-                    if bar is not None:
-                        bar.close()
-                    if primary:
-                        saved = (f"checkpoint saved to {ckpt.dir}; re-run the same command to resume"
-                                 if cfg.checkpoint.enabled else
-                                 "nothing saved (checkpoint.enabled=false): a rerun starts over")
-                        print(f"stopped by {stop.requested} at step {step}; {saved}", flush=True)
-                    return EXIT_OK
-        except NonFiniteLoss as e:
-            if bar is not None:
-                bar.close()
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            ckpt.close()
-            return EXIT_NAN
-        if bar is not None:
-            bar.close()
-
-        # ---------------------------------------------------------------- end of run
-        final = {"step": step, "final": True}
-        if eval_sets:
-            final.update(evaluate(state))
-            ckpt.save_best(step, state, loader.state(), final["eval_loss"])
-        if clock["steps"]:
-            final["tokens_per_s"] = tokens_per_step * clock["steps"] / clock["secs"]
-            final["mfu"] = mfu(final["tokens_per_s"], flops_tok, device_kind, jax.device_count())
-        writer.write(final)
-        ckpt.close()
-        if primary:
-            print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in final.items() if k != "final"), flush=True)
-        if cfg.export.path:
-            params = builder.effective_params(state["params"], frozen)
-            _export(cfg, model_cfg, params, primary, export_atomically)
-        writer.close()
-        if primary:
-            png = plot_loss(run_dir)
-            if png:
-                print(f"loss curve: {png}")
-            print(f"metrics: {run_dir / 'metrics.jsonl'}")
-            mark_complete(run_dir, step, cfg.export.path)  # last: a kill before this line redoes the end
-        return exit_code
+        run.say(f"checkpoint at step {run.start} >= train.steps={steps}, but the run's end did not complete: "
+                f"finishing it (final eval, final record, export)")
+    if run.primary:  # what was logged after the resumed step is logged again: each step exactly once
+        dropped = truncate_metrics(run.run_dir / "metrics.jsonl", run.start)
+        if dropped:
+            print(f"metrics.jsonl: dropped {dropped} record(s) after step {run.start}, which is resumed from")
+    if stop.requested:
+        run.say(f"stopped by {stop.requested} before the first step; nothing new to save")
+        run.close()
+        return EXIT_OK
+    run.writer = MetricsWriter(run.run_dir, active=run.primary)
+    run.open_progress()
+    add_default_hooks(trainer)
+    with use_mesh(run.mesh):
+        return trainer.train()
 
 
 def without_prefix(params):
@@ -639,7 +346,7 @@ def random_params(model, shardings, seed: int, keep=None):
     return jax.jit(f, out_shardings=shard)(jax.random.key(seed))
 
 
-def _load_pretrained(cfg, model_cfg, p_shard, init_params):
+def load_pretrained(cfg, model_cfg, p_shard, init_params):
     """Parameters from model.init_from (load_hf), heads the checkpoint lacks initialised randomly."""
     import jax
 
@@ -696,17 +403,19 @@ def load_run(run_dir: str | Path, step: int | None = None):
     mesh = make_mesh(devices=jax.devices()[:1])
     p_shard = param_shardings(param_specs(model), mesh)
     init_params = functools.partial(random_params, model, p_shard, cfg.train.seed)
-    base = _load_pretrained(cfg, model_cfg, p_shard, init_params) if cfg.model.init_from else init_params()
+    base = load_pretrained(cfg, model_cfg, p_shard, init_params) if cfg.model.init_from else init_params()
     if cfg.train.mode == "lora":
         return model_cfg, lora_lib.merge(base, trained, cfg.lora.alpha, cfg.lora.rank)
     return model_cfg, {**base, "model": {**base["model"], "prefix": trained["prefix"]}}
 
 
-def _export(cfg, model_cfg, params, primary, export_atomically):
+def export_params(cfg, model_cfg, params, primary):
+    """export.path <- params in export.format, written to a temporary directory and renamed into place."""
     import jax
     from jax.experimental import multihost_utils
 
     from glm_jax import save_hf
+    from glm_jax.train.rundir import export_atomically
 
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
