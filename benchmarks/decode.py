@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import os
 import sys
@@ -45,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from glm_jax import GLMConfig, GLMForCausalLM, init_params, quantize_params  # noqa: E402
-G = importlib.import_module("glm_jax.generate")  # the module, not a re-exported function
+from glm_jax import generation as G  # noqa: E402
 
 
 def fmt_bytes(n: float) -> str:

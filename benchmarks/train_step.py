@@ -57,6 +57,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from glm_jax import GLMConfig, GLMForCausalLM, make_mesh, param_shardings  # noqa: E402
+from glm_jax.config import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
 from glm_jax.model import param_specs  # noqa: E402
 from glm_jax.sharding import use_mesh  # noqa: E402
 from glm_jax.train.config import TrainSection  # noqa: E402
@@ -227,8 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--remat", default="none", choices=["none", "full", "save_dots", "save_dots_no_batch"])
-    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"])
+    ap.add_argument("--remat", default="none", choices=REMAT_POLICIES)
+    ap.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS)
     ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="master weights (float32 = bf16 compute with fp32 master weights)")
     ap.add_argument("--loss-chunk", type=int, default=0, help="chunked cross-entropy (positions per chunk)")

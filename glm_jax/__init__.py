@@ -6,7 +6,7 @@ from glm_jax.model import (GLMForCausalLM, GLMForSequenceClassification, GLMMode
                            param_specs)
 from glm_jax.sharding import LOGICAL_RULES, make_mesh, param_shardings
 from glm_jax.tokenizer import ChatGLMTokenizer
-from glm_jax.generate import generate, stream_generate  # the function shadows the module name, as intended
+from glm_jax.generation import generate, stream_generate
 from glm_jax.chat import ChatSession
 from glm_jax.convert.quant import quantize_params
 

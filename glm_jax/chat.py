@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import logging
 import sys
@@ -38,8 +37,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from glm_jax.config import DTYPES
+
 # The module, even if the package re-exports a `generate` function under the same name.
-_generate = importlib.import_module("glm_jax.generate")
+from glm_jax import generation as _generate
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ DEFAULT_TOOL_SYSTEM = "Answer the following questions as best as you can. You ha
 class ChatSession:
     """One conversation with a ChatGLM3-style model (see the module docstring).
 
-    Sampling keywords go to `glm_jax.generate.stream_generate`: max_new_tokens, temperature, top_k, top_p,
+    Sampling keywords go to `glm_jax.generation.stream_generate`: max_new_tokens, temperature, top_k, top_p,
     repetition_penalty, seed (advanced by one each turn so turns differ), mesh, chunk.
     """
 
@@ -297,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="compute and parameter dtype (default: the checkpoint's)")
     args = p.parse_args(argv)
 
@@ -348,5 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(session)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """`glm-chat` / `python -m glm_jax.chat`."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

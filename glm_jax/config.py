@@ -14,8 +14,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# The one list of each option: GLMConfig, the train config schema, the model and the scripts all read these.
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")  # glm_jax/model/glm.py maps them to jax policies
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def read_json_object(file: str | Path) -> dict[str, Any]:
@@ -103,7 +105,7 @@ class GLMConfig:
         if self.quantization_bit not in (0, 4, 8):
             fail(f"quantization_bit={self.quantization_bit}, expected 0, 4 or 8")
         for f in ("dtype", "param_dtype"):
-            if getattr(self, f) not in ("float32", "bfloat16", "float16"):
+            if getattr(self, f) not in DTYPES:
                 fail(f"{f}={getattr(self, f)!r}, expected float32, bfloat16 or float16")
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
 

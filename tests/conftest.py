@@ -1,8 +1,12 @@
 import os
 import sys
 
-# Tests run on the CPU in float32; the oracle helpers live next to the tests.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests run on the CPU in float32; the oracle helpers live next to the tests. `pytest tests/test_gpu.py` (only
+# GPU tests asked for) keeps the default backend, so that on a GPU machine the GPU tests run there.
+_only_gpu_tests = [a for a in sys.argv[1:] if a.endswith(".py") or "::" in a] and all(
+    "test_gpu" in a for a in sys.argv[1:] if a.endswith(".py") or "::" in a)
+if not _only_gpu_tests:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's CPU compiles dominate the suite's time: share compiled programs between tests and test processes.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

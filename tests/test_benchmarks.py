@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-device / compile-heavy: deselect with -m 'not slow'
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

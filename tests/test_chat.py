@@ -1,6 +1,5 @@
 """ChatSession and the chat CLI: history as ChatGLM3 messages, stop ids, tool calls answered by observations."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 
 from glm_jax import GLMConfig, GLMForCausalLM, init_params, save_hf
 from glm_jax import chat as C
-G = importlib.import_module("glm_jax.generate")  # the module, not a re-exported function
+from glm_jax import generation as G
 
 pytest.importorskip("sentencepiece")
 from glm_jax.tokenizer import ChatGLMTokenizer  # noqa: E402
@@ -39,7 +38,7 @@ def tiny(tok):
 
 
 class Scripted:
-    """Stands in for `glm_jax.generate.stream_generate`: replays scripted replies, records each call."""
+    """Stands in for `glm_jax.generation.stream_generate`: replays scripted replies, records each call."""
 
     def __init__(self, tok, replies):
         self.tok, self.replies, self.calls = tok, list(replies), []

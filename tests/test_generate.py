@@ -1,7 +1,6 @@
 """KV-cache generation: transformers parity (greedy, padding, stop ids, repetition penalty), bucketing without
 recompiles, sampling semantics, streaming, and tensor-parallel generation on 8 fake CPU devices."""
 
-import importlib
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from glm_jax import GLMForCausalLM, init_cache, load_hf
-G = importlib.import_module("glm_jax.generate")  # the module, not a re-exported function
+from glm_jax import generation as G
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -278,7 +277,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     jax.config.update("jax_platforms", "cpu")
     from glm_jax import GLMConfig, GLMForCausalLM, init_params, make_mesh
-    import importlib; G = importlib.import_module("glm_jax.generate")
+    from glm_jax import generation as G
     assert jax.device_count() == 8, jax.devices()
     cfg = GLMConfig.from_preset("glm-test", num_heads=8, num_kv_heads=4, head_dim=8)
     model = GLMForCausalLM(cfg)
@@ -301,6 +300,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_generation_matches_single_device():
     path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(ROOT)]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))

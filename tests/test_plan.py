@@ -63,6 +63,7 @@ def test_unknown_topology_is_a_one_line_error():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'jax[tpu]')")
+@pytest.mark.slow
 def test_compiles_for_a_tpu_slice_with_splash_attention():
     """With libtpu, the TPU compiler itself plans the step for a v5p-8 slice, splash kernel included."""
     r = train("model.preset=glm-test", "model.attention_impl=splash", "model.overrides.head_dim=128", "model.overrides.max_seq_len=512",

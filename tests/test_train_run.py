@@ -118,6 +118,7 @@ def test_prepared_data_gives_the_same_run(baseline, tmp_path):
     assert r.returncode == 2 and "train.tokens.bin: expected" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_8_devices_data_fsdp_tensor_match_one_device(baseline, tmp_path):
     run_dir, _ = baseline
     r = train(tmp_path, *STEPS, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", devices=8)
@@ -140,6 +141,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(baseline, tmp_path):
     run_dir, _ = baseline
     port = _free_port()

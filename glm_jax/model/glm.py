@@ -29,14 +29,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from glm_jax.config import GLMConfig
+from glm_jax.config import REMAT_POLICIES, GLMConfig
 from glm_jax.model.layers import MLP, Attention, Embed, Linear, RMSNorm, rotary_cos_sin
 
-REMAT_POLICIES = {
+JAX_REMAT_POLICIES = {  # GLMConfig.remat_policy -> what each block keeps for the backward pass
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
     "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+assert set(JAX_REMAT_POLICIES) == set(REMAT_POLICIES) - {"none"}
 
 BATCH_SEQ_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
@@ -59,29 +60,36 @@ def combine_segments(attention_mask, segment_ids):
     return seg
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(nn.Module, kw_only=True):
     cfg: GLMConfig
     decode: bool = False
     prefill: bool = False
 
     @nn.compact
-    def __call__(self, carry, cos, sin, q_segments, kv_segments, cache_index, prefix, layer):
-        x, kv_cache = carry  # kv_cache: all layers' (keys, values) while decoding, else None
+    def __call__(self, carry, ctx: dict, per_layer: dict):
+        """carry: (x, kv_cache): all layers' (keys, values) while decoding, else None. ctx: what every block
+        shares (cos, sin, q_segments, kv_segments, cache_index); per_layer: this block's `layer` index and
+        P-tuning `prefix` (or None). Two named bundles, so the layer scan binds nothing by position."""
+        x, kv_cache = carry
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
         def norm(name):
-            return RMSNorm(cfg.norm_eps, dtype, param_dtype, name=name)
+            return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
         x = nn.with_logical_constraint(x, BATCH_SEQ_EMBED)
-        h, kv_cache = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias,
-                                cfg.attention_impl, self.decode, self.prefill, dtype, param_dtype,
-                                cfg.quantization_bit, max_segments=cfg.max_segments, name="attention")(
-            norm("input_norm")(x), cos, sin, q_segments, kv_segments, cache_index, prefix, kv_cache, layer)
+        h, kv_cache = Attention(
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            hidden_size=cfg.hidden_size, use_bias=cfg.qkv_bias, attention_impl=cfg.attention_impl,
+            decode=self.decode, prefill=self.prefill, dtype=dtype, param_dtype=param_dtype,
+            quantization_bit=cfg.quantization_bit, max_segments=cfg.max_segments, name="attention")(
+            norm("input_norm")(x), ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"],
+            ctx["cache_index"], per_layer["prefix"], kv_cache, per_layer["layer"])
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)
         x = x + h
-        h = MLP(cfg.hidden_size, cfg.ffn_hidden_size, dtype, param_dtype, cfg.quantization_bit, name="mlp")(
+        h = MLP(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, dtype=dtype, param_dtype=param_dtype,
+                quantization_bit=cfg.quantization_bit, name="mlp")(
             norm("post_attention_norm")(x))
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
@@ -130,7 +138,8 @@ class GLMModel(nn.Module):
             position_ids = (positions_from_segments(q_segments) if q_segments is not None
                             else jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)))
 
-        x = Embed(cfg.vocab_size, cfg.hidden_size, dtype, param_dtype, name="embed")(input_ids)
+        x = Embed(vocab_size=cfg.vocab_size, features=cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                  name="embed")(input_ids)
         cos, sin = rotary_cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, cfg.rope_position_divisor, dtype)
 
         prefix = None
@@ -144,24 +153,26 @@ class GLMModel(nn.Module):
         if cfg.remat_policy != "none":
             # Inside a rolled scan the recomputation cannot be merged with the forward pass, so CSE barriers are
             # unnecessary; fully unrolled, XLA would CSE the recomputation away and keep every activation.
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
+            block = nn.remat(block, policy=JAX_REMAT_POLICIES[cfg.remat_policy],
                              prevent_cse=cfg.scan_unroll >= cfg.num_layers)
-        if cfg.scan_layers:
+        ctx = {"cos": cos, "sin": sin, "q_segments": q_segments, "kv_segments": kv_segments,
+               "cache_index": cache_index}
+        if cfg.scan_layers:  # ctx is broadcast to every block, per_layer sliced along its leading layer axis
             layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast,) * 5 + (0 if prefix is not None else nn.broadcast, 0),
-                             length=cfg.num_layers, unroll=min(cfg.scan_unroll, cfg.num_layers),
-                             metadata_params={nn.PARTITION_NAME: "layers"})
-            (x, kv_cache), _ = layers(cfg, decode, prefill, name="layers")(
-                (x, kv_cache), cos, sin, q_segments, kv_segments, cache_index, prefix, jnp.arange(cfg.num_layers))
+                             in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                             unroll=min(cfg.scan_unroll, cfg.num_layers), metadata_params={nn.PARTITION_NAME: "layers"})
+            per_layer = {"layer": jnp.arange(cfg.num_layers), "prefix": prefix}
+            (x, kv_cache), _ = layers(cfg=cfg, decode=decode, prefill=prefill, name="layers")((x, kv_cache), ctx,
+                                                                                              per_layer)
         else:  # separate weights per block: nothing is sliced out of a stack at run time
             for i in range(cfg.num_layers):
-                (x, kv_cache), _ = block(cfg, decode, prefill, name=f"layers_{i}")(
-                    (x, kv_cache), cos, sin, q_segments, kv_segments, cache_index,
-                    None if prefix is None else prefix[i], jnp.int32(i))
+                per_layer = {"layer": jnp.int32(i), "prefix": None if prefix is None else prefix[i]}
+                (x, kv_cache), _ = block(cfg=cfg, decode=decode, prefill=prefill, name=f"layers_{i}")(
+                    (x, kv_cache), ctx, per_layer)
         if decode and not self.is_initializing():
             for var, value in zip(kv_vars, kv_cache):
                 var.value = value
-        return RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_norm")(x)
+        return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
 
 
 class GLMForCausalLM(nn.Module):
@@ -185,7 +196,7 @@ class GLMForCausalLM(nn.Module):
             return hidden
         if last_logits_only:
             hidden = hidden[:, -1:]
-        logits = Linear((self.cfg.vocab_size,), ("embed", "vocab"), dtype=jnp.dtype(self.cfg.dtype),
+        logits = Linear(features=(self.cfg.vocab_size,), kernel_axes=("embed", "vocab"), dtype=jnp.dtype(self.cfg.dtype),
                         param_dtype=jnp.dtype(self.cfg.param_dtype), name="lm_head")(hidden)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
@@ -210,7 +221,7 @@ class GLMForSequenceClassification(nn.Module):
             real = jnp.ones(input_ids.shape, bool)
         last = jnp.argmax(jnp.arange(input_ids.shape[1]) * real, axis=-1)
         pooled = hidden[jnp.arange(input_ids.shape[0]), last]
-        return Linear((self.cfg.num_labels,), ("embed", "labels"), dtype=jnp.dtype(self.cfg.dtype),
+        return Linear(features=(self.cfg.num_labels,), kernel_axes=("embed", "labels"), dtype=jnp.dtype(self.cfg.dtype),
                       param_dtype=jnp.dtype(self.cfg.param_dtype), name="score")(pooled)
 
 

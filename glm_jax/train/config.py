@@ -23,6 +23,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from glm_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
+
 EXIT_CONFIG_ERROR = 2
 MAX_LR = 10.0  # a learning rate above this is a typo (1e39, 3e4 for 3e-4), not a setting
 MAX_SEED = 2**31 - 1  # jax.random.key keeps only the low 32 bits of larger seeds (2**32 would be seed 0)
@@ -152,10 +154,10 @@ CHOICES = {
     "train.schedule": ("cosine", "linear", "constant"),
     "train.on_nan": ("stop", "skip"),
     "train.mode": ("full", "lora", "ptuning"),
-    "model.dtype": ("float32", "bfloat16", "float16", None),
-    "model.param_dtype": ("float32", "bfloat16", "float16", None),
-    "model.remat_policy": ("none", "full", "save_dots", "save_dots_no_batch", None),
-    "model.attention_impl": ("auto", "xla", "cudnn", "splash", None),
+    "model.dtype": (*DTYPES, None),
+    "model.param_dtype": (*DTYPES, None),
+    "model.remat_policy": (*REMAT_POLICIES, None),
+    "model.attention_impl": (*ATTENTION_IMPLS, None),
     "export.format": ("transformers", "thudm"),
 }
 LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo")

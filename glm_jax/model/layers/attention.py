@@ -213,7 +213,7 @@ def dot_product_attention(q, k, v, q_segments=None, kv_segments=None, q_offset=0
     return xla_attention(q, k, v, mask)
 
 
-class Attention(nn.Module):
+class Attention(nn.Module, kw_only=True):
     """Self-attention block of GLM v2: separate q/k/v projections (with bias), rotary, GQA, output projection.
 
     The q/k/v kernels are the row blocks of THUDM's fused `query_key_value`; keeping them apart lets tensor
@@ -240,7 +240,7 @@ class Attention(nn.Module):
         kv_heads, head_dim] and `layer` this block's index: the new keys/values are written in place, so the
         layer scan carries one cache buffer instead of re-stacking a copy of it every step."""
         def proj(heads, axis_name, name):
-            return Linear((heads, self.head_dim), ("embed", axis_name, "head_dim"), use_bias=self.use_bias,
+            return Linear(features=(heads, self.head_dim), kernel_axes=("embed", axis_name, "head_dim"), use_bias=self.use_bias,
                           bias_axes=(axis_name, "head_dim"), dtype=self.dtype, param_dtype=self.param_dtype,
                           quantization_bit=self.quantization_bit, name=name)(x)
 
@@ -261,6 +261,6 @@ class Attention(nn.Module):
         out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl, prefix,
                                     self.max_segments)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
-        out = Linear((self.hidden_size,), ("q_heads", "head_dim", "embed"), n_in=2, dtype=self.dtype,
+        out = Linear(features=(self.hidden_size,), kernel_axes=("q_heads", "head_dim", "embed"), n_in=2, dtype=self.dtype,
                      param_dtype=self.param_dtype, quantization_bit=self.quantization_bit, name="out")(out)
         return out, kv_cache

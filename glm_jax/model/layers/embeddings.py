@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
-class Embed(nn.Module):
+class Embed(nn.Module, kw_only=True):
     vocab_size: int
     features: int
     dtype: jnp.dtype = jnp.float32

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
-class Linear(nn.Module):
+class Linear(nn.Module, kw_only=True):
     features: tuple[int, ...]
     kernel_axes: tuple[str | None, ...]  # logical names of (input axes..., output axes...)
     n_in: int = 1  # how many trailing input axes are contracted

@@ -7,7 +7,7 @@ from flax import linen as nn
 from glm_jax.model.layers.linear import Linear
 
 
-class MLP(nn.Module):
+class MLP(nn.Module, kw_only=True):
     hidden_size: int
     ffn_hidden_size: int
     dtype: jnp.dtype = jnp.float32
@@ -16,10 +16,10 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        gate_up = Linear((2, self.ffn_hidden_size), ("embed", None, "mlp"), dtype=self.dtype,
+        gate_up = Linear(features=(2, self.ffn_hidden_size), kernel_axes=("embed", None, "mlp"), dtype=self.dtype,
                          param_dtype=self.param_dtype,
                          quantization_bit=self.quantization_bit, name="wi")(x)
         gate_up = nn.with_logical_constraint(gate_up, ("activation_batch", "activation_length", None, "activation_mlp"))
         h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
-        return Linear((self.hidden_size,), ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+        return Linear(features=(self.hidden_size,), kernel_axes=("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                       quantization_bit=self.quantization_bit, name="wo")(h)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.Module, kw_only=True):
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32

@@ -1,6 +1,6 @@
 """Autoregressive generation with a preallocated KV cache: batched, bucketed, streaming, optionally sharded.
 
-    from glm_jax.generate import generate, stream_generate
+    from glm_jax import generate, stream_generate   # or glm_jax.generation.generate
     out = generate(model, params, input_ids, attention_mask, max_new_tokens=64, temperature=0.8, top_p=0.8,
                    stop_ids=(2,))                     # np.int32 [batch, prompt + 64]
     for tokens in stream_generate(model, params, ids, max_new_tokens=64):   # np.int32 [batch] per step
