@@ -80,3 +80,31 @@ def test_sequence_classification_matches_transformers(tmp_path, glm4):
     # transformers finds the last non-pad token from pad_token_id (0), which the padded batch uses for pads only.
     assert rel_err(ours, torch_logits(ref, ids, mask, pos)) < RTOL
     assert ours.shape == (3, 3)
+
+
+def test_classification_loss_and_accuracy_match_transformers(tmp_path):
+    """The train step's classification loss and accuracy (StepBuilder.sums on a train.py-style right-padded
+    batch) equal transformers' sequence-classification loss (labels=...) and the accuracy of its logits."""
+    import optax
+
+    from glm_jax.train.step import StepBuilder
+
+    ref = tiny_hf_model(kind="classification", num_labels=4, seed=13)
+    ref.save_pretrained(tmp_path)
+    cfg, params = load_hf(tmp_path)
+    rng = np.random.RandomState(2)
+    lengths, seq = [32, 20, 7, 13, 1, 25], 32
+    ids = np.zeros((len(lengths), seq), np.int64)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = rng.randint(3, cfg.vocab_size, n)
+    segments = (np.arange(seq)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    labels = rng.randint(0, 4, len(lengths))
+    builder = StepBuilder(GLMForSequenceClassification(cfg), optax.sgd(0.0), lambda s: 0.0, "classification")
+    batch = {"input_ids": jnp.asarray(ids, jnp.int32), "segment_ids": jnp.asarray(segments),
+             "labels": jnp.asarray(labels, jnp.int32)}
+    _, aux = builder.sums(params, batch)
+    with torch.no_grad():
+        out = ref(torch.tensor(ids), attention_mask=torch.tensor(segments), labels=torch.tensor(labels))
+    acc = float((out.logits.argmax(-1).numpy() == labels).mean())
+    assert abs(float(aux["loss_sum"] / aux["count"]) - float(out.loss)) < 1e-4 * max(1.0, float(out.loss))
+    assert int(aux["correct"]) == round(acc * len(labels))
