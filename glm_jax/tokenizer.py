@@ -1,4 +1,4 @@
-"""ChatGLM3 tokenizer: a SentencePiece model plus nine special tokens (GLM_REFERENCE.md §4).
+"""ChatGLM3 tokenizer: a SentencePiece model plus nine special tokens (docs/tokenizer.md).
 
 Mirrors THUDM's ``tokenization_chatglm.py`` for ChatGLM3 without the transformers
 dependency:

@@ -58,7 +58,8 @@ def left_padded_batch(lengths, seq, vocab, seed=0):
 
 
 def thudm_to_transformers_state_dict(thudm: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
-    """GLM_REFERENCE.md §3: rename THUDM chatglm tensors to transformers glm, splitting query_key_value by rows."""
+    """docs/checkpoints.md, "Tensor names": rename THUDM chatglm tensors to transformers glm, splitting
+    query_key_value by rows."""
     q = cfg["num_attention_heads"] * cfg["kv_channels"]
     kv = cfg["multi_query_group_num"] * cfg["kv_channels"]
     out = {}
@@ -134,7 +135,8 @@ def thudm_config(hf_cfg, rope_ratio=None, quantization_bit=None) -> dict:
 
 
 def thudm_quantize(w: torch.Tensor, bits: int):
-    """THUDM's per-row symmetric weight quantization (GLM_REFERENCE.md §2), written in torch from the spec."""
+    """THUDM's per-row symmetric weight quantization (docs/checkpoints.md, "Quantized THUDM
+    checkpoints"), written in torch from the spec."""
     scale = w.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)
     q = torch.round(w / scale[:, None]).to(torch.int8)
     if bits == 4:

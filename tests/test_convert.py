@@ -50,7 +50,7 @@ def test_transformers_to_thudm_round_trip(tmp_path):
 
 
 def test_thudm_checkpoint_from_save_hf_loads_in_transformers(tmp_path):
-    """save_hf(format='thudm') -> rename by GLM_REFERENCE §3 (test-side code) -> GlmForCausalLM gives our logits."""
+    """save_hf(format='thudm') -> rename by docs/checkpoints.md (test-side code) -> GlmForCausalLM gives our logits."""
     ref = tiny_hf_model(groups=2, rope_theta=5e5, seed=3)
     ref.save_pretrained(tmp_path / "hf")
     cfg, params = load_hf(tmp_path / "hf")

@@ -1,7 +1,7 @@
-"""ChatGLM3 tokenizer (GLM_REFERENCE.md §4) and the data files built with it.
+"""ChatGLM3 tokenizer (docs/tokenizer.md) and the data files built with it.
 
 Expected id sequences are assembled here straight from the sentencepiece library and
-the §4 id layout, independently of glm_jax.tokenizer.
+the id layout of docs/tokenizer.md, independently of glm_jax.tokenizer.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""Training data: packing, the ChatGLM3 SFT loss mask (GLM_REFERENCE.md §4), bad records, the loader."""
+"""Training data: packing, the ChatGLM3 SFT loss mask (docs/tokenizer.md, "SFT loss mask"), bad records, the loader."""
 
 import json
 

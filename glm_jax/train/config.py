@@ -97,7 +97,7 @@ class LoraSection:
 
 @dataclasses.dataclass
 class PtuningSection:
-    pre_seq_len: int = 16  # prefix key/value slots per layer (GLM_REFERENCE.md §2)
+    pre_seq_len: int = 16  # prefix key/value slots per layer (docs/architecture.md, "P-tuning v2 prefix")
 
 
 @dataclasses.dataclass

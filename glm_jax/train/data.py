@@ -342,7 +342,8 @@ SFT_ROLES = ("system", "user", "assistant", "observation")
 
 
 def encode_conversation(tok, conversation: list[dict], tools: Any = None) -> tuple[list[int], list[bool]]:
-    """ChatGLM3 SFT encoding (GLM_REFERENCE.md §4, THUDM's finetune_demo): ids and, per id, whether it is a target.
+    """ChatGLM3 SFT encoding (docs/tokenizer.md, "SFT loss mask"; THUDM's finetune_demo): ids and, per id, whether
+    it is a target.
 
     ids = [gMASK] sop + every message (`tok.build_message`) + eos. Assistant messages (including tool calls)
     are trained on, shifted by one: the assistant role token is NOT a target, every later token of the message
