@@ -60,6 +60,10 @@ class DataSection:
     # pretrain: a directory written by `train.py --prepare-data DIR` (rows packed once, memory-mapped; each
     # process reads only its rows); train_files / eval_files are then not read
     prepared: Optional[str] = None
+    # the loader (glm_jax/train/pipeline.py, Grain): 0 = batches read in the training process; N > 0 = read by N
+    # Grain worker processes (spawned). The batches, and so the run, are the same for every value.
+    workers: int = 0
+    prefetch: int = 0  # batches read ahead (a thread with workers=0, per worker otherwise); 0 = on demand
 
 
 @dataclasses.dataclass
@@ -331,6 +335,9 @@ def validate_static(cfg: Config) -> None:
         raise ConfigError(f"train.eps: must be positive, got {t.eps}")
     if cfg.lora.alpha <= 0:
         raise ConfigError(f"lora.alpha: must be positive, got {cfg.lora.alpha}")
+    for k, v in {"data.workers": d.workers, "data.prefetch": d.prefetch}.items():
+        if not 0 <= v <= 256:
+            raise ConfigError(f"{k}: must be in [0, 256], got {v}")
     if d.max_tokens is not None and d.max_tokens <= 0:
         raise ConfigError(f"data.max_tokens: must be positive or null (no limit), got {d.max_tokens}")
     if t.loss_chunk < 0 or (t.loss_chunk and d.seq_len % t.loss_chunk):
