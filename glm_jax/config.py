@@ -1,7 +1,10 @@
-"""GLMConfig: one frozen dataclass describing a GLM v2 model (ChatGLM2/3, GLM-4).
+"""GLMConfig: one frozen dataclass describing a GLM model: the dense line (ChatGLM2/3, GLM-4, GLM-4-0414) and
+the mixture-of-experts line (GLM-4.5 / GLM-4.5-Air / GLM-4.6, transformers' ``glm4_moe``).
 
-It reads and writes the two config.json dialects found in the wild: THUDM's ``model_type: "chatglm"``
-(shipped with the official checkpoints) and transformers' ``model_type: "glm"`` / ``"glm4"``.
+It reads and writes the config.json dialects found in the wild: THUDM's ``model_type: "chatglm"`` (shipped with
+the official checkpoints), transformers' ``model_type: "glm"`` / ``"glm4"`` and ``"glm4_moe"`` (the latter in
+both its published layout, top-level ``rope_theta`` / ``partial_rotary_factor`` / ``num_nextn_predict_layers``,
+and the ``rope_parameters`` layout that transformers 5 writes).
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ log = logging.getLogger(__name__)
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")  # glm_jax/model/glm.py maps them to jax policies
 DTYPES = ("float32", "bfloat16", "float16")
+# Routed experts (glm_jax/model/layers/moe.py): "ragged" = tokens sorted by expert, one grouped matmul
+# (jax.lax.ragged_dot); "gather" = each (token, expert) pair multiplies its expert's gathered weights (reads only
+# the chosen experts: decoding); "auto" = gather when tokens * top-k < experts, else ragged; "dense" = every expert
+# on every token, a test reference only.
+MOE_IMPLS = ("auto", "ragged", "gather", "dense")
 
 
 def read_json_object(file: str | Path) -> dict[str, Any]:
@@ -61,6 +69,28 @@ class GLMConfig:
     qkv_bias: bool = True
     # GLM-4-0414 ("glm4"): extra RMSNorm on each sublayer's output before the residual add.
     sandwich_norm: bool = False
+    # glm4_moe (GLM-4.5, GLM-4.6): RMSNorm over head_dim on every query and key head, before the rotary.
+    use_qk_norm: bool = False
+    # Rotary layout of the first rotary_dim dims of a head: True = GLM's interleaved pairs (2i, 2i+1) (ChatGLM2/3,
+    # GLM-4, glm / glm4); False = the split-half NeoX layout (i, i + rotary_dim / 2) of glm4_moe.
+    rope_interleaved: bool = True
+    # Mixture of experts (glm4_moe). n_routed_experts = 0: a dense model, and the fields up to moe_impl are unused.
+    # Layers first_k_dense_replace.. are MoE blocks: a sigmoid router with a correction bias that only chooses,
+    # group-limited top-k (n_group groups, the best topk_group of them by the sum of their top-2 scores),
+    # num_experts_per_tok routed experts of moe_intermediate_size, plus n_shared_experts always-on experts.
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    n_shared_experts: int = 0
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    moe_impl: str = "auto"  # MOE_IMPLS
+    # Multi-token-prediction layers of the checkpoint (config.json num_nextn_predict_layers), kept in the parameter
+    # tree (model/mtp) so that they load and save; the forward pass and generation do not use them yet.
+    num_mtp_layers: int = 0
     num_labels: int = 2
     pad_token_id: int | None = 0
     eos_token_ids: tuple[int, ...] = (2,)
@@ -107,6 +137,35 @@ class GLMConfig:
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 fail(f"{f}={getattr(self, f)!r}, expected float32, bfloat16 or float16")
+        if self.moe_impl not in MOE_IMPLS:
+            fail(f"moe_impl={self.moe_impl!r}, expected one of {MOE_IMPLS}")
+        if self.n_routed_experts < 0 or self.num_mtp_layers < 0:
+            fail("n_routed_experts and num_mtp_layers must be >= 0")
+        if self.is_moe:
+            e, k = self.n_routed_experts, self.num_experts_per_tok
+            if not 1 <= k <= e:
+                fail(f"num_experts_per_tok={k} must be between 1 and n_routed_experts={e}")
+            if self.moe_intermediate_size <= 0 or self.n_shared_experts < 0:
+                fail("a MoE model needs moe_intermediate_size > 0 and n_shared_experts >= 0")
+            if not 0 <= self.first_k_dense_replace <= self.num_layers:
+                fail(f"first_k_dense_replace={self.first_k_dense_replace} must be between 0 and num_layers")
+            if self.n_group < 1 or e % self.n_group:
+                fail(f"n_group={self.n_group} must divide n_routed_experts={e}")
+            if not 1 <= self.topk_group <= self.n_group:
+                fail(f"topk_group={self.topk_group} must be between 1 and n_group={self.n_group}")
+            if self.n_group > 1 and e // self.n_group < 2:
+                fail("group-limited routing ranks groups by their top-2 scores: each group needs >= 2 experts")
+            if self.topk_group * (e // self.n_group) < k:
+                fail(f"topk_group={self.topk_group} groups of {e // self.n_group} experts cannot hold "
+                     f"num_experts_per_tok={k} experts")
+            if self.quantization_bit:
+                fail("weight-only quantization (quantization_bit) is not implemented for MoE models")
+            if self.pre_seq_len:
+                fail("P-tuning v2 (pre_seq_len) is not implemented for MoE models")
+            if self.sandwich_norm:
+                fail("sandwich_norm (glm4) and MoE blocks (glm4_moe) are different model lines")
+        elif self.num_mtp_layers:
+            fail("num_mtp_layers needs a MoE model (the MTP layer is a glm4_moe block)")
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
 
     @property
@@ -118,25 +177,54 @@ class GLMConfig:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    @property
+    def num_dense_layers(self) -> int:
+        """Blocks with a dense MLP: all of them in a dense model, the first first_k_dense_replace in a MoE one."""
+        return self.first_k_dense_replace if self.is_moe else self.num_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers
+
+    @property
+    def model_type(self) -> str:
+        """transformers' model_type of this architecture."""
+        return "glm4_moe" if self.is_moe else "glm4" if self.sandwich_norm else "glm"
+
     def replace(self, **kw) -> "GLMConfig":
         return dataclasses.replace(self, **kw)
 
-    def num_params(self, include_embedding: bool = True) -> int:
+    def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
+        """Parameters of the model. MoE: the MTP layers count (they are in the tree); `active=True` counts what one
+        token uses instead: num_experts_per_tok of the routed experts (the router's scores cover them all), no MTP."""
         h, f, l = self.hidden_size, self.ffn_hidden_size, self.num_layers
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = h * (q + 2 * kv) + (q + 2 * kv) * self.qkv_bias + q * h
+        if self.use_qk_norm:
+            attn += 2 * self.head_dim
         block = attn + 3 * h * f + h * (4 if self.sandwich_norm else 2)
         emb = 2 * self.vocab_size * h if include_embedding else 0
-        return l * block + h + emb
+        if not self.is_moe:
+            return l * block + h + emb
+        e, i = self.n_routed_experts, self.moe_intermediate_size
+        experts = self.num_experts_per_tok if active else e
+        moe_block = attn + h * 2 + (h * e + e) + 3 * h * i * (experts + self.n_shared_experts)
+        mtp = 0 if active else self.num_mtp_layers * (moe_block + 3 * h + 2 * h * h)
+        return self.num_dense_layers * block + self.num_moe_layers * moe_block + mtp + h + emb
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM-style: 6*N plus attention.
 
-        N excludes the input embedding (a gather, not a matmul) but includes the output projection.
+        N excludes the input embedding (a gather, not a matmul) but includes the output projection; for a MoE model
+        it counts the active parameters (num_params(active=True)).
         Attention adds 12 * L * seq * heads * head_dim (QK^T and PV, forward+backward, full causal square
         counted like PaLM / MaxText do).
         """
-        n = self.num_params(include_embedding=False) + self.vocab_size * self.hidden_size
+        n = self.num_params(include_embedding=False, active=True) + self.vocab_size * self.hidden_size
         attn = 12 * self.num_layers * seq_len * self.num_heads * self.head_dim
         return 6 * n + attn
 
@@ -232,13 +320,71 @@ class GLMConfig:
                 param_dtype=dtype,
                 num_labels=raw.get("num_labels", len(raw.get("id2label") or {}) or 2),
             )
+        elif model_type == "glm4_moe":
+            kw = cls._glm4_moe_kw(raw, source, need)
+            kw.update(pad_token_id=raw.get("pad_token_id"), eos_token_ids=eos, dtype=dtype, param_dtype=dtype)
         else:
-            raise ValueError(f"{source}: unknown model_type {model_type!r} (expected 'chatglm', 'glm' or 'glm4')")
+            raise ValueError(f"{source}: unknown model_type {model_type!r} (expected 'chatglm', 'glm', 'glm4' or "
+                             "'glm4_moe')")
         return cls(**{**kw, **overrides})
+
+    @staticmethod
+    def _glm4_moe_kw(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
+        """GLMConfig fields of a glm4_moe config.json. A key it lacks takes transformers' Glm4MoeConfig default, so
+        that both libraries build the same model from the same file. Two layouts: the published one (top-level
+        rope_theta, partial_rotary_factor, rope_scaling, num_nextn_predict_layers) and the one transformers 5
+        writes (rope_parameters; num_nextn_predict_layers is its name for num_mtp_layers)."""
+        rope = raw.get("rope_parameters") or {}
+        scaling = raw.get("rope_scaling")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
+            raise ValueError(f"{source}: rope scaling {rope or scaling} is not supported (only the default rope)")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act={raw['hidden_act']!r} is not supported (glm4_moe uses silu)")
+        if raw.get("tie_word_embeddings"):
+            raise ValueError(f"{source}: tie_word_embeddings=true is not a GLM layout")
+        # transformers 5 reads rope_parameters when present (it folds the top-level keys into it otherwise)
+        theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        fraction = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5))
+        mtp = raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 1))
+        heads = need("num_attention_heads")
+        return dict(
+            vocab_size=raw.get("vocab_size", 151552),
+            hidden_size=need("hidden_size"),
+            ffn_hidden_size=raw.get("intermediate_size", 10944),
+            num_layers=need("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or need("hidden_size") // heads,
+            rotary_fraction=float(fraction),
+            rope_theta=float(theta),
+            rope_interleaved=False,
+            norm_eps=raw.get("rms_norm_eps", 1e-5),
+            max_seq_len=raw.get("max_position_embeddings", 131072),
+            qkv_bias=bool(raw.get("attention_bias", False)),
+            use_qk_norm=bool(raw.get("use_qk_norm", False)),
+            n_routed_experts=int(raw.get("n_routed_experts", 128)),
+            num_experts_per_tok=int(raw.get("num_experts_per_tok", 8)),
+            n_shared_experts=int(raw.get("n_shared_experts") or 0) if "n_shared_experts" in raw else 1,
+            moe_intermediate_size=int(raw.get("moe_intermediate_size", 1408)),
+            first_k_dense_replace=int(raw.get("first_k_dense_replace", 1)),
+            n_group=int(raw.get("n_group") or 1),
+            topk_group=int(raw.get("topk_group") or 1),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            num_mtp_layers=int(mtp or 0),
+        )
 
     def to_hf_dict(self, format: str = "transformers") -> dict[str, Any]:
         """config.json contents for `format` "thudm" (model_type chatglm) or "transformers" (glm / glm4)."""
         torch_dtype = self.param_dtype
+        if format == "thudm" and (self.is_moe or self.use_qk_norm or not self.rope_interleaved):
+            raise ValueError("the THUDM chatglm format holds dense GLM v2 models only; save glm4_moe models as "
+                             "format='transformers'")
+        if format == "transformers" and self.is_moe:
+            return self._glm4_moe_dict()
+        if format == "transformers" and (self.use_qk_norm or not self.rope_interleaved):
+            raise ValueError("transformers' glm / glm4 have no qk norm and GLM's interleaved rotary only")
         if format == "thudm":
             if self.sandwich_norm:
                 raise ValueError("the THUDM chatglm format has no sandwich norms; save glm4 models as format='transformers'")
@@ -313,11 +459,60 @@ class GLMConfig:
             }
         raise ValueError(f"unknown checkpoint format {format!r} (expected 'thudm' or 'transformers')")
 
+    def _glm4_moe_dict(self) -> dict[str, Any]:
+        """config.json of transformers' glm4_moe. rope_parameters is what transformers 5 reads; the top-level
+        rope_theta / partial_rotary_factor / num_nextn_predict_layers keep the published layout for older readers."""
+        if self.rope_position_divisor != 1.0 or self.rope_interleaved:
+            raise ValueError("glm4_moe uses the split-half (NeoX) rotary without position division")
+        return {
+            "model_type": "glm4_moe",
+            "architectures": ["Glm4MoeForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "partial_rotary_factor": self.rotary_fraction,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                "partial_rotary_factor": self.rotary_fraction},
+            "rms_norm_eps": self.norm_eps,
+            "max_position_embeddings": self.max_seq_len,
+            "attention_bias": self.qkv_bias,
+            "attention_dropout": 0.0,
+            "use_qk_norm": self.use_qk_norm,
+            "n_routed_experts": self.n_routed_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "n_shared_experts": self.n_shared_experts,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "first_k_dense_replace": self.first_k_dense_replace,
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "num_nextn_predict_layers": self.num_mtp_layers,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "torch_dtype": self.param_dtype,
+        }
+
 
 _CHATGLM = dict(vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696, num_layers=28, num_heads=32,
                 num_kv_heads=2, head_dim=128, norm_eps=1e-5, pad_token_id=0, dtype="bfloat16", param_dtype="bfloat16")
 _GLM4 = dict(_CHATGLM, vocab_size=151552, num_layers=40, norm_eps=1.5625e-7, rope_theta=5e6, max_seq_len=131072,
              pad_token_id=151329, eos_token_ids=(151329, 151336, 151338))
+
+_GLM45 = dict(vocab_size=151552, hidden_size=5120, ffn_hidden_size=12288, num_layers=92, num_heads=96, num_kv_heads=8,
+              head_dim=128, rotary_fraction=0.5, rope_theta=1e6, rope_interleaved=False, norm_eps=1e-5,
+              max_seq_len=131072, qkv_bias=True, use_qk_norm=True, n_routed_experts=160, num_experts_per_tok=8,
+              n_shared_experts=1, moe_intermediate_size=1536, first_k_dense_replace=3, n_group=1, topk_group=1,
+              norm_topk_prob=True, routed_scaling_factor=2.5, num_mtp_layers=1, pad_token_id=151329,
+              eos_token_ids=(151329, 151336, 151338), dtype="bfloat16", param_dtype="bfloat16")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "chatglm2-6b": dict(_CHATGLM, max_seq_len=32768),
@@ -334,4 +529,24 @@ PRESETS: dict[str, dict[str, Any]] = {
                      num_kv_heads=2, head_dim=16, max_seq_len=256),
     "glm-tiny": dict(vocab_size=8192, hidden_size=256, ffn_hidden_size=688, num_layers=4, num_heads=8,
                      num_kv_heads=2, head_dim=32, max_seq_len=512),
+    # Mixture of experts (glm4_moe). Values of the published config.json files:
+    # glm-4.5-air: zai-org/GLM-4.5-Air config.json as ms-swift prints it (Glm4MoeConfig, transformers 4.54.1),
+    #   which the Megatron arguments of THUDM's slime (glm4.5-106B-A12B) repeat.
+    # glm-4.5: zai-org/GLM-4.5, from slime's scripts/models/glm4.5-355B-A32B.sh (the Megatron arguments converted
+    #   from that config.json: 92 layers of which 3 dense, 160 experts, top-8, scaling 2.5, qk-norm, qkv bias,
+    #   rotary 0.5 at base 1e6) and NVIDIA Megatron-Bridge's GLM 4.5 page (131072 positions, MTP with 1 layer).
+    # glm-4.6: zai-org/GLM-4.6: GLM-4.5's architecture with max_position_embeddings 202752 (its config.json as
+    #   quoted in andreidhoang/stanford-ai's GLM-4.6 notes; xinference's GLM-4.6 page gives the same context).
+    # Shared by all three: vocab 151552, 96 heads, 8 KV heads, head_dim 128, rms_norm_eps 1e-5, n_group 1,
+    # topk_group 1, norm_topk_prob true, 1 shared expert, pad 151329, eos [151329, 151336, 151338], bfloat16.
+    "glm-4.5": dict(_GLM45),
+    "glm-4.5-air": dict(_GLM45, hidden_size=4096, ffn_hidden_size=10944, num_layers=46, use_qk_norm=False,
+                        n_routed_experts=128, moe_intermediate_size=1408, first_k_dense_replace=1,
+                        routed_scaling_factor=1.0),
+    "glm-4.6": dict(_GLM45, max_seq_len=202752),
+    # A small MoE for tests: group-limited routing, shared expert, qk norm, one dense layer first.
+    "glm-moe-test": dict(vocab_size=512, hidden_size=64, ffn_hidden_size=160, num_layers=3, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_seq_len=256, rope_interleaved=False, use_qk_norm=True,
+                         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                         first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.5),
 }

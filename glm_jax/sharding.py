@@ -28,6 +28,10 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("embed", ("fsdp", "sequence")),  # context-parallel shards also hold a slice of every weight, as FSDP does
     ("mlp", "tensor"),
+    # MoE expert weights [expert, embed, ..., moe_mlp]: for now each expert is split like a dense MLP (embed over
+    # fsdp, moe_mlp over tensor) and the expert axis is whole on every device; an `expert` mesh axis comes later.
+    ("expert", None),
+    ("moe_mlp", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),

@@ -5,7 +5,12 @@ Each `Entry` ties one of our parameters to one PyTorch tensor (per layer for sta
   kind "linear"  torch [out, in] -> our kernel = W.T reshaped; `n_in` leading kernel dims are inputs
   kind "bias"    torch [out] -> our bias reshaped
   kind "prefix"  THUDM's P-tuning v2 prefix embedding [pre_seq_len, L*2*groups*hd] -> [L, 2, pre_seq_len, G, D]
-`rows` selects a row block of a fused torch tensor (THUDM's query_key_value).
+  kind "stacked_linear"  torch [E, out, in] (all experts in one tensor) -> our [E, in..., out...]
+`rows` selects a row block of a fused torch tensor (THUDM's query_key_value); `part` = (axis, index) selects the
+slice of our array that one torch tensor fills (glm4_moe's separate gate_proj / up_proj -> our fused [.., 2, ..]);
+`experts` = the torch name holds {e}: one tensor per routed expert, stacked on our (per-layer) axis 0.
+Block parameters of stack model/<stack> (see glm_jax.model.glm.layer_stacks; model/mtp for the MTP layers) are
+torch layer `offset` + their index in the stack.
 """
 
 from __future__ import annotations
@@ -25,10 +30,31 @@ class Entry:
     kind: str = "copy"
     n_in: int = 1
     rows: tuple[int, int] | None = None
+    part: tuple[int, int] | None = None  # (axis, index) of our per-layer (per-expert) array this tensor fills
+    experts: bool = False  # torch_name has {e}: one torch tensor per routed expert
+    offset: int = 0  # torch layer index of the stack's first block
+    dtype: str | None = None  # kept and written in this dtype whatever the model's (the fp32 router bias)
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.torch_name
+
+    def index(self, e: int | None) -> tuple:
+        """Index of the piece of our per-layer array that the torch tensor of expert `e` (None: the only one) fills."""
+        index = (e,) if self.experts else ()
+        if self.part is not None:
+            axis, k = self.part
+            index += (slice(None),) * axis + (k,)
+        return index
+
+    def pieces(self, shape: tuple[int, ...]):
+        """(expert, index, piece shape) of each piece of our per-layer array of `shape` that one torch tensor
+        fills: the whole array, one expert's slice, and/or one `part`."""
+        for e in range(shape[0]) if self.experts else [None]:
+            sub = shape[1:] if self.experts else shape
+            if self.part is not None:
+                sub = sub[:self.part[0]] + sub[self.part[0] + 1:]
+            yield e, self.index(e), tuple(sub)
 
     def to_ours(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """One torch tensor (one layer's) -> our layout of `shape` (without the layer axis)."""
@@ -36,6 +62,8 @@ class Entry:
             w = w[self.rows[0]:self.rows[1]]
         if self.kind == "linear":
             w = w.T
+        if self.kind == "stacked_linear":
+            w = w.transpose(0, 2, 1)
         if self.kind == "prefix":  # [P, L*2*G*D] -> [L, 2, P, G, D] (THUDM: view(P, L*2, G, D), layer i = rows 2i, 2i+1)
             l, two, p, g, d = shape
             return w.reshape(p, l, two, g, d).transpose(1, 2, 0, 3, 4)
@@ -49,6 +77,9 @@ class Entry:
             return x.reshape(-1)
         if self.kind == "prefix":
             return x.transpose(2, 0, 1, 3, 4).reshape(x.shape[2], -1)
+        if self.kind == "stacked_linear":
+            n_in = math.prod(x.shape[1:1 + self.n_in])
+            return x.reshape(x.shape[0], n_in, -1).transpose(0, 2, 1)
         return x
 
     def torch_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -59,6 +90,8 @@ class Entry:
             return (math.prod(shape),)
         if self.kind == "prefix":
             return (shape[2], math.prod(shape) // shape[2])
+        if self.kind == "stacked_linear":
+            return (shape[0], math.prod(shape[1 + self.n_in:]), math.prod(shape[1:1 + self.n_in]))
         return tuple(shape)
 
 
@@ -95,6 +128,8 @@ def thudm_entries(cfg: GLMConfig) -> list[Entry]:
 
 
 def transformers_entries(cfg: GLMConfig) -> list[Entry]:
+    if cfg.is_moe:
+        return glm4_moe_entries(cfg)
     layer = "model.layers.{i}."
     e = [
         Entry(("model", "embed", "embedding"), "model.embed_tokens.weight"),
@@ -120,6 +155,85 @@ def transformers_entries(cfg: GLMConfig) -> list[Entry]:
         ]
     return e
 
+
+def _glm4_moe_block(cfg: GLMConfig, path: tuple[str, ...], moe: bool, offset: int) -> list[Entry]:
+    """One stack of glm4_moe decoder blocks at our `path` (model/layers, model/moe_layers, model/mtp/block)."""
+    layer = "model.layers.{i}."
+    e = [Entry(path + ("input_norm", "scale"), layer + "input_layernorm.weight", offset=offset)]
+    for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
+        e.append(Entry(path + ("attention", ours, "kernel"), layer + f"self_attn.{theirs}_proj.weight", "linear",
+                       offset=offset))
+        if cfg.qkv_bias:
+            e.append(Entry(path + ("attention", ours, "bias"), layer + f"self_attn.{theirs}_proj.bias", "bias",
+                           offset=offset))
+    if cfg.use_qk_norm:
+        e += [Entry(path + ("attention", "query_norm", "scale"), layer + "self_attn.q_norm.weight", offset=offset),
+              Entry(path + ("attention", "key_norm", "scale"), layer + "self_attn.k_norm.weight", offset=offset)]
+    e += [Entry(path + ("attention", "out", "kernel"), layer + "self_attn.o_proj.weight", "linear", 2, offset=offset),
+          Entry(path + ("post_attention_norm", "scale"), layer + "post_attention_layernorm.weight", offset=offset)]
+    mlp = path + ("mlp",)
+    if not moe:
+        return e + [Entry(p + ("kernel",), n, k, part=part, offset=offset)
+                    for p, n, k, part in ((mlp + ("wi",), layer + "mlp.gate_proj.weight", "linear", (1, 0)),
+                                          (mlp + ("wi",), layer + "mlp.up_proj.weight", "linear", (1, 1)),
+                                          (mlp + ("wo",), layer + "mlp.down_proj.weight", "linear", None))]
+    e += [Entry(mlp + ("router", "kernel"), layer + "mlp.gate.weight", "linear", offset=offset),
+          Entry(mlp + ("router", "e_score_correction_bias"), layer + "mlp.gate.e_score_correction_bias",
+                offset=offset, dtype="float32")]
+    expert = layer + "mlp.experts.{e}."
+    e += [Entry(mlp + ("experts", "wi"), expert + "gate_proj.weight", "linear", part=(1, 0), experts=True,
+                offset=offset),
+          Entry(mlp + ("experts", "wi"), expert + "up_proj.weight", "linear", part=(1, 1), experts=True,
+                offset=offset),
+          Entry(mlp + ("experts", "wo"), expert + "down_proj.weight", "linear", experts=True, offset=offset)]
+    if cfg.n_shared_experts:
+        shared = layer + "mlp.shared_experts."
+        e += [Entry(mlp + ("shared_experts", "wi", "kernel"), shared + "gate_proj.weight", "linear", part=(1, 0),
+                    offset=offset),
+              Entry(mlp + ("shared_experts", "wi", "kernel"), shared + "up_proj.weight", "linear", part=(1, 1),
+                    offset=offset),
+              Entry(mlp + ("shared_experts", "wo", "kernel"), shared + "down_proj.weight", "linear", offset=offset)]
+    return e
+
+
+def glm4_moe_entries(cfg: GLMConfig) -> list[Entry]:
+    """transformers' glm4_moe as published and as transformers 5 saves it: per-expert tensors
+    (mlp.experts.N.{gate,up,down}_proj), separate gate / up projections, the router's gate.weight and fp32
+    gate.e_score_correction_bias; MTP layers at model.layers.{num_layers + j} (enorm, hnorm, eh_proj,
+    shared_head.norm and a MoE block; their embed_tokens / shared_head.head are the model's, see MTP_SHARED)."""
+    from glm_jax.model.glm import layer_stacks
+
+    e = [Entry(("model", "embed", "embedding"), "model.embed_tokens.weight")]
+    for name, moe, first, _ in layer_stacks(cfg):
+        e += _glm4_moe_block(cfg, ("model", name), moe, first)
+    if cfg.num_mtp_layers:
+        layer, mtp, off = "model.layers.{i}.", ("model", "mtp"), cfg.num_layers
+        e += [Entry(mtp + ("enorm", "scale"), layer + "enorm.weight", offset=off),
+              Entry(mtp + ("hnorm", "scale"), layer + "hnorm.weight", offset=off),
+              Entry(mtp + ("eh_proj", "kernel"), layer + "eh_proj.weight", "linear", 2, offset=off),
+              Entry(mtp + ("shared_head_norm", "scale"), layer + "shared_head.norm.weight", offset=off)]
+        e += _glm4_moe_block(cfg, mtp + ("block",), True, off)
+    e += [Entry(("model", "final_norm", "scale"), "model.norm.weight"),
+          Entry(("lm_head", "kernel"), "lm_head.weight", "linear")]
+    return e
+
+
+# A transformers 5 state dict holds each layer's routed experts fused (Glm4MoeExperts: gate_up_proj [E, 2*I, H],
+# gate rows first; down_proj [E, H, I]); its save_pretrained writes them per expert again, but a fused file is
+# read too: our path suffix -> (torch name suffix, the Entry that reads it).
+FUSED_EXPERTS = {("mlp", "experts", "wi"): "mlp.experts.gate_up_proj", ("mlp", "experts", "wo"): "mlp.experts.down_proj"}
+
+
+def fused_experts_entry(per_expert: Entry) -> Entry:
+    """The Entry reading the fused layout of the parameter `per_expert` fills (one of FUSED_EXPERTS)."""
+    suffix = FUSED_EXPERTS[per_expert.path[-3:]]
+    return Entry(per_expert.path, "model.layers.{i}." + suffix, "stacked_linear", offset=per_expert.offset)
+
+
+# Tensors of a glm4_moe MTP layer that are copies of the model's own embedding / output head (DeepSeek-V3's MTP
+# shares them): not loaded; save_hf writes the model's in their place. torch suffix -> (our path, kind).
+MTP_SHARED = {"embed_tokens.weight": (("model", "embed", "embedding"), "copy"),
+              "shared_head.head.weight": (("lm_head", "kernel"), "linear")}
 
 ENTRIES = {"thudm": thudm_entries, "transformers": transformers_entries}
 # Tensors present in real checkpoints that carry no parameters.

@@ -1,9 +1,10 @@
-"""load_hf / save_hf: THUDM (`chatglm`) and transformers (`glm`, `glm4`) checkpoints in and out."""
+"""load_hf / save_hf: THUDM (`chatglm`) and transformers (`glm`, `glm4`, `glm4_moe`) checkpoints in and out."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from glm_jax.config import GLMConfig, read_json_object
-from glm_jax.convert.formats import ENTRIES, HEADS, IGNORED_TORCH_NAMES, QUANTIZABLE, Entry
+from glm_jax.convert.formats import (ENTRIES, FUSED_EXPERTS, HEADS, IGNORED_TORCH_NAMES, MTP_SHARED, QUANTIZABLE,
+                                    Entry, fused_experts_entry)
 from glm_jax.convert.quant import QUANTIZED_KERNELS, dequantize_kernel, dequantize_rows, quantize_kernel, quantize_rows
 from glm_jax.convert.tensors import CheckpointReader, write_safetensors
 from glm_jax.sharding import LOGICAL_RULES, param_shardings
@@ -22,7 +24,10 @@ from glm_jax.sharding import LOGICAL_RULES, param_shardings
 log = logging.getLogger(__name__)
 
 PREFIX = ("model", "prefix")
-FORMAT_OF_MODEL_TYPE = {"chatglm": "thudm", "glm": "transformers", "glm4": "transformers"}
+FORMAT_OF_MODEL_TYPE = {"chatglm": "thudm", "glm": "transformers", "glm4": "transformers", "glm4_moe": "transformers"}
+# A stacked parameter larger than this is assembled on its device(s) one layer at a time (the host holds one
+# layer's slice, never the stack: a MoE layer's experts are most of the model).
+STREAM_MIN_BYTES = 256 * 2**20
 
 
 def detect_format(ckpt_dir: str | Path) -> tuple[str, dict[str, Any]]:
@@ -33,7 +38,8 @@ def detect_format(ckpt_dir: str | Path) -> tuple[str, dict[str, Any]]:
     raw = read_json_object(file)
     fmt = FORMAT_OF_MODEL_TYPE.get(raw.get("model_type"))
     if fmt is None:
-        raise ValueError(f"{file}: unknown model_type {raw.get('model_type')!r} (expected chatglm, glm or glm4)")
+        raise ValueError(f"{file}: unknown model_type {raw.get('model_type')!r} (expected chatglm, glm, glm4 or "
+                         "glm4_moe)")
     return fmt, raw
 
 
@@ -57,6 +63,37 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
+def _stream_put(shape, dtype, target, layers):
+    """A [L, ...] device array with sharding `target` (None: the default device), filled one layer at a time
+    from `layers` (an iterator of (index, host array [...])): the host holds one layer's slice at a time."""
+    from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+    if target is None:
+        target = SingleDeviceSharding(jax.devices()[0])
+    if isinstance(target, NamedSharding):
+        one = NamedSharding(target.mesh, P(*tuple(target.spec)[1:]))
+    elif isinstance(target, SingleDeviceSharding):
+        one = target
+    else:
+        return None
+    buf = jax.jit(lambda: jax.numpy.zeros(shape, dtype), out_shardings=target)()
+    put = _layer_updater(target, one)
+    for j, arr in layers:
+        buf = put(buf, jax.device_put(arr, one), np.int32(j))
+    return buf
+
+
+_UPDATERS: dict = {}
+
+
+def _layer_updater(target, one):
+    key = (target, one)
+    if key not in _UPDATERS:
+        _UPDATERS[key] = jax.jit(lambda buf, x, j: jax.lax.dynamic_update_index_in_dim(buf, x, j, 0),
+                                 in_shardings=(target, one, None), out_shardings=target, donate_argnums=0)
+    return _UPDATERS[key]
+
+
 def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, rules=LOGICAL_RULES,
             **config_overrides) -> tuple[GLMConfig, dict]:
     """Loads a THUDM or transformers GLM checkpoint directory -> (GLMConfig, params).
@@ -64,10 +101,16 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
     The format is detected from config.json; weights may be .safetensors or .bin, sharded or not, and THUDM
     int8/int4 checkpoints are dequantized. Tensors are read one at a time and each parameter goes straight to
     its device placement: `shardings` (a tree like params) or, given a `mesh`, the shardings that the logical
-    axis `rules` give. `config_overrides` (e.g. param_dtype="float32", dtype="bfloat16") adjust the config;
+    axis `rules` give; a stacked parameter above STREAM_MIN_BYTES is assembled there layer by layer. 
+    `config_overrides` (e.g. param_dtype="float32", dtype="bfloat16") adjust the config;
     `quantization_bit=8` or `4` keeps the block linears as int8/int4 (quantized per tensor on the host, so the
     float model never sits on the device; a THUDM quantized checkpoint keeps its own integers exactly).
     `scan_layers=False` returns the per-block layout (model/layers_0, ...) for fast decoding.
+
+    glm4_moe (GLM-4.5 / 4.6): routed experts per expert (mlp.experts.N.*, the published layout) or fused
+    (mlp.experts.gate_up_proj / down_proj); the checkpoint's MTP layers load into model/mtp, or not at all with
+    num_mtp_layers=0 (also when the checkpoint has none, as transformers' own saves: cfg.num_mtp_layers says
+    what the tree holds).
     """
     fmt, raw = detect_format(ckpt_dir)
     cfg = GLMConfig.from_hf(ckpt_dir, **config_overrides)
@@ -75,11 +118,15 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
         if shardings is not None:
             raise ValueError("load_hf(scan_layers=False): pass mesh= rather than shardings= (the shardings of the "
                              "stacked layout are derived, then split per block)")
-        _, params = load_hf(ckpt_dir, mesh=mesh, rules=rules, **{**config_overrides, "scan_layers": True})
+        cfg, params = load_hf(ckpt_dir, mesh=mesh, rules=rules, **{**config_overrides, "scan_layers": True})
         from glm_jax.model import unstack_layers
 
-        return cfg, unstack_layers(params)
+        return cfg.replace(scan_layers=False), unstack_layers(params)
     reader = CheckpointReader(ckpt_dir)
+    if cfg.num_mtp_layers and f"model.layers.{cfg.num_layers}.eh_proj.weight" not in reader:
+        log.info("%s: config.json has %d MTP layer(s) but the checkpoint none: num_mtp_layers=0", ckpt_dir,
+                 cfg.num_mtp_layers)
+        cfg = cfg.replace(num_mtp_layers=0)
     bits = int(raw.get("quantization_bit") or 0) if fmt == "thudm" else 0
     boxed = abstract_params(cfg)
     shapes = nn.unbox(boxed)
@@ -90,8 +137,11 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
     fused_rows = {e.torch_name: max(x.rows[1] for x in entries if x.torch_name == e.torch_name)
                   for e in entries if e.rows}
     used: set[str] = set()
+    if cfg.num_mtp_layers:  # the MTP layers' copies of the embedding / head: shared, not loaded (MTP_SHARED)
+        shared = {f"model.layers.{cfg.num_layers + j}.{n}" for j in range(cfg.num_mtp_layers) for n in MTP_SHARED}
+        used |= shared & set(reader.keys())
 
-    def read(entry: Entry, name: str, shape) -> np.ndarray:
+    def read(entry: Entry, name: str, shape, out_dtype) -> np.ndarray:
         if bits and name.endswith(".weight") and any(q in name for q in QUANTIZABLE):
             w = dequantize_rows(reader.get(name), reader.get(name + "_scale"), bits)
             used.add(name + "_scale")
@@ -106,27 +156,58 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
         if tuple(got) != expected:
             raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(w.shape)}, expected "
                              f"{expected} for {cfg.name or 'this config'}")
-        return entry.to_ours(w, shape).astype(dtype)
+        return entry.to_ours(w, shape).astype(out_dtype)
 
-    params: dict = {}
+    def fill(out: np.ndarray, group: list[Entry], layer: int | None):
+        """Our array `out` (one layer's slice of a stacked parameter, or a global one) from its torch tensors."""
+        for entry in group:
+            for e, index, piece in entry.pieces(out.shape):
+                name = entry.torch_name.format(i=None if layer is None else entry.offset + layer, e=e)
+                out[index] = read(entry, name, piece, out.dtype)
+
+    groups: dict[tuple, list[Entry]] = defaultdict(list)
     for entry in entries:
-        if (entry.path[:1] in HEADS or entry.path == PREFIX) and entry.torch_name not in reader:
+        groups[entry.path].append(entry)
+    params: dict = {}
+    for path, group in groups.items():
+        first = group[0]
+        probe = first.torch_name.format(i=first.offset, e=0)
+        if (path[:1] in HEADS or path == PREFIX) and probe not in reader:
             continue  # optional: a checkpoint has lm_head, score or both; a P-tuning prefix only once trained
-        shape = get_path(shapes, entry.path).shape
-        if entry.per_layer:
-            buf = np.empty(shape, dtype)
-            for i in range(cfg.num_layers):
-                buf[i] = read(entry, entry.torch_name.format(i=i), shape[1:])
+        if path[-3:] in FUSED_EXPERTS and probe not in reader:  # transformers 5's in-memory layout
+            fused = fused_experts_entry(first)
+            if fused.torch_name.format(i=fused.offset) in reader:
+                group = [fused]
+        shape = get_path(shapes, path).shape
+        out_dtype = np.dtype(first.dtype) if first.dtype else dtype
+        target = get_path(shardings, path) if shardings is not None else None
+        quantize = QUANTIZED_KERNELS.get(path[2:4]) if path[1:2] == ("layers",) and path[-1] == "kernel" else None
+        quantize = quantize if cfg.quantization_bit else None
+        nbytes = math.prod(shape) * out_dtype.itemsize
+        if first.per_layer and not quantize and nbytes > STREAM_MIN_BYTES:
+            def layers():
+                for j in range(shape[0]):
+                    one = np.empty(shape[1:], out_dtype)
+                    fill(one, group, j)
+                    yield j, one
+
+            streamed = _stream_put(shape, out_dtype, target, layers())
+            if streamed is not None:
+                _set(params, path, streamed)
+                continue
+        buf = np.empty(shape, out_dtype)
+        if first.per_layer:
+            for j in range(shape[0]):
+                fill(buf[j], group, j)
         else:
-            buf = read(entry, entry.torch_name, shape)
-        arrays = {entry.path: buf}
-        n_in = QUANTIZED_KERNELS.get(entry.path[2:4]) if entry.path[1:2] == ("layers",) else None
-        if cfg.quantization_bit and n_in and entry.path[-1] == "kernel":
-            q, scale = quantize_kernel(buf, n_in, cfg.quantization_bit)
-            arrays = {entry.path: q, entry.path[:-1] + ("scale",): scale}
-        for path, arr in arrays.items():
-            target = get_path(shardings, path) if shardings is not None else None
-            _set(params, path, jax.device_put(arr, target) if target is not None else jax.numpy.asarray(arr))
+            fill(buf, group, None)
+        arrays = {path: buf}
+        if quantize:
+            q, scale = quantize_kernel(buf, quantize, cfg.quantization_bit)
+            arrays = {path: q, path[:-1] + ("scale",): scale}
+        for p, arr in arrays.items():
+            t = get_path(shardings, p) if shardings is not None else None
+            _set(params, p, jax.device_put(arr, t) if t is not None else jax.numpy.asarray(arr))
         del buf, arrays
     if not any(h[0] in params for h in HEADS):
         raise KeyError(f"{ckpt_dir}: no output head found (expected tensor "
@@ -141,7 +222,10 @@ def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transfor
             max_shard_size: int | str = "5GB", dtype: str | None = None, quantization_bit: int | None = None) -> Path:
     """Writes `params` as a checkpoint directory that the reference PyTorch code loads.
 
-    format "transformers": transformers' glm / glm4 (GlmForCausalLM, GlmForSequenceClassification).
+    format "transformers": transformers' glm / glm4 (GlmForCausalLM, GlmForSequenceClassification), or glm4_moe
+    (Glm4MoeForCausalLM) for a MoE config: routed experts per expert as the published checkpoints and
+    transformers 5's save_pretrained store them, the fp32 router correction bias, and the MTP layers
+    (model.layers.{num_layers + j}.*) when the tree has them.
     format "thudm": THUDM's chatglm layout (fused query_key_value), optionally int8/int4 quantized.
     Weights go to safetensors shards of at most `max_shard_size`, with an index when there are several.
     """
@@ -150,6 +234,8 @@ def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transfor
     from glm_jax.model import stack_layers
 
     params, cfg = stack_layers(params), cfg.replace(scan_layers=True)  # the tensor maps describe the stack
+    if cfg.num_mtp_layers and "mtp" not in params["model"]:
+        cfg = cfg.replace(num_mtp_layers=0)
     if quantization_bit and format != "thudm":
         raise ValueError("quantized checkpoints exist only in the THUDM format (format='thudm')")
     out = Path(out_dir)
@@ -160,42 +246,64 @@ def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transfor
     if quantization_bit:
         config["quantization_bit"] = int(quantization_bit)
     if "score" in params:
+        if cfg.is_moe:
+            raise ValueError("transformers has no sequence-classification model for glm4_moe")
         config["architectures"] = ["GlmForSequenceClassification"] + (config["architectures"] if "lm_head" in params else [])
         if format == "thudm":
             raise ValueError("sequence-classification heads are saved in the transformers format only")
 
     entries = [e for e in ENTRIES[format](cfg) if e.path[:1] not in HEADS or e.path[0] in params]
-    by_name: dict[str, list[Entry]] = defaultdict(list)
+    # (torch name template, torch layer offset) -> entries: several = row blocks of one fused tensor (THUDM qkv)
+    by_name: dict[tuple[str, int], list[Entry]] = defaultdict(list)
     for e in entries:
-        by_name[e.torch_name].append(e)
+        by_name[e.torch_name, e.offset].append(e)
+    fetched: dict = {}
 
-    def tensor(name_template: str, layer: int | None):
+    def host(path, layer):  # our array, or one layer's slice of a stack, read from the device once per layer
+        if (path, layer) not in fetched:
+            x = get_path(params, path)
+            fetched[path, layer] = np.asarray(jax.device_get(x[layer] if layer is not None else x))
+        return fetched[path, layer]
+
+    def tensor(key, layer: int | None, expert: int | None = None):
         parts = []
-        for e in sorted(by_name[name_template], key=lambda e: e.rows or (0, 0)):
-            x = get_path(params, e.path)
-            x = np.asarray(jax.device_get(x[layer] if layer is not None else x))
+        for e in sorted(by_name[key], key=lambda e: e.rows or (0, 0)):
+            x = host(e.path, layer)
             if e.path[-1] == "kernel" and "scale" in get_path(params, e.path[:-1]):  # a quantized block linear
                 scale = np.asarray(jax.device_get(get_path(params, e.path[:-1] + ("scale",))[layer]))
                 x = dequantize_kernel(x, scale, QUANTIZED_KERNELS[e.path[2:4]], lead=0)
-            parts.append(e.to_torch(x.astype(out_dtype)))
+            x = x[e.index(expert)]
+            parts.append(e.to_torch(x.astype(np.dtype(e.dtype) if e.dtype else out_dtype)))
         return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
     def tensors():  # embedding, then layer by layer, then final norm and heads: one layer in memory at a time
-        globals_ = [t for t in by_name if "{i}" not in t]
-        first = [t for t in globals_ if by_name[t][0].path[:2] == ("model", "embed")]
-        for name in first:
-            yield name, tensor(name, None)
-        for i in range(cfg.num_layers):
-            for t in (t for t in by_name if "{i}" in t):
-                name, w = t.format(i=i), tensor(t, i)
-                if quantization_bit and name.endswith(".weight") and any(q in name for q in QUANTIZABLE):
-                    q, scale = quantize_rows(w, quantization_bit)
-                    yield name, q
-                    yield name + "_scale", scale
-                else:
-                    yield name, w
-        for name in (t for t in globals_ if t not in first):
-            yield name, tensor(name, None)
+        globals_ = [k for k in by_name if "{i}" not in k[0]]
+        first = [k for k in globals_ if by_name[k][0].path[:2] == ("model", "embed")]
+        for key in first:
+            yield key[0], tensor(key, None)
+        stacked = [k for k in by_name if "{i}" in k[0]]
+        for i in range(cfg.num_layers + cfg.num_mtp_layers):
+            for key in stacked:
+                entry, j = by_name[key][0], i - key[1]
+                if not 0 <= j < get_path(params, entry.path).shape[0]:
+                    continue  # another stack's layer
+                for e in range(get_path(params, entry.path).shape[1]) if entry.experts else [None]:
+                    name, w = key[0].format(i=i, e=e), tensor(key, j, e)
+                    if quantization_bit and name.endswith(".weight") and any(q in name for q in QUANTIZABLE):
+                        q, scale = quantize_rows(w, quantization_bit)
+                        yield name, q
+                        yield name + "_scale", scale
+                    else:
+                        yield name, w
+            if i >= cfg.num_layers:  # an MTP layer: copies of the model's embedding / head (MTP_SHARED)
+                for suffix, (path, kind) in MTP_SHARED.items():
+                    if path[0] in params:
+                        yield f"model.layers.{i}.{suffix}", Entry(path, suffix, kind).to_torch(
+                            host(path, None).astype(out_dtype))
+            for k in [k for k in fetched if k[1] is not None]:
+                del fetched[k]
+        for key in (k for k in globals_ if k not in first):
+            yield key[0], tensor(key, None)
 
     write_safetensors(tensors(), out, max_shard_size)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -68,6 +68,8 @@ def quantize_params(cfg, params, bits: int):
     """A float model -> (cfg with quantization_bit=bits, params with int8/int4 block kernels + scales)."""
     if cfg.quantization_bit:
         raise ValueError(f"the model is already quantized to {cfg.quantization_bit} bits")
+    if cfg.is_moe:
+        raise ValueError("weight-only quantization is not implemented for MoE models")
     model = dict(params["model"])
     # the stacked blocks (leading layer axis), or one subtree per block (GLMConfig.scan_layers=False)
     for key, lead in [("layers", 1)] if "layers" in model else [(k, 0) for k in model if k.startswith("layers_")]:

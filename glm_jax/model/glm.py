@@ -1,25 +1,39 @@
-"""The GLM v2 decoder (ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B, and GLM-4-0414's sandwich-norm variant).
+"""The GLM decoder: the dense line (ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B, GLM-4-0414's sandwich-norm variant) and
+the mixture-of-experts line (glm4_moe: GLM-4.5, GLM-4.5-Air, GLM-4.6), one model whose config picks the block
+variants (as MaxText's decoder does).
 
     h   = x + Attn(RMSNorm_in(x))            [glm4: + RMSNorm(Attn(...)) instead]
-    out = h + MLP(RMSNorm_post(h))           [glm4: + RMSNorm(MLP(...)) instead]
+    out = h + FFN(RMSNorm_post(h))           [glm4: + RMSNorm(FFN(...)) instead]
 
-L such blocks run under `nn.scan` (one compiled block, parameters stacked on a leading "layers" axis), then a
-final RMSNorm and an untied output projection (cfg.scan_layers=False: blocks model/layers_0 ... with their own
-unstacked weights, see `unstack_layers`). Parameter tree of GLMForCausalLM:
+FFN is the dense SwiGLU MLP, or (layers first_k_dense_replace.. of a MoE config) the MoE layer of
+layers/moe.py. Attention optionally RMS-normalises each query / key head (use_qk_norm) and rotates the first
+rotary_dim dims in GLM's interleaved layout or in the split-half NeoX layout of glm4_moe (rope_interleaved).
+
+The layer scan stacks identical blocks, so the blocks run as up to two scans (`nn.scan`, one compiled block
+each, parameters stacked on a leading "layers" axis): "layers" = the dense-MLP blocks (all L of a dense model,
+the first first_k_dense_replace of a MoE one), then "moe_layers" = the MoE blocks. The one decode cache spans
+all L layers; each block writes its global layer index. Then a final RMSNorm and an untied output projection
+(cfg.scan_layers=False: blocks model/layers_0 ... layers_{L-1} with their own unstacked weights, see
+`unstack_layers`). Parameter tree of GLMForCausalLM:
 
     model/embed/embedding                         [vocab, embed]
     model/layers/input_norm/scale                 [L, embed]
     model/layers/attention/{query,key,value}/kernel,bias   [L, embed, heads, head_dim], [L, heads, head_dim]
+    model/layers/attention/{query,key}_norm/scale [L, head_dim]                 (use_qk_norm)
     model/layers/attention/out/kernel             [L, heads, head_dim, embed]
     model/layers/post_attention_norm/scale        [L, embed]
     model/layers/mlp/wi/kernel                    [L, embed, 2, mlp]   (gate, up)
     model/layers/mlp/wo/kernel                    [L, mlp, embed]
+    model/moe_layers/...                          [L_moe, ...] as model/layers, with mlp = the MoE layer:
+        mlp/router/kernel, mlp/router/e_score_correction_bias, mlp/experts/{wi,wo}, mlp/shared_experts/{wi,wo}
+    model/mtp/{enorm,hnorm,shared_head_norm}/scale, model/mtp/eh_proj/kernel, model/mtp/block/...
+                                                  [num_mtp_layers, ...]   the checkpoint's MTP layers (unused)
     model/final_norm/scale                        [embed]
     model/prefix                                  [L, 2, pre_seq_len, kv_heads, head_dim]   (P-tuning v2 only)
     lm_head/kernel                                [embed, vocab]
 
 Decode cache ("cache" collection, `init_cache`): model/cached_key and model/cached_value [L, batch, max_len,
-kv_heads, head_dim] (carried through the layer scan and updated in place), model/index (next write slot),
+kv_heads, head_dim] (carried through the layer scans and updated in place), model/index (next write slot),
 model/segment_ids [batch, max_len] (0 = pad / empty) and model/position [batch] (each row's next position).
 """
 
@@ -30,7 +44,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from glm_jax.config import REMAT_POLICIES, GLMConfig
-from glm_jax.model.layers import MLP, Attention, Embed, Linear, RMSNorm, rotary_cos_sin
+from glm_jax.model.layers import MLP, Attention, Embed, Linear, MoE, RMSNorm, rotary_cos_sin
 
 JAX_REMAT_POLICIES = {  # GLMConfig.remat_policy -> what each block keeps for the backward pass
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -64,6 +78,7 @@ class DecoderBlock(nn.Module, kw_only=True):
     cfg: GLMConfig
     decode: bool = False
     prefill: bool = False
+    moe: bool = False  # the MoE layer instead of the dense MLP (glm4_moe's layers first_k_dense_replace..)
 
     @nn.compact
     def __call__(self, carry, ctx: dict, per_layer: dict):
@@ -82,18 +97,51 @@ class DecoderBlock(nn.Module, kw_only=True):
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             hidden_size=cfg.hidden_size, use_bias=cfg.qkv_bias, attention_impl=cfg.attention_impl,
             decode=self.decode, prefill=self.prefill, dtype=dtype, param_dtype=param_dtype,
-            quantization_bit=cfg.quantization_bit, max_segments=cfg.max_segments, name="attention")(
+            quantization_bit=cfg.quantization_bit, max_segments=cfg.max_segments, rope_interleaved=cfg.rope_interleaved,
+            qk_norm=cfg.use_qk_norm, norm_eps=cfg.norm_eps, name="attention")(
             norm("input_norm")(x), ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"],
             ctx["cache_index"], per_layer["prefix"], kv_cache, per_layer["layer"])
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)
         x = x + h
-        h = MLP(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, dtype=dtype, param_dtype=param_dtype,
-                quantization_bit=cfg.quantization_bit, name="mlp")(
-            norm("post_attention_norm")(x))
+        if self.moe:
+            ffn = MoE(hidden_size=cfg.hidden_size, intermediate_size=cfg.moe_intermediate_size,
+                      num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
+                      n_shared_experts=cfg.n_shared_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                      norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
+                      impl=cfg.moe_impl, dtype=dtype, param_dtype=param_dtype, name="mlp")
+        else:
+            ffn = MLP(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, dtype=dtype,
+                      param_dtype=param_dtype, quantization_bit=cfg.quantization_bit, name="mlp")
+        h = ffn(norm("post_attention_norm")(x))
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
         return (nn.with_logical_constraint(x + h, BATCH_SEQ_EMBED), kv_cache), None
+
+
+class MTPLayer(nn.Module, kw_only=True):
+    """One multi-token-prediction layer of a glm4_moe checkpoint (DeepSeek-V3's MTP module, as vLLM / SGLang run
+    GLM-4.5's): h' = block(eh_proj([enorm(embed(t + 1)); hnorm(h)])), logits' = head(shared_head_norm(h')). Its
+    embedding and output head are the model's own. Not used by the forward pass or generation yet: GLMModel runs
+    it only at init, so that the checkpoint's MTP weights have their place (model/mtp) in the parameter tree."""
+
+    cfg: GLMConfig
+
+    @nn.compact
+    def __call__(self, hidden, embeds, ctx: dict):
+        """hidden: the previous depth's hidden states (pre final norm), embeds: embeddings of the tokens one step
+        ahead, both [batch, seq, embed]. Returns (new hidden, its shared-head-normalised form)."""
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+        def norm(name):
+            return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+        both = jnp.stack([norm("enorm")(embeds), norm("hnorm")(hidden)], axis=-2)  # [B, S, 2, embed]
+        h = Linear(features=(cfg.hidden_size,), kernel_axes=(None, "embed", None), n_in=2, dtype=dtype,
+                   param_dtype=param_dtype, name="eh_proj")(both)
+        (h, _), _ = DecoderBlock(cfg=cfg, moe=True, name="block")((h, None), ctx, {"layer": jnp.int32(0), "prefix": None})
+        return h, norm("shared_head_norm")(h)
 
 
 class GLMModel(nn.Module):
@@ -149,30 +197,50 @@ class GLMModel(nn.Module):
                 nn.initializers.normal(0.02), ("layers", None, None, "kv_heads", "head_dim")),
                 (cfg.num_layers, 2, cfg.pre_seq_len, cfg.num_kv_heads, cfg.head_dim), param_dtype)
 
-        block = DecoderBlock
-        if cfg.remat_policy != "none":
+        def block_class(count):
+            if cfg.remat_policy == "none":
+                return DecoderBlock
             # Inside a rolled scan the recomputation cannot be merged with the forward pass, so CSE barriers are
             # unnecessary; fully unrolled, XLA would CSE the recomputation away and keep every activation.
-            block = nn.remat(block, policy=JAX_REMAT_POLICIES[cfg.remat_policy],
-                             prevent_cse=cfg.scan_unroll >= cfg.num_layers)
+            return nn.remat(DecoderBlock, policy=JAX_REMAT_POLICIES[cfg.remat_policy],
+                            prevent_cse=cfg.scan_unroll >= count)
+
         ctx = {"cos": cos, "sin": sin, "q_segments": q_segments, "kv_segments": kv_segments,
                "cache_index": cache_index}
+        embeds = x
         if cfg.scan_layers:  # ctx is broadcast to every block, per_layer sliced along its leading layer axis
-            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast, 0), length=cfg.num_layers,
-                             unroll=min(cfg.scan_unroll, cfg.num_layers), metadata_params={nn.PARTITION_NAME: "layers"})
-            per_layer = {"layer": jnp.arange(cfg.num_layers), "prefix": prefix}
-            (x, kv_cache), _ = layers(cfg=cfg, decode=decode, prefill=prefill, name="layers")((x, kv_cache), ctx,
-                                                                                              per_layer)
+            for name, moe, first, count in layer_stacks(cfg):
+                layers = nn.scan(block_class(count), variable_axes={"params": 0}, split_rngs={"params": True},
+                                 in_axes=(nn.broadcast, 0), length=count, unroll=min(cfg.scan_unroll, count),
+                                 metadata_params={nn.PARTITION_NAME: "layers"})
+                per_layer = {"layer": jnp.arange(first, first + count),
+                             "prefix": None if prefix is None else prefix[first:first + count]}
+                (x, kv_cache), _ = layers(cfg=cfg, decode=decode, prefill=prefill, moe=moe, name=name)(
+                    (x, kv_cache), ctx, per_layer)
         else:  # separate weights per block: nothing is sliced out of a stack at run time
+            block = block_class(1)
             for i in range(cfg.num_layers):
                 per_layer = {"layer": jnp.int32(i), "prefix": None if prefix is None else prefix[i]}
-                (x, kv_cache), _ = block(cfg=cfg, decode=decode, prefill=prefill, name=f"layers_{i}")(
-                    (x, kv_cache), ctx, per_layer)
+                (x, kv_cache), _ = block(cfg=cfg, decode=decode, prefill=prefill, moe=i >= cfg.num_dense_layers,
+                                         name=f"layers_{i}")((x, kv_cache), ctx, per_layer)
+        if cfg.num_mtp_layers and self.is_initializing():
+            # Creates model/mtp (stacked over the MTP layers); the output is not used.
+            mtp = nn.scan(MTPLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_mtp_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+            mtp(cfg=cfg, name="mtp")(
+                x, embeds, dict(ctx, kv_segments=ctx["q_segments"], cache_index=None))
         if decode and not self.is_initializing():
             for var, value in zip(kv_vars, kv_cache):
                 var.value = value
         return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+
+
+def layer_stacks(cfg: GLMConfig) -> list[tuple[str, bool, int, int]]:
+    """(name, moe, first layer, count) of each layer scan: "layers" (dense-MLP blocks), then "moe_layers"."""
+    stacks = [("layers", False, 0, cfg.num_dense_layers), ("moe_layers", True, cfg.num_dense_layers,
+                                                           cfg.num_moe_layers)]
+    return [s for s in stacks if s[3]]
 
 
 class GLMForCausalLM(nn.Module):
@@ -241,25 +309,42 @@ def init_params(model: nn.Module, rng, seq_len: int = 8, batch: int = 1):
     return jax.jit(lambda r: nn.unbox(model.init(r, ids))["params"])(rng)
 
 
+STACKS = ("layers", "moe_layers")  # the layer scans' parameter stacks, in layer order (see layer_stacks)
+
+
 def unstack_layers(params):
-    """Stacked block parameters (model/layers/..., leading axis L) -> one subtree per block (model/layers_0, ...),
-    the layout of GLMConfig(scan_layers=False). The slices are copies: both layouts exist until the caller
-    drops the stacked tree."""
+    """Stacked block parameters (model/layers/... and model/moe_layers/..., leading axis = their layers) -> one
+    subtree per block (model/layers_0, ... layers_{L-1}, numbered across both stacks), the layout of
+    GLMConfig(scan_layers=False). The slices are copies: both layouts exist until the caller drops the stacked
+    tree. The MTP layers (model/mtp) stay stacked."""
     model = dict(params["model"])
-    stacked = model.pop("layers")
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    model.update({f"layers_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(n)})
+    i = 0
+    for name in STACKS:
+        if name not in model:
+            continue
+        stacked = model.pop(name)
+        n = jax.tree.leaves(stacked)[0].shape[0]
+        for j in range(n):
+            model[f"layers_{i}"] = jax.tree.map(lambda x: x[j], stacked)
+            i += 1
     return {**params, "model": model}
 
 
 def stack_layers(params):
-    """Inverse of `unstack_layers` (a stacked tree is returned as it is)."""
+    """Inverse of `unstack_layers` (a stacked tree is returned as it is): dense-MLP blocks stack into
+    model/layers, MoE blocks (those with an mlp/router) into model/moe_layers."""
     model = dict(params["model"])
-    if "layers" in model:
+    if any(name in model for name in STACKS):
         return params
     names = sorted((k for k in model if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
     blocks = [model.pop(k) for k in names]
-    model["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    is_moe = ["router" in b.get("mlp", {}) for b in blocks]
+    if is_moe != sorted(is_moe):
+        raise ValueError("stack_layers: MoE blocks must follow the dense-MLP blocks")
+    for name, group in (("layers", [b for b, m in zip(blocks, is_moe) if not m]),
+                        ("moe_layers", [b for b, m in zip(blocks, is_moe) if m])):
+        if group:
+            model[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *group)
     return {**params, "model": model}
 
 

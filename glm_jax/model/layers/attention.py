@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from glm_jax.model.layers.embeddings import apply_rotary
 from glm_jax.model.layers.linear import Linear
+from glm_jax.model.layers.norms import RMSNorm
 from glm_jax.sharding import logical_to_spec
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,9 @@ class Attention(nn.Module, kw_only=True):
     param_dtype: jnp.dtype = jnp.float32
     quantization_bit: int = 0
     max_segments: int = 0  # GLMConfig.max_segments: cuDNN's packed layout (see cudnn_attention)
+    rope_interleaved: bool = True  # GLMConfig.rope_interleaved: GLM's pairs (2i, 2i+1), else split-half (NeoX)
+    qk_norm: bool = False  # GLMConfig.use_qk_norm: RMSNorm over head_dim on each query / key head before rotary
+    norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None, prefix=None, kv_cache=None,
@@ -244,8 +248,12 @@ class Attention(nn.Module, kw_only=True):
                           bias_axes=(axis_name, "head_dim"), dtype=self.dtype, param_dtype=self.param_dtype,
                           quantization_bit=self.quantization_bit, name=name)(x)
 
-        q = apply_rotary(proj(self.num_heads, "q_heads", "query"), cos, sin)
-        k = apply_rotary(proj(self.num_kv_heads, "kv_heads", "key"), cos, sin)
+        q, k = proj(self.num_heads, "q_heads", "query"), proj(self.num_kv_heads, "kv_heads", "key")
+        if self.qk_norm:
+            q = RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="query_norm")(q)
+            k = RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="key_norm")(k)
+        q = apply_rotary(q, cos, sin, self.rope_interleaved)
+        k = apply_rotary(k, cos, sin, self.rope_interleaved)
         v = proj(self.num_kv_heads, "kv_heads", "value")
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
 

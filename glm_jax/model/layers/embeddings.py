@@ -31,15 +31,21 @@ def rotary_cos_sin(positions, rotary_dim: int, theta: float, position_divisor: f
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
-def apply_rotary(x, cos, sin):
+def apply_rotary(x, cos, sin, interleaved: bool = True):
     """Rotates the first 2*cos.shape[-1] dims of each head of x [batch, seq, heads, head_dim].
 
-    GLM pairs ADJACENT dims (2i, 2i+1) ("GPT-J style"); the remaining dims pass through unchanged.
+    interleaved=True: GLM pairs ADJACENT dims (2i, 2i+1) ("GPT-J style", ChatGLM2/3 and GLM-4).
+    interleaved=False: dim i pairs with dim i + rot/2 (the split-half "NeoX" layout of glm4_moe, transformers'
+    rotate_half). The remaining dims pass through unchanged.
     """
     rot = 2 * cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    pairs = x_rot.reshape(*x_rot.shape[:-1], rot // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
-    out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).reshape(x_rot.shape)
+    if interleaved:
+        pairs = x_rot.reshape(*x_rot.shape[:-1], rot // 2, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).reshape(x_rot.shape)
+    else:
+        x0, x1 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
+        out = jnp.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
     return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)

@@ -1,0 +1,196 @@
+"""Mixture-of-experts feed-forward layer of glm4_moe (GLM-4.5, GLM-4.5-Air, GLM-4.6), as transformers'
+`Glm4MoeMoE` computes it, built from pieces that the MLA models (GLM-4.7-Flash, GLM-5) can reuse.
+
+    router:  scores = sigmoid(x @ W_router) in fp32
+             choose with scores + e_score_correction_bias (group-limited: keep the topk_group groups whose two
+             best biased scores sum highest, then the top-k experts among them); the bias only chooses
+             weights = the UNBIASED scores of the chosen experts, / their sum if norm_topk_prob,
+                       * routed_scaling_factor
+    experts: y = sum_k weights_k * FFN_{expert_k}(x)        (SwiGLU FFNs of moe_intermediate_size)
+    shared:  + SwiGLU(x) of n_shared_experts * moe_intermediate_size, on every token
+
+The routed experts are dropless, computed one of three ways (GLMConfig.moe_impl):
+  ragged  the token-expert assignments sorted by expert, one grouped matmul per projection over them
+          (`jax.lax.ragged_dot`, group sizes = tokens per expert): a native grouped GEMM on TPU and GPU. (JAX
+          0.10's CPU lowering of ragged_dot expands the groups densely; that is a CPU backend detail.)
+  gather  each assignment multiplies its own expert's weights, gathered by expert id: a batched matmul that
+          reads only the chosen experts, for decoding (a batch-1 step reads top_k experts, not all of them).
+  auto    gather while tokens * top_k < n_routed_experts (decode steps), else ragged (prefill, training).
+  dense   every expert on every token, weighted by the (mostly zero) routing weights: a test reference only.
+
+Parameters (logical axes in brackets; glm_jax/sharding.py maps them onto mesh axes):
+    router/kernel                     [embed, E]                 (embed, None)
+    router/e_score_correction_bias    [E] float32                (None)   only chooses; no gradient flows to it
+    experts/wi                        [E, embed, 2, moe_mlp]     (expert, embed, None, moe_mlp)   (gate, up)
+    experts/wo                        [E, moe_mlp, embed]        (expert, moe_mlp, embed)
+    shared_experts/{wi,wo}/kernel     the dense MLP's layout, n_shared_experts * moe_intermediate_size wide
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from glm_jax.model.layers.mlp import MLP
+
+
+def route(logits, correction_bias, *, top_k: int, n_group: int = 1, topk_group: int = 1,
+          norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0):
+    """transformers' Glm4MoeTopkRouter on router logits [T, E] (fp32) -> (weights [T, k] fp32, experts [T, k]).
+
+    The correction bias shifts the scores used to CHOOSE experts (groups and top-k); the weights are the
+    unbiased sigmoid scores of the chosen experts. With n_group > 1 only the topk_group groups whose top-2
+    biased scores sum highest compete."""
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    choice = scores + jax.lax.stop_gradient(correction_bias.astype(jnp.float32))
+    t, e = choice.shape
+    if n_group > 1:
+        grouped = choice.reshape(t, n_group, e // n_group)
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, G]
+        _, groups = jax.lax.top_k(group_scores, topk_group)
+        keep = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], groups].set(True)
+        choice = jnp.where(jnp.repeat(keep, e // n_group, axis=1), choice, -jnp.inf)
+    _, experts = jax.lax.top_k(jax.lax.stop_gradient(choice), top_k)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * routed_scaling_factor, experts.astype(jnp.int32)
+
+
+def _swiglu(gate_up):
+    """[..., 2, I] (gate, up) -> silu(gate) * up."""
+    return nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+
+
+def _combine(y, weights, dtype):
+    """Per-assignment outputs [T, k, H] weighted by the routing weights (fp32) and summed over k."""
+    return jnp.einsum("tkh,tk->th", y.astype(jnp.float32), weights).astype(dtype)
+
+
+def experts_ragged(x, weights, experts, wi, wo):
+    """Dropless grouped matmul: the T*k (token, expert) assignments sorted by expert, each projection one
+    `jax.lax.ragged_dot` whose groups are the experts' runs. x [T, H] -> [T, H]."""
+    t, h = x.shape
+    k = experts.shape[1]
+    e, _, _, i = wi.shape
+    flat = experts.reshape(-1)  # assignment a = token a // k, slot a % k
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    xs = jnp.take(x, order // k, axis=0)  # [T*k, H], grouped by expert
+    gate_up = jax.lax.ragged_dot(xs, wi.reshape(e, h, 2 * i).astype(x.dtype), group_sizes)
+    ys = jax.lax.ragged_dot(_swiglu(gate_up.reshape(-1, 2, i)), wo.astype(x.dtype), group_sizes)  # [T*k, H]
+    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)  # back to (token, slot) order
+    return _combine(y.reshape(t, k, h), weights, x.dtype)
+
+
+def experts_gather(x, weights, experts, wi, wo):
+    """Each assignment multiplies its own expert's weights, gathered by expert id: reads top_k experts per token
+    and never the others (decode steps). x [T, H] -> [T, H]."""
+    t, h = x.shape
+    k = experts.shape[1]
+    flat = experts.reshape(-1)
+    xs = jnp.repeat(x, k, axis=0)  # [T*k, H]
+    gate_up = jnp.einsum("ah,ahgi->agi", xs, jnp.take(wi, flat, axis=0).astype(x.dtype))
+    ys = jnp.einsum("ai,aih->ah", _swiglu(gate_up), jnp.take(wo, flat, axis=0).astype(x.dtype))
+    return _combine(ys.reshape(t, k, h), weights, x.dtype)
+
+
+def experts_dense(x, weights, experts, wi, wo):
+    """Test reference: every expert on every token, combined with routing weights that are zero for the experts
+    a token did not choose. x [T, H] -> [T, H]."""
+    t = x.shape[0]
+    e = wi.shape[0]
+    gate_up = jnp.einsum("th,ehgi->tegi", x, wi.astype(x.dtype))
+    ys = jnp.einsum("tei,eih->teh", _swiglu(gate_up), wo.astype(x.dtype))
+    dense_weights = jnp.zeros((t, e), jnp.float32).at[jnp.arange(t)[:, None], experts].add(weights)
+    return jnp.einsum("teh,te->th", ys.astype(jnp.float32), dense_weights).astype(x.dtype)
+
+
+EXPERT_IMPLS = {"ragged": experts_ragged, "gather": experts_gather, "dense": experts_dense}
+
+
+def choose_impl(impl: str, num_tokens: int, top_k: int, num_experts: int) -> str:
+    """GLMConfig.moe_impl -> the implementation for a call on `num_tokens` tokens (a static shape)."""
+    if impl == "auto":
+        return "gather" if num_tokens * top_k < num_experts else "ragged"
+    return impl
+
+
+class Router(nn.Module, kw_only=True):
+    num_experts: int
+    top_k: int
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """x [T, H] -> (weights [T, k] fp32, experts [T, k] int32). Logits in fp32, as transformers."""
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
+                            (x.shape[-1], self.num_experts), self.param_dtype)
+        # fp32 whatever param_dtype (transformers keeps it in fp32 too); set outside the gradient (balancing)
+        bias = self.param("e_score_correction_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                          (self.num_experts,), jnp.float32)
+        logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        return route(logits, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
+                     norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor)
+
+
+class Experts(nn.Module, kw_only=True):
+    """The routed experts' stacked SwiGLU weights, applied to each token's chosen experts."""
+
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, weights, experts):
+        """x [T, H], routing weights / experts [T, k] -> [T, H]."""
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        init = nn.initializers.normal(0.02)
+        wi = self.param("wi", nn.with_logical_partitioning(init, ("expert", "embed", None, "moe_mlp")),
+                        (e, h, 2, i), self.param_dtype)
+        wo = self.param("wo", nn.with_logical_partitioning(init, ("expert", "moe_mlp", "embed")), (e, i, h),
+                        self.param_dtype)
+        impl = choose_impl(self.impl, x.shape[0], experts.shape[1], e)
+        return EXPERT_IMPLS[impl](x, weights, experts, wi, wo)
+
+
+class MoE(nn.Module, kw_only=True):
+    """Routed experts + shared experts on x [batch, seq, hidden] (see the module docstring)."""
+
+    hidden_size: int
+    intermediate_size: int  # moe_intermediate_size, of one expert
+    num_experts: int
+    top_k: int
+    n_shared_experts: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).astype(self.dtype)
+        weights, experts = Router(num_experts=self.num_experts, top_k=self.top_k, n_group=self.n_group,
+                                  topk_group=self.topk_group, norm_topk_prob=self.norm_topk_prob,
+                                  routed_scaling_factor=self.routed_scaling_factor, param_dtype=self.param_dtype,
+                                  name="router")(flat)
+        h, i = self.hidden_size, self.intermediate_size
+        y = Experts(num_experts=self.num_experts, hidden_size=h, intermediate_size=i, impl=self.impl,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="experts")(flat, weights, experts)
+        y = y.reshape(shape)
+        if self.n_shared_experts:
+            y = y + MLP(hidden_size=h, ffn_hidden_size=i * self.n_shared_experts, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="shared_experts")(x)
+        return y

@@ -1,0 +1,431 @@
+"""glm4_moe (GLM-4.5 / GLM-4.5-Air / GLM-4.6): our Flax model against transformers' Glm4MoeForCausalLM (fp32):
+logits with groups, shared experts, qk norm on and off, dense first layers, a non-zero correction bias and left
+padding; the router alone; greedy generation token for token; checkpoints (per-expert and fused experts, MTP
+layers) both ways; both config.json layouts; the grouped-matmul paths against the dense all-experts reference;
+and that a batch-1 decode step reads only the chosen experts."""
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file as np_load_file
+from safetensors.numpy import save_file as np_save_file
+
+from glm_jax import GLMConfig, GLMForCausalLM, init_cache, init_params, load_hf, param_specs, save_hf
+from glm_jax import generation as G
+from glm_jax.convert import hf as hf_convert
+from glm_jax.model import stack_layers, unstack_layers
+from glm_jax.model.layers.moe import experts_dense, experts_gather, experts_ragged, route
+from glm_jax.sharding import logical_to_spec
+from hf_models import left_padded_batch
+
+RTOL = 1e-4
+
+
+def rel_err(ours, ref):
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def assert_same_params(a, b):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------------------------------ the oracle models
+def tiny_moe_config(**kw):
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
+               attention_bias=True, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+               n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
+               routed_scaling_factor=1.7, use_qk_norm=True, num_nextn_predict_layers=0, pad_token_id=0,
+               eos_token_id=None, tie_word_embeddings=False,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    rope = kw.pop("rope", {})
+    cfg["rope_parameters"] = {**cfg["rope_parameters"], **rope}
+    cfg.update(kw)
+    return transformers.Glm4MoeConfig(**cfg)
+
+
+def tiny_moe_model(seed=0, confident=False, **kw):
+    """A random fp32 Glm4MoeForCausalLM: every weight, bias, norm scale and the routers' correction biases random.
+    confident=True scales projections to ~unit variance (peaked next-token distributions, for generation)."""
+    g = torch.Generator().manual_seed(seed)
+    model = transformers.Glm4MoeForCausalLM(tiny_moe_config(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif not confident or name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise)
+            else:  # [.., out, in]: fan-in is the last dim (experts' gate_up_proj [E, 2I, H] included)
+                p.copy_(noise * 1.2 / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=g))
+    return model.eval()
+
+
+def torch_logits(model, ids, mask=None, pos=None):
+    with torch.no_grad():
+        kw = {} if mask is None else dict(attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+        return model(torch.tensor(ids), **kw).logits.numpy()
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(cfg):
+    return jax.jit(lambda params, ids, mask, segments: GLMForCausalLM(cfg).apply(
+        {"params": params}, ids, attention_mask=mask, segment_ids=segments))
+
+
+def forward(cfg, params, ids, mask=None, segment_ids=None, **kw):
+    """Logits of GLMForCausalLM(cfg with `kw`), one compiled program per config and shape."""
+    as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
+    return np.asarray(_jitted_apply(cfg.replace(**kw))(params, jnp.asarray(ids), as_array(mask), as_array(segment_ids)))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The default tiny model (groups, shared expert, qk norm, one dense layer first) saved by transformers."""
+    ref = tiny_moe_model(seed=1)
+    d = tmp_path_factory.mktemp("moe") / "hf"
+    ref.save_pretrained(d)
+    return ref, d
+
+
+# ------------------------------------------------------------------------------------------------ the logits
+CASES = {
+    # 4 groups of 2, the best 2 groups compete; qk norm; one dense layer; one shared expert; left padding
+    "groups-qknorm-padded": (dict(n_group=4, topk_group=2), True),
+    # no groups; no qk norm; two dense layers; two shared experts; top-3 unnormalised; rotary on 1/4 of a head
+    "nogroups-noqknorm-k3": (dict(n_group=1, topk_group=1, use_qk_norm=False, first_k_dense_replace=2,
+                                  n_shared_experts=2, num_experts_per_tok=3, norm_topk_prob=False,
+                                  routed_scaling_factor=1.0, rope=dict(partial_rotary_factor=0.25, rope_theta=5e5)),
+                             False),
+    # MoE from the first layer; no qkv bias; 2 groups, 1 kept; left padding
+    "allmoe-nobias-padded": (dict(first_k_dense_replace=0, attention_bias=False, num_hidden_layers=2), True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    kw, padded = CASES[case]
+    ref = tiny_moe_model(seed=len(case), **kw)
+    ref.save_pretrained(tmp_path)
+    cfg, params = load_hf(tmp_path)
+    assert cfg.is_moe and not cfg.rope_interleaved and cfg.num_mtp_layers == 0
+    assert cfg.first_k_dense_replace == ref.config.first_k_dense_replace and cfg.n_group == ref.config.n_group
+    lengths = [48, 30, 9] if padded else [48, 48, 48]
+    ids, mask, pos = left_padded_batch(lengths, 48, cfg.vocab_size, seed=3)
+    ours = forward(cfg, params, ids, mask)  # prefill: 144 tokens x top-k > experts -> the ragged_dot path
+    theirs = torch_logits(ref, ids, mask, pos)
+    real = mask.astype(bool)
+    err = rel_err(ours[real], theirs[real])
+    assert err < RTOL, err
+    # The dense all-experts reference gives the same logits.
+    reference = forward(cfg, params, ids, mask, moe_impl="dense")
+    assert rel_err(ours[real], reference[real]) < 1e-5
+
+
+def test_router_matches_transformers():
+    """Group-limited top-k with a correction bias, weights from the unbiased scores, against Glm4MoeTopkRouter."""
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+    for norm in (True, False):
+        config = tiny_moe_config(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                                 norm_topk_prob=norm, routed_scaling_factor=2.5)
+        router = Glm4MoeTopkRouter(config)
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=g) * 0.3)
+            router.e_score_correction_bias.copy_(torch.randn(16, generator=g) * 0.3)
+        x = torch.randn(256, 64, generator=g)
+        with torch.no_grad():
+            _, w_ref, idx_ref = router(x)
+        logits = jnp.asarray(x.numpy()) @ jnp.asarray(router.weight.detach().numpy()).T
+        kw = dict(top_k=4, n_group=4, topk_group=2, norm_topk_prob=norm, routed_scaling_factor=2.5)
+        w, idx = route(logits, jnp.asarray(router.e_score_correction_bias.numpy()), **kw)
+        order_ref, order = np.argsort(idx_ref.numpy(), 1), np.argsort(np.asarray(idx), 1)
+        np.testing.assert_array_equal(np.take_along_axis(np.asarray(idx), order, 1),
+                                      np.take_along_axis(idx_ref.numpy(), order_ref, 1))
+        np.testing.assert_allclose(np.take_along_axis(np.asarray(w), order, 1),
+                                   np.take_along_axis(w_ref.numpy(), order_ref, 1), rtol=1e-6, atol=1e-7)
+        # The bias changes which experts are chosen, not the weights' source: they are unbiased sigmoid scores.
+        _, unbiased = route(logits, jnp.zeros(16), **kw)
+        assert (np.sort(np.asarray(unbiased), 1) != np.sort(np.asarray(idx), 1)).any(axis=1).mean() > 0.2
+        scores = np.asarray(jax.nn.sigmoid(logits))
+        picked = np.take_along_axis(scores, np.asarray(idx), 1)
+        expect = picked / picked.sum(1, keepdims=True) * 2.5 if norm else picked * 2.5
+        np.testing.assert_allclose(np.asarray(w), expect, rtol=1e-6)
+
+
+# -------------------------------------------------------------------------------------- the expert computation
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_expert_paths_equal_dense_reference(tokens):
+    """ragged_dot over expert-sorted tokens == per-assignment gathered weights == every expert on every token,
+    values and gradients (an expert no token chose included)."""
+    rng = np.random.RandomState(tokens)
+    e, h, i, k = 8, 16, 12, 2
+    x = jnp.asarray(rng.randn(tokens, h), jnp.float32)
+    wi = jnp.asarray(rng.randn(e, h, 2, i) * 0.3, jnp.float32)
+    wo = jnp.asarray(rng.randn(e, i, h) * 0.3, jnp.float32)
+    logits = rng.randn(tokens, e)
+    logits[:, 7] = -50.0  # no token chooses expert 7: an empty group
+    weights, experts = route(jnp.asarray(logits), jnp.zeros(e), top_k=k)
+    probe = jnp.asarray(rng.randn(tokens, h), jnp.float32)
+
+    def loss(fn):
+        return jax.value_and_grad(lambda x, wi, wo: jnp.sum(fn(x, weights, experts, wi, wo) * probe), (0, 1, 2))
+
+    (ref, ref_grads) = loss(experts_dense)(x, wi, wo)
+    for fn in (experts_ragged, experts_gather):
+        np.testing.assert_allclose(np.asarray(fn(x, weights, experts, wi, wo)),
+                                   np.asarray(experts_dense(x, weights, experts, wi, wo)), rtol=1e-5, atol=1e-5)
+        val, grads = loss(fn)(x, wi, wo)
+        np.testing.assert_allclose(float(val), float(ref), rtol=1e-5)
+        for a, b in zip(grads, ref_grads):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def _primitive_shapes(jaxpr, out=None):
+    """(primitive name, input shapes, output shapes) of every equation, sub-jaxprs (scan, jit, cond) included."""
+    out = [] if out is None else out
+    for eqn in jaxpr.eqns:
+        out.append((eqn.primitive.name, [tuple(v.aval.shape) for v in eqn.invars if hasattr(v.aval, "shape")],
+                    [tuple(v.aval.shape) for v in eqn.outvars]))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    _primitive_shapes(sub, out)
+    return out
+
+
+def test_batch1_decode_reads_only_the_chosen_experts():
+    """A batch-1 decode step gathers its top-k experts' weights and multiplies those: no matmul touches the
+    [experts, ...] stacks (12 experts, a size no other axis has); a prefill takes the ragged_dot path."""
+    cfg = GLMConfig.from_preset("glm-moe-test", n_routed_experts=12, n_group=2)
+    model = GLMForCausalLM(cfg)
+    params = init_params(model, jax.random.key(0))
+    cache = init_cache(model, 1, 32)
+    step = jax.make_jaxpr(lambda p, c, t: model.apply({"params": p, "cache": c}, t, decode=True, mutable=["cache"]))
+    ops = _primitive_shapes(step(params, cache, jnp.ones((1, 1), jnp.int32)).jaxpr)
+    dots = [(name, ins) for name, ins, _ in ops if name in ("dot_general", "ragged_dot_general")]
+    assert dots and not any(name == "ragged_dot_general" for name, _ in dots)
+    for _, ins in dots:  # only the router [embed, experts] sees all experts
+        assert all(12 not in shape or len(shape) == 2 for shape in ins), ins
+    k, h, i = cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    assert any((k, h, 2, i) in ins for _, ins in dots) and any((k, i, h) in ins for _, ins in dots)
+    prefill = jax.make_jaxpr(lambda p, t: model.apply({"params": p}, t))(params, jnp.ones((1, 16), jnp.int32))
+    assert any(name == "ragged_dot_general" for name, _, _ in _primitive_shapes(prefill.jaxpr))
+
+
+# -------------------------------------------------------------------------- masks, packing, cache, generation
+def test_decode_cache_and_packing_match_full_forward(saved):
+    _, d = saved
+    cfg, params = load_hf(d)
+    model = GLMForCausalLM(cfg)
+    ids, mask, _ = left_padded_batch([9, 5], 9, cfg.vocab_size, seed=4)
+    full = forward(cfg, params, ids, mask)
+    cache = init_cache(model, 2, 16)
+    apply = jax.jit(lambda c, x, m: model.apply({"params": params, "cache": c}, x, attention_mask=m, decode=True,
+                                                mutable=["cache"]))
+    out, v = apply(cache, jnp.asarray(ids[:, :6]), jnp.asarray(mask[:, :6]))
+    real = mask[:, :6] == 1
+    np.testing.assert_allclose(np.asarray(out)[real], full[:, :6][real], atol=1e-4, rtol=1e-4)
+    for t in range(6, 9):  # 2 rows x top-2 < 8 experts: the gather path
+        out, v = apply(v["cache"], jnp.asarray(ids[:, t:t + 1]), None)
+        np.testing.assert_allclose(np.asarray(out)[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+    # Packed documents (segment ids) give each document's own logits (the left-padded rows above).
+    packed = np.concatenate([ids[0], ids[1, 4:], np.zeros(4, np.int64)])[None].repeat(2, 0)
+    segments = np.array([[1] * 9 + [2] * 5 + [0] * 4]).repeat(2, 0)
+    out = forward(cfg, params, packed, segment_ids=segments)
+    np.testing.assert_allclose(out[0, :9], full[0], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out[0, 9:14], full[1, 4:], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    ref = tiny_moe_model(seed=2, confident=True, vocab_size=256, n_group=4, topk_group=2)
+    ref.save_pretrained(tmp_path)
+    cfg, params = load_hf(tmp_path)
+    model = GLMForCausalLM(cfg)
+    rng = np.random.RandomState(8)
+    for lengths in ([13, 4, 8], [10]):
+        ids, mask = np.zeros((len(lengths), max(lengths)), np.int64), np.zeros((len(lengths), max(lengths)), np.int64)
+        for r, n in enumerate(lengths):
+            ids[r, -n:], mask[r, -n:] = rng.randint(3, 256, n), 1
+        with torch.no_grad():
+            theirs = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=16,
+                                  do_sample=False, pad_token_id=0).numpy()
+        ours = G.generate(model, params, ids, mask, max_new_tokens=16, stop_ids=())
+        assert theirs.shape == ours.shape and len(set(theirs[:, -16:].ravel().tolist())) > 6  # not degenerate
+        np.testing.assert_array_equal(ours, theirs)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _add_mtp_layer(d, ref, seed=0):
+    """Appends an MTP layer at model.layers.{L} to a transformers-saved checkpoint, in the published layout
+    (enorm, hnorm, eh_proj, shared_head.norm, a MoE block, and copies of the embedding and head)."""
+    sd = np_load_file(str(d / "model.safetensors"))
+    n, h = ref.config.num_hidden_layers, ref.config.hidden_size
+    rng = np.random.RandomState(seed)
+    source = f"model.layers.{n - 1}."
+    mtp = {k.replace(source, f"model.layers.{n}."): (rng.randn(*v.shape) * 0.2 + ("norm" in k)).astype(v.dtype)
+           for k, v in sd.items() if k.startswith(source)}
+    mtp.update({f"model.layers.{n}.{k}": (rng.randn(*s) * 0.2 + ("norm" in k)).astype(np.float32) for k, s in
+                (("enorm.weight", (h,)), ("hnorm.weight", (h,)), ("eh_proj.weight", (h, 2 * h)),
+                 ("shared_head.norm.weight", (h,)))})
+    mtp[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"]
+    mtp[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"]
+    np_save_file({**sd, **mtp}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    return mtp
+
+
+def test_save_hf_transformers_round_trip_with_mtp(tmp_path, saved):
+    ref, d = saved
+    src = tmp_path / "src"
+    ref.save_pretrained(src)
+    mtp = _add_mtp_layer(src, ref)
+    cfg, params = load_hf(src)
+    assert cfg.num_mtp_layers == 1 and "mtp" in params["model"]
+    n = cfg.num_layers
+    np.testing.assert_array_equal(np.asarray(params["model"]["mtp"]["eh_proj"]["kernel"][0]),
+                                  mtp[f"model.layers.{n}.eh_proj.weight"].T.reshape(2, 64, 64))
+    np.testing.assert_array_equal(np.asarray(params["model"]["mtp"]["block"]["mlp"]["experts"]["wo"][0, 5]),
+                                  mtp[f"model.layers.{n}.mlp.experts.5.down_proj.weight"].T)
+    out = save_hf(cfg, params, tmp_path / "ours")
+    written, source = np_load_file(str(out / "model.safetensors")), np_load_file(str(src / "model.safetensors"))
+    assert sorted(written) == sorted(source)  # transformers 5's per-expert names, MTP layer included
+    for name, value in source.items():
+        np.testing.assert_array_equal(written[name], value, err_msg=name)
+    assert written[f"model.layers.{n - 1}.mlp.gate.e_score_correction_bias"].dtype == np.float32
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["model_type"] == "glm4_moe" and raw["rope_parameters"]["partial_rotary_factor"] == 0.5
+    # transformers reads what we wrote (ignoring the MTP layer) and computes our logits.
+    again = transformers.Glm4MoeForCausalLM.from_pretrained(out).eval()
+    ids, mask, pos = left_padded_batch([24, 11], 24, cfg.vocab_size, seed=9)
+    real = mask.astype(bool)
+    assert rel_err(forward(cfg, params, ids, mask)[real], torch_logits(again, ids, mask, pos)[real]) < RTOL
+    cfg2, params2 = load_hf(out)
+    assert cfg2 == cfg
+    assert_same_params(params, params2)
+    # Without the MTP layers (num_mtp_layers=0): not loaded, not written.
+    cfg3, params3 = load_hf(src, num_mtp_layers=0)
+    assert "mtp" not in params3["model"] and cfg3.num_mtp_layers == 0
+
+
+def test_fused_experts_layout_loads(tmp_path, saved):
+    """transformers 5's in-memory layout (experts fused: gate_up_proj [E, 2I, H], down_proj [E, H, I]) as a
+    checkpoint file loads into the same parameters as the per-expert layout, and transformers reads it too."""
+    ref, d = saved
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    sd = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in sd
+    np_save_file(sd, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    (fused / "config.json").write_text((d / "config.json").read_text())
+    _, per_expert = load_hf(d)
+    _, from_fused = load_hf(fused)
+    assert_same_params(per_expert, from_fused)
+    reloaded = transformers.Glm4MoeForCausalLM.from_pretrained(fused).eval()
+    ids = np.random.RandomState(2).randint(3, 128, (1, 12))
+    np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(ref, ids), rtol=1e-6, atol=1e-6)
+
+
+def test_layer_layouts_and_streamed_loading(saved, monkeypatch):
+    """scan_layers=False (one block per layer, dense and MoE blocks numbered across) gives the same logits;
+    stack_layers inverts it; loading layer by layer into the device array gives the same parameters."""
+    _, d = saved
+    cfg, params = load_hf(d)
+    cfg_u, unstacked = load_hf(d, scan_layers=False)
+    assert sorted(k for k in unstacked["model"] if k.startswith("layers_")) == ["layers_0", "layers_1", "layers_2"]
+    assert "router" in unstacked["model"]["layers_1"]["mlp"] and "wi" in unstacked["model"]["layers_0"]["mlp"]
+    ids = np.random.RandomState(3).randint(3, 128, (2, 10))
+    np.testing.assert_allclose(forward(cfg_u, unstacked, ids), forward(cfg, params, ids), rtol=1e-5, atol=1e-5)
+    assert_same_params(stack_layers(unstack_layers(params)), params)
+    monkeypatch.setattr(hf_convert, "STREAM_MIN_BYTES", 0)
+    _, streamed = load_hf(d)
+    assert_same_params(streamed, params)
+
+
+# --------------------------------------------------------------------------------------- configs and presets
+# zai-org/GLM-4.5-Air's published config.json (as ms-swift prints it: Glm4MoeConfig, transformers 4.54.1).
+GLM45_AIR_CONFIG = {
+    "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+    "eos_token_id": [151329, 151336, 151338], "first_k_dense_replace": 1, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 10944, "max_position_embeddings": 131072,
+    "model_type": "glm4_moe", "moe_intermediate_size": 1408, "n_group": 1, "n_routed_experts": 128,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 96, "num_experts_per_tok": 8,
+    "num_hidden_layers": 46, "num_key_value_heads": 8, "num_nextn_predict_layers": 1, "pad_token_id": 151329,
+    "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 1000000,
+    "routed_scaling_factor": 1.0, "tie_word_embeddings": False, "topk_group": 1, "torch_dtype": "bfloat16",
+    "transformers_version": "4.54.1", "use_cache": True, "use_qk_norm": False, "vocab_size": 151552,
+}
+
+
+def test_config_layouts_and_presets():
+    published = GLMConfig.from_hf_dict(GLM45_AIR_CONFIG)
+    assert published == GLMConfig.from_preset("glm-4.5-air").replace(name="")
+    # The layout transformers 5 writes for the same model (rope_parameters) reads the same.
+    t5 = transformers.Glm4MoeConfig.from_dict(GLM45_AIR_CONFIG).to_dict()
+    assert "rope_parameters" in t5 and "partial_rotary_factor" not in t5
+    assert GLMConfig.from_hf_dict(t5) == published
+    for name in ("glm-4.5", "glm-4.5-air", "glm-4.6", "glm-moe-test"):
+        cfg = GLMConfig.from_preset(name).replace(name="")
+        written = cfg.to_hf_dict("transformers")
+        theirs = transformers.Glm4MoeConfig.from_dict(written)  # what transformers 5 reads from it
+        assert (theirs.n_routed_experts, theirs.num_experts_per_tok, theirs.n_shared_experts, theirs.n_group,
+                theirs.topk_group, theirs.first_k_dense_replace, theirs.num_mtp_layers, theirs.use_qk_norm,
+                theirs.head_dim, theirs.routed_scaling_factor, theirs.moe_intermediate_size) == (
+            cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_shared_experts, cfg.n_group, cfg.topk_group,
+            cfg.first_k_dense_replace, cfg.num_mtp_layers, cfg.use_qk_norm, cfg.head_dim,
+            cfg.routed_scaling_factor, cfg.moe_intermediate_size)
+        assert theirs.rope_parameters["rope_theta"] == cfg.rope_theta
+        assert theirs.rope_parameters["partial_rotary_factor"] == cfg.rotary_fraction
+        assert GLMConfig.from_hf_dict(written) == cfg
+        assert GLMConfig.from_hf_dict(theirs.to_dict()) == cfg
+    # A key the file lacks takes transformers' default.
+    minimal = {"model_type": "glm4_moe", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    ours, theirs = GLMConfig.from_hf_dict(minimal), transformers.Glm4MoeConfig.from_dict(minimal)
+    assert (ours.n_routed_experts, ours.num_experts_per_tok, ours.n_shared_experts, ours.first_k_dense_replace,
+            ours.qkv_bias, ours.num_mtp_layers, ours.rotary_fraction, ours.moe_intermediate_size) == (
+        theirs.n_routed_experts, theirs.num_experts_per_tok, theirs.n_shared_experts, theirs.first_k_dense_replace,
+        theirs.attention_bias, theirs.num_mtp_layers, theirs.rope_parameters["partial_rotary_factor"],
+        theirs.moe_intermediate_size)
+    # Published sizes: GLM-4.5 355B total / 32B active, GLM-4.5-Air 106B / 12B (embeddings aside, MTP aside).
+    for name, total, active in (("glm-4.5", 355e9, 32e9), ("glm-4.5-air", 106e9, 12e9)):
+        cfg = GLMConfig.from_preset(name, num_mtp_layers=0)
+        assert abs(cfg.num_params() - total) / total < 0.04, cfg.num_params()
+        assert abs(cfg.num_params(include_embedding=False, active=True) - active) / active < 0.03
+    assert GLMConfig.from_preset("glm-4.6").max_seq_len == 202752
+    with pytest.raises(ValueError, match="n_group"):
+        GLMConfig.from_preset("glm-moe-test", n_group=3)
+    with pytest.raises(ValueError, match="quantization"):
+        GLMConfig.from_preset("glm-moe-test", quantization_bit=8)
+
+
+def test_expert_parameters_carry_logical_axes():
+    cfg = GLMConfig.from_preset("glm-moe-test", num_mtp_layers=1)
+    boxed = param_specs(GLMForCausalLM(cfg))
+    moe = boxed["model"]["moe_layers"]["mlp"]
+    assert moe["experts"]["wi"].names == ("layers", "expert", "embed", None, "moe_mlp")
+    assert moe["experts"]["wo"].names == ("layers", "expert", "moe_mlp", "embed")
+    assert moe["router"]["kernel"].names == ("layers", "embed", None)
+    assert moe["router"]["e_score_correction_bias"].value.dtype == jnp.float32
+    assert boxed["model"]["mtp"]["block"]["mlp"]["experts"]["wi"].names[0] == "layers"
+    assert boxed["model"]["layers"]["attention"]["query_norm"]["scale"].names == ("layers", "norm")
+    assert tuple(logical_to_spec(("expert", "embed", None, "moe_mlp"))) == (None, ("fsdp", "sequence"), None,
+                                                                               "tensor")
+    assert dataclasses.replace(cfg, n_routed_experts=0, num_mtp_layers=0).num_moe_layers == 0
