@@ -206,8 +206,11 @@ def _train(cfg: Config, stop: "_Stop") -> int:
     run.writer = MetricsWriter(run.run_dir, active=run.primary)
     run.open_progress()
     add_default_hooks(trainer)
-    with use_mesh(run.mesh):
-        return trainer.train()
+    try:
+        with use_mesh(run.mesh):
+            return trainer.train()
+    finally:
+        run.loader.close()  # Grain worker processes, if any
 
 
 def without_prefix(params):
@@ -296,6 +299,7 @@ def prepare_data(cfg: Config, out_dir: str | Path) -> int:
 
     from glm_jax.tokenizer import ChatGLMTokenizer
     from glm_jax.train import data as D
+    from glm_jax.train import pipeline as P
 
     dc = cfg.data
     if dc.task != "pretrain":
@@ -310,8 +314,8 @@ def prepare_data(cfg: Config, out_dir: str | Path) -> int:
     for split, files in (("train", dc.train_files), ("eval", dc.eval_files)):
         if not files:
             continue
-        paths = D.expand_files(files)
-        docs = D.PretrainDocuments(paths, tok, dc.text_split, bad, dc.text_key, dc.max_tokens)
+        paths = P.expand_sources(files)
+        docs = P.PretrainDocuments(paths, tok, dc.text_split, bad, dc.text_key, dc.max_tokens)
         meta["rows"][split] = D.prepare_pretrain(docs, dc.seq_len, tok.pad_token_id, out, split)
         meta["tokens"][split], meta["files"][split] = docs.tokens, [str(p) for p in paths]
         print(f"{split}: {docs.tokens} tokens from {len(paths)} files -> {meta['rows'][split]} rows of "

@@ -84,6 +84,7 @@ class TrainRun:
     def close(self) -> None:
         self.close_progress()
         self.ckpt.close()
+        self.loader.close()
 
 
 def print_banner(cfg: Config, model_cfg, task: str, model, mesh, train, evals, bad_count: int) -> None:
@@ -155,6 +156,7 @@ def set_up(cfg: Config) -> TrainRun:
     from glm_jax.train import data as D
     from glm_jax.train.checkpoint import Checkpointer
     from glm_jax.train.loop import build_model_config, step_builder, task_model
+    from glm_jax.train.pipeline import GrainLoader
     from glm_jax.train.trainer import BatchLayout, load_datasets
 
     sizes = resolve_mesh(cfg, jax.device_count())
@@ -174,7 +176,8 @@ def set_up(cfg: Config) -> TrainRun:
     example = {k: v[:1] for k, v in train.items()}
     train_layout = BatchLayout(mesh, example, (t.grad_accum, micro), microbatched=True)
     eval_layout = BatchLayout(mesh, example, (micro,), microbatched=False)
-    loader = D.Loader(train, t.global_batch_size, t.grad_accum, seed=t.seed, rows=train_layout.rows)
+    loader = GrainLoader(train, t.global_batch_size, t.grad_accum, seed=t.seed, rows=train_layout.rows,
+                         workers=cfg.data.workers, prefetch=cfg.data.prefetch)
     eval_sets = (D.eval_batches(evals, micro, t.eval_batches, eval_layout.rows)
                  if evals is not None and D.num_examples(evals) else [])
     if jax.process_index() == 0:

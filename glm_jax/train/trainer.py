@@ -55,18 +55,19 @@ def load_tokenizer(cfg: Config, vocab_size: int):
 def load_datasets(cfg: Config, model_cfg) -> tuple[dict, dict | None, int]:
     """(train arrays, eval arrays or None, bad records skipped) of data.task, read before anything compiles."""
     from glm_jax.train import data as D
+    from glm_jax.train import pipeline as P
 
     dc = cfg.data
     tok = load_tokenizer(cfg, model_cfg.vocab_size)
     bad = D.BadRecords(skip=dc.skip_bad_records)
 
-    def build(files):
-        files = D.expand_files(files)
+    def build(files):  # text / JSONL / Parquet files or saved HF datasets, read through Grain (pipeline.py)
+        files = P.expand_sources(files)
         if dc.task == "pretrain":
-            return D.build_pretrain(files, tok, dc.seq_len, dc.text_split, bad, dc.text_key, dc.max_tokens)
+            return P.build_pretrain(files, tok, dc.seq_len, dc.text_split, bad, dc.text_key, dc.max_tokens)
         if dc.task == "sft":
-            return D.build_sft(files, tok, dc.seq_len, bad)[0]
-        return D.build_classification(files, tok, dc.seq_len, model_cfg.num_labels, bad)
+            return P.build_sft(files, tok, dc.seq_len, bad)[0]
+        return P.build_classification(files, tok, dc.seq_len, model_cfg.num_labels, bad)
 
     if dc.prepared:
         train = D.open_prepared(dc.prepared, "train", dc.seq_len, model_cfg.vocab_size)
