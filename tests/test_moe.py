@@ -293,7 +293,7 @@ def _add_mtp_layer(d, ref, seed=0):
     return mtp
 
 
-def test_save_hf_transformers_round_trip_with_mtp(tmp_path, saved):
+def test_save_hf_transformers_round_trip_with_mtp(tmp_path, saved, caplog):
     ref, d = saved
     src = tmp_path / "src"
     ref.save_pretrained(src)
@@ -321,9 +321,11 @@ def test_save_hf_transformers_round_trip_with_mtp(tmp_path, saved):
     cfg2, params2 = load_hf(out)
     assert cfg2 == cfg
     assert_same_params(params, params2)
-    # Without the MTP layers (num_mtp_layers=0): not loaded, not written.
+    # Without the MTP layers (num_mtp_layers=0): not loaded (and no warning about it), not written.
+    caplog.clear()
     cfg3, params3 = load_hf(src, num_mtp_layers=0)
     assert "mtp" not in params3["model"] and cfg3.num_mtp_layers == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "glm_jax" in r.name]
 
 
 def test_fused_experts_layout_loads(tmp_path, saved):
@@ -474,13 +476,26 @@ for sizes in (dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2)):
 tokens = G.generate(model, params, ids, mask, max_new_tokens=8, stop_ids=())
 sharded = G.generate(model, params, ids, mask, max_new_tokens=8, stop_ids=(), mesh=make_mesh(data=2, tensor=4))
 np.testing.assert_array_equal(tokens, sharded)
+# Loading onto the mesh layer by layer (each layer's slice placed in its shards) gives the same parameters.
+import tempfile
+from glm_jax import load_hf, save_hf
+from glm_jax.convert import hf
+d = save_hf(cfg, params, tempfile.mkdtemp())
+hf.STREAM_MIN_BYTES = 0
+mesh = make_mesh(data=2, fsdp=2, tensor=2)
+_, loaded = load_hf(d, mesh=mesh)
+wi = loaded["model"]["moe_layers"]["mlp"]["experts"]["wi"]
+assert tuple(wi.sharding.spec) == (None, None, "fsdp", None, "tensor"), wi.sharding.spec
+for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 print("SHARDED_OK")
 """
 
 
 @pytest.mark.slow
 def test_sharded_forward_and_generation_match_single_device():
-    """Today's rules (experts split like a dense MLP: embed over fsdp, moe_mlp over tensor) on 8 fake devices."""
+    """Today's rules (experts split like a dense MLP: embed over fsdp, moe_mlp over tensor) on 8 fake devices:
+    forward, generation and layer-by-layer loading onto the mesh equal the single-device results."""
     import os
     import subprocess
     import sys

@@ -101,7 +101,7 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
     The format is detected from config.json; weights may be .safetensors or .bin, sharded or not, and THUDM
     int8/int4 checkpoints are dequantized. Tensors are read one at a time and each parameter goes straight to
     its device placement: `shardings` (a tree like params) or, given a `mesh`, the shardings that the logical
-    axis `rules` give; a stacked parameter above STREAM_MIN_BYTES is assembled there layer by layer. 
+    axis `rules` give; a stacked parameter above STREAM_MIN_BYTES is assembled there layer by layer.
     `config_overrides` (e.g. param_dtype="float32", dtype="bfloat16") adjust the config;
     `quantization_bit=8` or `4` keeps the block linears as int8/int4 (quantized per tensor on the host, so the
     float model never sits on the device; a THUDM quantized checkpoint keeps its own integers exactly).
@@ -213,6 +213,12 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
         raise KeyError(f"{ckpt_dir}: no output head found (expected tensor "
                        f"{next(e.torch_name for e in entries if e.path == ('lm_head', 'kernel'))!r})")
     unused = sorted(set(reader.keys()) - used - set(IGNORED_TORCH_NAMES))
+    if cfg.is_moe and not cfg.num_mtp_layers:  # MTP layers left out on purpose (num_mtp_layers=0)
+        mtp = [n for n in unused if n.startswith("model.layers.") and n.split(".")[2].isdigit()
+               and int(n.split(".")[2]) >= cfg.num_layers]
+        if mtp:
+            log.info("%s: %d MTP layer tensors not loaded (num_mtp_layers=0)", ckpt_dir, len(mtp))
+            unused = sorted(set(unused) - set(mtp))
     if unused:
         log.warning("%s: %d tensors not loaded, e.g. %s", ckpt_dir, len(unused), ", ".join(unused[:5]))
     return cfg, params

@@ -218,7 +218,7 @@ class GLMModel(nn.Module):
                 (x, kv_cache), _ = layers(cfg=cfg, decode=decode, prefill=prefill, moe=moe, name=name)(
                     (x, kv_cache), ctx, per_layer)
         else:  # separate weights per block: nothing is sliced out of a stack at run time
-            block = block_class(1)
+            block = block_class(cfg.num_layers)
             for i in range(cfg.num_layers):
                 per_layer = {"layer": jnp.int32(i), "prefix": None if prefix is None else prefix[i]}
                 (x, kv_cache), _ = block(cfg=cfg, decode=decode, prefill=prefill, moe=i >= cfg.num_dense_layers,
