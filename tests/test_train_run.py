@@ -228,8 +228,8 @@ def test_lora_sft_trains_only_adapters_and_exports_base_plus_delta(tmp_path):
               "lora.rank=4", "lora.alpha=8", "lora.targets=[query, value, wo]", "train.eval_every=0",
               "checkpoint.every=3", f"export.path={export}", "export.format=transformers",
               config=["--config", str(ROOT / "configs" / "sft-tiny.yaml")])
-    assert "LoRA: rank 4" in r.stdout and "task sft" in r.stdout
-    assert "eval_loss=" in r.stdout  # held-out SFT conversations (data/sft/eval.jsonl)
+    final = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["final"] and np.isfinite(final["eval_loss"])  # held-out SFT conversations (data/sft/eval.jsonl)
     state = ocp.StandardCheckpointer().restore((tmp_path / "checkpoints" / "3" / "state").absolute())
     trained = state["params"]
     assert set(trained) == {"query", "value", "wo"}
@@ -265,7 +265,10 @@ def test_classification_reports_accuracy(tmp_path):
     recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= x["accuracy"] <= 1 for x in recs if "accuracy" in x)
     assert [x["step"] for x in recs if "eval_accuracy" in x] == [2, 4]
-    assert "GLMForSequenceClassification" in r.stdout
+    import orbax.checkpoint as ocp
+
+    params = ocp.StandardCheckpointer().restore((tmp_path / "checkpoints" / "4" / "state").absolute())["params"]
+    assert "lm_head" not in params and params["score"]["kernel"].shape[-1] == 2  # the classification head
 
 
 def test_ptuning_trains_only_the_prefix(tmp_path):
@@ -274,7 +277,6 @@ def test_ptuning_trains_only_the_prefix(tmp_path):
     r = train(tmp_path, "data.seq_len=128", "train.steps=3", "train.global_batch_size=4", "train.mode=ptuning",
               "ptuning.pre_seq_len=4", "train.eval_every=0", "checkpoint.every=3", "train.lr=1e-1",
               config=["--config", str(ROOT / "configs" / "sft-tiny.yaml")])
-    assert "P-tuning v2: 4 prefix slots per layer" in r.stdout
     state = ocp.StandardCheckpointer().restore((tmp_path / "checkpoints" / "3" / "state").absolute())
     assert list(state["params"]) == ["prefix"] and state["params"]["prefix"].shape == (2, 2, 4, 2, 16)
     n_opt = sum(np.size(x) for x in __import__("jax").tree.leaves(state["opt_state"]))
