@@ -224,7 +224,7 @@ def test_lora_sft_trains_only_adapters_and_exports_base_plus_delta(tmp_path):
     from glm_jax.train import lora as lora_lib
 
     export = tmp_path / "export"
-    r = train(tmp_path, "data.seq_len=256", "train.steps=3", "train.global_batch_size=4", "train.mode=lora",
+    train(tmp_path, "data.seq_len=256", "train.steps=3", "train.global_batch_size=4", "train.mode=lora",
               "lora.rank=4", "lora.alpha=8", "lora.targets=[query, value, wo]", "train.eval_every=0",
               "checkpoint.every=3", f"export.path={export}", "export.format=transformers",
               config=["--config", str(ROOT / "configs" / "sft-tiny.yaml")])
@@ -260,7 +260,7 @@ def test_lora_sft_trains_only_adapters_and_exports_base_plus_delta(tmp_path):
 
 
 def test_classification_reports_accuracy(tmp_path):
-    r = train(tmp_path, "data.seq_len=64", "train.steps=4", "train.global_batch_size=8", "train.eval_every=2",
+    train(tmp_path, "data.seq_len=64", "train.steps=4", "train.global_batch_size=8", "train.eval_every=2",
               "train.eval_batches=2", "checkpoint.every=4", config=["--config", str(ROOT / "configs" / "classify-tiny.yaml")])
     recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= x["accuracy"] <= 1 for x in recs if "accuracy" in x)
@@ -274,7 +274,7 @@ def test_classification_reports_accuracy(tmp_path):
 def test_ptuning_trains_only_the_prefix(tmp_path):
     import orbax.checkpoint as ocp
 
-    r = train(tmp_path, "data.seq_len=128", "train.steps=3", "train.global_batch_size=4", "train.mode=ptuning",
+    train(tmp_path, "data.seq_len=128", "train.steps=3", "train.global_batch_size=4", "train.mode=ptuning",
               "ptuning.pre_seq_len=4", "train.eval_every=0", "checkpoint.every=3", "train.lr=1e-1",
               config=["--config", str(ROOT / "configs" / "sft-tiny.yaml")])
     state = ocp.StandardCheckpointer().restore((tmp_path / "checkpoints" / "3" / "state").absolute())
