@@ -48,3 +48,10 @@ def test_train_step_compile_only_reports_the_memory_plan(tmp_path):
     assert c["args_gib"] > 0 and c["temp_gib"] > 0 and c["peak_gib"] >= c["args_gib"]
     assert 0.8 < c["hlo_flops"] / plan["model_flops_per_device"] < 1.5, stdout
     assert "| transformers" not in stdout
+
+
+def test_loader_benchmark_runs_in_tiny_mode(tmp_path):
+    out = tmp_path / "rows.json"
+    run("loader.py", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["loader"] for r in rows][0] == "numpy loader (before Grain)" and all(r["rows_per_s"] > 0 for r in rows)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from glm_jax.train import data as D
+from glm_jax.train import pipeline as P
 from glm_jax.train.config import MAX_LR, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,18 +68,18 @@ def test_builders_name_the_files_that_give_no_example(tmp_path):
     a.write_text("")
     b.write_text("\n\n")
     with pytest.raises(D.DataError, match=rf"^{a}, {b}: no examples \(the files are empty or blank\)$"):
-        D.build_pretrain([a, b], tok, 32, "paragraph", D.BadRecords())
+        P.build_pretrain([a, b], tok, 32, "paragraph", D.BadRecords())
     with pytest.raises(D.DataError, match=rf"^{a}: no examples"):
-        D.build_sft([a], tok, 32, D.BadRecords())
+        P.build_sft([a], tok, 32, D.BadRecords())
     with pytest.raises(D.DataError, match=rf"^{b}: no examples"):
-        D.build_classification([b], tok, 32, 2, D.BadRecords())
+        P.build_classification([b], tok, 32, 2, D.BadRecords())
     b.write_text(json.dumps({"conversations": [{"role": "user", "content": "a long question " * 20},
                                                {"role": "assistant", "content": "a"}]}) + "\n")
     with pytest.raises(D.DataError, match=rf"^{b}: no examples \(all 1 conversations were dropped: no assistant "
                                           r"token within the first data.seq_len=16 tokens\)$"):
-        D.build_sft([b], tok, 16, D.BadRecords())
+        P.build_sft([b], tok, 16, D.BadRecords())
     with pytest.raises(D.DataError, match=rf"^{tmp_path}:0: not a file"):
-        D.expand_files([str(tmp_path)])
+        P.expand_sources([str(tmp_path)])
 
 
 # ------------------------------------------------------------------------------------- 2-5. config keys and paths
@@ -181,16 +182,16 @@ def test_deeply_nested_json_is_skipped_by_every_builder(tmp_path):
     f = tmp_path / "pre.jsonl"
     f.write_text(DEEP + "\n" + json.dumps({"text": "one good document"}) + "\n" + '{"a": ' * 5000 + "\n")
     bad = D.BadRecords(skip=True)
-    arrays = D.build_pretrain([f], tok, 16, "paragraph", bad)
+    arrays = P.build_pretrain([f], tok, 16, "paragraph", bad)
     assert len(arrays["input_ids"]) == 1 and bad.count == 2
     assert bad.examples == [f"{f}:1: JSON nested too deeply", f"{f}:3: JSON nested too deeply"]
     s = tmp_path / "sft.jsonl"
     s.write_text(DEEP + "\n" + json.dumps(GOOD_SFT) + "\n")
     bad = D.BadRecords(skip=True)
-    arrays, _ = D.build_sft([s], tok, 32, bad)
+    arrays, _ = P.build_sft([s], tok, 32, bad)
     assert len(arrays["input_ids"]) == 1 and bad.examples == [f"{s}:1: JSON nested too deeply"]
     with pytest.raises(D.DataError, match=rf"^{s}:1: JSON nested too deeply \(set data.skip_bad_records"):
-        D.build_classification([s], tok, 32, 2, D.BadRecords())
+        P.build_classification([s], tok, 32, 2, D.BadRecords())
 
 
 @pytest.mark.parametrize("tools,where,why", [
@@ -205,10 +206,10 @@ def test_sft_tools_must_be_a_list_of_objects(tmp_path, tools, where, why):
     f = tmp_path / "sft.jsonl"
     f.write_text(json.dumps(GOOD_SFT) + "\n" + json.dumps({**GOOD_SFT, "tools": tools}) + "\n")
     with pytest.raises(D.DataError) as e:
-        D.build_sft([f], tok, 64, D.BadRecords())
+        P.build_sft([f], tok, 64, D.BadRecords())
     assert str(e.value) == f"{f}:2: {where}: {why} (set data.skip_bad_records=true to skip such records)"
     bad = D.BadRecords(skip=True)
-    arrays, _ = D.build_sft([f], tok, 64, bad)
+    arrays, _ = P.build_sft([f], tok, 64, bad)
     assert len(arrays["input_ids"]) == 1 and bad.examples == [f"{f}:2: {where}: {why}"]
 
 

@@ -1,5 +1,6 @@
-"""The Grain input pipeline (glm_jax/train/pipeline.py) against data.py's builders and Loader: the same arrays,
-the same batches, exact resume through a JSON state, per-process rows, worker processes, Parquet / datasets."""
+"""The Grain input pipeline (glm_jax/train/pipeline.py) against the plain-numpy builders and loader it replaced
+(tests/reference_data.py): the same arrays, the same batches, exact resume through a JSON state, per-process
+rows, worker processes, Parquet / datasets."""
 
 import json
 import pickle
@@ -13,6 +14,7 @@ import pytest
 from glm_jax.tokenizer import ChatGLMTokenizer
 from glm_jax.train import data as D
 from glm_jax.train import pipeline as P
+import reference_data as R
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,8 @@ def same_batches(xs, ys) -> bool:
 def prepared(tok, tmp_path_factory):
     """A prepared directory (train.py --prepare-data) of the first 60k tokens of the shipped corpus."""
     out = tmp_path_factory.mktemp("prep")
-    files = D.expand_files(["data/corpus/*.txt"])
-    docs = D.PretrainDocuments(files, tok, "paragraph", D.BadRecords(), max_tokens=60_000)
+    files = R.expand_files(["data/corpus/*.txt"])
+    docs = R.PretrainDocuments(files, tok, "paragraph", D.BadRecords(), max_tokens=60_000)
     n = D.prepare_pretrain(docs, 64, tok.pad_token_id, out, "train", progress=False)
     (out / D.PREPARED_META).write_text(json.dumps({"seq_len": 64, "vocab_size": tok.vocab_size,
                                                    "rows": {"train": n}}))
@@ -47,25 +49,25 @@ def prepared(tok, tmp_path_factory):
 # ------------------------------------------------------------------------------------------------ the arrays
 
 def test_pretrain_rows_equal_the_builders(tok, tmp_path):
-    corpus = D.expand_files(["data/corpus/*.txt"])
-    ref = D.build_pretrain(corpus, tok, 128, "paragraph", D.BadRecords())
+    corpus = R.expand_files(["data/corpus/*.txt"])
+    ref = R.build_pretrain(corpus, tok, 128, "paragraph", D.BadRecords())
     assert ref["input_ids"].shape[0] > 7000
     assert same(P.build_pretrain(corpus, tok, 128, "paragraph", D.BadRecords()), ref)
     docs = [p for p in corpus if p.name == "python_docs_en.txt"]
     for split, max_tokens in (("line", 3000), ("file", 20_000)):  # max_tokens cuts a document mid-row
         assert same(P.build_pretrain(docs, tok, 64, split, D.BadRecords(), max_tokens=max_tokens),
-                    D.build_pretrain(docs, tok, 64, split, D.BadRecords(), max_tokens=max_tokens)), split
+                    R.build_pretrain(docs, tok, 64, split, D.BadRecords(), max_tokens=max_tokens)), split
     j = tmp_path / "docs.jsonl"
     j.write_text("".join(json.dumps({"body": t}) + "\n" for t in ["one doc", "  ", "a second, longer document " * 9]))
     assert same(P.build_pretrain([j], tok, 16, "paragraph", D.BadRecords(), text_key="body"),
-                D.build_pretrain([j], tok, 16, "paragraph", D.BadRecords(), text_key="body"))
+                R.build_pretrain([j], tok, 16, "paragraph", D.BadRecords(), text_key="body"))
 
 
 def test_prepare_data_documents_equal_the_builders(tok, tmp_path):
     """--prepare-data streams packed rows to disk from PretrainDocuments: the same files from both."""
-    files = D.expand_files(["data/corpus/*.txt"])
+    files = R.expand_files(["data/corpus/*.txt"])
     out = {}
-    for name, documents in (("data", D.PretrainDocuments), ("grain", P.PretrainDocuments)):
+    for name, documents in (("data", R.PretrainDocuments), ("grain", P.PretrainDocuments)):
         docs = documents(files, tok, "paragraph", D.BadRecords(), max_tokens=30_000)
         n = D.prepare_pretrain(docs, 64, tok.pad_token_id, tmp_path / name, "train", progress=False)
         out[name] = (n, docs.tokens, *((tmp_path / name / f"train.{k}.bin").read_bytes()
@@ -74,15 +76,15 @@ def test_prepare_data_documents_equal_the_builders(tok, tmp_path):
 
 
 def test_sft_and_classification_equal_the_builders(tok):
-    sft = D.expand_files(["data/sft/*.jsonl"])
+    sft = R.expand_files(["data/sft/*.jsonl"])
     for seq_len in (64, 512):  # 64: conversations truncated and some dropped
-        ref, ref_stats = D.build_sft(sft, tok, seq_len, D.BadRecords())
+        ref, ref_stats = R.build_sft(sft, tok, seq_len, D.BadRecords())
         got, stats = P.build_sft(sft, tok, seq_len, D.BadRecords())
         assert same(got, ref) and stats == ref_stats, seq_len
     assert ref_stats["conversations"] > 100
-    cls = D.expand_files(["data/classification/*.jsonl"])
+    cls = R.expand_files(["data/classification/*.jsonl"])
     assert same(P.build_classification(cls, tok, 64, 2, D.BadRecords()),
-                D.build_classification(cls, tok, 64, 2, D.BadRecords()))
+                R.build_classification(cls, tok, 64, 2, D.BadRecords()))
 
 
 def test_bad_records_are_named_and_skipped_as_by_the_builders(tok, tmp_path):
@@ -93,7 +95,7 @@ def test_bad_records_are_named_and_skipped_as_by_the_builders(tok, tmp_path):
     with pytest.raises(D.DataError, match=rf"^{f}:2: not valid JSON"):
         P.build_sft([f], tok, 64, D.BadRecords())
     bad, ref_bad = D.BadRecords(skip=True), D.BadRecords(skip=True)
-    assert same(P.build_sft([f], tok, 64, bad)[0], D.build_sft([f], tok, 64, ref_bad)[0])
+    assert same(P.build_sft([f], tok, 64, bad)[0], R.build_sft([f], tok, 64, ref_bad)[0])
     assert bad.count == 2 and bad.examples == ref_bad.examples
 
     c = tmp_path / "cls.jsonl"
@@ -159,7 +161,7 @@ def test_parquet_sources_equal_jsonl(tok, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     rows = [json.loads(line) for line in open("data/sft/train.jsonl") if line.strip()]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sft.parquet")  # structs: absent fields come back None
-    ref, ref_stats = D.build_sft([Path("data/sft/train.jsonl")], tok, 256, D.BadRecords())
+    ref, ref_stats = R.build_sft([Path("data/sft/train.jsonl")], tok, 256, D.BadRecords())
     got, stats = P.build_sft(P.expand_sources([str(tmp_path / "*.parquet")]), tok, 256, D.BadRecords())
     assert same(got, ref) and stats == ref_stats
     docs = [{"text": t} for t in open("data/corpus/python_docs_en.txt").read().split("\n\n")[:300]]
@@ -167,7 +169,7 @@ def test_parquet_sources_equal_jsonl(tok, tmp_path):
     jl = tmp_path / "pre.jsonl"
     jl.write_text("".join(json.dumps(d) + "\n" for d in docs))
     assert same(P.build_pretrain([tmp_path / "pre.parquet"], tok, 64, "paragraph", D.BadRecords(skip=True)),
-                D.build_pretrain([jl], tok, 64, "paragraph", D.BadRecords()))
+                R.build_pretrain([jl], tok, 64, "paragraph", D.BadRecords()))
     with pytest.raises(D.DataError, match=rf"^{tmp_path / 'pre.parquet'}:301: expected an object with a string"):
         P.build_pretrain([tmp_path / "pre.parquet"], tok, 64, "paragraph", D.BadRecords())
 
@@ -179,7 +181,7 @@ def test_hf_dataset_directories_equal_jsonl(tok, tmp_path):
     with pytest.raises(D.DataError, match="DatasetDict: name one of its splits"):
         P.expand_sources([str(tmp_path / "cls")])
     got = P.build_classification(P.expand_sources([str(tmp_path / "cls" / "train")]), tok, 64, 2, D.BadRecords())
-    assert same(got, D.build_classification([Path("data/classification/train.jsonl")], tok, 64, 2,
+    assert same(got, R.build_classification([Path("data/classification/train.jsonl")], tok, 64, 2,
                                             D.BadRecords()))
 
 
@@ -189,16 +191,16 @@ def _arrays(n=10):
     return {"x": np.arange(n * 2).reshape(n, 2), "y": np.arange(n, dtype=np.int32)}
 
 
-def test_loader_gives_data_loader_batches(prepared):
+def test_loader_gives_the_reference_loader_batches(prepared):
     # in memory, a batch larger than the data (several epochs in one batch) and one that is not
     for n, gb, ga, rows in ((10, 4, 2, None), (3, 8, 2, (1, 3)), (10, 6, 3, (0, 1))):
-        ref = take(D.Loader(_arrays(n), gb, ga, seed=3, rows=rows), 9)
+        ref = take(R.Loader(_arrays(n), gb, ga, seed=3, rows=rows), 9)
         assert same_batches(take(P.GrainLoader(_arrays(n), gb, ga, seed=3, rows=rows), 9), ref), (n, gb, ga)
     assert not same(next(P.GrainLoader(_arrays(), 4, 2, seed=4)), ref[0])
     # prepared rows (memory-mapped), two epochs
     n = D.num_examples(prepared)
     steps = 2 * n // 16 + 2
-    ref = take(D.Loader(prepared, 16, 2, seed=1), steps)
+    ref = take(R.Loader(prepared, 16, 2, seed=1), steps)
     got = take(P.GrainLoader(prepared, 16, 2, seed=1), steps)
     assert same_batches(got, ref) and got[0]["loss_mask"].dtype == np.float32
     g = P.GrainLoader(prepared, 16, 2, seed=1, prefetch=3)  # a read-ahead thread: the same batches
@@ -206,7 +208,7 @@ def test_loader_gives_data_loader_batches(prepared):
     g.close()
     # the held-out split of prepared rows, as the trainer slices it
     train, _ = D.split_holdout(prepared, 0.1)
-    assert same_batches(take(P.GrainLoader(train, 8, seed=2), 4), take(D.Loader(train, 8, seed=2), 4))
+    assert same_batches(take(P.GrainLoader(train, 8, seed=2), 4), take(R.Loader(train, 8, seed=2), 4))
 
 
 def test_resume_is_exact_through_a_json_state(prepared):
@@ -223,13 +225,13 @@ def test_resume_is_exact_through_a_json_state(prepared):
     c = P.GrainLoader(prepared, 8, 2, seed=5)
     c.restore(json.loads(json.dumps(b.state())))
     assert c.position == 12 and same(next(c), take(P.GrainLoader(prepared, 8, 2, seed=5), 13)[12])
-    # data.Loader checkpoints restore here, and ours there (the state keeps data.Loader's keys)
-    old = D.Loader(prepared, 8, 2, seed=5)
+    # the old loader's checkpoints restore here, and ours there (the state keeps its keys)
+    old = R.Loader(prepared, 8, 2, seed=5)
     take(old, 4)
     d = P.GrainLoader(prepared, 8, 2, seed=5)
     d.restore(json.loads(json.dumps(old.state())))
     assert same_batches(take(d, 3), ref[4:7])
-    e = D.Loader(prepared, 8, 2, seed=5)
+    e = R.Loader(prepared, 8, 2, seed=5)
     e.restore(state)
     assert same_batches(take(e, 5), ref[7:])
     # a Grain state that does not match the position is not trusted: the position decides

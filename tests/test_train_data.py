@@ -7,6 +7,7 @@ import pytest
 
 from glm_jax.tokenizer import ChatGLMTokenizer
 from glm_jax.train import data as D
+from glm_jax.train import pipeline as P
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_sft_truncation_rule(tok, tmp_path):
     rows = [{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello " * 50}]},
             {"conversations": [{"role": "user", "content": long_user}, {"role": "assistant", "content": "x"}]}]
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    arrays, stats = D.build_sft([f], tok, 32, D.BadRecords())
+    arrays, stats = P.build_sft([f], tok, 32, D.BadRecords())
     # first: cut to its first 32 tokens, keeps its targets; second: nothing left to train on -> dropped
     assert stats == {"conversations": 2, "truncated": 2, "dropped_no_target": 1}
     assert arrays["input_ids"].shape == (1, 32) and arrays["loss_mask"].sum() > 0
@@ -84,24 +85,24 @@ def test_bad_records_error_with_file_and_line_or_skip(tok, tmp_path):
     f.write_text(json.dumps(good) + "\n{not json\n" + json.dumps({"conversations": [{"role": "bot", "content": "x"}]})
                  + "\n" + json.dumps(good) + "\n")
     with pytest.raises(D.DataError, match=rf"^{f}:2: not valid JSON"):
-        D.build_sft([f], tok, 64, D.BadRecords(skip=False))
+        P.build_sft([f], tok, 64, D.BadRecords(skip=False))
     bad = D.BadRecords(skip=True)
-    arrays, _ = D.build_sft([f], tok, 64, bad)
+    arrays, _ = P.build_sft([f], tok, 64, bad)
     assert bad.count == 2 and len(arrays["input_ids"]) == 2
     assert bad.examples[1].startswith(f"{f}:3: message 0: role 'bot'")
 
     c = tmp_path / "cls.jsonl"
     c.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 7}\n')
     with pytest.raises(D.DataError, match=rf"^{c}:2: label 7 is outside"):
-        D.build_classification([c], tok, 16, 2, D.BadRecords())
+        P.build_classification([c], tok, 16, 2, D.BadRecords())
 
 
 def test_shipped_sft_and_classification_data_build(tok):
-    sft, stats = D.build_sft(D.expand_files(["data/sft/train.jsonl"]), tok, 512, D.BadRecords())
+    sft, stats = P.build_sft(P.expand_sources(["data/sft/train.jsonl"]), tok, 512, D.BadRecords())
     assert stats["conversations"] > 100 and len(sft["input_ids"]) > 100 and sft["loss_mask"].sum() > 1000
-    cls = D.build_classification(D.expand_files(["data/classification/train.jsonl"]), tok, 64, 2, D.BadRecords())
+    cls = P.build_classification(P.expand_sources(["data/classification/train.jsonl"]), tok, 64, 2, D.BadRecords())
     assert set(cls["labels"].tolist()) == {0, 1}
-    pre = D.build_pretrain(D.expand_files(["data/corpus/*.txt"]), tok, 64, "paragraph", D.BadRecords(),
+    pre = P.build_pretrain(P.expand_sources(["data/corpus/*.txt"]), tok, 64, "paragraph", D.BadRecords(),
                            max_tokens=5000)
     # example_spec (abstract batches for --compile-only) describes exactly what the builders produce
     for task, arrays in (("sft", sft), ("classification", cls), ("pretrain", pre)):
@@ -115,20 +116,20 @@ def _arrays(n=10):
 
 
 def test_loader_is_deterministic_resumable_and_splits_processes():
-    a = D.Loader(_arrays(), global_batch=4, grad_accum=2, seed=3)
+    a = P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=3)
     batches = [next(a)["x"] for _ in range(7)]  # crosses epoch boundaries (10 examples, 4 per batch)
     assert batches[0].shape == (2, 2, 2)
     epoch0 = np.concatenate([b.reshape(-1, 2) for b in batches])[:10, 0] // 2
     assert sorted(epoch0.tolist()) == list(range(10))  # a permutation per epoch
-    b = D.Loader(_arrays(), global_batch=4, grad_accum=2, seed=3)
+    b = P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=3)
     for _ in range(3):
         next(b)
-    c = D.Loader(_arrays(), global_batch=4, grad_accum=2, seed=3)
+    c = P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=3)
     c.restore(b.state())
     assert all(np.array_equal(next(c)["x"], batches[k]) for k in range(3, 7))
-    assert not np.array_equal(next(D.Loader(_arrays(), 4, 2, seed=4))["x"], batches[0])
+    assert not np.array_equal(next(P.GrainLoader(_arrays(), 4, 2, seed=4))["x"], batches[0])
     # two processes, each half of every microbatch, together give the global batch
-    p0 = D.Loader(_arrays(), 4, 2, seed=3, rows=(0, 1))
-    p1 = D.Loader(_arrays(), 4, 2, seed=3, rows=(1, 2))
+    p0 = P.GrainLoader(_arrays(), 4, 2, seed=3, rows=(0, 1))
+    p1 = P.GrainLoader(_arrays(), 4, 2, seed=3, rows=(1, 2))
     for k in range(7):
         assert np.array_equal(np.concatenate([next(p0)["x"], next(p1)["x"]], axis=1), batches[k])

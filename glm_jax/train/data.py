@@ -1,7 +1,6 @@
-"""Training data: pretraining text packed into rows, ChatGLM3 SFT conversations, classification records.
-
-Every task yields a dict of numpy arrays with a leading example axis; `Loader` turns them into deterministic,
-resumable global batches, each process producing only its own rows.
+"""Training data, the parts the input pipeline (pipeline.py) is built from: record readers with file:line errors,
+document packing, the shifted-target layout, SFT conversation encoding and checks, and prepared (pre-tokenized,
+memory-mapped) pretraining rows. pipeline.py turns files into the example arrays below and batches them.
 
 Batch layout (all int32 unless noted, [rows, seq_len]):
   pretrain / sft:   input_ids, segment_ids (documents from 1, 0 = padding), targets (the next token),
@@ -14,7 +13,6 @@ target. In a packed row a document's last token predicts nothing (the next docum
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 from dataclasses import dataclass, field
@@ -46,19 +44,6 @@ class BadRecords:
         if len(self.examples) < 5:
             self.examples.append(msg)
         log.warning("skipping bad record %s", msg)
-
-
-def expand_files(patterns: Iterable[str]) -> list[Path]:
-    out: list[Path] = []
-    for pat in patterns:
-        hits = sorted(glob.glob(str(pat), recursive=True))
-        if not hits:
-            raise DataError(f"{pat}:0: no such file")
-        files = [Path(h) for h in hits if Path(h).is_file()]
-        if not files:
-            raise DataError(f"{pat}:0: not a file (a directory?); give files or a glob pattern such as DIR/*.txt")
-        out += files
-    return out
 
 
 def no_examples(files: list[Path], bad: BadRecords, why: str | None = None) -> DataError:
@@ -180,58 +165,6 @@ def lm_examples(tokens: np.ndarray, segments: np.ndarray, target_mask: np.ndarra
             "targets": targets.astype(np.int32), "loss_mask": mask}
 
 
-class PretrainDocuments:
-    """Token ids of each document (+ eos) of pretraining text files, in order; `tokens` counts what was read."""
-
-    def __init__(self, files: list[Path], tok, split: str, bad: BadRecords, text_key: str = "text",
-                 max_tokens: int | None = None):
-        self.files, self.tok, self.split, self.bad, self.text_key = files, tok, split, bad, text_key
-        self.max_tokens = max_tokens
-        self.tokens = 0
-
-    BATCH = 256  # documents per SentencePiece call (encoded on all cores)
-
-    def _texts(self) -> Iterator[list[str]]:
-        batch: list[str] = []
-        for path in self.files:
-            docs = 0
-            for text in read_text_documents(path, self.split, self.bad, self.text_key):
-                docs += 1
-                batch.append(text)
-                if len(batch) == self.BATCH:
-                    yield batch
-                    batch = []
-            if not docs:
-                log.warning("%s: no documents (empty or blank file, or every record bad)", path)
-        if batch:
-            yield batch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        eos = self.tok.eos_token_id
-        for texts in self._texts():
-            for ids in self.tok.encode(texts, add_special_tokens=False):
-                ids = ids + [eos]
-                if self.max_tokens is not None and self.tokens + len(ids) > self.max_tokens:
-                    ids = ids[:self.max_tokens - self.tokens]
-                self.tokens += len(ids)
-                if ids:
-                    yield ids
-                if self.max_tokens is not None and self.tokens >= self.max_tokens:
-                    return
-
-
-def build_pretrain(files: list[Path], tok, seq_len: int, split: str, bad: BadRecords, text_key: str = "text",
-                   max_tokens: int | None = None) -> dict[str, np.ndarray]:
-    """Each document -> tokens + eos, packed into rows of seq_len."""
-    docs = PretrainDocuments(files, tok, split, bad, text_key, max_tokens)
-    tokens, segments = pack_documents(docs, seq_len, tok.pad_token_id)
-    log.info("pretraining data: %d tokens from %d files -> %d rows of %d", docs.tokens, len(files), len(tokens),
-             seq_len)
-    if not len(tokens):
-        raise no_examples(files, bad)
-    return lm_examples(tokens, segments)
-
-
 # ------------------------------------------------------------------------------------------------ prepared data
 # Pretraining corpora too large to tokenize at every start (and on every host): `train.py --prepare-data DIR`
 # tokenizes and packs once, streaming rows to raw int32 files; runs with `data.prepared: DIR` memory-map them,
@@ -325,7 +258,7 @@ class PackedRows:
 
 
 class PackedColumn:
-    """One example array ("input_ids", "targets", ...) of PackedRows, array-like enough for Loader and friends."""
+    """One example array ("input_ids", "targets", ...) of PackedRows, array-like enough for the loader (indexing, len, shape, dtype)."""
 
     def __init__(self, rows: PackedRows, name: str):
         self.rows, self.name = rows, name
@@ -440,80 +373,10 @@ def _check_tools(tools: Any, key: str) -> None:
             raise ValueError(f"{key}[{j}]: must be a tool object, got {type(t).__name__} {t!r:.40}")
 
 
-def build_sft(files: list[Path], tok, seq_len: int, bad: BadRecords) -> tuple[dict[str, np.ndarray], dict]:
-    """One conversation per row, right-padded. Truncation rule: a conversation longer than seq_len keeps its
-    first seq_len tokens (the prompt is never cut before the answer); one left with no target token is dropped
-    and counted in stats["dropped_no_target"]."""
-    rows_ids, rows_tgt = [], []
-    stats = {"conversations": 0, "truncated": 0, "dropped_no_target": 0}
-    for path in files:
-        for n, obj in read_jsonl(path, bad):
-            try:
-                conv, tools = check_conversation(obj)
-                ids, tgt = encode_conversation(tok, conv, tools)
-            except (ValueError, KeyError, TypeError) as e:
-                bad.handle(f"{path}:{n}", str(e))
-                continue
-            except RecursionError:  # tools / a tool call nested too deeply to serialise
-                bad.handle(f"{path}:{n}", "nested too deeply")
-                continue
-            stats["conversations"] += 1
-            if len(ids) > seq_len:
-                stats["truncated"] += 1
-                ids, tgt = ids[:seq_len], tgt[:seq_len]
-            if not any(tgt[1:]):
-                stats["dropped_no_target"] += 1
-                continue
-            rows_ids.append(ids)
-            rows_tgt.append(tgt)
-    n = len(rows_ids)
-    if not n:
-        raise no_examples(files, bad, None if not stats["dropped_no_target"] else
-                          f"all {stats['dropped_no_target']} conversations were dropped: no assistant token within "
-                          f"the first data.seq_len={seq_len} tokens")
-    tokens = np.full((n, seq_len), tok.pad_token_id, np.int32)
-    segments = np.zeros((n, seq_len), np.int32)
-    target = np.zeros((n, seq_len), bool)
-    for i, (ids, tgt) in enumerate(zip(rows_ids, rows_tgt)):
-        tokens[i, :len(ids)] = ids
-        segments[i, :len(ids)] = 1
-        target[i, :len(tgt)] = tgt
-    log.info("SFT data: %s", stats)
-    return lm_examples(tokens, segments, target), stats
-
-
-# ------------------------------------------------------------------------------------------------ classification
-
-def build_classification(files: list[Path], tok, seq_len: int, num_labels: int,
-                         bad: BadRecords) -> dict[str, np.ndarray]:
-    """{"text", "label"} records -> [gMASK] sop + text, truncated to its first seq_len tokens, right-padded.
-    The classifier reads the last real token."""
-    ids_rows, labels = [], []
-    for path in files:
-        for n, obj in read_jsonl(path, bad):
-            text = obj.get("text") if isinstance(obj, dict) else None
-            label = obj.get("label") if isinstance(obj, dict) else None
-            if not isinstance(text, str) or not isinstance(label, int) or isinstance(label, bool):
-                bad.handle(f"{path}:{n}", 'expected {"text": str, "label": int}')
-                continue
-            if not 0 <= label < num_labels:
-                bad.handle(f"{path}:{n}", f"label {label} is outside [0, {num_labels}) (model num_labels)")
-                continue
-            ids_rows.append(tok.encode(text)[:seq_len])
-            labels.append(label)
-    n = len(ids_rows)
-    if not n:
-        raise no_examples(files, bad)
-    tokens = np.full((n, seq_len), tok.pad_token_id, np.int32)
-    segments = np.zeros((n, seq_len), np.int32)
-    for i, ids in enumerate(ids_rows):
-        tokens[i, :len(ids)] = ids
-        segments[i, :len(ids)] = 1
-    return {"input_ids": tokens, "segment_ids": segments, "labels": np.asarray(labels, np.int32)}
-
+# ------------------------------------------------------------------------------------------------ example arrays
 
 def example_spec(task: str, seq_len: int) -> dict[str, tuple[tuple[int, ...], type]]:
-    """Per-example shape and dtype of every array the builders above produce for `task` (for abstract batches:
+    """Per-example shape and dtype of every array the pipeline's builders produce for `task` (for abstract batches:
     compiling a step without reading any data)."""
     row = ((seq_len,), np.int32)
     if task == "classification":
@@ -534,71 +397,6 @@ def split_holdout(arrays: dict[str, np.ndarray], fraction: float) -> tuple[dict,
 
 def num_examples(arrays: dict[str, np.ndarray]) -> int:
     return len(next(iter(arrays.values())))
-
-
-# ------------------------------------------------------------------------------------------------ loader
-
-class Loader:
-    """Deterministic, resumable batches from in-memory example arrays.
-
-    The stream is an endless sequence of epochs, each a permutation of the examples drawn from
-    (seed, epoch). Global batch k takes stream items [k*B, (k+1)*B), laid out as [grad_accum, B/grad_accum];
-    this process gets rows [lo, hi) of every microbatch. The state is just the number of batches delivered,
-    so it is the same on every process and restores exactly.
-    """
-
-    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, grad_accum: int = 1, seed: int = 0,
-                 rows: tuple[int, int] | None = None, shuffle: bool = True):
-        self.arrays = arrays
-        self.n = num_examples(arrays)
-        if self.n == 0:
-            raise DataError("no examples to train on")
-        self.global_batch, self.grad_accum = global_batch, grad_accum
-        self.micro = global_batch // grad_accum
-        self.rows = rows or (0, self.micro)
-        self.seed, self.shuffle = seed, shuffle
-        self.position = 0
-        self._perm_epoch, self._perm = -1, None
-
-    def state(self) -> dict:
-        return {"position": int(self.position), "seed": int(self.seed), "num_examples": int(self.n),
-                "global_batch": int(self.global_batch)}
-
-    def restore(self, state: dict) -> None:
-        if int(state["num_examples"]) != self.n or int(state["global_batch"]) != self.global_batch:
-            log.warning("data changed since the checkpoint (examples %s -> %d, batch %s -> %d): the resumed order "
-                        "differs from an uninterrupted run", state["num_examples"], self.n, state["global_batch"],
-                        self.global_batch)
-        self.position = int(state["position"])
-
-    def _perm_of(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
-                          else np.arange(self.n))
-            self._perm_epoch = epoch
-        return self._perm
-
-    def indices(self, k: int) -> np.ndarray:
-        """Example indices of this process's part of global batch k, shape [grad_accum, hi - lo]."""
-        lo, hi = self.rows
-        out = np.empty((self.grad_accum, hi - lo), np.int64)
-        for a in range(self.grad_accum):
-            for j, r in enumerate(range(lo, hi)):
-                item = k * self.global_batch + a * self.micro + r
-                out[a, j] = self._perm_of(item // self.n)[item % self.n]
-        return out
-
-    def batch(self, k: int) -> dict[str, np.ndarray]:
-        idx = self.indices(k)
-        return {name: v[idx] for name, v in self.arrays.items()}
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        b = self.batch(self.position)
-        self.position += 1
-        return b
-
-    def __iter__(self):
-        return self
 
 
 def eval_batches(arrays: dict[str, np.ndarray], micro_batch: int, count: int,

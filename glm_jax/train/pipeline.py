@@ -1,24 +1,25 @@
 """The input pipeline on Grain: sources, tokenization and packing as Grain transforms, and a resumable loader.
 
-Two halves, as in data.py (whose functions remain the reference this module is tested against):
+Two halves (tests/reference_data.py keeps the plain-numpy builders and loader this replaced; the tests check that
+both give the same arrays and batches):
 
 1. Reading: `FileRecords` (a Grain IterDataset) reads text / JSONL / Parquet files and Hugging Face datasets
    saved with `save_to_disk`, chosen by file extension / directory layout. Grain transforms turn the records into
    the example dicts of data.py (layout in data.py's docstring): pretraining text is tokenized 256 documents per
    SentencePiece call (`Tokenize`), cut at data.max_tokens (`LimitTokens`) and packed greedily into rows
    (`PackRows`, data.iter_packed_rows); SFT conversations and classification records are encoded one per row.
-   `build_pretrain` / `build_sft` / `build_classification` run these pipelines to the end and return the same
-   arrays as data.py's builders (the whole epoch must be known to draw its permutation); `PretrainDocuments`
-   feeds `train.py --prepare-data` as data.PretrainDocuments does.
+   `build_pretrain` / `build_sft` / `build_classification` run these pipelines to the end and return the
+   example arrays (the whole epoch must be known to draw its permutation); `PretrainDocuments` feeds
+   `train.py --prepare-data`.
 
-2. Loading: `GrainLoader` is a drop-in for data.Loader (same order, same `state()` / `restore()` /
+2. Loading: `GrainLoader` gives deterministic, resumable global batches (`state()` / `restore()` /
    `position`): a Grain MapDataset whose element k is this process's rows of global batch k (`BatchIndices`,
    then `Gather`), iterated in this process or, with `workers > 0`, by Grain's worker processes (`mp_prefetch`).
    Its state holds Grain's own iterator state (JSON, in the orbax checkpoint's "loader" item) and the position,
-   so a checkpoint of data.Loader restores here too.
+   so the checkpoints of the loader before Grain (position only) restore here too.
 
 Why not Grain's own `shuffle` / `ShardOptions` / `ConcatThenSplitIterDataset`: Grain's index shuffle is a
-different permutation than data.Loader's (numpy's, per (seed, epoch)), and Grain's sharding gives each process
+different permutation than ours (numpy's, per (seed, epoch), as before Grain), and Grain's sharding gives each process
 its own slice of the dataset rather than rows [lo, hi) of every global batch (the layout the mesh shards): either
 would change the batches of an existing config, which the classes below keep bit-identical. Grain's
 concat-then-split packer gives the same rows as `PackRows` (checked on the shipped corpus) but packs them 17x
@@ -45,7 +46,7 @@ from glm_jax.train.data import BadRecords, DataError
 
 log = logging.getLogger(__name__)
 
-TOKENIZE_BATCH = 256  # documents per SentencePiece call (encoded on all cores), as data.PretrainDocuments
+TOKENIZE_BATCH = 256  # documents per tokenizer call (SentencePiece encodes a list on all cores)
 ROWS_PER_BATCH = 1024  # rows per lm_examples call while reading
 
 
@@ -57,7 +58,7 @@ def hf_split_dir(path: Path) -> bool:
 
 
 def expand_sources(patterns: Iterable[str]) -> list[Path]:
-    """data.expand_files, also accepting Hugging Face `save_to_disk` directories (a DatasetDict's directory is an
+    """Files matching the glob patterns, in order, and Hugging Face `save_to_disk` directories (a DatasetDict's directory is an
     error naming its splits: give DIR/train)."""
     out: list[Path] = []
     for pat in patterns:
@@ -262,7 +263,7 @@ class Unbatch(_StreamDataset):
 
 
 class LimitTokens(_StreamDataset):
-    """Documents (token lists) until `max_tokens` tokens were read, the last one cut there (data.PretrainDocuments);
+    """Documents (token lists) until `max_tokens` tokens were read, the last one cut there;
     no limit when max_tokens is None."""
 
     def __init__(self, parent, max_tokens: int | None):
@@ -321,7 +322,7 @@ class EncodeConversation(grain.transforms.Map):
 
 class SftRow(grain.transforms.Map):
     """(ids, is_target) -> a right-padded (tokens, segment_ids, target_mask) row, truncated to its first seq_len
-    tokens; None (counted in stats["dropped_no_target"]) when no target token is left (data.build_sft)."""
+    tokens; None (counted in stats["dropped_no_target"]) when no target token is left."""
 
     def __init__(self, seq_len: int, pad_id: int, stats: dict):
         self.seq_len, self.pad_id, self.stats = seq_len, pad_id, stats
@@ -346,7 +347,7 @@ class SftRow(grain.transforms.Map):
 
 class ClassificationRow(grain.transforms.Map):
     """(where, {"text", "label"}) -> {input_ids, segment_ids, labels} ([gMASK] sop + text, first seq_len tokens,
-    right-padded), or None for a bad record (data.build_classification)."""
+    right-padded), or None for a bad record."""
 
     def __init__(self, tok, seq_len: int, num_labels: int, bad: BadRecords):
         self.tok, self.seq_len, self.num_labels, self.bad = tok, seq_len, num_labels, bad
@@ -388,7 +389,7 @@ def pretrain_dataset(files: list[Path], tok, seq_len: int, split: str, bad: BadR
 
 
 class PretrainDocuments:
-    """data.PretrainDocuments on the Grain pipeline (for `train.py --prepare-data`, which packs and streams the
+    """The pretraining documents of `files` through the Grain pipeline (for `train.py --prepare-data`, which packs and streams the
     rows to disk itself): iterating yields each document's ids; `tokens` counts what was read."""
 
     def __init__(self, files: list[Path], tok, split: str, bad: BadRecords, text_key: str = "text",
@@ -444,7 +445,7 @@ def collect(ds: grain.IterDataset) -> dict[str, np.ndarray] | None:
 
 def build_pretrain(files: list[Path], tok, seq_len: int, split: str, bad: BadRecords, text_key: str = "text",
                    max_tokens: int | None = None) -> dict[str, np.ndarray]:
-    """data.build_pretrain on the Grain pipeline (also Parquet / datasets sources)."""
+    """Pretraining rows: each document -> tokens + eos, packed into rows of seq_len."""
     arrays = collect(pretrain_dataset(files, tok, seq_len, split, bad, text_key, max_tokens))
     if arrays is None:
         raise D.no_examples(files, bad)
@@ -454,7 +455,7 @@ def build_pretrain(files: list[Path], tok, seq_len: int, split: str, bad: BadRec
 
 
 def build_sft(files: list[Path], tok, seq_len: int, bad: BadRecords) -> tuple[dict[str, np.ndarray], dict]:
-    """data.build_sft on the Grain pipeline."""
+    """SFT rows, one conversation per row, right-padded (truncation rule: SftRow) and the counts of what was kept."""
     stats = {"conversations": 0, "truncated": 0, "dropped_no_target": 0}
     arrays = collect(sft_dataset(files, tok, seq_len, bad, stats))
     if arrays is None:
@@ -467,7 +468,7 @@ def build_sft(files: list[Path], tok, seq_len: int, bad: BadRecords) -> tuple[di
 
 def build_classification(files: list[Path], tok, seq_len: int, num_labels: int,
                          bad: BadRecords) -> dict[str, np.ndarray]:
-    """data.build_classification on the Grain pipeline."""
+    """Classification rows: {"text", "label"} records, right-padded, and their labels."""
     arrays = collect(classification_dataset(files, tok, seq_len, num_labels, bad))
     if arrays is None:
         raise D.no_examples(files, bad)
@@ -479,7 +480,7 @@ def build_classification(files: list[Path], tok, seq_len: int, num_labels: int,
 class BatchIndices(grain.MapDataset):
     """Element k: the example indices of this process's part of global batch k, int64 [grad_accum, hi - lo].
 
-    data.Loader's order: an endless sequence of epochs, each a permutation of the n examples drawn from
+    The batch order: an endless sequence of epochs, each a permutation of the n examples drawn from
     (seed, epoch); global batch k takes stream items [k*B, (k+1)*B) laid out as [grad_accum, B/grad_accum], and
     this process gets rows [lo, hi) of every microbatch (per-host sharding: it never reads the other rows)."""
 
@@ -555,20 +556,20 @@ class Gather(grain.transforms.Map):
 
 def batch_dataset(arrays: dict, global_batch: int, grad_accum: int = 1, seed: int = 0,
                   rows: tuple[int, int] | None = None, shuffle: bool = True) -> grain.MapDataset:
-    """The Grain MapDataset of this process's batches: element k = data.Loader(...).batch(k)."""
+    """The Grain MapDataset of this process's batches: element k = this process's rows of global batch k."""
     micro = global_batch // grad_accum
     indices = BatchIndices(D.num_examples(arrays), global_batch, grad_accum, rows or (0, micro), seed, shuffle)
     return indices.map(Gather(arrays))
 
 
 class GrainLoader:
-    """data.Loader on Grain: the same batches, `next(loader)` -> dict of [grad_accum, hi - lo, ...] arrays.
+    """Deterministic, resumable global batches on Grain: `next(loader)` -> dict of [grad_accum, hi - lo, ...] arrays.
 
     workers=0 reads in this process (`prefetch` batches ahead in a thread; 0 = on demand), workers>0 in that many
     Grain worker processes (`mp_prefetch`; spawned, each reads every workers-th batch, `prefetch` ahead).
     `state()` is JSON: position (batches delivered) plus Grain's iterator state; `restore` sets Grain's state
     when it was saved with the same number of workers, and otherwise starts Grain at the position (a change of
-    workers, or a data.Loader checkpoint): the same batches either way.
+    workers, or a checkpoint of the loader before Grain): the same batches either way.
     """
 
     def __init__(self, arrays: dict, global_batch: int, grad_accum: int = 1, seed: int = 0,
@@ -588,7 +589,7 @@ class GrainLoader:
         self._start = 0  # the iterator runs over self.dataset[self._start:]
         self._it = None  # made at the first batch (worker processes start then)
 
-    # the data.Loader interface
+    # the loader interface the trainer uses
     def indices(self, k: int) -> np.ndarray:
         return self.dataset.parents[0][k]
 
@@ -679,44 +680,3 @@ def make_loader(arrays: dict, global_batch: int, grad_accum: int = 1, seed: int 
 
 
 eval_batches = D.eval_batches  # fixed, unshuffled microbatches: a short list, read once
-
-
-# ------------------------------------------------------------------------------------------------ benchmark
-
-def benchmark(prepared: str | Path, global_batch: int = 64, batches: int = 300, workers: Iterable[int] = (0, 2),
-              prefetch: Iterable[int] = (0, 2), repeats: int = 3) -> list[tuple[str, float]]:
-    """Rows per second that data.Loader and GrainLoader deliver from a prepared directory's train split (one
-    process, all rows, `batches` batches after 5 of warm-up; the best of `repeats`)."""
-    import time
-
-    meta = json.loads((Path(prepared) / D.PREPARED_META).read_text())
-    arrays = D.open_prepared(prepared, "train", int(meta["seq_len"]), int(meta["vocab_size"]))
-    makers = [("data.Loader", lambda: D.Loader(arrays, global_batch, seed=0))]
-    for w in workers:
-        for p in prefetch:
-            makers.append((f"GrainLoader(workers={w}, prefetch={p})",
-                           lambda w=w, p=p: GrainLoader(arrays, global_batch, seed=0, workers=w, prefetch=p)))
-    out = []
-    for name, make in makers:
-        best = 0.0
-        for _ in range(repeats):
-            loader = make()
-            for _ in range(5):
-                next(loader)
-            t = time.perf_counter()
-            for _ in range(batches):
-                next(loader)["input_ids"].sum()
-            best = max(best, batches * global_batch / (time.perf_counter() - t))
-            getattr(loader, "close", lambda: None)()
-        out.append((name, best))
-    return out
-
-
-if __name__ == "__main__":  # python -m glm_jax.train.pipeline PREPARED_DIR [GLOBAL_BATCH [WORKERS...]]
-    args = sys.argv[1:]
-    if not args:
-        sys.exit("usage: python -m glm_jax.train.pipeline PREPARED_DIR [GLOBAL_BATCH [WORKERS ...]]")
-    gb = int(args[1]) if len(args) > 1 else 64
-    ws = [int(a) for a in args[2:]] or [0, 2]
-    for name, rate in benchmark(args[0], gb, workers=ws):
-        print(f"{name:40s} {rate:12,.0f} rows/s")
