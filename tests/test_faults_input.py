@@ -214,9 +214,6 @@ def test_sft_tools_must_be_a_list_of_objects(tmp_path, tools, where, why):
 
 
 def test_sft_tools_in_a_system_message_and_valid_tools(tmp_path):
-    from glm_jax.tokenizer import ChatGLMTokenizer
-
-    tok = ChatGLMTokenizer()
     conv = [{"role": "system", "content": "s", "tools": 5}] + GOOD_SFT["conversations"]
     with pytest.raises(ValueError, match=r"^message 0: tools: must be a list of tool objects, got int 5$"):
         D.check_conversation({"conversations": conv})

@@ -335,7 +335,7 @@ def encode_conversation(tok, conversation: list[dict], tools: Any = None) -> tup
         train_on += [m["role"] == "assistant"] * len(piece)
     ids.append(tok.eos_token_id)
     train_on.append(False)
-    is_target = [False] + train_on[:-1]  # the shift of §4
+    is_target = [False] + train_on[:-1]  # shifted by one: docs/tokenizer.md, "SFT loss mask"
     return ids, is_target
 
 
