@@ -1,0 +1,162 @@
+"""DeepSeek sparse attention (DSA) of GLM-5 (transformers `glm_moe_dsa`): an indexer picks, for every query,
+the `index_topk` earlier keys it may attend to; the MLA attention then runs over those keys only.
+
+The indexer (`Indexer`, transformers' GlmMoeDsaIndexer) scores key t for query s as
+
+    score[s, t] = sum_h w[s, h] * relu(q[s, h] . k[t] / sqrt(index_head_dim)),   w[s] = weights_proj(x[s]) / sqrt(H)
+
+with q = wq_b(the MLA query latent) (H = index_n_heads heads of index_head_dim), k = LayerNorm(wk(x)) (one head),
+both rotated on their first qk_rope_head_dim dims in the interleaved-pair layout. Masked keys (causal, padding)
+are never chosen; the top `index_topk` of the rest are. The indexer is not trained by the language-model loss
+(transformers runs it under no_grad): its outputs pass through `stop_gradient`.
+
+Attention over the chosen keys runs in MLA's absorbed form: one shared key/value head per token (the latent
+[kv_lora_rank] followed by the rope key [qk_rope_head_dim]; the values are the latent) and queries already
+multiplied into the latent space, so a gather of top-k keys is [q_block, topk, kv_lora_rank + rope] whatever the
+number of heads. Two paths (docs/mla.md, "DSA"):
+  dsa_attention_reference  full [S, T] scores and masks (tests only);
+  dsa_attention            queries in blocks: per block the indexer's [q_block, T] scores (one matrix, heads
+                           already reduced), top-k, a gather of the chosen keys and a softmax over [heads, topk];
+                           nothing of size [S, T] per attention head exists.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from glm_jax.model.layers.embeddings import apply_rotary
+from glm_jax.model.layers.linear import Linear
+
+NEG = float(jnp.finfo(jnp.float32).min)  # masked score: finite, so a row with nothing visible stays finite
+
+
+class LayerNorm(nn.Module, kw_only=True):
+    """LayerNorm with scale and bias over the last axis (the indexer's k_norm; torch.nn.LayerNorm), in fp32."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (x.shape[-1],)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), shape,
+                           self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), shape,
+                          self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class Indexer(nn.Module, kw_only=True):
+    """GLM-5's DSA indexer. Returns (q [B, S, H, D], k [B, S, D], w [B, S, H] fp32) such that
+    `indexer_scores(q, k, w)` are transformers' index scores; k is what the decode cache keeps per token.
+    `q_latent` is the MLA query latent (q_a_layernorm(q_a_proj(x))), cos / sin the MLA rope tables
+    [B, S, qk_rope_head_dim // 2]."""
+
+    num_heads: int  # index_n_heads
+    head_dim: int  # index_head_dim
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, q_latent, cos, sin):
+        h, d = self.num_heads, self.head_dim
+        q = Linear(features=(h, d), kernel_axes=("q_lora", "index_heads", "index_head_dim"), dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="wq_b")(q_latent)
+        k = Linear(features=(d,), kernel_axes=("embed", "index_head_dim"), dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="wk")(x)
+        k = LayerNorm(eps=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="k_norm")(k)
+        # Interleaved pairs on the first rope dims (transformers writes the rotated halves de-interleaved, a
+        # permutation applied to q and k alike, which leaves every q . k unchanged).
+        q = apply_rotary(q, cos, sin, interleaved=True)
+        k = apply_rotary(k[:, :, None], cos, sin, interleaved=True)[:, :, 0]
+        # weights_proj runs in fp32 (transformers keeps it so); relu(c * s) = c * relu(s) folds the softmax scale
+        # 1/sqrt(D) into the per-head weights.
+        w = Linear(features=(h,), kernel_axes=("embed", "index_heads"), dtype=jnp.float32,
+                   param_dtype=self.param_dtype, name="weights_proj")(x.astype(jnp.float32))
+        w = w * np.float32(h ** -0.5 * d ** -0.5)
+        return jax.lax.stop_gradient((q, k, w))
+
+
+def indexer_scores(q, k, w):
+    """q [B, S, H, D], k [B, T, D], w [B, S, H] -> index scores [B, S, T] in fp32."""
+    s = jnp.einsum("bshd,btd->bsht", q, k, preferred_element_type=jnp.float32)
+    return jnp.einsum("bsht,bsh->bst", jax.nn.relu(s), w)
+
+
+def select_topk(scores, mask, topk: int):
+    """The `topk` best visible keys per query: (indices [B, S, K] int32, visible [B, S, K] bool), K =
+    min(topk, T). A query that sees fewer than K keys gets all of them plus invisible fillers (visible=False),
+    as transformers' top-k over masked scores does."""
+    k = min(topk, scores.shape[-1])
+    _, idx = jax.lax.top_k(jnp.where(mask, scores, -jnp.inf), k)
+    return idx.astype(jnp.int32), jnp.take_along_axis(mask, idx, axis=-1)
+
+
+def topk_mask(idx, visible, kv_len: int):
+    """Boolean [B, S, T]: the visible selected keys (reference path only)."""
+    b, s, _ = idx.shape
+    bi, si = jnp.arange(b)[:, None, None], jnp.arange(s)[None, :, None]
+    return jnp.zeros((b, s, kv_len), bool).at[bi, si, idx].max(visible)
+
+
+def visibility(q_segments, kv_segments, q_len: int, kv_len: int, q_offset=0):
+    """[B, q_len, kv_len]: causal by slot, same segment (attention.make_mask's rule; 0 = padding)."""
+    q_idx = jnp.arange(q_len) + q_offset
+    mask = (q_idx[:, None] >= jnp.arange(kv_len)[None, :])[None]
+    return mask & (q_segments[:, :, None] == kv_segments[:, None, :])
+
+
+def latent_attention(q, kv, mask, scale: float, value_dim: int):
+    """Attention with one shared key/value head. q [B, S, N, C], kv [B, ..., C] with the key axes after S
+    ([B, T, C] shared by all queries, or [B, S, K, C] gathered per query), mask broadcastable to the scores
+    [B, S, N, keys]. Values are kv[..., :value_dim]. Softmax in fp32; returns [B, S, N, value_dim]."""
+    shared = kv.ndim == 3
+    sub = "btc" if shared else "bstc"
+    scores = jnp.einsum(f"bsnc,{sub}->bsnt", q, kv, preferred_element_type=jnp.float32) * np.float32(scale)
+    scores = jnp.where(mask, scores, NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(kv.dtype)
+    return jnp.einsum(f"bsnt,{sub}->bsnc", probs, kv[..., :value_dim])
+
+
+def dsa_attention_reference(q, kv, iq, ik, iw, q_segments, kv_segments, topk: int, scale: float,
+                            value_dim: int, q_offset=0):
+    """Exact DSA over full [S, T] matrices (tests only). q [B, S, N, C] absorbed queries, kv [B, T, C] latent
+    keys (values = kv[..., :value_dim]), iq / ik / iw the indexer's outputs for the queries / keys."""
+    mask = visibility(q_segments, kv_segments, q.shape[1], kv.shape[1], q_offset)
+    idx, visible = select_topk(indexer_scores(iq, ik, iw), mask, topk)
+    sparse = topk_mask(idx, visible, kv.shape[1])
+    return latent_attention(q, kv, sparse[:, :, None, :], scale, value_dim)
+
+
+def dsa_attention(q, kv, iq, ik, iw, q_segments, kv_segments, topk: int, scale: float, value_dim: int,
+                  q_offset=0, block: int = 128):
+    """Blockwise DSA, same arguments and result as `dsa_attention_reference`. Queries run in blocks of
+    `block` (a sequential loop): the indexer scores of a block [B, block, T], its top-k, the chosen keys
+    gathered [B, block, K, C], attention over them. Memory per block: [B, block, index_heads, T] for the
+    indexer and [B, block, heads, K] for the attention, never [S, T] per head."""
+    b, s = q.shape[:2]
+    block = min(block, s)
+    n_blocks = -(-s // block)
+    pad = n_blocks * block - s
+
+    def blocks(x, fill=0):  # [B, S, ...] -> [n_blocks, B, block, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(b, n_blocks, block, *x.shape[2:]), 1, 0)
+
+    def one(args):
+        i, qb, iqb, iwb, segb = args
+        mask = visibility(segb, kv_segments, block, kv.shape[1], q_offset + i * block)
+        idx, visible = select_topk(indexer_scores(iqb, ik, iwb), mask, topk)
+        chosen = jax.vmap(lambda rows, ids: rows[ids])(kv, idx)  # [B, block, K, C]
+        return latent_attention(qb, chosen, visible[:, :, None, :], scale, value_dim)
+
+    out = jax.lax.map(one, (jnp.arange(n_blocks), blocks(q), blocks(iq), blocks(iw), blocks(q_segments)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n_blocks * block, *out.shape[3:])[:, :s]
