@@ -99,14 +99,16 @@ def _ours(layer_case, path, **kw):
     iq, ik, iw = ix.apply({"params": indexer_params(attn.indexer, cfg)}, jnp.asarray(x), q_lat, cos, sin)
     seg = jnp.asarray(mask, jnp.int32)
     scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
-    out = path(q, kv, iq, ik, iw, seg, seg, cfg.index_topk, scale, cfg.kv_lora_rank, **kw)
+    out, chosen = path(q, kv, (iq, ik, iw), seg, seg, cfg.index_topk, scale, cfg.kv_lora_rank, **kw)
+    if "chosen" in kw:  # a "shared" layer: the given selection, not this indexer's
+        jax.tree.map(np.testing.assert_array_equal, chosen, kw["chosen"])
     out = jnp.einsum("bsnc,nvc->bsnv", out, w_uv).reshape(*x.shape[:2], -1)
-    return out @ t2n(attn.o_proj.weight).T, (iq, ik, iw, seg)
+    return out @ t2n(attn.o_proj.weight).T, (iq, ik, iw, seg, chosen)
 
 
 def test_indexer_selects_transformers_topk(layer_case):
     cfg, attn, x, mask, pos, _, ref_idx = layer_case
-    _, (iq, ik, iw, seg) = _ours(layer_case, dsa.dsa_attention_reference)
+    _, (iq, ik, iw, seg, _) = _ours(layer_case, dsa.dsa_attention_reference)
     vis = dsa.visibility(seg, seg, SEQ, SEQ)
     idx, visible = dsa.select_topk(dsa.indexer_scores(iq, ik, iw), vis, cfg.index_topk)
     idx, visible = np.asarray(idx), np.asarray(visible)
@@ -126,6 +128,11 @@ def test_indexer_selects_transformers_topk(layer_case):
                                      (dsa.dsa_attention, {"block": 128})])
 def test_sparse_attention_matches_transformers(layer_case, path, kw):
     *_, mask, _, ref_out, _ = layer_case
-    out, _ = _ours(layer_case, path, **kw)
+    out, (*_, chosen) = _ours(layer_case, path, **kw)
     real = mask == 1
     assert rel_err(np.asarray(out)[real], ref_out[real]) < 1e-4
+    # The same selection handed in (a "shared" layer) gives the same output; another selection does not.
+    again, _ = _ours(layer_case, path, chosen=chosen, **kw)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(out))
+    other, _ = _ours(layer_case, path, chosen=(chosen[0][:, ::-1], chosen[1][:, ::-1]), **kw)
+    assert rel_err(np.asarray(other)[real], ref_out[real]) > 1e-2

@@ -126,19 +126,23 @@ def latent_attention(q, kv, mask, scale: float, value_dim: int):
     return jnp.einsum(f"bsnt,{sub}->bsnc", probs, kv[..., :value_dim])
 
 
-def dsa_attention_reference(q, kv, iq, ik, iw, q_segments, kv_segments, topk: int, scale: float,
-                            value_dim: int, q_offset=0):
+def dsa_attention_reference(q, kv, index, q_segments, kv_segments, topk: int, scale: float, value_dim: int,
+                            q_offset=0, chosen=None):
     """Exact DSA over full [S, T] matrices (tests only). q [B, S, N, C] absorbed queries, kv [B, T, C] latent
-    keys (values = kv[..., :value_dim]), iq / ik / iw the indexer's outputs for the queries / keys."""
+    keys (values = kv[..., :value_dim]), `index` = (iq, ik, iw): the indexer's queries, keys [B, T, D] and
+    weights. `chosen` = (indices, visible) [B, S, K] from an earlier layer replaces the indexer (transformers'
+    "shared" layers). Returns (output [B, S, N, value_dim], chosen)."""
     mask = visibility(q_segments, kv_segments, q.shape[1], kv.shape[1], q_offset)
-    idx, visible = select_topk(indexer_scores(iq, ik, iw), mask, topk)
-    sparse = topk_mask(idx, visible, kv.shape[1])
-    return latent_attention(q, kv, sparse[:, :, None, :], scale, value_dim)
+    if chosen is None:
+        chosen = select_topk(indexer_scores(*index), mask, topk)
+    idx, visible = chosen
+    sparse = topk_mask(idx, visible & jnp.take_along_axis(mask, idx, axis=-1), kv.shape[1])
+    return latent_attention(q, kv, sparse[:, :, None, :], scale, value_dim), chosen
 
 
-def dsa_attention(q, kv, iq, ik, iw, q_segments, kv_segments, topk: int, scale: float, value_dim: int,
-                  q_offset=0, block: int = 128):
-    """Blockwise DSA, same arguments and result as `dsa_attention_reference`. Queries run in blocks of
+def dsa_attention(q, kv, index, q_segments, kv_segments, topk: int, scale: float, value_dim: int, q_offset=0,
+                  chosen=None, block: int = 128):
+    """Blockwise DSA, same arguments and results as `dsa_attention_reference`. Queries run in blocks of
     `block` (a sequential loop): the indexer scores of a block [B, block, T], its top-k, the chosen keys
     gathered [B, block, K, C], attention over them. Memory per block: [B, block, index_heads, T] for the
     indexer and [B, block, heads, K] for the attention, never [S, T] per head."""
@@ -147,16 +151,26 @@ def dsa_attention(q, kv, iq, ik, iw, q_segments, kv_segments, topk: int, scale: 
     n_blocks = -(-s // block)
     pad = n_blocks * block - s
 
-    def blocks(x, fill=0):  # [B, S, ...] -> [n_blocks, B, block, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    def blocks(x):  # [B, S, ...] -> [n_blocks, B, block, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(b, n_blocks, block, *x.shape[2:]), 1, 0)
 
-    def one(args):
-        i, qb, iqb, iwb, segb = args
-        mask = visibility(segb, kv_segments, block, kv.shape[1], q_offset + i * block)
-        idx, visible = select_topk(indexer_scores(iqb, ik, iwb), mask, topk)
-        chosen = jax.vmap(lambda rows, ids: rows[ids])(kv, idx)  # [B, block, K, C]
-        return latent_attention(qb, chosen, visible[:, :, None, :], scale, value_dim)
+    def unblock(x):
+        return jnp.moveaxis(x, 0, 1).reshape(b, n_blocks * block, *x.shape[3:])[:, :s]
 
-    out = jax.lax.map(one, (jnp.arange(n_blocks), blocks(q), blocks(iq), blocks(iw), blocks(q_segments)))
-    return jnp.moveaxis(out, 0, 1).reshape(b, n_blocks * block, *out.shape[3:])[:, :s]
+    def one(args):
+        i, qb, segb, given = args
+        mask = visibility(segb, kv_segments, block, kv.shape[1], q_offset + i * block)
+        if chosen is None:
+            iq, iw = given
+            idx, visible = select_topk(indexer_scores(iq, index[1], iw), mask, topk)
+        else:
+            idx, visible = given
+        gathered = jax.vmap(lambda rows, ids: rows[ids])(kv, idx)  # [B, block, K, C]
+        seen = visible & jnp.take_along_axis(mask, idx, axis=-1)
+        return latent_attention(qb, gathered, seen[:, :, None, :], scale, value_dim), (idx, visible)
+
+    given = (index[0], index[2]) if chosen is None else chosen
+    out, picked = jax.lax.map(one, (jnp.arange(n_blocks), blocks(q), blocks(q_segments),
+                                    jax.tree.map(blocks, given)))
+    return unblock(out), jax.tree.map(unblock, picked)
