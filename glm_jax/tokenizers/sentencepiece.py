@@ -23,7 +23,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-DEFAULT_MODEL_FILE = Path(__file__).resolve().parent / "assets" / "tokenizer.model"
+from glm_jax.tokenizers.base import Tokenizer
+from glm_jax.tokenizers.formats import openai_to_chatglm3
+
+DEFAULT_MODEL_FILE = Path(__file__).resolve().parents[1] / "assets" / "tokenizer.model"
 
 SPECIAL_TOKENS = (
     "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
@@ -290,3 +293,25 @@ def _unfence(content: str) -> str:
     content = content.strip()
     match = _FENCED.match(content)
     return match.group(1) if match else content
+
+
+class SentencePieceTokenizer(ChatGLMTokenizer, Tokenizer):
+    """ChatGLM2/3 behind the common interface (`glm_jax.load_tokenizer`): ids, padding and the chat format are
+    `ChatGLMTokenizer`'s (ChatGLM3's special-id rule; a shipped jinja template is not used, it cannot express
+    the separately encoded metadata and content); OpenAI messages map onto ChatGLM3's roles
+    (`formats.openai_to_chatglm3`) and `parse_reply` returns the common {"content", "reasoning_content",
+    "tool_calls"} shape."""
+
+    kind = "sentencepiece"
+    reply_format = "chatglm3"
+    chat_template = None
+
+    parse_reply = Tokenizer.parse_reply
+
+    def _builtin_chat(self, messages, tools, add_generation_prompt, enable_thinking, tokenize):
+        ids = list(self.prefix_ids)
+        for message in openai_to_chatglm3(messages, tools):
+            ids += self.build_message(message)
+        if add_generation_prompt:
+            ids.append(self._special_tokens["<|assistant|>"])
+        return ids if tokenize else self.decode(ids)
