@@ -55,3 +55,26 @@ def test_loader_benchmark_runs_in_tiny_mode(tmp_path):
     run("loader.py", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["loader"] for r in rows][0] == "numpy loader (before Grain)" and all(r["rows_per_s"] > 0 for r in rows)
+
+
+def test_moe_benchmark_compares_with_transformers_and_finds_dense_expert_matmuls(tmp_path):
+    """benchmarks/moe.py: every expert path matches transformers' Glm4MoeMoE (fp32 eager, same weights), and its
+    dense-work check finds the all-experts dot in the dense reference (the check can fail), none in gather, and
+    none in the ragged path's StableHLO for GPU / TPU (chlo.ragged_dot instead)."""
+    out = tmp_path / "moe.json"
+    stdout = run("moe.py", "--json", str(out))
+    assert "| glm_jax ragged" in stdout and "| transformers" in stdout, stdout
+    res = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in res["rows"]}
+    for name in ("glm_jax ragged", "glm_jax gather", "glm_jax dense", "transformers grouped_mm"):
+        assert rows[name]["err out"] < 1e-5 and rows[name]["err dx"] < 1e-5, rows[name]
+    checks = {c["impl"].split()[-1]: c for c in res["checks"]}
+    for mode in ("fwd", "fwd+bwd"):
+        dense, gather, ragged = (checks[i] for i in ("dense", "gather", "ragged"))
+        shlo = {i: checks[i][f"stablehlo {mode}"] for i in checks}
+        assert dense[f"hlo {mode}"]["dense_dots"] > 0 and all(v["dense_dots"] > 0 for v in shlo["dense"].values())
+        assert gather[f"hlo {mode}"]["dense_dots"] == 0 and all(v["dense_dots"] == 0 for v in shlo["gather"].values())
+        for platform in ("cuda", "tpu"):
+            assert shlo["ragged"][platform]["dense_dots"] == 0 and shlo["ragged"][platform]["ragged_ops"] >= 2
+        if shlo["ragged"]["cpu"]["ragged_ops"] == 0:  # JAX expanded ragged_dot for the CPU: XLA's HLO shows it
+            assert ragged[f"hlo {mode}"]["dense_dots"] > 0, ragged
