@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the GPU measurements of one device session and keeps every log under $OUT (or ./gpu_logs).
-#   bash benchmarks/gpu_run.sh env tests attention train      # any of: env tests attention train train-levers decode
+#   bash benchmarks/gpu_run.sh env tests attention train      # any of: env tests attention train train-levers decode moe
 set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -18,5 +18,6 @@ print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__v
   train) run train_packed_mask $PY benchmarks/train_step.py --json "$OUT/train_packed_mask.json"
          run train_packed_cudnn $PY benchmarks/train_step.py --max-segments 16 --no-torch --json "$OUT/train_packed_cudnn.json"
          run train_causal $PY benchmarks/train_step.py --no-segments --no-torch --json "$OUT/train_causal.json" ;;
+  moe) run moe_air $PY benchmarks/moe.py --shape glm-4.5-air --json "$OUT/moe_air.json" ;;  # GLM-4.5-Air expert layer
   *) log "unknown step $what" ;;
 esac; done
