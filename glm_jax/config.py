@@ -549,4 +549,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                          num_kv_heads=2, head_dim=16, max_seq_len=256, rope_interleaved=False, use_qk_norm=True,
                          n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
                          first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.5),
+    # configs/moe-tiny.yaml: a small MoE trained from scratch on CPU (glm-tiny's vocabulary, hidden 192; one
+    # dense layer, then 3 MoE layers of 8 experts, top-2, one shared expert; 5.8M parameters, 4.5M active).
+    "glm-moe-tiny": dict(vocab_size=8192, hidden_size=192, ffn_hidden_size=512, num_layers=4, num_heads=6,
+                         num_kv_heads=2, head_dim=32, max_seq_len=512, rope_interleaved=False, use_qk_norm=True,
+                         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=128,
+                         first_k_dense_replace=1),
 }

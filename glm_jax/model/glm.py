@@ -210,7 +210,9 @@ class GLMModel(nn.Module):
         embeds = x
         if cfg.scan_layers:  # ctx is broadcast to every block, per_layer sliced along its leading layer axis
             for name, moe, first, count in layer_stacks(cfg):
-                layers = nn.scan(block_class(count), variable_axes={"params": 0}, split_rngs={"params": True},
+                # "intermediates": what a training step sows per layer (MoE expert load), stacked like params
+                layers = nn.scan(block_class(count), variable_axes={"params": 0, "intermediates": 0},
+                                 split_rngs={"params": True},
                                  in_axes=(nn.broadcast, 0), length=count, unroll=min(cfg.scan_unroll, count),
                                  metadata_params={nn.PARTITION_NAME: "layers"})
                 per_layer = {"layer": jnp.arange(first, first + count),

@@ -89,6 +89,11 @@ class TrainSection:
     log_every: int = 1
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 4
+    # MoE models (docs/training.md, "MoE models"). train.mode=full: auxiliary-loss-free balancing (DeepSeek-V3 /
+    # GLM-4.5): after each step every router's e_score_correction_bias += rate * sign(mean load - load of the
+    # expert); 0 = off. moe_balance_loss: weight of DeepSeek-V3's sequence-wise balance loss; 0 = off.
+    moe_bias_update_rate: float = 1e-3
+    moe_balance_loss: float = 0.0
 
 
 @dataclasses.dataclass
@@ -164,7 +169,7 @@ CHOICES = {
     "model.attention_impl": (*ATTENTION_IMPLS, None),
     "export.format": ("transformers", "thudm"),
 }
-LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo")
+LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo", "experts_wi", "experts_wo")  # glm_jax/train/lora.py
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -316,7 +321,9 @@ def validate_static(cfg: Config) -> None:
         if v <= 0:
             raise ConfigError(f"{k}: must be positive, got {v}")
     for k, v in {"train.warmup_steps": t.warmup_steps, "train.eval_every": t.eval_every, "train.z_loss": t.z_loss,
-                 "train.weight_decay": t.weight_decay, "train.lr": t.lr, "train.max_skips": t.max_skips}.items():
+                 "train.weight_decay": t.weight_decay, "train.lr": t.lr, "train.max_skips": t.max_skips,
+                 "train.moe_bias_update_rate": t.moe_bias_update_rate,
+                 "train.moe_balance_loss": t.moe_balance_loss}.items():
         if v < 0:
             raise ConfigError(f"{k}: must be >= 0, got {v}")
     if t.lr > MAX_LR:

@@ -95,11 +95,13 @@ def step_builder(cfg: Config, model, task: str):
     from glm_jax.train.step import StepBuilder
 
     t = cfg.train
-    tx, schedule = make_optimizer(t)
+    # a MoE router's correction bias is set by the step (load balancing), never by the optimizer
+    tx, schedule = make_optimizer(t, fixed=("e_score_correction_bias",) if model.cfg.n_routed_experts else ())
     lora = ({"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout}
             if t.mode == "lora" else None)
     return StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora, ptuning=t.mode == "ptuning",
-                       loss_chunk=t.loss_chunk)
+                       loss_chunk=t.loss_chunk, moe_bias_update_rate=t.moe_bias_update_rate,
+                       moe_balance_loss=t.moe_balance_loss)
 
 
 class _Stop:

@@ -39,16 +39,31 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(t: TrainSection) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def name_mask(names):
+    """params -> True for the leaves called one of `names`."""
+    def mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "key", getattr(path[-1], "name", "")) in names, params)
+
+    return mask
+
+
+def make_optimizer(t: TrainSection, fixed: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation,
+                                                                             optax.Schedule]:
     """(tx, schedule). tx is AdamW WITHOUT the final learning-rate scaling: the step multiplies its output by
     -lr, with lr = schedule(step) computed on the host and passed in as an argument. This is exactly
     optax.adamw(schedule, ...) (= scale_by_adam, add_decayed_weights, scale_by_learning_rate), but the
     compiled step does not depend on the schedule, so changing steps / lr / warmup reuses the compiled
-    program (and its persistent-cache entry)."""
+    program (and its persistent-cache entry).
+
+    fixed: names of leaves whose update is zero whatever their gradient, weight decay included (a MoE model's
+    e_score_correction_bias, which the step sets by itself: docs/training.md, "MoE models")."""
     schedule = make_schedule(t)
     parts = []
     if t.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(t.clip_norm))
     parts += [optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps),
               optax.add_decayed_weights(t.weight_decay, mask=decay_mask)]
+    if fixed:
+        parts.append(optax.masked(optax.set_to_zero(), name_mask(tuple(fixed))))
     return optax.chain(*parts), schedule

@@ -68,7 +68,8 @@ class TrainRun:
         tps = record.get("tokens_per_s")
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:.0f}" if tps else "-",
-                             **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
+                             **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}),
+                             **({"load_cv": f"{record['moe/load_cv']:.2f}"} if "moe/load_cv" in record else {}))
 
     def close_progress(self) -> None:
         if self.bar is not None:

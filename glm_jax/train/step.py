@@ -12,11 +12,19 @@ State (a plain dict, checkpointed as is):
 Loss: logits in float32, nll = logsumexp(logits) - logit[target], optional z-loss z * logsumexp^2, summed over
 target tokens and divided by the number of target tokens in the whole global batch. Microbatches (grad_accum)
 are scanned inside the step and their gradients summed, so the update equals the one of a single big batch.
+
+MoE models (docs/training.md, "MoE models"): the forward pass sows every router's tokens per expert and
+sequence-wise balance terms (layers/moe.py, load_stats). The step adds train.moe_balance_loss * (mean over the
+batch's sequences of the summed balance terms), then, after the optimizer update, moves every router's
+e_score_correction_bias by rate * sign(mean load - load) (auxiliary-loss-free balancing; the optimizer leaves
+the bias alone), and reports per-layer min / max / coefficient of variation of the load.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -79,11 +87,15 @@ class StepBuilder:
     """
 
     def __init__(self, model, tx: optax.GradientTransformation, schedule: Callable, task: str, z_loss: float = 0.0,
-                 on_nan: str = "stop", lora: dict | None = None, ptuning: bool = False, loss_chunk: int = 0):
+                 on_nan: str = "stop", lora: dict | None = None, ptuning: bool = False, loss_chunk: int = 0,
+                 moe_bias_update_rate: float = 0.0, moe_balance_loss: float = 0.0):
         self.model, self.tx, self.schedule, self.task = model, tx, schedule, task
         self.loss_chunk = loss_chunk
         self.ptuning = ptuning
         self.z_loss, self.on_nan, self.lora = z_loss, on_nan, lora
+        # MoE load statistics are sown only for a model with MoE layers: a dense model's step is unchanged
+        self.moe = getattr(model.cfg, "num_moe_layers", 0) > 0 and getattr(model.cfg, "n_routed_experts", 0) > 0
+        self.moe_bias_update_rate, self.moe_balance_loss = moe_bias_update_rate, moe_balance_loss
 
     # ---------------------------------------------------------------------------------------------- pieces
     def effective_params(self, params, frozen, rng=None, train: bool = False):
@@ -94,21 +106,38 @@ class StepBuilder:
         return lora_lib.merge(frozen, params, self.lora["alpha"], self.lora["rank"],
                               self.lora["dropout"] if train else 0.0, rng)
 
-    def _forward(self, params, batch, return_hidden=False):
+    def _forward(self, params, batch, return_hidden=False, moe_stats=False):
+        """The model's output; with moe_stats also the routers' sown load statistics (`router_stats`)."""
         kw = {"return_hidden": True} if return_hidden else {}
+        if moe_stats:
+            kw["mutable"] = ["intermediates"]
         with axis_rules():
             # no segment_ids (one unpadded document per row): plain causal attention, cuDNN's fast path
-            return self.model.apply({"params": params}, batch["input_ids"], segment_ids=batch.get("segment_ids"),
-                                    **kw)
+            out = self.model.apply({"params": params}, batch["input_ids"], segment_ids=batch.get("segment_ids"),
+                                   **kw)
+        return (out[0], router_stats(out[1])) if moe_stats else out
 
-    def sums(self, params, batch):
-        """(objective sum, aux sums) over one microbatch."""
+    def sums(self, params, batch, moe_stats=False):
+        """(objective sum, aux sums) over one microbatch; with moe_stats, aux["moe"] = `router_stats`."""
+        stats = []
+
+        def forward(p, b, **kw):
+            out = self._forward(p, b, moe_stats=moe_stats, **kw)
+            if moe_stats:
+                out, st = out
+                stats.append(st)
+            return out
+
+        obj, aux = self._sums(params, batch, forward)
+        return obj, ({**aux, "moe": stats[0]} if moe_stats else aux)
+
+    def _sums(self, params, batch, forward):
         if self.task != "classification" and self.loss_chunk:
-            hidden = self._forward(params, batch, return_hidden=True)
+            hidden = forward(params, batch, return_hidden=True)
             obj, nll_sum = chunked_lm_sums(hidden, params["lm_head"]["kernel"], batch["targets"], batch["loss_mask"],
                                            self.z_loss, self.loss_chunk, jnp.dtype(self.model.cfg.dtype))
             return obj, {"loss_sum": nll_sum, "count": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
-        logits = self._forward(params, batch)
+        logits = forward(params, batch)
         if self.task == "classification":
             logits = logits.astype(jnp.float32)
             lse = jax.nn.logsumexp(logits, axis=-1)
@@ -131,37 +160,27 @@ class StepBuilder:
     def train_step(self, state, frozen, batch, hyper):
         """hyper: {"lr": f32 [], "skip_nonfinite": bool []} (host-side values, so they never recompile)."""
         total = jnp.maximum(self.count(batch, self.task), 1.0)
+        n_seq = batch["input_ids"].shape[0] * batch["input_ids"].shape[1]  # sequences in the global batch
         rng = jax.random.fold_in(state["rng"], state["step"])
         params = state["params"]
 
         def micro_loss(p, mb):
             eff = self.effective_params(p, frozen, rng, train=True)
-            obj, aux = self.sums(eff, mb)
-            return obj / total, aux
+            obj, aux = self.sums(eff, mb, moe_stats=self.moe)
+            loss = obj / total
+            if self.moe and self.moe_balance_loss:
+                loss = loss + self.moe_balance_loss * sum(r["balance_terms"].sum() for r in aux["moe"].values()) / n_seq
+            return loss, aux
 
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        n_micro = jax.tree.leaves(batch)[0].shape[0]
-        if n_micro == 1:
-            (_, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
-        else:
-            def body(carry, mb):
-                g_acc, a_acc = carry
-                (_, aux), g = grad_fn(params, mb)
-                g_acc = jax.tree.map(lambda s, x: s + x.astype(jnp.float32), g_acc, g)
-                return (g_acc, jax.tree.map(jnp.add, a_acc, aux)), None
-
-            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
-            aux0 = jax.tree.map(lambda x: jnp.zeros((), jnp.float32), jax.eval_shape(
-                lambda: self.sums(self.effective_params(params, frozen), jax.tree.map(lambda x: x[0], batch))[1]))
-            (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), batch)
-            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-
+        grads, aux = self._grads(jax.value_and_grad(micro_loss, has_aux=True), params, frozen, batch)
         loss = aux["loss_sum"] / jnp.maximum(aux["count"], 1.0)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         lr = hyper["lr"].astype(jnp.float32)
         updates = jax.tree.map(lambda u: (-lr * u.astype(jnp.float32)).astype(u.dtype), updates)
         new_params = optax.apply_updates(params, updates)
+        if self.moe and self.moe_bias_update_rate and self.lora is None and not self.ptuning:
+            new_params = update_router_biases(new_params, aux["moe"], self.moe_bias_update_rate)
         # The update is checked too: a finite loss and gradient can still give non-finite parameters (an
         # overflowing float16 weight, an absurd learning rate), and those must never reach a checkpoint.
         update_finite = all_finite(new_params) & all_finite(opt_state)
@@ -178,7 +197,30 @@ class StepBuilder:
                    "skipped": new_state["skipped"]}
         if self.task == "classification":
             metrics["accuracy"] = aux["correct"] / total
+        if self.moe:
+            metrics.update(load_metrics(aux["moe"]))
+            if self.moe_balance_loss:
+                metrics["moe_balance"] = sum(r["balance_terms"].sum() for r in aux["moe"].values()) / n_seq
         return new_state, metrics
+
+    def _grads(self, grad_fn, params, frozen, batch):
+        """(gradient, aux sums) of the whole batch: its microbatches' summed (scanned when more than one)."""
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
+        if n_micro == 1:
+            (_, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+            return grads, aux
+
+        def body(carry, mb):
+            g_acc, a_acc = carry
+            (_, aux), g = grad_fn(params, mb)
+            g_acc = jax.tree.map(lambda s, x: s + x.astype(jnp.float32), g_acc, g)
+            return (g_acc, jax.tree.map(jnp.add, a_acc, aux)), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+        aux0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), jax.eval_shape(
+            lambda: grad_fn(params, jax.tree.map(lambda x: x[0], batch))[0][1]))
+        (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), batch)
+        return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), aux
 
     def eval_step(self, state, frozen, batch):
         eff = self.effective_params(state["params"], frozen)
@@ -195,6 +237,49 @@ class StepBuilder:
         repl = NamedSharding(next(iter(jax.tree.leaves(batch_shardings))).mesh, P())
         return jax.jit(self.eval_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                        out_shardings=repl)
+
+
+def router_stats(variables) -> dict:
+    """{router path ("model/moe_layers/mlp/router"): {"expert_counts": [L, E], "balance_terms": [L]}} from the
+    "intermediates" the routers sowed (layers/moe.py; stacked over the layers of a scan, [E] / [] unstacked).
+    A router's path is also where its parameters are, e_score_correction_bias included."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables.get("intermediates", {})):
+        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path]
+        name = keys[-2]  # sow appends to a tuple: the last key is its index
+        out.setdefault("/".join(keys[:-2]), {})[name] = leaf.astype(jnp.float32)
+    return out
+
+
+def _layer_order(router_path: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", router_path)]
+
+
+def update_router_biases(params, stats: dict, rate: float):
+    """Auxiliary-loss-free balancing (DeepSeek-V3, GLM-4.5): every router's e_score_correction_bias moves by
+    rate * sign(mean load - load), so an expert chosen more than the average is chosen less next step.
+    `stats`: `router_stats` summed over the step's batch. Outside the gradient; float32 like the bias."""
+    params = jax.tree.map(lambda x: x, params)  # shallow copy of the nested dicts
+    for router, st in stats.items():
+        load = st["expert_counts"]
+        node = params
+        for k in router.split("/"):
+            node[k] = dict(node[k])
+            node = node[k]
+        bias = node["e_score_correction_bias"]
+        step = rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+        node["e_score_correction_bias"] = (bias.astype(jnp.float32) + step).astype(bias.dtype)
+    return params
+
+
+def load_metrics(stats: dict) -> dict:
+    """Per MoE layer (in layer order): min / max tokens per expert and their coefficient of variation
+    (std / mean over the experts; 0 = perfectly balanced)."""
+    load = jnp.concatenate([stats[r]["expert_counts"].reshape(-1, stats[r]["expert_counts"].shape[-1])
+                            for r in sorted(stats, key=_layer_order)], axis=0)
+    mean = jnp.mean(load, axis=-1)
+    return {"moe_load_min": jnp.min(load, axis=-1), "moe_load_max": jnp.max(load, axis=-1),
+            "moe_load_cv": jnp.std(load, axis=-1) / jnp.maximum(mean, 1e-9)}
 
 
 def all_finite(tree) -> jax.Array:

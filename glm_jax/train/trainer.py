@@ -152,6 +152,8 @@ class MetricsReader:
             record["accuracy"] = float(m["accuracy"])
         if self.on_nan == "skip":
             record["skipped"] = int(m["skipped"])
+        if "moe_load_cv" in m:
+            record.update(moe_record(m))
         if bool(m["finite"]):
             return record, None
         if bool(m["update_finite"]) or not math.isfinite(record["loss"] + record["grad_norm"]):
@@ -165,6 +167,18 @@ class MetricsReader:
 
         tps = self.tokens_per_step * self.steps / self.secs
         return {"tokens_per_s": tps, "mfu": mfu(tps, self.flops_per_token, self.device_kind, jax.device_count())}
+
+
+def moe_record(m: dict) -> dict:
+    """A MoE step's expert load (tokens per expert; lists per MoE layer, in layer order): moe/load_cv is the
+    mean over the layers of std / mean tokens per expert (0 = balanced). docs/training.md, "MoE models"."""
+    cv = [float(x) for x in np.asarray(m["moe_load_cv"])]
+    out = {"moe/load_cv": float(np.mean(cv)), "moe/load_cv_layers": [round(x, 4) for x in cv],
+           "moe/load_min": [int(x) for x in np.asarray(m["moe_load_min"])],
+           "moe/load_max": [int(x) for x in np.asarray(m["moe_load_max"])]}
+    if "moe_balance" in m:
+        out["moe/balance_loss"] = float(m["moe_balance"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the trainer

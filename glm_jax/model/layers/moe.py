@@ -28,6 +28,8 @@ Parameters (logical axes in brackets; glm_jax/sharding.py maps them onto mesh ax
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -56,6 +58,21 @@ def route(logits, correction_bias, *, top_k: int, n_group: int = 1, topk_group: 
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     return weights * routed_scaling_factor, experts.astype(jnp.int32)
+
+
+def load_stats(logits, experts, num_experts: int, num_sequences: int = 1):
+    """What training reads of one router call (docs/moe.md, "Training"): (tokens per expert [E] fp32, the sum
+    over the `num_sequences` sequences of DeepSeek-V3's sequence-wise balance term sum_i f_i * P_i).
+
+    Per sequence of S tokens: f_i = E / (k * S) * (tokens that chose expert i), P_i = mean over its tokens of
+    s_i / sum_j s_j (s = sigmoid scores). Gradients reach the router through P only."""
+    t, k = experts.shape
+    seq = jnp.repeat(jnp.arange(num_sequences), t // num_sequences * k)  # rows are whole sequences, in order
+    per_seq = jnp.zeros((num_sequences, num_experts), jnp.float32).at[seq, experts.reshape(-1)].add(1.0)
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    p = (scores / scores.sum(-1, keepdims=True)).reshape(num_sequences, -1, num_experts).mean(1)
+    f = per_seq * (num_experts / (k * (t // num_sequences)))
+    return per_seq.sum(0), jnp.sum(f * p)
 
 
 def _swiglu(gate_up):
@@ -127,16 +144,22 @@ class Router(nn.Module, kw_only=True):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        """x [T, H] -> (weights [T, k] fp32, experts [T, k] int32). Logits in fp32, as transformers."""
+    def __call__(self, x, num_sequences: int = 1):
+        """x [T, H] -> (weights [T, k] fp32, experts [T, k] int32). Logits in fp32, as transformers.
+        With "intermediates" mutable (training) it also sows load_stats (x = num_sequences whole sequences)."""
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
                             (x.shape[-1], self.num_experts), self.param_dtype)
         # fp32 whatever param_dtype (transformers keeps it in fp32 too); set outside the gradient (balancing)
         bias = self.param("e_score_correction_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
                           (self.num_experts,), jnp.float32)
         logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-        return route(logits, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
-                     norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor)
+        weights, experts = route(logits, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
+                                 norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor)
+        if self.is_mutable_collection("intermediates"):  # only when asked for: inference sows and computes nothing
+            counts, balance = load_stats(logits, experts, self.num_experts, num_sequences)
+            self.sow("intermediates", "expert_counts", counts)
+            self.sow("intermediates", "balance_terms", balance)
+        return weights, experts
 
 
 class Experts(nn.Module, kw_only=True):
@@ -185,7 +208,7 @@ class MoE(nn.Module, kw_only=True):
         weights, experts = Router(num_experts=self.num_experts, top_k=self.top_k, n_group=self.n_group,
                                   topk_group=self.topk_group, norm_topk_prob=self.norm_topk_prob,
                                   routed_scaling_factor=self.routed_scaling_factor, param_dtype=self.param_dtype,
-                                  name="router")(flat)
+                                  name="router")(flat, num_sequences=math.prod(shape[:-2]))
         h, i = self.hidden_size, self.intermediate_size
         y = Experts(num_experts=self.num_experts, hidden_size=h, intermediate_size=i, impl=self.impl,
                     dtype=self.dtype, param_dtype=self.param_dtype, name="experts")(flat, weights, experts)

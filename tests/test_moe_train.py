@@ -1,0 +1,166 @@
+"""Training a glm4_moe model (docs/training.md, "MoE models"), against transformers' Glm4MoeForCausalLM (fp32) as
+the oracle for routing: the per-layer expert load the step reports and the correction-bias update equal what
+transformers' routers choose; the bias gets no gradient and no optimizer / weight-decay update; the sequence-wise
+balance loss equals a numpy formula; LoRA on attention and on the stacked experts merges and exports to a
+checkpoint that transformers loads with the same logits; and a train.py run logs the moe metrics."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from glm_jax import GLMForCausalLM, load_hf, save_hf
+from glm_jax.convert.hf import get_path
+from glm_jax.train import lora as lora_lib
+from glm_jax.train.config import TrainSection
+from glm_jax.train.optimizer import make_optimizer
+from glm_jax.train.step import StepBuilder, make_state
+from test_moe import rel_err, tiny_moe_model, torch_logits
+
+BIAS = ("model", "moe_layers", "mlp", "router", "e_score_correction_bias")
+KERNEL = ("model", "moe_layers", "mlp", "router", "kernel")
+RATE = 0.01
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """(transformers model, our config, our params, ids [2 microbatches, 1 row, SEQ]); 2 MoE layers after a dense
+    one, group-limited top-2 of 8 experts, random non-zero correction biases."""
+    hf = tiny_moe_model(seed=3)
+    d = tmp_path_factory.mktemp("moe_hf")
+    hf.save_pretrained(d)
+    cfg, params = load_hf(d)
+    ids = np.random.default_rng(0).integers(1, 128, (2, 1, SEQ)).astype(np.int32)
+    return hf, cfg, params, ids
+
+
+def hf_routing(hf, ids):
+    """transformers' router outputs per MoE layer on rows `ids` [B, S]: (logits [B*S, E], chosen experts)."""
+    seen = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: seen.append((o[0].numpy(), o[2].numpy())))
+             for layer in hf.model.layers if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        hf(torch.tensor(ids))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def builder_and_state(cfg, params, **kw):
+    t = TrainSection(lr=1e-2, warmup_steps=0, weight_decay=0.1, schedule="constant")
+    tx, schedule = make_optimizer(t, fixed=("e_score_correction_bias",))
+    model = GLMForCausalLM(cfg)
+    return StepBuilder(model, tx, schedule, "lm", **kw), make_state(params, tx, 0)
+
+
+def lm_batch(ids):
+    return {"input_ids": jnp.asarray(ids), "targets": jnp.roll(jnp.asarray(ids), -1, axis=-1),
+            "loss_mask": jnp.ones(ids.shape, jnp.int32)}
+
+
+@pytest.fixture(scope="module")
+def stepped(moe):
+    """One train step (2 microbatches, balance loss on) and transformers' routing of the same 2 sequences."""
+    hf, cfg, params, ids = moe
+    builder, state = builder_and_state(cfg, params, moe_bias_update_rate=RATE, moe_balance_loss=0.1)
+    old = jax.tree.map(np.asarray, params)
+    new_state, metrics = jax.jit(builder.train_step)(state, {}, lm_batch(ids), {
+        "lr": jnp.float32(1e-2), "skip_nonfinite": jnp.bool_(False)})
+    routing = hf_routing(hf, ids[:, 0])
+    counts = np.stack([np.bincount(e.reshape(-1), minlength=cfg.n_routed_experts) for _, e in routing])
+    return old, jax.tree.map(np.asarray, new_state), jax.device_get(metrics), routing, counts
+
+
+def test_load_metrics_equal_transformers_routing(stepped):
+    _, _, m, _, counts = stepped
+    assert counts.shape == (2, 8) and counts.sum() == 2 * 2 * SEQ * 2  # 2 layers, 2 sequences, top-2
+    np.testing.assert_array_equal(m["moe_load_min"], counts.min(-1))
+    np.testing.assert_array_equal(m["moe_load_max"], counts.max(-1))
+    np.testing.assert_allclose(m["moe_load_cv"], counts.std(-1) / counts.mean(-1), rtol=1e-5)
+
+
+def test_bias_update_is_rate_times_sign_and_untouched_by_the_optimizer(stepped):
+    old, new, _, _, counts = stepped
+    b0, b1 = get_path(old, BIAS), get_path(new["params"], BIAS)
+    assert np.abs(b0).min() > 0  # weight decay (lr * 0.1 * bias) would show on these
+    expected = b0 + RATE * np.sign(counts.mean(-1, keepdims=True) - counts)
+    np.testing.assert_allclose(b1, expected, rtol=0, atol=1e-7)
+    assert np.abs(b1 - b0).max() == pytest.approx(RATE)
+    # the router kernel itself is trained (gradient + Adam + weight decay)
+    assert np.abs(get_path(new["params"], KERNEL) - get_path(old, KERNEL)).max() > 1e-4
+
+
+def test_bias_gets_no_gradient_but_the_kernel_does(moe):
+    _, cfg, params, ids = moe
+    builder, _ = builder_and_state(cfg, params, moe_balance_loss=0.1)
+    batch = jax.tree.map(lambda x: x[0], lm_batch(ids))
+
+    def loss(p):
+        obj, aux = builder.sums(p, batch, moe_stats=True)
+        return obj + sum(r["balance_terms"].sum() for r in aux["moe"].values())
+
+    g = jax.jit(jax.grad(loss))(params)
+    assert float(jnp.abs(get_path(g, BIAS)).max()) == 0.0
+    assert float(jnp.abs(get_path(g, KERNEL)).max()) > 0.0
+
+
+def test_balance_loss_equals_numpy_formula(moe, stepped):
+    _, cfg, _, _ = moe
+    _, _, m, routing, _ = stepped
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    total = 0.0
+    for logits, experts in routing:  # DeepSeek-V3 eq. 17-20, per sequence, averaged over the 2 sequences
+        for s in range(2):
+            sc = 1 / (1 + np.exp(-logits.reshape(2, SEQ, e)[s].astype(np.float64)))
+            f = np.bincount(experts.reshape(2, SEQ, k)[s].reshape(-1), minlength=e) * e / (k * SEQ)
+            p = (sc / sc.sum(-1, keepdims=True)).mean(0)
+            total += (f * p).sum() / 2
+    assert float(m["moe_balance"]) == pytest.approx(total, rel=1e-5)
+
+
+def test_lora_on_attention_and_experts_exports_to_transformers(moe, tmp_path):
+    _, cfg, params, ids = moe
+    targets = ["query", "value", "out", "wi", "wo", "experts_wi", "experts_wo"]
+    lora = lora_lib.init_lora(jax.random.key(1), params, targets, rank=4)
+    assert lora["moe_layers"]["experts_wi"]["a"].shape == (2, 8, 64, 4)  # [L, E, embed, r]
+    assert lora["moe_layers"]["experts_wo"]["b"].shape == (2, 8, 4, 64)
+    assert lora["moe_layers"]["wi"]["a"].shape == (2, 64, 4)  # the shared experts
+    assert set(lora) == {"query", "value", "out", "wi", "wo", "moe_layers"}  # model/layers: the dense block
+    keys = iter(jax.random.split(jax.random.key(2), 64))
+    lora = jax.tree.map(lambda x: x if x.ndim and x.shape[-2] != 4 else 0.05 * jax.random.normal(next(keys), x.shape),
+                        lora)  # B != 0 (B is [.., r, out]): the merge changes every targeted kernel
+    merged = lora_lib.merge(params, lora, alpha=8.0, rank=4)
+    for path in [("model", "moe_layers", "mlp", "experts", "wi"), ("model", "moe_layers", "mlp", "experts", "wo"),
+                 ("model", "moe_layers", "attention", "query", "kernel"), ("model", "layers", "mlp", "wi", "kernel")]:
+        assert float(jnp.abs(get_path(merged, path) - get_path(params, path)).max()) > 1e-3, path
+    np.testing.assert_array_equal(get_path(merged, KERNEL), get_path(params, KERNEL))  # the router is frozen
+    out = save_hf(cfg, merged, tmp_path / "merged")
+    hf = transformers.Glm4MoeForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    rows = ids[:, 0]
+    ours = np.asarray(jax.jit(GLMForCausalLM(cfg).apply)({"params": merged}, jnp.asarray(rows)))
+    assert rel_err(ours, torch_logits(hf, rows)) < 1e-4
+
+
+def test_train_py_moe_run_logs_load_and_moves_the_bias(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from test_train_run import train
+
+    train(tmp_path, "model.preset=glm-moe-test", "train.steps=3", "train.grad_accum=2", "train.eval_every=0",
+          "checkpoint.every=3", f"train.moe_bias_update_rate={RATE}", "train.moe_balance_loss=0.01")
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert len(steps) == 3
+    for r in steps:  # glm-moe-test: 2 MoE layers of 8 experts; 8 rows x 32 tokens x top-2 per layer
+        assert len(r["moe/load_cv_layers"]) == 2 and r["moe/load_cv"] >= 0 and r["moe/balance_loss"] > 0
+        assert all(lo <= 8 * 32 * 2 / 8 <= hi for lo, hi in zip(r["moe/load_min"], r["moe/load_max"]))
+    state = ocp.StandardCheckpointer().restore((tmp_path / "checkpoints" / "3" / "state").absolute())
+    bias = np.asarray(get_path(state["params"], BIAS))  # initialised at 0, then 3 steps of +-RATE or 0
+    steps_taken = bias / RATE
+    np.testing.assert_allclose(steps_taken, np.round(steps_taken), atol=1e-4)
+    assert np.abs(bias).max() > 0 and np.abs(bias).max() <= 3 * RATE + 1e-7
