@@ -59,9 +59,10 @@ def rms(x, w, eps=1e-6):
     return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
 
 
-def absorbed_inputs(attn, cfg, x, pos):
-    """MLA's absorbed form of transformers' attention inputs, from its weights (test glue, written from
-    GlmMoeDsaAttention.forward): queries [B,S,N,C+R], latent keys [B,T,C+R], the query latent, W_uv, cos/sin."""
+def mla_inputs(attn, cfg, x, pos):
+    """The MLA pieces of transformers' attention from its weights (test glue, written from
+    GlmMoeDsaAttention.forward): q_nope, rotated q_rope, [latent ; rotated k_rope], the query latent, kv_b in our
+    [kv_lora, N, nope + v] layout, cos / sin."""
     n, dn, dr, dv, c = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                         cfg.kv_lora_rank)
     q_lat = rms(x @ t2n(attn.q_a_proj.weight).T, t2n(attn.q_a_layernorm.weight))
@@ -71,10 +72,8 @@ def absorbed_inputs(attn, cfg, x, pos):
     cos, sin = rotary_cos_sin(jnp.asarray(pos), dr, cfg.rope_parameters["rope_theta"], 1.0, jnp.float32)
     q_rope = apply_rotary(q[..., dn:], cos, sin, True)
     k_rope = apply_rotary(k_rope[:, :, None], cos, sin, True)[:, :, 0]
-    kv_b = t2n(attn.kv_b_proj.weight).reshape(n, dn + dv, c)
-    q_abs = jnp.einsum("bsnd,ndc->bsnc", q[..., :dn], kv_b[:, :dn])
-    return (jnp.concatenate([q_abs, q_rope], -1), jnp.concatenate([latent, k_rope], -1), q_lat, kv_b[:, dn:],
-            cos, sin)
+    kv_b = t2n(attn.kv_b_proj.weight).reshape(n, dn + dv, c).transpose(2, 0, 1)
+    return q[..., :dn], q_rope, jnp.concatenate([latent, k_rope], -1), q_lat, jnp.asarray(kv_b), cos, sin
 
 
 @pytest.fixture(scope="module")
@@ -92,23 +91,24 @@ def layer_case():
     return cfg, attn, x, mask, pos, ref_out.numpy(), ref_idx.numpy()
 
 
-def _ours(layer_case, path, **kw):
+def _ours(layer_case, reference, **kw):
     cfg, attn, x, mask, pos, _, _ = layer_case
-    q, kv, q_lat, w_uv, cos, sin = absorbed_inputs(attn, cfg, jnp.asarray(x), pos)
+    q_nope, q_rope, kv, q_lat, kv_b, cos, sin = mla_inputs(attn, cfg, jnp.asarray(x), pos)
     ix = dsa.Indexer(num_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim)
-    iq, ik, iw = ix.apply({"params": indexer_params(attn.indexer, cfg)}, jnp.asarray(x), q_lat, cos, sin)
+    index = ix.apply({"params": indexer_params(attn.indexer, cfg)}, jnp.asarray(x), q_lat, cos, sin)
     seg = jnp.asarray(mask, jnp.int32)
     scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
-    out, chosen = path(q, kv, (iq, ik, iw), seg, seg, cfg.index_topk, scale, cfg.kv_lora_rank, **kw)
+    out, chosen = dsa.mla_sparse_attention(q_nope, q_rope, kv, kv_b, index, seg, seg, topk=cfg.index_topk,
+                                           scale=scale, reference=reference, **kw)
     if "chosen" in kw:  # a "shared" layer: the given selection, not this indexer's
         jax.tree.map(np.testing.assert_array_equal, chosen, kw["chosen"])
-    out = jnp.einsum("bsnc,nvc->bsnv", out, w_uv).reshape(*x.shape[:2], -1)
-    return out @ t2n(attn.o_proj.weight).T, (iq, ik, iw, seg, chosen)
+    out = out.reshape(*x.shape[:2], -1) @ t2n(attn.o_proj.weight).T
+    return out, (*index, seg, chosen)
 
 
 def test_indexer_selects_transformers_topk(layer_case):
     cfg, attn, x, mask, pos, _, ref_idx = layer_case
-    _, (iq, ik, iw, seg, _) = _ours(layer_case, dsa.dsa_attention_reference)
+    _, (iq, ik, iw, seg, _) = _ours(layer_case, True)
     vis = dsa.visibility(seg, seg, SEQ, SEQ)
     idx, visible = dsa.select_topk(dsa.indexer_scores(iq, ik, iw), vis, cfg.index_topk)
     idx, visible = np.asarray(idx), np.asarray(visible)
@@ -124,15 +124,14 @@ def test_indexer_selects_transformers_topk(layer_case):
     assert checked >= 8
 
 
-@pytest.mark.parametrize("path,kw", [(dsa.dsa_attention_reference, {}), (dsa.dsa_attention, {"block": 5}),
-                                     (dsa.dsa_attention, {"block": 128})])
-def test_sparse_attention_matches_transformers(layer_case, path, kw):
+@pytest.mark.parametrize("reference,kw", [(True, {}), (False, {"block": 5}), (False, {"block": 128})])
+def test_sparse_attention_matches_transformers(layer_case, reference, kw):
     *_, mask, _, ref_out, _ = layer_case
-    out, (*_, chosen) = _ours(layer_case, path, **kw)
+    out, (*_, chosen) = _ours(layer_case, reference, **kw)
     real = mask == 1
     assert rel_err(np.asarray(out)[real], ref_out[real]) < 1e-4
     # The same selection handed in (a "shared" layer) gives the same output; another selection does not.
-    again, _ = _ours(layer_case, path, chosen=chosen, **kw)
+    again, _ = _ours(layer_case, reference, chosen=chosen, **kw)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(out))
-    other, _ = _ours(layer_case, path, chosen=(chosen[0][:, ::-1], chosen[1][:, ::-1]), **kw)
+    other, _ = _ours(layer_case, reference, chosen=(chosen[0][:, ::-1], chosen[1][:, ::-1]), **kw)
     assert rel_err(np.asarray(other)[real], ref_out[real]) > 1e-2

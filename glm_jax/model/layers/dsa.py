@@ -174,3 +174,23 @@ def dsa_attention(q, kv, index, q_segments, kv_segments, topk: int, scale: float
     out, picked = jax.lax.map(one, (jnp.arange(n_blocks), blocks(q), blocks(q_segments),
                                     jax.tree.map(blocks, given)))
     return unblock(out), jax.tree.map(unblock, picked)
+
+
+def mla_sparse_attention(q_nope, q_rope, kv, kv_b, index, q_segments, kv_segments, *, topk: int, scale: float,
+                         q_offset=0, chosen=None, block: int = 128, reference: bool = False):
+    """DSA for the MLA layer (glm_jax/model/layers/mla.py): absorbs kv_b's key half into the queries, runs
+    `dsa_attention` (or the reference) over the latent keys and applies kv_b's value half to the result.
+    q_nope [B, S, N, nope], q_rope [B, S, N, rope] (rotated), kv [B, T, kv_lora + rope] (the cached latent ;
+    rotary key), kv_b [kv_lora, N, nope + v]. Returns ([B, S, N, v], chosen)."""
+    nope, rank = q_nope.shape[-1], kv_b.shape[0]
+    q_lat = jnp.einsum("bsnd,cnd->bsnc", q_nope, kv_b[..., :nope])
+    q = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], -1)
+    if q_segments is None:
+        q_segments = kv_segments = jnp.ones(q.shape[:2], jnp.int32)
+    if reference:
+        ctx, chosen = dsa_attention_reference(q, kv.astype(q.dtype), index, q_segments, kv_segments, topk, scale,
+                                              rank, q_offset, chosen)
+    else:
+        ctx, chosen = dsa_attention(q, kv.astype(q.dtype), index, q_segments, kv_segments, topk, scale, rank,
+                                    q_offset, chosen, block)
+    return jnp.einsum("bsnc,cnv->bsnv", ctx.astype(kv_b.dtype), kv_b[..., nope:]), chosen
