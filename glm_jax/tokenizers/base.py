@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from glm_jax.tokenizers import parsers, templates
+from glm_jax.tokenizers.formats import openai_to_glm4, parse_arguments
 
 
 class Tokenizer:
@@ -21,6 +22,7 @@ class Tokenizer:
     kind = "base"
     chat_template: str | dict[str, str] | None = None
     reply_format = "glm4"
+    builtin_template: str | None = None  # used when the checkpoint ships no chat template (builtin.py)
     generation_eos: Sequence[int] | None = None  # generation_config.json eos_token_id, when shipped
 
     # ------------------------------------------------------------------ vocabulary (subclasses)
@@ -73,16 +75,17 @@ class Tokenizer:
         `messages`: dicts with `role` (system / user / assistant / tool), `content`, and for an assistant
         optionally `reasoning_content` and `tool_calls` ([{"function": {"name", "arguments"}}]). `tools`:
         OpenAI tool schemas. `enable_thinking`: None leaves the template's default. Extra keywords go to the
-        template, as in transformers.
+        template, as in transformers. Tool-call `arguments` may be a dict or a JSON string (parsed first).
         """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("apply_chat_template expects a non-empty list of messages")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m:
                 raise ValueError(f"a message must be a dict with a 'role', got {m!r:.80}")
-        if self.chat_template is None:
+        template = self.chat_template if self.chat_template is not None else self.builtin_template
+        if template is None:
             return self._builtin_chat(messages, tools, add_generation_prompt, enable_thinking, tokenize)
-        source = templates.select_template(self.chat_template, tools)
+        source = templates.select_template(template, tools)
         text = templates.render(source, self.adapt_messages(messages, tools, source), tools=tools,
                                 add_generation_prompt=add_generation_prompt,
                                 special_tokens=self.template_special_tokens(),
@@ -91,18 +94,16 @@ class Tokenizer:
 
     def adapt_messages(self, messages: Sequence[dict], tools: Sequence[dict] | None, source: str) -> list[dict]:
         """Messages in the shape `source` reads. OpenAI messages pass unchanged to templates that read OpenAI
-        fields (GLM-4.5+, transformers' glm4); templates of the GLM-4 `metadata` / `observation` dialect get
+        fields (GLM-4.5+, transformers' glm4), with JSON-string `arguments` parsed into objects; templates of the GLM-4 `metadata` / `observation` dialect get
         assistant tool calls as `{"role": "assistant", "metadata": name, "content": json}` and tool results as
         `observation` messages (docs/tokenizer.md)."""
         if "tool_calls" in source or "metadata" not in source:
-            return list(messages)
-        from glm_jax.tokenizers.formats import openai_to_glm4
-
+            return parse_arguments(messages)
         return openai_to_glm4(messages, tools, tools_on_message="item['tools']" in source)
 
     def _builtin_chat(self, messages, tools, add_generation_prompt, enable_thinking, tokenize):
-        raise ValueError(f"{type(self).__name__}: the checkpoint ships no chat template and there is no built-in "
-                         "format for it")
+        raise ValueError(f"{getattr(self, 'path', type(self).__name__)}: the checkpoint ships no chat template "
+                         "(chat_template.jinja or tokenizer_config.json's chat_template) and has no built-in format")
 
     # ------------------------------------------------------------------ replies
     def parse_reply(self, reply: str | Sequence[int], tools: Sequence[dict] | None = None) -> dict[str, Any]:

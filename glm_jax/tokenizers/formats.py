@@ -54,6 +54,29 @@ def content_text(content: Any) -> str:
         return str(content)
 
 
+def parse_arguments(messages: Sequence[dict]) -> list[dict]:
+    """Messages whose tool-call `arguments` JSON strings (the OpenAI wire form) are parsed into objects, the form
+    GLM-4.5+ templates iterate over; anything else passes unchanged."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if calls and any(isinstance(c.get("function", {}).get("arguments"), str) for c in calls if isinstance(c, dict)):
+            m = {**m, "tool_calls": [_parsed_call(c) for c in calls]}
+        out.append(m)
+    return out
+
+
+def _parsed_call(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = arguments_dict(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
 def openai_to_glm4(messages: Sequence[dict], tools: Sequence[dict] | None,
                    tools_on_message: bool = False) -> list[dict]:
     """GLM-4 dialect. `tools_on_message`: the template (GLM-4-9B's) reads tools from a message's `tools`

@@ -86,7 +86,7 @@ def parse_glm45_call(body: str, tools: Sequence[dict] | None) -> dict[str, Any] 
     """``name<arg_key>k</arg_key><arg_value>v</arg_value>...`` -> a tool call, or None when malformed."""
     name, _, args_text = body.partition("<arg_key>")
     name = name.strip()
-    if not name or "<" in name or "\n" in name:
+    if not name or "<" in name or any(ch.isspace() for ch in name):
         return None
     args_text = "<arg_key>" + args_text if args_text else ""
     pairs = _ARG.findall(args_text)

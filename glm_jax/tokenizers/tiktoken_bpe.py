@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from glm_jax.tokenizers.base import Tokenizer
+from glm_jax.tokenizers.builtin import GLM4_TEMPLATE
 
 # The pre-tokenization regex of THUDM's glm-4-9b-chat tokenization_chatglm.py (cl100k's pattern).
 GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -62,6 +63,7 @@ class TiktokenTokenizer(Tokenizer):
     ranks; `config` is tokenizer_config.json (pad / eos token names)."""
 
     kind = "tiktoken"
+    builtin_template = GLM4_TEMPLATE
 
     def __init__(self, path: str | Path, special_tokens: dict[str, int] | None = None,
                  config: dict[str, Any] | None = None, chat_template=None, reply_format: str = "glm4"):
