@@ -392,3 +392,13 @@ def test_stream_parser_emits_reasoning_before_the_reply_ends():
     prompt_opened = parsers.StreamParser("glm45", thinking=True)
     assert prompt_opened.feed("why</think>ok") == [{"type": "reasoning", "text": "why"}, {"type": "content",
                                                                                         "text": "ok"}]
+
+
+def test_stream_parser_knows_when_the_prompt_opened_thinking(built):
+    z1 = load_tokenizer(built["glm_z1"])
+    prompt = z1.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert z1.decode(prompt).endswith("<|user|>\nhi<|assistant|>\n<think>")
+    stream = z1.stream_parser(prompt=prompt)
+    events = stream.feed("Let me think.</think>\nHello.") + stream.finish()
+    assert events == [{"type": "reasoning", "text": "Let me think."}, {"type": "content", "text": "Hello."}]
+    assert load_tokenizer(built["glm45"]).stream_parser(prompt="x<|assistant|>\n<think></think>").thinking is False

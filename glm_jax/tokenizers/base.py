@@ -111,8 +111,14 @@ class Tokenizer:
         the prompt; a trailing stop id is dropped). Never raises on model output."""
         return parsers.parse_reply(self.reply_format, self._reply_text(reply), tools)
 
-    def stream_parser(self, tools: Sequence[dict] | None = None, thinking: bool | None = None):
-        """A `parsers.StreamParser` for this format: feed it decoded text as it is generated."""
+    def stream_parser(self, tools: Sequence[dict] | None = None, prompt: str | Sequence[int] | None = None):
+        """A `parsers.StreamParser` for this format: feed it decoded text as it is generated. `prompt` (text or
+        ids) tells whether the prompt already opened `<think>` (GLM-Z1's generation prompt does), so that the
+        reply starts inside the reasoning; without it a leading `<think>` is detected."""
+        thinking = None
+        if prompt is not None:
+            text = prompt if isinstance(prompt, str) else self.decode([int(i) for i in prompt])
+            thinking = text.rstrip().endswith(parsers.THINK_OPEN)
         return parsers.StreamParser(self.reply_format, tools, thinking)
 
     def _reply_text(self, reply: str | Sequence[int]) -> str:

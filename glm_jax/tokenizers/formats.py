@@ -93,6 +93,8 @@ def openai_to_glm4(messages: Sequence[dict], tools: Sequence[dict] | None,
                 out.append({"role": "assistant", "metadata": name, "content": arguments_text(arguments)})
         elif role == "tool":
             out.append({"role": "observation", "content": content_text(m.get("content"))})
+        elif isinstance(m.get("content"), list):  # OpenAI content parts: these templates print a string
+            out.append({**m, "content": content_text(m["content"])})
         else:
             out.append(dict(m))
     if tools_on_message and tools and not any("tools" in m for m in out):
