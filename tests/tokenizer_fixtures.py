@@ -61,7 +61,7 @@ def train_bpe(vocab_size: int = 2000):
 
 def byte_decoder() -> dict[str, int]:
     """GPT-2's byte <-> printable-character table, inverted."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

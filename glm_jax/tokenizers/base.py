@@ -93,10 +93,10 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def adapt_messages(self, messages: Sequence[dict], tools: Sequence[dict] | None, source: str) -> list[dict]:
-        """Messages in the shape `source` reads. OpenAI messages pass unchanged to templates that read OpenAI
-        fields (GLM-4.5+, transformers' glm4), with JSON-string `arguments` parsed into objects; templates of the GLM-4 `metadata` / `observation` dialect get
-        assistant tool calls as `{"role": "assistant", "metadata": name, "content": json}` and tool results as
-        `observation` messages (docs/tokenizer.md)."""
+        """Messages in the shape `source` reads. OpenAI messages pass to templates that read OpenAI fields
+        (GLM-4.5+, transformers' glm4) with only JSON-string `arguments` parsed into objects; templates of the
+        GLM-4 `metadata` / `observation` dialect get assistant tool calls as `{"role": "assistant", "metadata":
+        name, "content": json}` and tool results as `observation` messages (docs/tokenizer.md)."""
         if "tool_calls" in source or "metadata" not in source:
             return parse_arguments(messages)
         return openai_to_glm4(messages, tools, tools_on_message="item['tools']" in source)

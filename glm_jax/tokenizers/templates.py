@@ -55,7 +55,7 @@ def select_template(template: str | dict[str, str], tools: Sequence[Any] | None)
     exists, else `default`."""
     if isinstance(template, str):
         return template
-    if tools and "tool_use" in template:
+    if tools is not None and "tool_use" in template:
         return template["tool_use"]
     if "default" not in template:
         raise ValueError(f"the checkpoint's named chat templates {sorted(template)} have no 'default'")
@@ -91,10 +91,10 @@ def render(source: str, messages: Sequence[dict], *, tools: Sequence[dict] | Non
     messages = [_alias_reasoning({k: _plain(v) for k, v in m.items() if v is not None}) for m in messages]
     variables = dict(special_tokens or {})
     variables.update({k: _plain(v) for k, v in kwargs.items() if v is not None})
+    tools = _plain(list(tools)) if tools is not None else None
     try:
-        return compile_template(source).render(messages=messages, tools=_plain(list(tools)) if tools is not None else None,
-                                               documents=None, add_generation_prompt=add_generation_prompt,
-                                               **variables)
+        return compile_template(source).render(messages=messages, tools=tools, documents=None,
+                                               add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template: {e}") from None
 
@@ -116,8 +116,14 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float)):
-        return type(value).__mro__[-2](value)  # str / int / float subclasses back to the base type
+    if isinstance(value, str):  # subclasses (enums, numpy strings) back to the base type
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
     if hasattr(value, "item"):  # numpy scalars
         return _plain(value.item())
     return f"<{type(value).__name__}>"
