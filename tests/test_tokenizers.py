@@ -402,3 +402,38 @@ def test_stream_parser_knows_when_the_prompt_opened_thinking(built):
     events = stream.feed("Let me think.</think>\nHello.") + stream.finish()
     assert events == [{"type": "reasoning", "text": "Let me think."}, {"type": "content", "text": "Hello."}]
     assert load_tokenizer(built["glm45"]).stream_parser(prompt="x<|assistant|>\n<think></think>").thinking is False
+
+
+def masked_runs(tok, ids, mask):
+    runs, run = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            run.append(i)
+        elif run:
+            runs, run = runs + [tok.decode(run)], []
+    return runs + [tok.decode(run)] if run else runs
+
+
+SFT = CONVERSATIONS["tool_calls"][:-1]  # ends on the assistant's answer after the tool results
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("glm45", ["\n<think>Two calls.</think>\nLet me check.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+               "<arg_value>上海</arg_value>\n</tool_call>",
+               "\n<think>Summarise.</think>\nSunny in Beijing, cloudy in Shanghai."]),
+    ("glm4_9b", ['\nLet me check.<|assistant|>get_weather\n{"city": "上海"}',
+                 "\nSunny in Beijing, cloudy in Shanghai."]),
+    ("sentencepiece", ["\n Let me check.<|assistant|>get_weather\n ```python\ntool_call(city='上海')\n```",
+                       "\n Sunny in Beijing, cloudy in Shanghai."]),
+])
+def test_assistant_mask_covers_exactly_what_the_assistant_writes(built, name, expected):
+    tok = load_tokenizer(DEFAULT_MODEL_FILE if name == "sentencepiece" else built[name])
+    conversation = [dict(m) for m in SFT]
+    conversation[1] = {**conversation[1], "tool_calls": conversation[1]["tool_calls"][1:]}
+    ids, mask = tok.assistant_mask(conversation, tools=TOOLS)
+    assert ids == tok.apply_chat_template(conversation, tools=TOOLS, add_generation_prompt=False)
+    assert len(mask) == len(ids) and masked_runs(tok, ids, mask) == expected
+    # Earlier turns: GLM-4.5 shows no reasoning before the last user message, and neither does the mask.
+    ids, mask = tok.assistant_mask(CONVERSATIONS["multi_turn"] + [{"role": "assistant", "content": "Verse 2."}])
+    runs = masked_runs(tok, ids, mask)
+    assert len(runs) == 2 and "The first verse" not in "".join(runs)

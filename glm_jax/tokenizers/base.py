@@ -82,6 +82,19 @@ class Tokenizer:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m:
                 raise ValueError(f"a message must be a dict with a 'role', got {m!r:.80}")
+        return self._chat(messages, tools, add_generation_prompt, enable_thinking, tokenize, **kwargs)
+
+    def assistant_mask(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None,
+                       enable_thinking: bool | None = None) -> tuple[list[int], list[int]]:
+        """(ids, mask) of a whole conversation (no generation prompt): mask 1 on the tokens the model writes for
+        each assistant message (after its generation prompt: reasoning, content, tool calls), 0 elsewhere. The
+        stop token after a turn is not included. See `masks.assistant_mask` and docs/tokenizer.md."""
+        from glm_jax.tokenizers.masks import assistant_mask
+
+        return assistant_mask(self, messages, tools, enable_thinking)
+
+    def _chat(self, messages, tools, add_generation_prompt, enable_thinking, tokenize, **kwargs):
+        """`apply_chat_template` without the checks (an empty conversation renders the bare prefix)."""
         template = self.chat_template if self.chat_template is not None else self.builtin_template
         if template is None:
             return self._builtin_chat(messages, tools, add_generation_prompt, enable_thinking, tokenize)
