@@ -26,6 +26,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # the chosen experts: decoding); "auto" = gather when tokens * top-k < experts, else ragged; "dense" = every expert
 # on every token, a test reference only.
 MOE_IMPLS = ("auto", "ragged", "gather", "dense")
+# Attention (GLMConfig.attention_type): "gqa" = grouped-query attention (glm_jax/model/layers/attention.py);
+# "mla" = multi-head latent attention of glm4_moe_lite / GLM-4.7-Flash (glm_jax/model/layers/mla.py, docs/mla.md).
+ATTENTION_TYPES = ("gqa", "mla")
 
 
 def read_json_object(file: str | Path) -> dict[str, Any]:
@@ -91,6 +94,18 @@ class GLMConfig:
     # Multi-token-prediction layers of the checkpoint (config.json num_nextn_predict_layers), kept in the parameter
     # tree (model/mtp) so that they load and save; the forward pass and generation do not use them yet.
     num_mtp_layers: int = 0
+    # Multi-head latent attention (attention_type "mla", glm4_moe_lite; docs/mla.md): queries through a q_lora_rank
+    # bottleneck with its RMSNorm (0 = one plain query projection), keys and values up-projected from one
+    # kv_lora_rank latent per token (RMS-normed) plus one rotary key of qk_rope_head_dim shared by all heads; per
+    # head qk_nope_head_dim + qk_rope_head_dim query/key dims and v_head_dim value dims. An MLA config sets
+    # head_dim = qk_nope_head_dim + qk_rope_head_dim and num_kv_heads = num_heads itself; the rotary covers
+    # qk_rope_head_dim * rotary_fraction dims; the decode cache holds the latent and the rotary key per token.
+    attention_type: str = "gqa"  # ATTENTION_TYPES
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     num_labels: int = 2
     pad_token_id: int | None = 0
     eos_token_ids: tuple[int, ...] = (2,)
@@ -119,6 +134,10 @@ class GLMConfig:
         def fail(msg):
             raise ValueError(f"GLMConfig: {msg}")
 
+        if self.attention_type not in ATTENTION_TYPES:
+            fail(f"attention_type={self.attention_type!r}, expected one of {ATTENTION_TYPES}")
+        if self.is_mla:
+            self._check_mla(fail)
         for f in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             if int(getattr(self, f)) <= 0:
                 fail(f"{f} must be positive, got {getattr(self, f)}")
@@ -168,8 +187,28 @@ class GLMConfig:
             fail("num_mtp_layers needs a MoE model (the MTP layer is a glm4_moe block)")
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
 
+    def _check_mla(self, fail):
+        """MLA fields; derives head_dim (the query/key head) and num_kv_heads (every head has its own keys)."""
+        for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if int(getattr(self, f)) <= 0:
+                fail(f"attention_type='mla' needs {f} > 0, got {getattr(self, f)}")
+        if self.q_lora_rank < 0:
+            fail(f"q_lora_rank={self.q_lora_rank}, expected >= 0 (0 = a plain query projection)")
+        if not self.is_moe:
+            fail("attention_type='mla' is glm4_moe_lite's attention: it needs a MoE config (n_routed_experts > 0)")
+        if self.quantization_bit or self.pre_seq_len or self.use_qk_norm or self.sandwich_norm:
+            fail("attention_type='mla' has no quantization, P-tuning prefix, qk norm or sandwich norms")
+        object.__setattr__(self, "head_dim", self.qk_nope_head_dim + self.qk_rope_head_dim)
+        object.__setattr__(self, "num_kv_heads", self.num_heads)
+
+    @property
+    def is_mla(self) -> bool:
+        return self.attention_type == "mla"
+
     @property
     def rotary_dim(self) -> int:
+        if self.is_mla:  # only the shared rotary part of an MLA head is rotated
+            return int(self.qk_rope_head_dim * self.rotary_fraction)
         return int(self.head_dim * self.rotary_fraction)
 
     @property
@@ -193,6 +232,8 @@ class GLMConfig:
     @property
     def model_type(self) -> str:
         """transformers' model_type of this architecture."""
+        if self.is_mla:
+            return "glm4_moe_lite"
         return "glm4_moe" if self.is_moe else "glm4" if self.sandwich_norm else "glm"
 
     def replace(self, **kw) -> "GLMConfig":
@@ -206,6 +247,8 @@ class GLMConfig:
         attn = h * (q + 2 * kv) + (q + 2 * kv) * self.qkv_bias + q * h
         if self.use_qk_norm:
             attn += 2 * self.head_dim
+        if self.is_mla:
+            attn = self._mla_attention_params()
         block = attn + 3 * h * f + h * (4 if self.sandwich_norm else 2)
         emb = 2 * self.vocab_size * h if include_embedding else 0
         if not self.is_moe:
@@ -226,7 +269,17 @@ class GLMConfig:
         """
         n = self.num_params(include_embedding=False, active=True) + self.vocab_size * self.hidden_size
         attn = 12 * self.num_layers * seq_len * self.num_heads * self.head_dim
+        if self.is_mla:  # q.k over the query/key head, p.v over the value head
+            attn = 6 * self.num_layers * seq_len * self.num_heads * (self.head_dim + self.v_head_dim)
         return 6 * n + attn
+
+    def _mla_attention_params(self) -> int:
+        """Parameters of one MLA layer (glm_jax/model/layers/mla.py), biases when qkv_bias (attention_bias)."""
+        h, n, b = self.hidden_size, self.num_heads, int(self.qkv_bias)
+        ql, kl, rope = self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim
+        q = h * ql + ql * b + ql + ql * n * self.head_dim if ql else h * n * self.head_dim
+        kv = h * (kl + rope) + (kl + rope) * b + kl + kl * n * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + n * self.v_head_dim * h + h * b
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -320,12 +373,15 @@ class GLMConfig:
                 param_dtype=dtype,
                 num_labels=raw.get("num_labels", len(raw.get("id2label") or {}) or 2),
             )
+        elif model_type == "glm4_moe_lite":
+            kw = cls._glm4_moe_lite_kw(raw, source, need)
+            kw.update(pad_token_id=raw.get("pad_token_id"), eos_token_ids=eos, dtype=dtype, param_dtype=dtype)
         elif model_type == "glm4_moe":
             kw = cls._glm4_moe_kw(raw, source, need)
             kw.update(pad_token_id=raw.get("pad_token_id"), eos_token_ids=eos, dtype=dtype, param_dtype=dtype)
         else:
-            raise ValueError(f"{source}: unknown model_type {model_type!r} (expected 'chatglm', 'glm', 'glm4' or "
-                             "'glm4_moe')")
+            raise ValueError(f"{source}: unknown model_type {model_type!r} (expected 'chatglm', 'glm', 'glm4', "
+                             "'glm4_moe' or 'glm4_moe_lite')")
         return cls(**{**kw, **overrides})
 
     @staticmethod
@@ -375,12 +431,68 @@ class GLMConfig:
             num_mtp_layers=int(mtp or 0),
         )
 
+    @staticmethod
+    def _glm4_moe_lite_kw(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
+        """GLMConfig fields of a glm4_moe_lite (GLM-4.7-Flash) config.json; a missing key takes transformers'
+        Glm4MoeLiteConfig default. Both layouts: the published one (top-level rope_theta / partial_rotary_factor,
+        first_k_dense_replace, num_nextn_predict_layers) and transformers 5's (rope_parameters, mlp_layer_types)."""
+        rope = raw.get("rope_parameters") or {}
+        scaling = raw.get("rope_scaling") or {}
+        for r in (rope, scaling):
+            if r.get("rope_type", r.get("type", "default")) != "default":
+                raise ValueError(f"{source}: rope scaling {r} is not supported (only the default rope)")
+        if raw.get("hidden_act", "silu") != "silu" or raw.get("tie_word_embeddings"):
+            raise ValueError(f"{source}: hidden_act must be silu and tie_word_embeddings false for glm4_moe_lite")
+        heads = need("num_attention_heads")
+        if raw.get("num_key_value_heads") not in (None, heads):  # transformers' MLA expands keys for every head
+            raise ValueError(f"{source}: glm4_moe_lite needs num_key_value_heads == num_attention_heads")
+        layers = need("num_hidden_layers")
+        types = raw.get("mlp_layer_types")
+        if types:  # transformers 5 reads only this; the published file's first_k_dense_replace says the same
+            dense = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+            if len(types) != layers or any(t != "sparse" for t in types[dense:]):
+                raise ValueError(f"{source}: mlp_layer_types must be 'dense' layers then 'sparse' ones, got {types}")
+        else:
+            dense = int(raw.get("first_k_dense_replace", 1))
+        q_lora = raw.get("q_lora_rank", 768)
+        return dict(
+            vocab_size=raw.get("vocab_size", 154880),
+            hidden_size=need("hidden_size"),
+            ffn_hidden_size=raw.get("intermediate_size", 10240),
+            num_layers=layers,
+            num_heads=heads,
+            attention_type="mla",
+            q_lora_rank=int(q_lora or 0),
+            kv_lora_rank=int(raw.get("kv_lora_rank", 512)),
+            qk_nope_head_dim=int(raw.get("qk_nope_head_dim", 192)),
+            qk_rope_head_dim=int(raw.get("qk_rope_head_dim", 64)),
+            v_head_dim=int(raw.get("v_head_dim", 256)),
+            rotary_fraction=float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
+            rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
+            rope_interleaved=bool(raw.get("rope_interleave", True)),
+            norm_eps=raw.get("rms_norm_eps", 1e-5),
+            max_seq_len=raw.get("max_position_embeddings", 202752),
+            qkv_bias=bool(raw.get("attention_bias", False)),
+            n_routed_experts=int(raw.get("n_routed_experts", 64)),
+            num_experts_per_tok=int(raw.get("num_experts_per_tok", 4)),
+            n_shared_experts=int(raw.get("n_shared_experts", 1) or 0),
+            moe_intermediate_size=int(raw.get("moe_intermediate_size", 1536)),
+            first_k_dense_replace=dense,
+            n_group=int(raw.get("n_group") or 1),
+            topk_group=int(raw.get("topk_group") or 1),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.8)),
+            num_mtp_layers=int(raw.get("num_nextn_predict_layers") or 0),
+        )
+
     def to_hf_dict(self, format: str = "transformers") -> dict[str, Any]:
         """config.json contents for `format` "thudm" (model_type chatglm) or "transformers" (glm / glm4)."""
         torch_dtype = self.param_dtype
         if format == "thudm" and (self.is_moe or self.use_qk_norm or not self.rope_interleaved):
             raise ValueError("the THUDM chatglm format holds dense GLM v2 models only; save glm4_moe models as "
                              "format='transformers'")
+        if format == "transformers" and self.is_mla:
+            return self._glm4_moe_lite_dict()
         if format == "transformers" and self.is_moe:
             return self._glm4_moe_dict()
         if format == "transformers" and (self.use_qk_norm or not self.rope_interleaved):
@@ -502,6 +614,56 @@ class GLMConfig:
         }
 
 
+    def _glm4_moe_lite_dict(self) -> dict[str, Any]:
+        """config.json of transformers' glm4_moe_lite: transformers 5's keys (rope_parameters, mlp_layer_types)
+        plus the published file's (rope_theta, partial_rotary_factor, first_k_dense_replace,
+        num_nextn_predict_layers)."""
+        if self.rope_position_divisor != 1.0:
+            raise ValueError("glm4_moe_lite has no position-dividing rope")
+        dense = self.num_dense_layers
+        return {
+            "model_type": "glm4_moe_lite",
+            "architectures": ["Glm4MoeLiteForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_heads,
+            "q_lora_rank": self.q_lora_rank or None,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "rope_interleave": self.rope_interleaved,
+            "hidden_act": "silu",
+            "partial_rotary_factor": self.rotary_fraction,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                "partial_rotary_factor": self.rotary_fraction},
+            "rms_norm_eps": self.norm_eps,
+            "max_position_embeddings": self.max_seq_len,
+            "attention_bias": self.qkv_bias,
+            "attention_dropout": 0.0,
+            "n_routed_experts": self.n_routed_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "n_shared_experts": self.n_shared_experts,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "mlp_layer_types": ["dense"] * dense + ["sparse"] * (self.num_layers - dense),
+            "first_k_dense_replace": dense,
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "num_nextn_predict_layers": self.num_mtp_layers,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "torch_dtype": self.param_dtype,
+        }
+
+
 _CHATGLM = dict(vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696, num_layers=28, num_heads=32,
                 num_kv_heads=2, head_dim=128, norm_eps=1e-5, pad_token_id=0, dtype="bfloat16", param_dtype="bfloat16")
 _GLM4 = dict(_CHATGLM, vocab_size=151552, num_layers=40, norm_eps=1.5625e-7, rope_theta=5e6, max_seq_len=131072,
@@ -547,6 +709,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A small MoE for tests: group-limited routing, shared expert, qk norm, one dense layer first.
     "glm-moe-test": dict(vocab_size=512, hidden_size=64, ffn_hidden_size=160, num_layers=3, num_heads=4,
                          num_kv_heads=2, head_dim=16, max_seq_len=256, rope_interleaved=False, use_qk_norm=True,
+                         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                         first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.5),
+    # glm-4.7-flash: zai-org/GLM-4.7-Flash (transformers glm4_moe_lite; MLA + MoE, 30B total / 3B active). Values of
+    #   its config.json as vLLM's glm4_moe_lite config test copies it (tests/transformers_utils: 47 layers, hidden
+    #   2048, 20 heads, q_lora_rank 768, kv_lora_rank 512, qk_nope 192 + qk_rope 64, v 256, rope_theta 1e6,
+    #   partial_rotary_factor 1.0, no rope scaling, 64 experts top-4 + 1 shared of 1536, first_k_dense_replace 1,
+    #   scaling 1.8, pad 154820, eos [154820, 154827, 154829], bfloat16), which are also transformers'
+    #   Glm4MoeLiteConfig defaults; one MTP layer (num_nextn_predict_layers 1, the layer transformers skips as
+    #   model.layers.47). rope_interleave is absent there: transformers' default, true.
+    "glm-4.7-flash": dict(vocab_size=154880, hidden_size=2048, ffn_hidden_size=10240, num_layers=47, num_heads=20,
+                          num_kv_heads=20, attention_type="mla", q_lora_rank=768, kv_lora_rank=512,
+                          qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256, rotary_fraction=1.0,
+                          rope_theta=1e6, rope_interleaved=True, norm_eps=1e-5, max_seq_len=202752, qkv_bias=False,
+                          n_routed_experts=64, num_experts_per_tok=4, n_shared_experts=1, moe_intermediate_size=1536,
+                          first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                          routed_scaling_factor=1.8, num_mtp_layers=1, pad_token_id=154820,
+                          eos_token_ids=(154820, 154827, 154829), dtype="bfloat16", param_dtype="bfloat16"),
+    # A small MLA model for tests (glm4_moe_lite's layout: q bottleneck, latent KV, interleaved rotary, MoE).
+    "glm-mla-test": dict(vocab_size=512, hidden_size=64, ffn_hidden_size=160, num_layers=3, num_heads=4,
+                         attention_type="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                         qk_rope_head_dim=8, v_head_dim=16, rotary_fraction=1.0, max_seq_len=256, qkv_bias=False,
                          n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
                          first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.5),
     # configs/moe-tiny.yaml: a small MoE trained from scratch on CPU (glm-tiny's vocabulary, hidden 192; one

@@ -167,13 +167,16 @@ def _cache_constraint(cache, mesh, rules):
              4: ("cache_batch", "cache_length", "kv_heads", "head_dim"),
              2: ("cache_batch", "cache_length"), 1: ("cache_batch",), 0: ()}
 
-    def one(x):
-        axes = names.get(x.ndim)
+    # MLA's latent cache [L, B, T, kv_lora + rope] (docs/mla.md) is named, not told apart by its rank
+    by_name = {"cached_latent": ("layers", "cache_batch", "cache_length", "cache_latent")}
+
+    def one(path, x):
+        axes = by_name.get(getattr(path[-1], "key", None), names.get(x.ndim))
         if axes is None:
             return x
         return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, axes, x.shape, rules))
 
-    return jax.tree.map(one, cache)
+    return jax.tree_util.tree_map_with_path(one, cache)
 
 
 def _is_stop(tokens, stop_ids):

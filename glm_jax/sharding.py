@@ -35,6 +35,11 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    # MLA's latent ranks (glm_jax/model/layers/mla.py, docs/mla.md): q_a [embed, q_lora] and kv_a [embed, kv_lora]
+    # split only over embed (fsdp); q_b / kv_b [rank, heads, dim] over q_heads (tensor). A latent is one small
+    # vector per token that every head reads, so it stays whole.
+    ("q_lora", None),
+    ("kv_lora", None),
     ("layers", None),
     ("norm", None),
     ("labels", None),
@@ -48,6 +53,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_vocab", "tensor"),
     ("cache_batch", ("data", "fsdp")),
     ("cache_length", None),
+    ("cache_latent", None),  # MLA's cached [latent ; rotary key] per token: one row shared by every head
 )
 
 

@@ -160,7 +160,9 @@ def _glm4_moe_block(cfg: GLMConfig, path: tuple[str, ...], moe: bool, offset: in
     """One stack of glm4_moe decoder blocks at our `path` (model/layers, model/moe_layers, model/mtp/block)."""
     layer = "model.layers.{i}."
     e = [Entry(path + ("input_norm", "scale"), layer + "input_layernorm.weight", offset=offset)]
-    for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
+    if cfg.is_mla:
+        e += _mla_entries(cfg, path + ("attention",), offset)
+    for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")) if not cfg.is_mla else ():
         e.append(Entry(path + ("attention", ours, "kernel"), layer + f"self_attn.{theirs}_proj.weight", "linear",
                        offset=offset))
         if cfg.qkv_bias:
@@ -169,8 +171,10 @@ def _glm4_moe_block(cfg: GLMConfig, path: tuple[str, ...], moe: bool, offset: in
     if cfg.use_qk_norm:
         e += [Entry(path + ("attention", "query_norm", "scale"), layer + "self_attn.q_norm.weight", offset=offset),
               Entry(path + ("attention", "key_norm", "scale"), layer + "self_attn.k_norm.weight", offset=offset)]
-    e += [Entry(path + ("attention", "out", "kernel"), layer + "self_attn.o_proj.weight", "linear", 2, offset=offset),
-          Entry(path + ("post_attention_norm", "scale"), layer + "post_attention_layernorm.weight", offset=offset)]
+    if not cfg.is_mla:
+        e.append(Entry(path + ("attention", "out", "kernel"), layer + "self_attn.o_proj.weight", "linear", 2,
+                       offset=offset))
+    e.append(Entry(path + ("post_attention_norm", "scale"), layer + "post_attention_layernorm.weight", offset=offset))
     mlp = path + ("mlp",)
     if not moe:
         return e + [Entry(p + ("kernel",), n, k, part=part, offset=offset)
@@ -194,6 +198,26 @@ def _glm4_moe_block(cfg: GLMConfig, path: tuple[str, ...], moe: bool, offset: in
                     offset=offset),
               Entry(mlp + ("shared_experts", "wo", "kernel"), shared + "down_proj.weight", "linear", offset=offset)]
     return e
+
+
+def _mla_entries(cfg: GLMConfig, attn: tuple[str, ...], offset: int) -> list[Entry]:
+    """glm4_moe_lite's attention (glm_jax/model/layers/mla.py) at our `attn` path: transformers'
+    Glm4MoeLiteAttention names. kv_a_proj_with_mqa [kv_lora + rope, H] keeps its fused rows (latent, then the
+    rotary key), kv_b_proj [N * (nope + v), kv_lora] its per-head interleaving (keys then values of head 0, ...)."""
+    sa = "model.layers.{i}.self_attn."
+    linears = [("kv_a", "kv_a_proj_with_mqa", 1, cfg.qkv_bias), ("kv_b", "kv_b_proj", 1, False),
+               ("out", "o_proj", 2, cfg.qkv_bias)]
+    if cfg.q_lora_rank:
+        linears += [("q_a", "q_a_proj", 1, cfg.qkv_bias), ("q_b", "q_b_proj", 1, False)]
+    else:
+        linears.append(("query", "q_proj", 1, False))
+    e = []
+    for ours, theirs, n_in, bias in linears:
+        e.append(Entry(attn + (ours, "kernel"), sa + theirs + ".weight", "linear", n_in, offset=offset))
+        if bias:
+            e.append(Entry(attn + (ours, "bias"), sa + theirs + ".bias", "bias", offset=offset))
+    norms = [("kv_a_norm", "kv_a_layernorm")] + ([("q_a_norm", "q_a_layernorm")] if cfg.q_lora_rank else [])
+    return e + [Entry(attn + (ours, "scale"), sa + theirs + ".weight", offset=offset) for ours, theirs in norms]
 
 
 def glm4_moe_entries(cfg: GLMConfig) -> list[Entry]:

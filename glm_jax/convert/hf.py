@@ -24,7 +24,8 @@ from glm_jax.sharding import LOGICAL_RULES, param_shardings
 log = logging.getLogger(__name__)
 
 PREFIX = ("model", "prefix")
-FORMAT_OF_MODEL_TYPE = {"chatglm": "thudm", "glm": "transformers", "glm4": "transformers", "glm4_moe": "transformers"}
+FORMAT_OF_MODEL_TYPE = {"chatglm": "thudm", "glm": "transformers", "glm4": "transformers", "glm4_moe": "transformers",
+                        "glm4_moe_lite": "transformers"}
 # A stacked parameter larger than this is assembled on its device(s) one layer at a time (the host holds one
 # layer's slice, never the stack: a MoE layer's experts are most of the model).
 STREAM_MIN_BYTES = 256 * 2**20
@@ -38,8 +39,8 @@ def detect_format(ckpt_dir: str | Path) -> tuple[str, dict[str, Any]]:
     raw = read_json_object(file)
     fmt = FORMAT_OF_MODEL_TYPE.get(raw.get("model_type"))
     if fmt is None:
-        raise ValueError(f"{file}: unknown model_type {raw.get('model_type')!r} (expected chatglm, glm, glm4 or "
-                         "glm4_moe)")
+        raise ValueError(f"{file}: unknown model_type {raw.get('model_type')!r} (expected chatglm, glm, glm4, "
+                         "glm4_moe or glm4_moe_lite)")
     return fmt, raw
 
 

@@ -33,7 +33,8 @@ all L layers; each block writes its global layer index. Then a final RMSNorm and
     lm_head/kernel                                [embed, vocab]
 
 Decode cache ("cache" collection, `init_cache`): model/cached_key and model/cached_value [L, batch, max_len,
-kv_heads, head_dim] (carried through the layer scans and updated in place), model/index (next write slot),
+kv_heads, head_dim] (carried through the layer scans and updated in place; an MLA model, attention_type "mla",
+has model/cached_latent [L, batch, max_len, kv_lora_rank + qk_rope_head_dim] instead: docs/mla.md), model/index (next write slot),
 model/segment_ids [batch, max_len] (0 = pad / empty) and model/position [batch] (each row's next position).
 """
 
@@ -45,6 +46,7 @@ from flax import linen as nn
 
 from glm_jax.config import REMAT_POLICIES, GLMConfig
 from glm_jax.model.layers import MLP, Attention, Embed, Linear, MoE, RMSNorm, rotary_cos_sin
+from glm_jax.model.layers.mla import MLA
 
 JAX_REMAT_POLICIES = {  # GLMConfig.remat_policy -> what each block keeps for the backward pass
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -93,14 +95,20 @@ class DecoderBlock(nn.Module, kw_only=True):
             return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
         x = nn.with_logical_constraint(x, BATCH_SEQ_EMBED)
-        h, kv_cache = Attention(
-            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-            hidden_size=cfg.hidden_size, use_bias=cfg.qkv_bias, attention_impl=cfg.attention_impl,
-            decode=self.decode, prefill=self.prefill, dtype=dtype, param_dtype=param_dtype,
-            quantization_bit=cfg.quantization_bit, max_segments=cfg.max_segments, rope_interleaved=cfg.rope_interleaved,
-            qk_norm=cfg.use_qk_norm, norm_eps=cfg.norm_eps, name="attention")(
-            norm("input_norm")(x), ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"],
-            ctx["cache_index"], per_layer["prefix"], kv_cache, per_layer["layer"])
+        if cfg.is_mla:  # glm4_moe_lite: multi-head latent attention (layers/mla.py, docs/mla.md)
+            h, kv_cache = mla_attention(cfg, self.decode, self.prefill)(
+                norm("input_norm")(x), ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"],
+                ctx["cache_index"], kv_cache, per_layer["layer"])
+        else:
+            h, kv_cache = Attention(
+                num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                hidden_size=cfg.hidden_size, use_bias=cfg.qkv_bias, attention_impl=cfg.attention_impl,
+                decode=self.decode, prefill=self.prefill, dtype=dtype, param_dtype=param_dtype,
+                quantization_bit=cfg.quantization_bit, max_segments=cfg.max_segments,
+                rope_interleaved=cfg.rope_interleaved,
+                qk_norm=cfg.use_qk_norm, norm_eps=cfg.norm_eps, name="attention")(
+                norm("input_norm")(x), ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"],
+                ctx["cache_index"], per_layer["prefix"], kv_cache, per_layer["layer"])
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)
         x = x + h
@@ -117,6 +125,25 @@ class DecoderBlock(nn.Module, kw_only=True):
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
         return (nn.with_logical_constraint(x + h, BATCH_SEQ_EMBED), kv_cache), None
+
+
+def mla_attention(cfg: GLMConfig, decode: bool, prefill: bool) -> MLA:
+    """The MLA module of a glm4_moe_lite block (docs/mla.md)."""
+    return MLA(num_heads=cfg.num_heads, hidden_size=cfg.hidden_size, q_lora_rank=cfg.q_lora_rank,
+               kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+               qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, use_bias=cfg.qkv_bias,
+               rope_interleaved=cfg.rope_interleaved, attention_impl=cfg.attention_impl,
+               max_segments=cfg.max_segments, decode=decode, prefill=prefill, dtype=jnp.dtype(cfg.dtype),
+               param_dtype=jnp.dtype(cfg.param_dtype), name="attention")
+
+
+def cache_shapes(cfg: GLMConfig, batch: int, max_len: int) -> dict[str, tuple[int, ...]]:
+    """The per-layer key/value buffers of the decode cache, all layers stacked: GQA keeps keys and values of the
+    KV groups; MLA (docs/mla.md) one [latent ; rotary key] row of kv_lora_rank + qk_rope_head_dim per token."""
+    if cfg.is_mla:
+        return {"cached_latent": (cfg.num_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)}
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"cached_key": shape, "cached_value": shape}
 
 
 class MTPLayer(nn.Module, kw_only=True):
@@ -162,9 +189,8 @@ class GLMModel(nn.Module):
         if decode:
             # Preallocated keys/values of the KV groups only, all layers stacked [L, batch, max_len, G, D]; the
             # length is fixed when the cache is created (init with input of the cache length).
-            kv_vars = [self.variable("cache", name, jnp.zeros,
-                                     (cfg.num_layers, batch, seq, cfg.num_kv_heads, cfg.head_dim), dtype)
-                       for name in ("cached_key", "cached_value")]
+            kv_vars = [self.variable("cache", name, jnp.zeros, shape, dtype)
+                       for name, shape in cache_shapes(cfg, batch, seq).items()]
             kv_cache = tuple(var.value for var in kv_vars)
             # Cache-wide state: write slot, each slot's segment id (0 = pad / empty) and each row's next position.
             index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))

@@ -1,0 +1,168 @@
+"""Multi-head latent attention (MLA) of glm4_moe_lite (GLM-4.7-Flash; DeepSeek-V2/V3's attention), computing what
+transformers' `Glm4MoeLiteAttention` computes. The design is described in docs/mla.md.
+
+    queries   q = q_b(RMSNorm(q_a(x)))      [B, S, N, nope + rope]    (q_lora_rank = 0: q = query(x))
+    latent    c ; k_r = kv_a(x)             [B, S, kv_lora] ; [B, S, rope]   c = RMSNorm(c), k_r rotated
+    keys      k_n = c @ kv_b[:, :, :nope]   per head, plus the ONE rotary key k_r shared by every head
+    values    v = c @ kv_b[:, :, nope:]     [B, T, N, v_head_dim]
+    output    out(softmax(q . [k_n ; k_r] * scale) v)        out kernel [N, v_head_dim, embed]
+
+Only the last `rope` dims of each query / key head are rotated (cfg.rope_interleaved: adjacent pairs, transformers'
+`rope_interleave=True`; else split halves). scale = (nope + rope) ** -0.5, as transformers computes it for the
+default rope.
+
+Two equal ways to evaluate it (`expanded_attention`, `absorbed_attention`):
+  expanded   keys and values of every head are built from the latents, then any attention kernel runs
+             (training, scoring and the prefill of an empty cache: the cuDNN / splash kernels apply).
+  absorbed   kv_b's key half is folded into the query (q_lat = q_n @ W_UK^T, [N, kv_lora] per query) and its value
+             half into the output, so attention runs over ONE shared key/value head per token: the cached
+             [c ; k_r] of kv_lora + rope dims. A decode step reads the cache once and never builds per-head keys
+             or values for the T cached tokens.
+
+Decode cache (glm_jax/model/glm.py): `cached_latent` [L, B, max_len, kv_lora + rope] in `dtype`: per token the
+normed latent c followed by the rotated k_r. Nothing per head is stored.
+
+Parameters (logical axes; glm_jax/sharding.py maps them):
+    q_a/kernel, q_a/bias        [embed, q_lora], [q_lora]            (q_lora_rank > 0; bias when use_bias)
+    q_a_norm/scale              [q_lora]
+    q_b/kernel                  [q_lora, N, nope + rope]             (q_lora, q_heads, head_dim)
+    query/kernel                [embed, N, nope + rope]              (q_lora_rank = 0 instead of q_a / q_b)
+    kv_a/kernel, kv_a/bias      [embed, kv_lora + rope]              (embed, kv_lora): latent, then rotary key
+    kv_a_norm/scale             [kv_lora]
+    kv_b/kernel                 [kv_lora, N, nope + v_head_dim]      (kv_lora, q_heads, head_dim): keys, then values
+    out/kernel, out/bias        [N, v_head_dim, embed], [embed]
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from glm_jax.model.layers.attention import dot_product_attention, make_mask
+from glm_jax.model.layers.embeddings import apply_rotary
+from glm_jax.model.layers.linear import Linear
+from glm_jax.model.layers.norms import RMSNorm
+
+# transformers builds q_a_layernorm / kv_a_layernorm with its RMSNorm's default eps, not rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+HEADS_AXES = ("activation_batch", "activation_length", "activation_heads", None)
+
+
+class Kernel(nn.Module, kw_only=True):
+    """A bare weight `kernel` (for kv_b, which the absorbed path splits and contracts in two different ways)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
+        return self.param("kernel", init, self.shape, self.param_dtype).astype(self.dtype)
+
+
+def expanded_attention(q_nope, q_rope, latent, k_rope, kv_b, q_segments, kv_segments, *, scale: float,
+                       impl: str = "xla", max_segments: int = 0):
+    """Per-head keys and values from the latents, then `dot_product_attention` (any kernel). q_nope [B, S, N,
+    nope], q_rope [B, S, N, rope] (rotated), latent [B, T, kv_lora], k_rope [B, T, rope] (rotated), kv_b
+    [kv_lora, N, nope + v]. Returns [B, S, N, v]."""
+    nope, n = q_nope.shape[-1], q_nope.shape[2]
+    kv = jnp.einsum("btc,cnd->btnd", latent, kv_b)
+    k_nope, v = kv[..., :nope], kv[..., nope:]
+    b, t, rope = k_rope.shape
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (b, t, n, rope)).astype(k_nope.dtype)], -1)
+    q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], -1)
+    # The kernels take one head dim and scale by its rsqrt: pad q / k / v to a common width with zeros (dot
+    # products unchanged) and pre-scale q so that the kernel's 1/sqrt(width) becomes `scale`.
+    dv, width = v.shape[-1], max(q.shape[-1], v.shape[-1])
+    pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])  # noqa: E731
+    factor = scale * math.sqrt(width)
+    if abs(factor - 1.0) > 1e-12:
+        q = q * jnp.asarray(factor, q.dtype)
+    q = nn.with_logical_constraint(pad(q), HEADS_AXES)
+    out = dot_product_attention(q, pad(k), pad(v), q_segments, kv_segments, 0, impl, None, max_segments)
+    return out[..., :dv]
+
+
+def absorbed_attention(q_nope, q_rope, kv, kv_b, mask, *, scale: float):
+    """MLA over the latent cache without expanding it. kv [B, T, kv_lora + rope] (latent ; rotary key, as
+    cached), kv_b [kv_lora, N, nope + v], mask [B, S, T]. Scores and softmax in fp32. Returns [B, S, N, v]."""
+    nope = q_nope.shape[-1]
+    rank = kv_b.shape[0]
+    w_uk, w_uv = kv_b[..., :nope], kv_b[..., nope:]
+    q_lat = jnp.einsum("bsnd,cnd->bsnc", q_nope, w_uk)  # the key up-projection, applied to the query once
+    q = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], -1)  # [B, S, N, kv_lora + rope]
+    scores = jnp.einsum("bsnc,btc->bnst", q, kv.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None], scores * np.float32(scale), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(kv.dtype)
+    ctx = jnp.einsum("bnst,btc->bsnc", probs, kv[..., :rank])  # attention-weighted latents [B, S, N, kv_lora]
+    return jnp.einsum("bsnc,cnv->bsnv", ctx.astype(w_uv.dtype), w_uv)  # the value up-projection, per query
+
+
+class MLA(nn.Module, kw_only=True):
+    """glm4_moe_lite's attention (see the module docstring); same call signature as `Attention` minus the
+    P-tuning prefix. `cache` is the 1-tuple (cached_latent [L, B, max_len, kv_lora + rope],) of all layers."""
+
+    num_heads: int
+    hidden_size: int
+    q_lora_rank: int  # 0: a plain query projection
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    softmax_scale: float | None = None  # None: (nope + rope) ** -0.5
+    use_bias: bool = False  # transformers' attention_bias: q_a, kv_a and out
+    rope_interleaved: bool = True
+    attention_impl: str = "auto"
+    max_segments: int = 0
+    decode: bool = False
+    prefill: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def linear(self, features, axes, name, use_bias=False, n_in=1):
+        return Linear(features=features, kernel_axes=axes, n_in=n_in, use_bias=use_bias,
+                      bias_axes=axes[n_in:], dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def norm(self, name):
+        return RMSNorm(eps=LATENT_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None, cache=None, layer=None):
+        """Returns (output [B, S, embed], cache). Decoding writes this layer's new latents into `cache` at
+        (layer, cache_index) and, unless prefilling, attends over every slot in the absorbed form."""
+        n, nope, rope, rank = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        qk = nope + rope
+        if self.q_lora_rank:
+            q_lat = self.linear((self.q_lora_rank,), ("embed", "q_lora"), "q_a", self.use_bias)(x)
+            q = self.linear((n, qk), ("q_lora", "q_heads", "head_dim"), "q_b")(self.norm("q_a_norm")(q_lat))
+        else:
+            q = self.linear((n, qk), ("embed", "q_heads", "head_dim"), "query")(x)
+        q = nn.with_logical_constraint(q, HEADS_AXES)
+        q_nope, q_rope = q[..., :nope], apply_rotary(q[..., nope:], cos, sin, self.rope_interleaved)
+        compressed = self.linear((rank + rope,), ("embed", "kv_lora"), "kv_a", self.use_bias)(x)
+        latent = self.norm("kv_a_norm")(compressed[..., :rank])
+        k_rope = apply_rotary(compressed[..., None, rank:], cos, sin, self.rope_interleaved)[:, :, 0]
+        kv_b = Kernel(shape=(rank, n, nope + self.v_head_dim), axes=("kv_lora", "q_heads", "head_dim"),
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="kv_b")()
+        scale = self.softmax_scale or qk ** -0.5
+
+        if self.decode:  # the cache keeps [latent ; rotary key] per token (module docstring)
+            new = jnp.concatenate([latent, k_rope.astype(latent.dtype)], -1)
+            cache = (jax.lax.dynamic_update_slice(cache[0], new[None].astype(cache[0].dtype),
+                                                  (layer, 0, cache_index, 0)),)
+        if self.decode and not self.prefill:
+            kv = jax.lax.dynamic_index_in_dim(cache[0], layer, 0, keepdims=False)  # [B, max_len, kv_lora + rope]
+            mask = make_mask(q_segments, kv_segments, x.shape[1], kv.shape[1], cache_index)
+            out = absorbed_attention(q_nope, q_rope, kv, kv_b, mask, scale=scale)
+        else:
+            out = expanded_attention(q_nope, q_rope, latent, k_rope, kv_b, q_segments, kv_segments, scale=scale,
+                                     impl=self.attention_impl, max_segments=self.max_segments)
+        out = nn.with_logical_constraint(out, HEADS_AXES)
+        out = self.linear((self.hidden_size,), ("q_heads", "head_dim", "embed"), "out", self.use_bias, n_in=2)(out)
+        return out, cache

@@ -1,0 +1,301 @@
+"""glm4_moe_lite (GLM-4.7-Flash): our multi-head latent attention model against transformers'
+Glm4MoeLiteForCausalLM (fp32, random tiny configs): logits with left padding (query bottleneck or a plain query,
+interleaved or split-half rotary, attention biases, dense first layers); cached decoding (the absorbed form over
+the latent cache) against the full forward; greedy generation token for token; save_hf -> transformers -> same
+logits, MTP layer kept; both config.json layouts; and the latent cache's size, read from the cache's arrays."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file as np_load_file
+from safetensors.numpy import save_file as np_save_file
+
+from glm_jax import GLMConfig, GLMForCausalLM, init_cache, load_hf, save_hf
+from glm_jax import generation as G
+from glm_jax.model import cache_specs
+from hf_models import left_padded_batch
+
+RTOL = 1e-4
+
+
+def rel_err(ours, ref):
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+# ------------------------------------------------------------------------------------------ the oracle models
+def tiny_lite_config(**kw):
+    """Distinct sizes everywhere (heads 4, nope 12, rope 8, v 10, q_lora 24, kv_lora 20) so that a transposed or
+    mis-split tensor cannot go unnoticed."""
+    cfg = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8,
+               v_head_dim=10, max_position_embeddings=256, rms_norm_eps=1e-5, moe_intermediate_size=16,
+               n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+               norm_topk_prob=True, routed_scaling_factor=1.8, rope_interleave=True, attention_bias=False,
+               pad_token_id=0, eos_token_id=None, tie_word_embeddings=False,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg.update(kw)
+    return transformers.Glm4MoeLiteConfig(**cfg)
+
+
+def tiny_lite_model(seed=0, confident=False, **kw):
+    """A random fp32 Glm4MoeLiteForCausalLM: every weight, norm scale and router correction bias random.
+    confident=True scales projections to ~unit variance (peaked next-token distributions, for generation)."""
+    g = torch.Generator().manual_seed(seed)
+    model = transformers.Glm4MoeLiteForCausalLM(tiny_lite_config(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif not confident or name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise * 1.2 / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=g))
+    return model.eval()
+
+
+def torch_logits(model, ids, mask=None, pos=None):
+    with torch.no_grad():
+        kw = {} if mask is None else dict(attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+        return model(torch.tensor(ids), **kw).logits.numpy()
+
+
+_APPLY = {}
+
+
+def forward(cfg, params, ids, mask=None):
+    if cfg not in _APPLY:
+        _APPLY[cfg] = jax.jit(lambda p, i, m: GLMForCausalLM(cfg).apply({"params": p}, i, attention_mask=m))
+    return np.asarray(_APPLY[cfg](params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The default tiny model (query bottleneck, interleaved rotary, one dense layer) saved by transformers."""
+    ref = tiny_lite_model(seed=1)
+    d = tmp_path_factory.mktemp("lite") / "hf"
+    ref.save_pretrained(d)
+    return ref, d
+
+
+# ------------------------------------------------------------------------------------------------ the logits
+CASES = {
+    # no query bottleneck (q_proj), split-half rotary, biases on q/kv_a and o_proj, two dense layers, rope base 5e5
+    "plainq-neox-bias": dict(q_lora_rank=None, rope_interleave=False, attention_bias=True,
+                             mlp_layer_types=["dense", "dense", "sparse"],
+                             rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+}
+
+
+def _check_logits(ref, d):
+    cfg, params = load_hf(d)
+    assert cfg.is_mla and cfg.model_type == "glm4_moe_lite"
+    ids, mask, pos = left_padded_batch([40, 23, 7], 40, cfg.vocab_size, seed=3)
+    real = mask.astype(bool)
+    err = rel_err(forward(cfg, params, ids, mask)[real], torch_logits(ref, ids, mask, pos)[real])
+    assert err < RTOL, err
+    return cfg, params
+
+
+def test_logits_match_transformers(saved):
+    ref, d = saved
+    cfg, _ = _check_logits(ref, d)
+    assert cfg.q_lora_rank == 24 and cfg.rope_interleaved and cfg.num_dense_layers == 1
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers_variants(tmp_path, case):
+    ref = tiny_lite_model(seed=len(case), **CASES[case])
+    ref.save_pretrained(tmp_path)
+    cfg, params = _check_logits(ref, tmp_path)
+    assert cfg.q_lora_rank == 0 and not cfg.rope_interleaved and cfg.qkv_bias and cfg.num_dense_layers == 2
+    assert "query" in params["model"]["layers"]["attention"] and "bias" in params["model"]["layers"]["attention"]["out"]
+
+
+# ------------------------------------------------------------------------------------ cache and generation
+def _walk(jaxpr, out):
+    for eqn in jaxpr.eqns:
+        out += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    _walk(sub, out)
+    return out
+
+
+def test_cached_decoding_equals_full_forward_without_expanding_the_cache(saved):
+    """Prefill (expanded form) then one-token and multi-token steps (absorbed form over the latent cache) give the
+    full forward's logits; no value of a decode step has per-head keys or values for the cached tokens."""
+    _, d = saved
+    cfg, params = load_hf(d)
+    model = GLMForCausalLM(cfg)
+    ids, mask, _ = left_padded_batch([12, 7], 12, cfg.vocab_size, seed=4)
+    full = forward(cfg, params, ids, mask)
+    cache = init_cache(model, 2, 32)
+
+    def step(c, x, m, prefill):
+        return model.apply({"params": params, "cache": c}, x, attention_mask=m, decode=True, prefill=prefill,
+                           mutable=["cache"])
+
+    apply = jax.jit(step, static_argnums=3)
+    out, v = apply(cache, jnp.asarray(ids[:, :6]), jnp.asarray(mask[:, :6]), True)
+    real = mask[:, :6] == 1
+    np.testing.assert_allclose(np.asarray(out)[real], full[:, :6][real], atol=1e-4, rtol=1e-4)
+    for t in range(6, 9):
+        out, v = apply(v["cache"], jnp.asarray(ids[:, t:t + 1]), None, False)
+        np.testing.assert_allclose(np.asarray(out)[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+    out, v = apply(v["cache"], jnp.asarray(ids[:, 9:]), None, False)  # three tokens against the cache at once
+    np.testing.assert_allclose(np.asarray(out), full[:, 9:], atol=1e-4, rtol=1e-4)
+    # The cache holds the latent and the rotary key only; a step never builds [.., max_len, heads, dim].
+    shapes = _walk(jax.make_jaxpr(lambda c, x: step(c, x, None, False))(v["cache"], jnp.ones((2, 1), jnp.int32))
+                   .jaxpr, [])
+    n, dims = cfg.num_heads, {cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim}
+    assert (2, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim) in shapes
+    assert not [s for s in shapes if 32 in s and n in s and s[-1] in dims], "expanded keys/values in a decode step"
+
+
+def test_latent_cache_size_from_its_arrays():
+    """Bytes per token of the decode cache, summed over the cache's own arrays: MLA keeps kv_lora + rope values
+    per layer; the GQA cache of the same model (keys and values of every head, what expanding would store) many
+    times more. The README's table comes from the same computation on the glm-4.7-flash preset."""
+    for name in ("glm-mla-test", "glm-4.7-flash"):
+        cfg = GLMConfig.from_preset(name)
+        mla, gqa = cache_bytes_per_token(cfg), cache_bytes_per_token(gqa_equivalent(cfg))
+        item = jnp.dtype(cfg.dtype).itemsize
+        assert mla == cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * item
+        assert gqa == cfg.num_layers * cfg.num_heads * 2 * cfg.head_dim * item
+        if name == "glm-4.7-flash":
+            assert (mla, gqa) == (54144, 962560)  # 47 x 576 x 2 bytes; 47 x 20 heads x (256 + 256) x 2 bytes
+    cfg = GLMConfig.from_preset("glm-mla-test")
+    cache = init_cache(GLMForCausalLM(cfg), 2, 16)  # the allocated arrays themselves
+    assert sorted(cache["model"]) == ["cached_latent", "index", "position", "segment_ids"]
+    assert cache["model"]["cached_latent"].nbytes == 2 * 16 * cache_bytes_per_token(cfg)
+
+
+def gqa_equivalent(cfg):
+    """The same model with grouped-query attention over every head (head_dim = the query/key head)."""
+    return cfg.replace(attention_type="gqa", num_kv_heads=cfg.num_heads, head_dim=cfg.head_dim)
+
+
+def cache_bytes_per_token(cfg, batch=2, length=64):
+    """Per-token bytes of the key/value buffers in the cache `cache_specs` describes (nothing allocated)."""
+    specs = cache_specs(GLMForCausalLM(cfg), batch, length)["model"]
+    buffers = [s for k, s in specs.items() if k.startswith("cached_")]
+    return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in buffers) // (batch * length)
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    ref = tiny_lite_model(seed=2, confident=True, vocab_size=256)
+    ref.save_pretrained(tmp_path)
+    cfg, params = load_hf(tmp_path)
+    model = GLMForCausalLM(cfg)
+    rng = np.random.RandomState(8)
+    lengths = [13, 4, 8]
+    ids, mask = np.zeros((3, 13), np.int64), np.zeros((3, 13), np.int64)
+    for r, n in enumerate(lengths):
+        ids[r, -n:], mask[r, -n:] = rng.randint(3, 256, n), 1
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=16,
+                              do_sample=False, pad_token_id=0).numpy()
+    ours = G.generate(model, params, ids, mask, max_new_tokens=16, stop_ids=())
+    assert theirs.shape == ours.shape and len(set(theirs[:, -16:].ravel().tolist())) > 6  # not degenerate
+    np.testing.assert_array_equal(ours, theirs)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _add_mtp_layer(d, ref, seed=0):
+    """Appends an MTP layer at model.layers.{L} in the published layout (enorm, hnorm, eh_proj, shared_head.norm,
+    an MLA + MoE block, copies of the embedding and head)."""
+    sd = np_load_file(str(d / "model.safetensors"))
+    n, h = ref.config.num_hidden_layers, ref.config.hidden_size
+    rng = np.random.RandomState(seed)
+    source = f"model.layers.{n - 1}."
+    mtp = {k.replace(source, f"model.layers.{n}."): (rng.randn(*v.shape) * 0.2 + ("norm" in k)).astype(v.dtype)
+           for k, v in sd.items() if k.startswith(source)}
+    mtp.update({f"model.layers.{n}.{k}": (rng.randn(*s) * 0.2 + ("norm" in k)).astype(np.float32) for k, s in
+                (("enorm.weight", (h,)), ("hnorm.weight", (h,)), ("eh_proj.weight", (h, 2 * h)),
+                 ("shared_head.norm.weight", (h,)))})
+    mtp[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"]
+    mtp[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"]
+    np_save_file({**sd, **mtp}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    return mtp
+
+
+def test_save_hf_round_trip_with_mtp(tmp_path, saved):
+    """load_hf (with an MTP layer) -> save_hf -> the same tensors under transformers' names; transformers loads
+    the written checkpoint and computes our logits; load_hf of it gives the same parameters."""
+    ref, _ = saved
+    src = tmp_path / "src"
+    ref.save_pretrained(src)
+    mtp = _add_mtp_layer(src, ref)
+    cfg, params = load_hf(src)
+    n = cfg.num_layers
+    assert cfg.num_mtp_layers == 1
+    np.testing.assert_array_equal(np.asarray(params["model"]["mtp"]["block"]["attention"]["kv_b"]["kernel"][0]),
+                                  mtp[f"model.layers.{n}.self_attn.kv_b_proj.weight"].T.reshape(20, 4, 22))
+    out = save_hf(cfg, params, tmp_path / "ours")
+    written, source = np_load_file(str(out / "model.safetensors")), np_load_file(str(src / "model.safetensors"))
+    assert sorted(written) == sorted(source)
+    for name, value in source.items():
+        np.testing.assert_array_equal(written[name], value, err_msg=name)
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["model_type"] == "glm4_moe_lite" and raw["mlp_layer_types"] == ["dense", "sparse", "sparse"]
+    again = transformers.Glm4MoeLiteForCausalLM.from_pretrained(out).eval()
+    ids, mask, pos = left_padded_batch([20, 9], 20, cfg.vocab_size, seed=9)
+    real = mask.astype(bool)
+    assert rel_err(forward(cfg, params, ids, mask)[real], torch_logits(again, ids, mask, pos)[real]) < RTOL
+    cfg2, params2 = load_hf(out)
+    assert cfg2 == cfg
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(params),
+                                 jax.tree_util.tree_leaves_with_path(params2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+# --------------------------------------------------------------------------------------- configs and presets
+def test_config_layouts_and_presets():
+    """The published config.json layout and transformers 5's give the same GLMConfig; the preset round-trips
+    through transformers' Glm4MoeLiteConfig; GLM-4.7-Flash is ~30B parameters, ~3B active."""
+    flash = GLMConfig.from_preset("glm-4.7-flash").replace(name="")
+    published = {  # the published key set (top-level rope_theta, first_k_dense_replace, q_lora_rank as a number)
+        "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite", "vocab_size": 154880,
+        "hidden_size": 2048, "intermediate_size": 10240, "moe_intermediate_size": 1536, "num_hidden_layers": 47,
+        "num_attention_heads": 20, "num_key_value_heads": 20, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+        "attention_bias": False, "max_position_embeddings": 202752, "rope_theta": 1000000.0, "rope_scaling": None,
+        "partial_rotary_factor": 1.0, "q_lora_rank": 768, "kv_lora_rank": 512, "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64, "v_head_dim": 256, "n_routed_experts": 64, "n_shared_experts": 1,
+        "num_experts_per_tok": 4, "norm_topk_prob": True, "routed_scaling_factor": 1.8, "n_group": 1,
+        "topk_group": 1, "topk_method": "noaux_tc", "first_k_dense_replace": 1, "num_nextn_predict_layers": 1,
+        "tie_word_embeddings": False, "dtype": "bfloat16", "pad_token_id": 154820,
+        "eos_token_id": [154820, 154827, 154829]}
+    assert GLMConfig.from_hf_dict(published) == flash
+    t5 = transformers.Glm4MoeLiteConfig.from_dict(published).to_dict()
+    assert "rope_parameters" in t5 and t5["mlp_layer_types"][:2] == ["dense", "sparse"]
+    assert GLMConfig.from_hf_dict(t5) == flash
+    for name in ("glm-4.7-flash", "glm-mla-test"):
+        cfg = GLMConfig.from_preset(name).replace(name="")
+        written = cfg.to_hf_dict("transformers")
+        theirs = transformers.Glm4MoeLiteConfig.from_dict(written)
+        assert (theirs.q_lora_rank, theirs.kv_lora_rank, theirs.qk_head_dim, theirs.v_head_dim,
+                theirs.rope_interleave, theirs.mlp_layer_types.count("dense")) == (
+            cfg.q_lora_rank, cfg.kv_lora_rank, cfg.head_dim, cfg.v_head_dim, cfg.rope_interleaved,
+            cfg.num_dense_layers)
+        assert GLMConfig.from_hf_dict(written) == cfg and GLMConfig.from_hf_dict(theirs.to_dict()) == cfg
+    assert 29e9 < flash.replace(num_mtp_layers=0).num_params() < 31e9
+    assert 2.5e9 < flash.num_params(active=True) < 4e9
+    with pytest.raises(ValueError, match="mla"):
+        GLMConfig.from_preset("glm-mla-test", kv_lora_rank=0)
+    with pytest.raises(ValueError, match="mlp_layer_types"):
+        GLMConfig.from_hf_dict({**published, "mlp_layer_types": ["sparse", "dense"] + ["sparse"] * 45})
