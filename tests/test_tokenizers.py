@@ -290,6 +290,17 @@ def test_glm45_parser_recovers_typed_arguments_from_the_template(built):
     assert tok.parse_reply(ids, tools=TOOLS) == parsed
 
 
+def test_glm45_values_follow_the_schema():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "s": {"type": ["string", "null"]}, "n": {"type": ["string", "null"]}, "i": {"type": "integer"},
+        "x": {"type": "number"}}}}}]
+    text = ("<tool_call>f<arg_key>s</arg_key><arg_value>123</arg_value><arg_key>n</arg_key><arg_value>null"
+            "</arg_value><arg_key>i</arg_key><arg_value> 7 </arg_value><arg_key>x</arg_key><arg_value>not a number"
+            "</arg_value><arg_key>extra</arg_key><arg_value>[1, 'two']</arg_value></tool_call>")
+    args = parsers.parse_reply("glm45", text, tools)["tool_calls"][0]["function"]["arguments"]
+    assert args == {"s": "123", "n": None, "i": 7, "x": "not a number", "extra": [1, "two"]}
+
+
 @pytest.mark.parametrize("text, expected", [
     ("<think>a</think>\nb", ("b", "a")),
     ("a</think>b", ("b", "a")),                      # the prompt opened <think>: the reply starts inside it

@@ -108,12 +108,12 @@ def tool_parameters(tools: Sequence[dict] | None, name: str) -> dict[str, Any]:
 
 def typed_value(raw: str, schema: dict | None) -> Any:
     """An ``<arg_value>`` as the type its schema declares. GLM-4.5's template writes strings raw and everything
-    else as JSON, so: declared string -> as written; anything else (or no schema) -> JSON when it parses, then a
-    Python literal, else the string itself."""
+    else as JSON, so: declared string (also ``["string", "null"]``) -> as written; anything else (or no schema)
+    -> JSON when it parses, then a Python literal, else the string itself."""
     types = (schema or {}).get("type")
     types = set(types) if isinstance(types, list) else {types}
-    if "string" in types and len(types - {None}) == 1:
-        return raw
+    if "string" in types:  # a nullable string is still written raw; only a bare `null` means None
+        return None if "null" in types and raw.strip() == "null" else raw
     for parse in (json.loads, ast.literal_eval):
         try:
             value = parse(raw.strip())
