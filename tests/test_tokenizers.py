@@ -62,6 +62,7 @@ def built(tmp_path_factory):
     bpe = fx.train_bpe(2000)
     return {"glm4_9b": fx.write_glm4_9b(bpe, root / "glm4_9b"),
             "glm45": fx.write_hf(bpe, root / "glm45", "glm45.jinja", in_config=False),
+            "glm47": fx.write_hf(bpe, root / "glm47", "glm47.jinja", in_config=False),
             "glm_z1": fx.write_hf(bpe, root / "glm_z1", "glm_z1_0414.jinja", in_config=True)}
 
 
@@ -72,6 +73,7 @@ def reference(built):
 
     return {"glm4_9b": fx.transformers_glm4_9b(built["glm4_9b"]),
             "glm45": AutoTokenizer.from_pretrained(built["glm45"]),
+            "glm47": AutoTokenizer.from_pretrained(built["glm47"]),
             "glm_z1": AutoTokenizer.from_pretrained(built["glm_z1"])}
 
 
@@ -185,14 +187,14 @@ def test_batch_encode_left_pads_with_the_pad_token(built):
 
 @pytest.mark.parametrize("thinking", [None, True, False])
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
-@pytest.mark.parametrize("name", ["glm45", "glm_z1", "glm4_9b"])
+@pytest.mark.parametrize("name", ["glm45", "glm47", "glm_z1", "glm4_9b"])
 def test_chat_ids_equal_transformers(built, reference, name, conversation, thinking):
     tok, ref = load_tokenizer(built[name]), reference[name]
     messages = CONVERSATIONS[conversation]
     kwargs = {} if thinking is None else {"enable_thinking": thinking}
     for tools in (None, TOOLS):
         # GLM-4 dialect templates read tool calls as `metadata` messages: transformers gets the converted history.
-        ref_messages = (parse_arguments(messages) if name == "glm45"
+        ref_messages = (parse_arguments(messages) if name in ("glm45", "glm47")
                         else openai_to_glm4(messages, tools, name == "glm4_9b"))
         for prompt in (True, False):
             ours = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=prompt,
@@ -443,6 +445,8 @@ SFT = CONVERSATIONS["tool_calls"][:-1]  # ends on the assistant's answer after t
     ("glm45", ["\n<think>Two calls.</think>\nLet me check.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
                "<arg_value>上海</arg_value>\n</tool_call>",
                "\n<think>Summarise.</think>\nSunny in Beijing, cloudy in Shanghai."]),
+    ("glm47", ["Two calls.</think>Let me check.<tool_call>get_weather<arg_key>city</arg_key><arg_value>上海"
+               "</arg_value></tool_call>", "Summarise.</think>Sunny in Beijing, cloudy in Shanghai."]),
     ("glm4_9b", ['\nLet me check.<|assistant|>get_weather\n{"city": "上海"}',
                  "\nSunny in Beijing, cloudy in Shanghai."]),
     ("sentencepiece", ["\n Let me check.<|assistant|>get_weather\n ```python\ntool_call(city='上海')\n```",
@@ -459,3 +463,23 @@ def test_assistant_mask_covers_exactly_what_the_assistant_writes(built, name, ex
     ids, mask = tok.assistant_mask(CONVERSATIONS["multi_turn"] + [{"role": "assistant", "content": "Verse 2."}])
     runs = masked_runs(tok, ids, mask)
     assert len(runs) == 2 and "The first verse" not in "".join(runs)
+
+
+def test_glm47_reply_after_a_prompt_that_opened_thinking(built):
+    tok = load_tokenizer(built["glm47"])
+    assert tok.reply_format == "glm45"
+    prompt = tok.apply_chat_template(CONVERSATIONS["multi_turn"], tools=TOOLS)
+    assert tok.decode(prompt).endswith("<|assistant|><think>")
+    assert tok.decode(tok.apply_chat_template(CONVERSATIONS["multi_turn"], enable_thinking=False)).endswith(
+        "<|assistant|></think>")
+    reply = ("The user wants the next verse.</think>Looking it up.<tool_call>search<arg_key>q</arg_key>"
+             "<arg_value>Genesis 1:2</arg_value></tool_call>")
+    expected = {"content": "Looking it up.", "reasoning_content": "The user wants the next verse.",
+                "tool_calls": [{"type": "function", "function": {"name": "search",
+                                                                 "arguments": {"q": "Genesis 1:2"}}}]}
+    ids = tok.encode(reply, add_special_tokens=False) + [tok.special_tokens["<|observation|>"]]
+    assert tok.parse_reply(ids, tools=TOOLS) == expected
+    stream = tok.stream_parser(TOOLS, prompt=prompt)
+    events = [e for i in range(0, len(reply), 5) for e in stream.feed(reply[i:i + 5])] + stream.finish()
+    assert [e["type"] for e in events][-1] == "tool_call" and stream.result() == expected
+    assert "".join(e["text"] for e in events if e["type"] == "reasoning") == expected["reasoning_content"]

@@ -7,6 +7,7 @@ three ways, each with the special tokens after the ordinary vocabulary as the re
   glm-4-9b-chat's template and its fourteen special tokens (GLM-4-9B's layout);
 * `glm45/`: `tokenizer.json` with GLM-4.5's added tokens, `chat_template.jinja` (GLM-4.5's), tokenizer_config.json
   and generation_config.json (eos ids);
+* `glm47/`: the same `tokenizer.json` with GLM-4.7's `chat_template.jinja`;
 * `glm_z1/`: the same `tokenizer.json` with the GLM-Z1-0414 template inside tokenizer_config.json.
 """
 
