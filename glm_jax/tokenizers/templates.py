@@ -113,9 +113,11 @@ def _plain(value: Any) -> Any:
     if value is None or type(value) in (str, int, float, bool):
         return value
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
         return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
     if isinstance(value, str):  # subclasses (enums, numpy strings) back to the base type
         return str.__str__(value)
     if isinstance(value, bool):
