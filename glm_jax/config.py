@@ -106,6 +106,15 @@ class GLMConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # DeepSeek sparse attention (glm_moe_dsa, GLM-5; docs/dsa.md): index_topk > 0 gives every MLA layer an indexer
+    # of index_n_heads heads of index_head_dim that picks the index_topk keys each query attends to.
+    # indexer_types: per layer "full" (its own indexer) or "shared" (the previous full layer's choice; transformers'
+    # indexer_types), () = all full. dsa_block: queries per block of the blockwise sparse attention.
+    index_topk: int = 0
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    indexer_types: tuple[str, ...] = ()
+    dsa_block: int = 128
     num_labels: int = 2
     pad_token_id: int | None = 0
     eos_token_ids: tuple[int, ...] = (2,)
@@ -138,6 +147,8 @@ class GLMConfig:
             fail(f"attention_type={self.attention_type!r}, expected one of {ATTENTION_TYPES}")
         if self.is_mla:
             self._check_mla(fail)
+        if self.is_dsa:
+            self._check_dsa(fail)
         for f in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             if int(getattr(self, f)) <= 0:
                 fail(f"{f} must be positive, got {getattr(self, f)}")
@@ -206,6 +217,29 @@ class GLMConfig:
         return self.attention_type == "mla"
 
     @property
+    def is_dsa(self) -> bool:
+        return self.index_topk > 0
+
+    def _check_dsa(self, fail):
+        """DSA fields (transformers' glm_moe_dsa: MLA with a query bottleneck, interleaved rotary over the whole
+        qk_rope_head_dim, which the indexer's first dims share)."""
+        if not self.is_mla or not self.q_lora_rank:
+            fail("index_topk > 0 (DSA) needs attention_type='mla' with q_lora_rank > 0 (the indexer reads its latent)")
+        if self.index_n_heads <= 0 or self.index_head_dim < self.qk_rope_head_dim:
+            fail(f"DSA needs index_n_heads > 0 and index_head_dim >= qk_rope_head_dim, got {self.index_n_heads}, "
+                 f"{self.index_head_dim}")
+        if not self.rope_interleaved or self.rotary_fraction != 1.0:
+            fail("glm_moe_dsa rotates all qk_rope_head_dim dims in interleaved pairs (rope_interleaved=True, "
+                 "rotary_fraction=1.0)")
+        types = tuple(self.indexer_types)
+        if types and (len(types) != self.num_layers or set(types) - {"full", "shared"} or types[0] != "full"):
+            fail(f"indexer_types must name 'full' / 'shared' for each of the {self.num_layers} layers, the first "
+                 f"'full', got {types}")
+        if "shared" in types:
+            fail("'shared' indexer layers (reusing an earlier layer's top-k) are not supported yet")
+        object.__setattr__(self, "indexer_types", () if set(types) <= {"full"} else types)
+
+    @property
     def rotary_dim(self) -> int:
         if self.is_mla:  # only the shared rotary part of an MLA head is rotated
             return int(self.qk_rope_head_dim * self.rotary_fraction)
@@ -232,6 +266,8 @@ class GLMConfig:
     @property
     def model_type(self) -> str:
         """transformers' model_type of this architecture."""
+        if self.is_dsa:
+            return "glm_moe_dsa"
         if self.is_mla:
             return "glm4_moe_lite"
         return "glm4_moe" if self.is_moe else "glm4" if self.sandwich_norm else "glm"
@@ -373,6 +409,9 @@ class GLMConfig:
                 param_dtype=dtype,
                 num_labels=raw.get("num_labels", len(raw.get("id2label") or {}) or 2),
             )
+        elif model_type == "glm_moe_dsa":
+            kw = cls._glm_moe_dsa_kw(raw, source)
+            kw.update(pad_token_id=raw.get("pad_token_id"), eos_token_ids=eos, dtype=dtype, param_dtype=dtype)
         elif model_type == "glm4_moe_lite":
             kw = cls._glm4_moe_lite_kw(raw, source, need)
             kw.update(pad_token_id=raw.get("pad_token_id"), eos_token_ids=eos, dtype=dtype, param_dtype=dtype)
@@ -491,6 +530,8 @@ class GLMConfig:
         if format == "thudm" and (self.is_moe or self.use_qk_norm or not self.rope_interleaved):
             raise ValueError("the THUDM chatglm format holds dense GLM v2 models only; save glm4_moe models as "
                              "format='transformers'")
+        if format == "transformers" and self.is_dsa:
+            return self._glm_moe_dsa_dict()
         if format == "transformers" and self.is_mla:
             return self._glm4_moe_lite_dict()
         if format == "transformers" and self.is_moe:
@@ -663,6 +704,53 @@ class GLMConfig:
             "torch_dtype": self.param_dtype,
         }
 
+    @classmethod
+    def _glm_moe_dsa_kw(cls, raw: dict[str, Any], source: str) -> dict[str, Any]:
+        """GLMConfig fields of a glm_moe_dsa (GLM-5) config.json: glm4_moe_lite's keys (MLA + MoE, both layouts)
+        with GlmMoeDsaConfig's defaults, plus the indexer. Which layers run their own indexer follows transformers:
+        indexer_types, else index_topk_pattern ("F" / "S" per layer), else index_topk_freq /
+        index_skip_topk_offset (absent: every layer)."""
+        raw = {**GLM_MOE_DSA_DEFAULTS, **raw}
+
+        def need(key):
+            if key not in raw:
+                raise KeyError(f"{source}: missing key {key!r} for model_type 'glm_moe_dsa'")
+            return raw[key]
+
+        kw = cls._glm4_moe_lite_kw(raw, source, need)
+        types = raw.get("indexer_types")
+        if types is None and raw.get("index_topk_pattern") is not None:
+            pattern = raw["index_topk_pattern"]
+            types = [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+        elif types is None:
+            freq, offset = max(int(raw.get("index_topk_freq", 1)), 1), int(raw.get("index_skip_topk_offset", 2))
+            types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(kw["num_layers"])]
+        # glm_moe_dsa always rotates in interleaved pairs over the whole rope head (no partial_rotary_factor)
+        kw.update(rope_interleaved=True, rotary_fraction=1.0, index_topk=int(raw["index_topk"]),
+                  index_n_heads=int(raw["index_n_heads"]), index_head_dim=int(raw["index_head_dim"]),
+                  indexer_types=tuple(types))
+        return kw
+
+    def _glm_moe_dsa_dict(self) -> dict[str, Any]:
+        """config.json of transformers' glm_moe_dsa: glm4_moe_lite's keys (both layouts) plus the indexer's."""
+        d = self._glm4_moe_lite_dict()
+        d.pop("partial_rotary_factor")
+        d.update(model_type="glm_moe_dsa", architectures=["GlmMoeDsaForCausalLM"],
+                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                 index_topk=self.index_topk, index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
+                 indexer_types=list(self.indexer_types or ["full"] * self.num_layers), indexer_rope_interleave=True)
+        return d
+
+
+# transformers' GlmMoeDsaConfig defaults (its docstring checkpoint is zai-org/GLM-5): what a glm_moe_dsa
+# config.json that lacks a key means.
+GLM_MOE_DSA_DEFAULTS = dict(vocab_size=154880, hidden_size=6144, intermediate_size=12288, num_hidden_layers=78,
+                            num_attention_heads=64, q_lora_rank=2048, kv_lora_rank=512, qk_nope_head_dim=192,
+                            qk_rope_head_dim=64, v_head_dim=256, n_routed_experts=256, num_experts_per_tok=8,
+                            n_shared_experts=1, moe_intermediate_size=2048, first_k_dense_replace=3,
+                            routed_scaling_factor=2.5, max_position_embeddings=202752, index_topk=2048,
+                            index_head_dim=128, index_n_heads=32)
+
 
 _CHATGLM = dict(vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696, num_layers=28, num_heads=32,
                 num_kv_heads=2, head_dim=128, norm_eps=1e-5, pad_token_id=0, dtype="bfloat16", param_dtype="bfloat16")
@@ -738,4 +826,28 @@ PRESETS: dict[str, dict[str, Any]] = {
                          num_kv_heads=2, head_dim=32, max_seq_len=512, rope_interleaved=False, use_qk_norm=True,
                          n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=128,
                          first_k_dense_replace=1),
+    # glm-5: zai-org/GLM-5 (transformers glm_moe_dsa; MLA + DSA + MoE, 744B total / 40B active). Values of its
+    #   config.json as two public copies reproduce it (PrimeIntellect-ai/prime-rl
+    #   scripts/glm5_weight_transfer/create_small_glm5.py, "exact GLM-5 dimensions" with fewer layers, and Omni-Infer's
+    #   GLM-5 deployment guide): hidden 6144, 78 layers (3 dense), 64 heads, q_lora_rank 2048, kv_lora_rank 512,
+    #   qk_nope 192 + qk_rope 64, v 256, index_n_heads 32, index_head_dim 128, index_topk 2048, no indexer_types /
+    #   index_topk_freq (every layer runs its indexer), rope_theta 1e6 (default rope), 256 experts top-8 + 1 shared
+    #   of 2048, intermediate 12288, scaling 2.5, n_group 1, vocab 154880, max_position_embeddings 202752, eps 1e-5,
+    #   one MTP layer, pad 154820, eos [154820, 154827, 154829], bfloat16; also transformers' GlmMoeDsaConfig
+    #   defaults (except rope_theta).
+    "glm-5": dict(vocab_size=154880, hidden_size=6144, ffn_hidden_size=12288, num_layers=78, num_heads=64,
+                  num_kv_heads=64, attention_type="mla", q_lora_rank=2048, kv_lora_rank=512, qk_nope_head_dim=192,
+                  qk_rope_head_dim=64, v_head_dim=256, rotary_fraction=1.0, rope_theta=1e6, rope_interleaved=True,
+                  norm_eps=1e-5, max_seq_len=202752, qkv_bias=False, n_routed_experts=256, num_experts_per_tok=8,
+                  n_shared_experts=1, moe_intermediate_size=2048, first_k_dense_replace=3, n_group=1, topk_group=1,
+                  norm_topk_prob=True, routed_scaling_factor=2.5, num_mtp_layers=1, index_topk=2048,
+                  index_n_heads=32, index_head_dim=128, pad_token_id=154820, eos_token_ids=(154820, 154827, 154829),
+                  dtype="bfloat16", param_dtype="bfloat16"),
+    # A small DSA model for tests: glm-mla-test's layout plus an indexer that keeps 8 keys per query.
+    "glm-dsa-test": dict(vocab_size=512, hidden_size=64, ffn_hidden_size=160, num_layers=3, num_heads=4,
+                         attention_type="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                         qk_rope_head_dim=8, v_head_dim=16, rotary_fraction=1.0, max_seq_len=256, qkv_bias=False,
+                         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                         first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.5,
+                         index_topk=8, index_n_heads=4, index_head_dim=16, dsa_block=16),
 }

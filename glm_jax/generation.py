@@ -168,7 +168,8 @@ def _cache_constraint(cache, mesh, rules):
              2: ("cache_batch", "cache_length"), 1: ("cache_batch",), 0: ()}
 
     # MLA's latent cache [L, B, T, kv_lora + rope] (docs/mla.md) is named, not told apart by its rank
-    by_name = {"cached_latent": ("layers", "cache_batch", "cache_length", "cache_latent")}
+    by_name = {"cached_latent": ("layers", "cache_batch", "cache_length", "cache_latent"),
+               "cached_index_key": ("layers", "cache_batch", "cache_length", None)}  # DSA, docs/dsa.md
 
     def one(path, x):
         axes = by_name.get(getattr(path[-1], "key", None), names.get(x.ndim))

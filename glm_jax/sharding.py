@@ -40,6 +40,10 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # vector per token that every head reads, so it stays whole.
     ("q_lora", None),
     ("kv_lora", None),
+    # DSA indexer (glm_jax/model/layers/dsa.py): its query heads over tensor like the attention heads (the head
+    # sum of its scores is then a reduction over tensor); its one key head stays whole.
+    ("index_heads", "tensor"),
+    ("index_head_dim", None),
     ("layers", None),
     ("norm", None),
     ("labels", None),

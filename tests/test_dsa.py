@@ -13,7 +13,11 @@ import torch
 import transformers
 from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as hf_dsa
 
+from safetensors.numpy import load_file as np_load_file
+
 from hf_models import left_padded_batch, randomize
+from glm_jax import GLMConfig, GLMForCausalLM, init_cache, load_hf, save_hf
+from glm_jax import generation as G
 from glm_jax.model.layers import dsa
 from glm_jax.model.layers.embeddings import apply_rotary, rotary_cos_sin
 
@@ -135,3 +139,146 @@ def test_sparse_attention_matches_transformers(layer_case, reference, kw):
     np.testing.assert_array_equal(np.asarray(again), np.asarray(out))
     other, _ = _ours(layer_case, reference, chosen=(chosen[0][:, ::-1], chosen[1][:, ::-1]), **kw)
     assert rel_err(np.asarray(other)[real], ref_out[real]) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------ the whole model
+def tiny_dsa_model(seed=0, confident=False, **kw):
+    """A random fp32 GlmMoeDsaForCausalLM (every weight, norm scale / bias and router correction bias random).
+    confident=True scales projections to ~unit variance (peaked next-token distributions, for generation)."""
+    g = torch.Generator().manual_seed(seed)
+    model = transformers.GlmMoeDsaForCausalLM(tiny_dsa_config(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif not confident:
+                p.copy_(0.2 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise * 1.2 / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=g))
+    return model.eval()
+
+
+def torch_logits(model, ids, mask, pos):
+    with torch.no_grad():
+        return model(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)).logits.numpy()
+
+
+_APPLY = {}
+
+
+def forward(cfg, params, ids, mask):
+    if cfg not in _APPLY:
+        _APPLY[cfg] = jax.jit(lambda p, i, m: GLMForCausalLM(cfg).apply({"params": p}, i, attention_mask=m))
+    return np.asarray(_APPLY[cfg](params, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    ref = tiny_dsa_model(seed=3)
+    d = tmp_path_factory.mktemp("dsa") / "hf"
+    ref.save_pretrained(d)
+    return ref, d
+
+
+def test_logits_match_transformers(saved):
+    ref, d = saved
+    cfg, params = load_hf(d)
+    assert cfg.is_dsa and cfg.index_topk == TOPK and cfg.model_type == "glm_moe_dsa"
+    ids, mask, pos = left_padded_batch([16, 11, 6], 16, cfg.vocab_size, seed=5)
+    real = mask.astype(bool)
+    theirs = torch_logits(ref, ids, mask, pos)
+    ours = forward(cfg.replace(dsa_block=3), params, ids, mask)  # query blocks that do not divide the sequence
+    assert rel_err(ours[real], theirs[real]) < 1e-4
+    # Sparsity is active: with a top-k as long as the sequence (dense attention) the logits differ.
+    dense = forward(cfg.replace(index_topk=16), params, ids, mask)
+    assert rel_err(dense[real], theirs[real]) > 1e-2
+
+
+def test_decode_cache_matches_full_forward(saved):
+    _, d = saved
+    cfg, params = load_hf(d)
+    model = GLMForCausalLM(cfg)
+    ids, mask, _ = left_padded_batch([14, 9], 14, cfg.vocab_size, seed=6)
+    full = forward(cfg, params, ids, mask)
+    cache = init_cache(model, 2, 16)
+    shapes = {k: v.shape for k, v in cache["model"].items()}
+    assert shapes["cached_index_key"] == (cfg.num_layers, 2, 16, cfg.index_head_dim)
+    apply = jax.jit(lambda c, x, m: model.apply({"params": params, "cache": c}, x, attention_mask=m, decode=True,
+                                                mutable=["cache"]))
+    out, v = apply(cache, jnp.asarray(ids[:, :8]), jnp.asarray(mask[:, :8]))
+    real = mask[:, :8] == 1
+    np.testing.assert_allclose(np.asarray(out)[real], full[:, :8][real], atol=1e-4, rtol=1e-4)
+    for t in range(8, 14):  # later steps see more than index_topk visible keys: the selection matters
+        out, v = apply(v["cache"], jnp.asarray(ids[:, t:t + 1]), None)
+        np.testing.assert_allclose(np.asarray(out)[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    ref = tiny_dsa_model(seed=4, confident=True, vocab_size=256)
+    ref.save_pretrained(tmp_path)
+    cfg, params = load_hf(tmp_path)
+    model = GLMForCausalLM(cfg)
+    rng = np.random.RandomState(8)
+    lengths = [11, 4, 7]
+    ids, mask = np.zeros((3, 11), np.int64), np.zeros((3, 11), np.int64)
+    for r, n in enumerate(lengths):
+        ids[r, -n:], mask[r, -n:] = rng.randint(3, 256, n), 1
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12,
+                              do_sample=False, pad_token_id=0).numpy()
+    ours = G.generate(model, params, ids, mask, max_new_tokens=12, stop_ids=())
+    assert len(set(theirs[:, -12:].ravel().tolist())) > 6  # not degenerate
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_save_hf_round_trip(tmp_path, saved):
+    ref, d = saved
+    cfg, params = load_hf(d)
+    out = save_hf(cfg, params, tmp_path / "ours")
+    written, source = np_load_file(str(out / "model.safetensors")), np_load_file(str(d / "model.safetensors"))
+    assert any(".indexer.k_norm.bias" in k for k in written)
+    assert sorted(written) == sorted(source)
+    for name, value in source.items():
+        np.testing.assert_array_equal(written[name], value, err_msg=name)
+    again = transformers.GlmMoeDsaForCausalLM.from_pretrained(out).eval()
+    again.config._attn_implementation = "eager"
+    ids, mask, pos = left_padded_batch([12, 7], 12, cfg.vocab_size, seed=9)
+    real = mask.astype(bool)
+    assert rel_err(forward(cfg, params, ids, mask)[real], torch_logits(again, ids, mask, pos)[real]) < 1e-4
+    cfg2, _ = load_hf(out)
+    assert cfg2 == cfg
+
+
+def test_config_layouts_and_presets():
+    # transformers 5's layout (what save_pretrained writes) and the published one (first_k_dense_replace, no
+    # mlp_layer_types / indexer_types, top-level keys) read the same.
+    ours = GLMConfig.from_hf_dict(tiny_dsa_config().to_dict())
+    published = dict(model_type="glm_moe_dsa", hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
+                     kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=8,
+                     index_head_dim=16, index_topk=TOPK, n_routed_experts=4, num_experts_per_tok=2,
+                     n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                     max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                     indexer_rope_interleave=True, rope_interleave=True, vocab_size=96, pad_token_id=0,
+                     eos_token_id=[2], routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-5)
+    assert GLMConfig.from_hf_dict(published) == ours
+    assert ours.indexer_types == () and ours.num_dense_layers == 1 and ours.rope_interleaved
+    # Which layers run an indexer follows transformers (pattern / frequency keys); "shared" ones are refused.
+    for extra in (dict(index_topk_pattern="FS"), dict(index_topk_freq=2, index_skip_topk_offset=1)):
+        hf = transformers.GlmMoeDsaConfig(**{**published, **extra})
+        assert "shared" in hf.indexer_types
+        with pytest.raises(ValueError, match="shared"):
+            GLMConfig.from_hf_dict({**published, **extra})
+    glm5 = GLMConfig.from_preset("glm-5")
+    assert (glm5.model_type, glm5.num_layers, glm5.index_topk, glm5.index_n_heads, glm5.index_head_dim,
+            glm5.head_dim) == ("glm_moe_dsa", 78, 2048, 32, 128, 256)
+    written = glm5.to_hf_dict()
+    assert GLMConfig.from_hf_dict(written).replace(name="glm-5") == glm5
+    hf5 = transformers.GlmMoeDsaConfig(**{k: v for k, v in written.items() if k != "torch_dtype"})
+    assert (hf5.index_topk, hf5.indexer_types, hf5.qk_head_dim) == (2048, ["full"] * 78, 256)

@@ -217,6 +217,12 @@ def _mla_entries(cfg: GLMConfig, attn: tuple[str, ...], offset: int) -> list[Ent
         if bias:
             e.append(Entry(attn + (ours, "bias"), sa + theirs + ".bias", "bias", offset=offset))
     norms = [("kv_a_norm", "kv_a_layernorm")] + ([("q_a_norm", "q_a_layernorm")] if cfg.q_lora_rank else [])
+    if cfg.is_dsa:  # glm_moe_dsa's indexer (glm_jax/model/layers/dsa.py, docs/dsa.md)
+        ix, ixs = attn + ("indexer",), sa + "indexer."
+        e += [Entry(ix + (ours, "kernel"), ixs + ours + ".weight", "linear", offset=offset)
+              for ours in ("wq_b", "wk", "weights_proj")]
+        e += [Entry(ix + ("k_norm", "scale"), ixs + "k_norm.weight", offset=offset),
+              Entry(ix + ("k_norm", "bias"), ixs + "k_norm.bias", offset=offset)]
     return e + [Entry(attn + (ours, "scale"), sa + theirs + ".weight", offset=offset) for ours, theirs in norms]
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = ("model", "prefix")
 FORMAT_OF_MODEL_TYPE = {"chatglm": "thudm", "glm": "transformers", "glm4": "transformers", "glm4_moe": "transformers",
-                        "glm4_moe_lite": "transformers"}
+                        "glm4_moe_lite": "transformers", "glm_moe_dsa": "transformers"}
 # A stacked parameter larger than this is assembled on its device(s) one layer at a time (the host holds one
 # layer's slice, never the stack: a MoE layer's experts are most of the model).
 STREAM_MIN_BYTES = 256 * 2**20

@@ -134,12 +134,17 @@ def mla_attention(cfg: GLMConfig, decode: bool, prefill: bool) -> MLA:
                qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, use_bias=cfg.qkv_bias,
                rope_interleaved=cfg.rope_interleaved, attention_impl=cfg.attention_impl,
                max_segments=cfg.max_segments, decode=decode, prefill=prefill, dtype=jnp.dtype(cfg.dtype),
+               index_topk=cfg.index_topk, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
+               dsa_block=cfg.dsa_block,
                param_dtype=jnp.dtype(cfg.param_dtype), name="attention")
 
 
 def cache_shapes(cfg: GLMConfig, batch: int, max_len: int) -> dict[str, tuple[int, ...]]:
     """The per-layer key/value buffers of the decode cache, all layers stacked: GQA keeps keys and values of the
     KV groups; MLA (docs/mla.md) one [latent ; rotary key] row of kv_lora_rank + qk_rope_head_dim per token."""
+    if cfg.is_dsa:  # glm_moe_dsa: MLA's latent plus the DSA indexer's key of every token (docs/dsa.md)
+        return {"cached_latent": (cfg.num_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                "cached_index_key": (cfg.num_layers, batch, max_len, cfg.index_head_dim)}
     if cfg.is_mla:
         return {"cached_latent": (cfg.num_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)}
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)

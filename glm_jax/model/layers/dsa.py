@@ -194,3 +194,23 @@ def mla_sparse_attention(q_nope, q_rope, kv, kv_b, index, q_segments, kv_segment
         ctx, chosen = dsa_attention(q, kv.astype(q.dtype), index, q_segments, kv_segments, topk, scale, rank,
                                     q_offset, chosen, block)
     return jnp.einsum("bsnc,cnv->bsnv", ctx.astype(kv_b.dtype), kv_b[..., nope:]), chosen
+
+
+def mla_dsa(mla, x, q_lat, cos, sin, q_nope, q_rope, latent, k_rope, kv_b, scale: float, q_segments, kv_segments,
+            cache_index, cache, layer):
+    """The sparse branch of the MLA layer (`mla` is the calling MLA module: the indexer becomes its submodule
+    "indexer"). Training / prefill: indexer and attention over this call's tokens. Decoding: cache = (cached
+    latent, cached indexer keys), both [L, B, max_len, ...]; the latent was written by the caller, the indexer key
+    is written here, and a step (not a prefill) attends over every cache slot. Returns ([B, S, N, v], cache)."""
+    iq, ik, iw = Indexer(num_heads=mla.index_n_heads, head_dim=mla.index_head_dim, dtype=mla.dtype,
+                         param_dtype=mla.param_dtype, name="indexer")(x, q_lat, cos, sin)
+    kv, q_offset = jnp.concatenate([latent, k_rope.astype(latent.dtype)], -1), 0
+    if mla.decode:
+        keys = jax.lax.dynamic_update_slice(cache[1], ik[None].astype(cache[1].dtype), (layer, 0, cache_index, 0))
+        cache = (cache[0], keys)
+        if not mla.prefill:
+            kv, ik = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache)
+            q_offset = cache_index
+    out, _ = mla_sparse_attention(q_nope, q_rope, kv, kv_b, (iq, ik.astype(iq.dtype), iw), q_segments, kv_segments,
+                                  topk=mla.index_topk, scale=scale, q_offset=q_offset, block=mla.dsa_block)
+    return out, cache

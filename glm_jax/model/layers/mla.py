@@ -43,6 +43,7 @@ import numpy as np
 from flax import linen as nn
 
 from glm_jax.model.layers.attention import dot_product_attention, make_mask
+from glm_jax.model.layers.dsa import mla_dsa
 from glm_jax.model.layers.embeddings import apply_rotary
 from glm_jax.model.layers.linear import Linear
 from glm_jax.model.layers.norms import RMSNorm
@@ -122,6 +123,12 @@ class MLA(nn.Module, kw_only=True):
     max_segments: int = 0
     decode: bool = False
     prefill: bool = False
+    # DSA (glm_moe_dsa, docs/dsa.md): index_topk > 0 adds the indexer; attention then covers its top-k keys only
+    # (layers/dsa.py, `mla_dsa`), and decoding caches the indexer keys too: cache = (latent, indexer keys).
+    index_topk: int = 0
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    dsa_block: int = 128
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -140,7 +147,8 @@ class MLA(nn.Module, kw_only=True):
         qk = nope + rope
         if self.q_lora_rank:
             q_lat = self.linear((self.q_lora_rank,), ("embed", "q_lora"), "q_a", self.use_bias)(x)
-            q = self.linear((n, qk), ("q_lora", "q_heads", "head_dim"), "q_b")(self.norm("q_a_norm")(q_lat))
+            q_lat = self.norm("q_a_norm")(q_lat)  # also the DSA indexer's input
+            q = self.linear((n, qk), ("q_lora", "q_heads", "head_dim"), "q_b")(q_lat)
         else:
             q = self.linear((n, qk), ("embed", "q_heads", "head_dim"), "query")(x)
         q = nn.with_logical_constraint(q, HEADS_AXES)
@@ -155,8 +163,11 @@ class MLA(nn.Module, kw_only=True):
         if self.decode:  # the cache keeps [latent ; rotary key] per token (module docstring)
             new = jnp.concatenate([latent, k_rope.astype(latent.dtype)], -1)
             cache = (jax.lax.dynamic_update_slice(cache[0], new[None].astype(cache[0].dtype),
-                                                  (layer, 0, cache_index, 0)),)
-        if self.decode and not self.prefill:
+                                                  (layer, 0, cache_index, 0)),) + tuple(cache[1:])
+        if self.index_topk:
+            out, cache = mla_dsa(self, x, q_lat, cos, sin, q_nope, q_rope, latent, k_rope, kv_b, scale, q_segments,
+                                 kv_segments, cache_index, cache, layer)
+        elif self.decode and not self.prefill:
             kv = jax.lax.dynamic_index_in_dim(cache[0], layer, 0, keepdims=False)  # [B, max_len, kv_lora + rope]
             mask = make_mask(q_segments, kv_segments, x.shape[1], kv.shape[1], cache_index)
             out = absorbed_attention(q_nope, q_rope, kv, kv_b, mask, scale=scale)
