@@ -285,6 +285,9 @@ class GLMConfig:
             attn += 2 * self.head_dim
         if self.is_mla:
             attn = self._mla_attention_params()
+        if self.is_dsa:  # the indexer: wq_b, wk, k_norm (scale, bias), weights_proj
+            ih, d = self.index_n_heads, self.index_head_dim
+            attn += self.q_lora_rank * ih * d + h * d + 2 * d + h * ih
         block = attn + 3 * h * f + h * (4 if self.sandwich_norm else 2)
         emb = 2 * self.vocab_size * h if include_embedding else 0
         if not self.is_moe:
@@ -307,6 +310,11 @@ class GLMConfig:
         attn = 12 * self.num_layers * seq_len * self.num_heads * self.head_dim
         if self.is_mla:  # q.k over the query/key head, p.v over the value head
             attn = 6 * self.num_layers * seq_len * self.num_heads * (self.head_dim + self.v_head_dim)
+        if self.is_dsa:  # docs/dsa.md: each query attends to at most index_topk keys, in the absorbed (latent) form,
+            # and the indexer scores every key, forward only (it receives no gradient)
+            keys, lat = min(seq_len, self.index_topk), self.kv_lora_rank
+            attn = 6 * self.num_layers * keys * self.num_heads * (2 * lat + self.qk_rope_head_dim)
+            attn += 2 * self.num_layers * seq_len * self.index_n_heads * self.index_head_dim
         return 6 * n + attn
 
     def _mla_attention_params(self) -> int:

@@ -200,6 +200,19 @@ def test_logits_match_transformers(saved):
     assert rel_err(dense[real], theirs[real]) > 1e-2
 
 
+def test_gradients_skip_the_indexer(saved):
+    """Training through DSA: the attention weights get gradients, the indexer none (transformers runs it under
+    no_grad; its top-k is not differentiable)."""
+    _, d = saved
+    cfg, params = load_hf(d)
+    ids, mask, _ = left_padded_batch([16, 10], 16, cfg.vocab_size, seed=7)
+    model = GLMForCausalLM(cfg)
+    loss = lambda p: jnp.sum(model.apply({"params": p}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)) ** 2)  # noqa: E731
+    grads = jax.jit(jax.grad(loss))(params)["model"]["moe_layers"]["attention"]
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["indexer"]))
+    assert all(float(jnp.abs(grads[k]["kernel"]).max()) > 0 for k in ("q_a", "q_b", "kv_a", "kv_b", "out"))
+
+
 def test_decode_cache_matches_full_forward(saved):
     _, d = saved
     cfg, params = load_hf(d)
