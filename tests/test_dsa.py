@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ from safetensors.numpy import load_file as np_load_file
 from hf_models import left_padded_batch, randomize
 from glm_jax import GLMConfig, GLMForCausalLM, init_cache, load_hf, save_hf
 from glm_jax import generation as G
+from glm_jax.model import cache_specs
 from glm_jax.model.layers import dsa
 from glm_jax.model.layers.embeddings import apply_rotary, rotary_cos_sin
 
@@ -295,3 +296,8 @@ def test_config_layouts_and_presets():
     assert GLMConfig.from_hf_dict(written).replace(name="glm-5") == glm5
     hf5 = transformers.GlmMoeDsaConfig(**{k: v for k, v in written.items() if k != "torch_dtype"})
     assert (hf5.index_topk, hf5.indexer_types, hf5.qk_head_dim) == (2048, ["full"] * 78, 256)
+    # GLM-5's decode cache per token, from the cache's own arrays (docs/dsa.md): 78 x (512 + 64) latent values
+    # plus 78 x 128 indexer-key values, bf16.
+    specs = cache_specs(GLMForCausalLM(glm5), 1, 4)["model"]
+    per_token = {k: math.prod(v.shape) * v.dtype.itemsize // 4 for k, v in specs.items() if k.startswith("cached")}
+    assert per_token == {"cached_latent": 89856, "cached_index_key": 19968}

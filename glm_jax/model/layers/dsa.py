@@ -13,7 +13,7 @@ are never chosen; the top `index_topk` of the rest are. The indexer is not train
 Attention over the chosen keys runs in MLA's absorbed form: one shared key/value head per token (the latent
 [kv_lora_rank] followed by the rope key [qk_rope_head_dim]; the values are the latent) and queries already
 multiplied into the latent space, so a gather of top-k keys is [q_block, topk, kv_lora_rank + rope] whatever the
-number of heads. Two paths (docs/mla.md, "DSA"):
+number of heads. Two paths (docs/dsa.md):
   dsa_attention_reference  full [S, T] scores and masks (tests only);
   dsa_attention            queries in blocks: per block the indexer's [q_block, T] scores (one matrix, heads
                            already reduced), top-k, a gather of the chosen keys and a softmax over [heads, topk];
