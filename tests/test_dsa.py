@@ -301,3 +301,30 @@ def test_config_layouts_and_presets():
     specs = cache_specs(GLMForCausalLM(glm5), 1, 4)["model"]
     per_token = {k: math.prod(v.shape) * v.dtype.itemsize // 4 for k, v in specs.items() if k.startswith("cached")}
     assert per_token == {"cached_latent": 89856, "cached_index_key": 19968}
+
+
+def _shapes(jaxpr, out):
+    """Every output shape of every equation, sub-jaxprs (lax.map's scan, jit) included."""
+    for eqn in jaxpr.eqns:
+        out += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    _shapes(sub, out)
+    return out
+
+
+def test_blockwise_path_builds_no_sequence_square():
+    """The blockwise path never holds a [S, T] matrix (per head or not); the reference path does."""
+    b, s, n, c, h, d, topk = 1, 96, 4, 24, 2, 8, 8
+    args = (jnp.zeros((b, s, n, c)), jnp.zeros((b, s, c)),
+            (jnp.zeros((b, s, h, d)), jnp.zeros((b, s, d)), jnp.zeros((b, s, h))), jnp.ones((b, s), jnp.int32),
+            jnp.ones((b, s), jnp.int32), topk, 0.1, 16)
+
+    def squares(fn):
+        shapes = _shapes(jax.make_jaxpr(fn)(*args[:5]).jaxpr, [])
+        return [x for x in shapes if list(x).count(s) >= 2]
+
+    assert squares(lambda *a: dsa.dsa_attention(*a, *args[5:], block=32)) == []
+    assert squares(lambda *a: dsa.dsa_attention_reference(*a, *args[5:]))
