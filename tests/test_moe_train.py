@@ -151,7 +151,7 @@ def test_train_py_moe_run_logs_load_and_moves_the_bias(tmp_path):
 
     from test_train_run import train
 
-    train(tmp_path, "model.preset=glm-moe-test", "train.steps=3", "train.grad_accum=2", "train.eval_every=0",
+    train(tmp_path, "model.preset=glm-moe-test", "train.steps=3", "data.eval_fraction=0", "train.eval_every=0",
           "checkpoint.every=3", f"train.moe_bias_update_rate={RATE}", "train.moe_balance_loss=0.01")
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
@@ -164,3 +164,17 @@ def test_train_py_moe_run_logs_load_and_moves_the_bias(tmp_path):
     steps_taken = bias / RATE
     np.testing.assert_allclose(steps_taken, np.round(steps_taken), atol=1e-4)
     assert np.abs(bias).max() > 0 and np.abs(bias).max() <= 3 * RATE + 1e-7
+
+
+def test_dense_model_sows_nothing_and_its_step_is_unchanged():
+    from flax import linen as nn
+
+    from glm_jax import GLMConfig, param_specs
+
+    model = GLMForCausalLM(GLMConfig.from_preset("glm-test"))
+    shapes = nn.unbox(param_specs(model))
+    _, sown = jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros((2, 8), jnp.int32),
+                                                   mutable=["intermediates"]), shapes)
+    assert sown == {}
+    tx, schedule = make_optimizer(TrainSection())
+    assert not StepBuilder(model, tx, schedule, "lm", moe_bias_update_rate=RATE).moe  # applies without `mutable`

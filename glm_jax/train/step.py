@@ -169,10 +169,10 @@ class StepBuilder:
             obj, aux = self.sums(eff, mb, moe_stats=self.moe)
             loss = obj / total
             if self.moe and self.moe_balance_loss:
-                loss = loss + self.moe_balance_loss * sum(r["balance_terms"].sum() for r in aux["moe"].values()) / n_seq
+                loss = loss + self.moe_balance_loss * balance_sum(aux["moe"]) / n_seq
             return loss, aux
 
-        grads, aux = self._grads(jax.value_and_grad(micro_loss, has_aux=True), params, frozen, batch)
+        grads, aux = accumulate_grads(micro_loss, params, batch)
         loss = aux["loss_sum"] / jnp.maximum(aux["count"], 1.0)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
@@ -200,27 +200,8 @@ class StepBuilder:
         if self.moe:
             metrics.update(load_metrics(aux["moe"]))
             if self.moe_balance_loss:
-                metrics["moe_balance"] = sum(r["balance_terms"].sum() for r in aux["moe"].values()) / n_seq
+                metrics["moe_balance"] = balance_sum(aux["moe"]) / n_seq
         return new_state, metrics
-
-    def _grads(self, grad_fn, params, frozen, batch):
-        """(gradient, aux sums) of the whole batch: its microbatches' summed (scanned when more than one)."""
-        n_micro = jax.tree.leaves(batch)[0].shape[0]
-        if n_micro == 1:
-            (_, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
-            return grads, aux
-
-        def body(carry, mb):
-            g_acc, a_acc = carry
-            (_, aux), g = grad_fn(params, mb)
-            g_acc = jax.tree.map(lambda s, x: s + x.astype(jnp.float32), g_acc, g)
-            return (g_acc, jax.tree.map(jnp.add, a_acc, aux)), None
-
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
-        aux0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), jax.eval_shape(
-            lambda: grad_fn(params, jax.tree.map(lambda x: x[0], batch))[0][1]))
-        (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), batch)
-        return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), aux
 
     def eval_step(self, state, frozen, batch):
         eff = self.effective_params(state["params"], frozen)
@@ -239,6 +220,28 @@ class StepBuilder:
                        out_shardings=repl)
 
 
+def accumulate_grads(loss_fn, params, batch):
+    """(gradient, aux sums) of loss_fn(params, microbatch) -> (loss, aux) over the batch's microbatches (leading
+    axis), summed; scanned when there is more than one."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    n_micro = jax.tree.leaves(batch)[0].shape[0]
+    if n_micro == 1:
+        (_, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        return grads, aux
+
+    def body(carry, mb):
+        g_acc, a_acc = carry
+        (_, aux), g = grad_fn(params, mb)
+        g_acc = jax.tree.map(lambda s, x: s + x.astype(jnp.float32), g_acc, g)
+        return (g_acc, jax.tree.map(jnp.add, a_acc, aux)), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    aux0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                        jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], batch))[1]))
+    (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), batch)
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), aux
+
+
 def router_stats(variables) -> dict:
     """{router path ("model/moe_layers/mlp/router"): {"expert_counts": [L, E], "balance_terms": [L]}} from the
     "intermediates" the routers sowed (layers/moe.py; stacked over the layers of a scan, [E] / [] unstacked).
@@ -249,6 +252,11 @@ def router_stats(variables) -> dict:
         name = keys[-2]  # sow appends to a tuple: the last key is its index
         out.setdefault("/".join(keys[:-2]), {})[name] = leaf.astype(jnp.float32)
     return out
+
+
+def balance_sum(stats: dict) -> jax.Array:
+    """The sequence-wise balance terms (layers/moe.py, load_stats) summed over the layers and sequences."""
+    return sum(jnp.sum(r["balance_terms"]) for r in stats.values())
 
 
 def _layer_order(router_path: str):
