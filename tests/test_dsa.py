@@ -35,7 +35,8 @@ def tiny_dsa_config(**kw):
                 num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
                 qk_rope_head_dim=8, v_head_dim=8, index_n_heads=8, index_head_dim=16, index_topk=TOPK,
                 n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
-                topk_group=1, max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                topk_group=1, max_position_embeddings=64,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                 pad_token_id=0, eos_token_id=[2])
     cfg = transformers.GlmMoeDsaConfig(**{**base, **kw})
     cfg._attn_implementation = "eager"
@@ -167,7 +168,8 @@ def tiny_dsa_model(seed=0, confident=False, **kw):
 
 def torch_logits(model, ids, mask, pos):
     with torch.no_grad():
-        return model(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)).logits.numpy()
+        out = model(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+    return out.logits.numpy()
 
 
 _APPLY = {}
@@ -208,7 +210,10 @@ def test_gradients_skip_the_indexer(saved):
     cfg, params = load_hf(d)
     ids, mask, _ = left_padded_batch([16, 10], 16, cfg.vocab_size, seed=7)
     model = GLMForCausalLM(cfg)
-    loss = lambda p: jnp.sum(model.apply({"params": p}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)) ** 2)  # noqa: E731
+
+    def loss(p):
+        return jnp.sum(model.apply({"params": p}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)) ** 2)
+
     grads = jax.jit(jax.grad(loss))(params)["model"]["moe_layers"]["attention"]
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["indexer"]))
     assert all(float(jnp.abs(grads[k]["kernel"]).max()) > 0 for k in ("q_a", "q_b", "kv_a", "kv_b", "out"))
