@@ -171,7 +171,9 @@ def dsa_attention(q, kv, index, q_segments, kv_segments, topk: int, scale: float
         return latent_attention(qb, gathered, seen[:, :, None, :], scale, value_dim), (idx, visible)
 
     given = (index[0], index[2]) if chosen is None else chosen
-    out, picked = jax.lax.map(one, (jnp.arange(n_blocks), blocks(q), blocks(q_segments),
+    # Each block is recomputed in the backward pass (jax.checkpoint): what a block keeps for it is its inputs, not
+    # its gathered keys [B, block, K, C] and probabilities, which summed over blocks would be O(S * K) per layer.
+    out, picked = jax.lax.map(jax.checkpoint(one), (jnp.arange(n_blocks), blocks(q), blocks(q_segments),
                                     jax.tree.map(blocks, given)))
     return unblock(out), jax.tree.map(unblock, picked)
 
