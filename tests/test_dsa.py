@@ -16,6 +16,7 @@ from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as hf_dsa
 from safetensors.numpy import load_file as np_load_file
 
 from hf_models import left_padded_batch, randomize
+from test_moe import _add_mtp_layer
 from glm_jax import GLMConfig, GLMForCausalLM, init_cache, load_hf, save_hf
 from glm_jax import generation as G
 from glm_jax.model import cache_specs
@@ -272,6 +273,18 @@ def test_save_hf_round_trip(tmp_path, saved):
     assert rel_err(forward(cfg, params, ids, mask)[real], torch_logits(again, ids, mask, pos)[real]) < 1e-4
     cfg2, _ = load_hf(out)
     assert cfg2 == cfg
+    # An MTP layer (GLM-5 ships one: model.layers.{L}, with its own indexer) loads and is written back.
+    src = tmp_path / "mtp"
+    ref.save_pretrained(src)
+    mtp = _add_mtp_layer(src, ref)
+    cfg3, params3 = load_hf(src)
+    n = cfg3.num_layers
+    assert cfg3.num_mtp_layers == 1
+    wk = params3["model"]["mtp"]["block"]["attention"]["indexer"]["wk"]["kernel"][0]
+    np.testing.assert_array_equal(np.asarray(wk), mtp[f"model.layers.{n}.self_attn.indexer.wk.weight"].T)
+    written = np_load_file(str(save_hf(cfg3, params3, tmp_path / "ours_mtp") / "model.safetensors"))
+    for name, value in mtp.items():
+        np.testing.assert_array_equal(written[name], value, err_msg=name)
 
 
 def test_config_layouts_and_presets():
@@ -295,6 +308,22 @@ def test_config_layouts_and_presets():
         with pytest.raises(ValueError, match="shared"):
             GLMConfig.from_hf_dict({**published, **extra})
     glm5 = GLMConfig.from_preset("glm-5")
+    # zai-org/GLM-5's config.json (the key set its public copies show, see the preset's comment) is the preset.
+    published_glm5 = {
+        "architectures": ["GlmMoeDsaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "dtype": "bfloat16", "eos_token_id": [154820, 154827, 154829], "ep_size": 1, "first_k_dense_replace": 3,
+        "hidden_act": "silu", "head_dim": 64, "hidden_size": 6144, "index_head_dim": 128, "index_n_heads": 32,
+        "index_topk": 2048, "indexer_rope_interleave": True, "initializer_range": 0.02, "intermediate_size": 12288,
+        "kv_lora_rank": 512, "max_position_embeddings": 202752, "model_type": "glm_moe_dsa",
+        "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 256,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 64, "num_experts_per_tok": 8,
+        "num_hidden_layers": 78, "num_key_value_heads": 64, "num_nextn_predict_layers": 1, "pad_token_id": 154820,
+        "pretraining_tp": 1, "q_lora_rank": 2048, "qk_head_dim": 256, "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64, "rms_norm_eps": 1e-05, "rope_interleave": True,
+        "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"}, "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid", "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc",
+        "use_cache": True, "v_head_dim": 256, "vocab_size": 154880}
+    assert GLMConfig.from_hf_dict(published_glm5).replace(name="glm-5") == glm5
     assert (glm5.model_type, glm5.num_layers, glm5.index_topk, glm5.index_n_heads, glm5.index_head_dim,
             glm5.head_dim) == ("glm_moe_dsa", 78, 2048, 32, 128, 256)
     written = glm5.to_hf_dict()
