@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-# Leave GPU memory to PyTorch, which runs in the same process after JAX.
+# Leave GPU memory to PyTorch, which runs in the same process between JAX's rows.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 try:  # run from a checkout without installing
@@ -89,10 +89,10 @@ SHAPES = {
 
 def make_weights(s: dict, seed: int = 0) -> dict:
     """Random weights in transformers' layout (Glm4MoeMoE state dict names), float32."""
-    rng = np.random.RandomState(seed)
+    rng = np.random.default_rng(seed)  # float32 draws: the GLM-4.5-Air experts are 2.2G values
     h, i, e, f = s["hidden"], s["intermediate"], s["experts"], s["intermediate"] * s["shared"]
-    n = lambda *shape, fan: (rng.randn(*shape) / np.sqrt(fan)).astype(np.float32)  # noqa: E731
-    return {"gate.weight": n(e, h, fan=h), "gate.e_score_correction_bias": (0.01 * rng.randn(e)).astype(np.float32),
+    n = lambda *shape, fan: rng.standard_normal(shape, np.float32) * np.float32(fan ** -0.5)  # noqa: E731
+    return {"gate.weight": n(e, h, fan=h), "gate.e_score_correction_bias": n(e, fan=1e4),
             "experts.gate_up_proj": n(e, 2 * i, h, fan=h), "experts.down_proj": n(e, h, i, fan=i),
             "shared_experts.gate_proj.weight": n(f, h, fan=h), "shared_experts.up_proj.weight": n(f, h, fan=h),
             "shared_experts.down_proj.weight": n(h, f, fan=f)}
@@ -100,7 +100,7 @@ def make_weights(s: dict, seed: int = 0) -> dict:
 
 def round_to(w: dict, dtype) -> dict:
     """Every weight rounded to the benchmark dtype (kept float32), so both stacks hold the same values."""
-    return {k: v if k.endswith("bias") else np.asarray(jnp.asarray(v, dtype).astype(jnp.float32)) for k, v in w.items()}
+    return {k: v if k.endswith("bias") else v.astype(dtype).astype(np.float32) for k, v in w.items()}
 
 
 def jax_params(w: dict, s: dict, dtype) -> dict:
@@ -108,9 +108,8 @@ def jax_params(w: dict, s: dict, dtype) -> dict:
     e, i, h = s["experts"], s["intermediate"], s["hidden"]
     gate_up = w["experts.gate_up_proj"].reshape(e, 2, i, h).transpose(0, 3, 1, 2)  # [E, H, 2, I], gate first
     shared_wi = np.stack([w["shared_experts.gate_proj.weight"].T, w["shared_experts.up_proj.weight"].T], axis=1)
-    c = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-    return {"router": {"kernel": c(w["gate.weight"].T),
-                       "e_score_correction_bias": jnp.asarray(w["gate.e_score_correction_bias"])},
+    c = lambda x: np.ascontiguousarray(x).astype(dtype)  # noqa: E731  (host arrays: device_put places them)
+    return {"router": {"kernel": c(w["gate.weight"].T), "e_score_correction_bias": w["gate.e_score_correction_bias"]},
             "experts": {"wi": c(gate_up), "wo": c(w["experts.down_proj"].transpose(0, 2, 1))},
             "shared_experts": {"wi": {"kernel": c(shared_wi)},
                                "wo": {"kernel": c(w["shared_experts.down_proj.weight"].T)}}}
@@ -317,7 +316,8 @@ def torch_module(s: dict, w: dict, impl: str, dtype: str, device: str):
     module = Glm4MoeMoE(cfg)
     module.load_state_dict({k: torch.from_numpy(v) for k, v in w.items()}, strict=True)
     module = module.to(device=device, dtype=getattr(torch, dtype))
-    module.gate.e_score_correction_bias.data = module.gate.e_score_correction_bias.data.float()  # fp32, as ours
+    bias = torch.from_numpy(w["gate.e_score_correction_bias"]).to(device)
+    module.gate.e_score_correction_bias.data = bias  # fp32 whatever the dtype, as ours
     return module
 
 
@@ -434,19 +434,18 @@ def header(jdev, tdev, s: dict) -> dict:
 def run_tokens(s: dict, w: dict, tokens: int, args, jdev, tdev, platforms) -> tuple[list, list]:
     """Every row and check at one token count."""
     dtype = DTYPES[s["dtype"]]
-    rng = np.random.RandomState(tokens)
-    x_np = np.asarray(jnp.asarray(rng.randn(1, tokens, s["hidden"]), dtype).astype(jnp.float32))
-    dout_np = np.asarray(jnp.asarray(rng.randn(1, tokens, s["hidden"]), dtype).astype(jnp.float32))
+    rng = np.random.default_rng(tokens)
+    x_np, dout_np = (rng.standard_normal((1, tokens, s["hidden"]), np.float32).astype(dtype).astype(np.float32)
+                     for _ in range(2))
     ref = torch_reference(s, w, x_np, dout_np, tdev) if tdev else None
     params = jax.device_put(jax_params(w, s, dtype), jdev)
-    x = jax.device_put(jnp.asarray(x_np, dtype), jdev)
-    dout = jax.device_put(jnp.asarray(dout_np), jdev)
+    x, dout = jax.device_put(x_np.astype(dtype), jdev), jax.device_put(dout_np, jdev)
     rows, checks = [], []
     gather_gib = tokens * s["top_k"] * 3 * s["hidden"] * s["intermediate"] * jnp.dtype(dtype).itemsize / 2**30
     for impl in args.impls:
         if JAX_IMPLS[impl][0] == "gather" and gather_gib > args.max_gather_gib:
             rows.append({"impl": "glm_jax gather", "tokens": tokens,
-                         "skipped": f"gathers {gather_gib:.0f} GiB of expert weights (> --max-gather-gib)"})
+                         "skipped": f"gathers {gather_gib:.3g} GiB of expert weights (> --max-gather-gib)"})
             continue
         try:
             row, check = bench_jax_impl(s, impl, params, x, dout, args.iters, ref, platforms)
