@@ -18,6 +18,6 @@ print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__v
   train) run train_packed_mask $PY benchmarks/train_step.py --json "$OUT/train_packed_mask.json"
          run train_packed_cudnn $PY benchmarks/train_step.py --max-segments 16 --no-torch --json "$OUT/train_packed_cudnn.json"
          run train_causal $PY benchmarks/train_step.py --no-segments --no-torch --json "$OUT/train_causal.json" ;;
-  moe) run moe_air $PY benchmarks/moe.py --shape glm-4.5-air --json "$OUT/moe_air.json" ;;  # GLM-4.5-Air expert layer
+  moe) T=${T:-600} run moe_air $PY benchmarks/moe.py --shape glm-4.5-air --json "$OUT/moe_air.json" ;;  # GLM-4.5-Air expert layer
   *) log "unknown step $what" ;;
 esac; done

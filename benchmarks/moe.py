@@ -431,14 +431,13 @@ def header(jdev, tdev, s: dict) -> dict:
     return h
 
 
-def run_tokens(s: dict, w: dict, tokens: int, args, jdev, tdev, platforms) -> tuple[list, list]:
+def run_tokens(s: dict, w: dict, params, tokens: int, args, jdev, tdev, platforms) -> tuple[list, list]:
     """Every row and check at one token count."""
     dtype = DTYPES[s["dtype"]]
     rng = np.random.default_rng(tokens)
     x_np, dout_np = (rng.standard_normal((1, tokens, s["hidden"]), np.float32).astype(dtype).astype(np.float32)
                      for _ in range(2))
     ref = torch_reference(s, w, x_np, dout_np, tdev) if tdev else None
-    params = jax.device_put(jax_params(w, s, dtype), jdev)
     x, dout = jax.device_put(x_np.astype(dtype), jdev), jax.device_put(dout_np, jdev)
     rows, checks = [], []
     gather_gib = tokens * s["top_k"] * 3 * s["hidden"] * s["intermediate"] * jnp.dtype(dtype).itemsize / 2**30
@@ -501,9 +500,10 @@ def main(argv=None) -> int:
           f"top-{s['top_k']}, {s['shared']} shared, n_group {s['n_group']}, {s['dtype']}, tokens {s['tokens']}",
           flush=True)
     w = round_to(make_weights(s), DTYPES[s["dtype"]])
+    params = jax.device_put(jax_params(w, s, DTYPES[s["dtype"]]), jdev)
     rows, checks = [], []
     for tokens in s["tokens"]:
-        r, c = run_tokens(s, w, tokens, args, jdev, tdev, platforms)
+        r, c = run_tokens(s, w, params, tokens, args, jdev, tdev, platforms)
         rows, checks = rows + r, checks + c
     print_tables(rows, checks, s, platforms)
     if args.json:
