@@ -18,6 +18,12 @@ print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__v
   train) run train_packed_mask $PY benchmarks/train_step.py --json "$OUT/train_packed_mask.json"
          run train_packed_cudnn $PY benchmarks/train_step.py --max-segments 16 --no-torch --json "$OUT/train_packed_cudnn.json"
          run train_causal $PY benchmarks/train_step.py --no-segments --no-torch --json "$OUT/train_causal.json" ;;
+  train-levers)  # issue 14's sequence-length targets and the levers table, one row each (no torch: the reference is the train rows)
+         run train_remat_full $PY benchmarks/train_step.py --remat full --max-segments 16 --no-torch --json "$OUT/train_remat_full.json"
+         run train_seq8k $PY benchmarks/train_step.py --batch 1 --seq 8192 --max-segments 16 --no-torch --json "$OUT/train_seq8k.json"
+         run train_seq32k $PY benchmarks/train_step.py --batch 1 --seq 32768 --remat full --loss-chunk 2048 --max-segments 16 --no-torch --json "$OUT/train_seq32k.json" ;;
+  decode) T=${T:-600} run decode $PY benchmarks/decode.py --quant 0 8 4 --json "$OUT/decode.json"
+          T=${T:-600} run decode_per_block $PY benchmarks/decode.py --per-block --batch-sizes 1 --no-torch --json "$OUT/decode_per_block.json" ;;
   moe) T=${T:-600} run moe_air $PY benchmarks/moe.py --shape glm-4.5-air --json "$OUT/moe_air.json" ;;  # GLM-4.5-Air expert layer
   *) log "unknown step $what" ;;
 esac; done
