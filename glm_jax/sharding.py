@@ -2,9 +2,11 @@
 
 Modules annotate parameters (`nn.with_logical_partitioning`) and activations (`nn.with_logical_constraint`)
 with names such as "embed" or "mlp"; `LOGICAL_RULES` says which mesh axes each name is split over. The mesh
-has up to four axes: data (pure data parallel), fsdp (data parallel with sharded params/optimizer state),
-sequence (context parallel: activations split along the sequence, params/optimizer state sharded as over fsdp)
-and tensor (Megatron-style model parallel).
+has up to five axes: data (pure data parallel), fsdp (data parallel with sharded params/optimizer state),
+expert (expert parallel: the routed experts split over it, tokens exchanged with all-to-all; for every other
+layer it is one more fsdp-like data-parallel axis, docs/moe.md "Expert parallelism"), sequence (context
+parallel: activations split along the sequence, params/optimizer state sharded as over fsdp) and tensor
+(Megatron-style model parallel).
 """
 
 from __future__ import annotations
@@ -20,17 +22,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 # Logical name -> mesh axes (tuple = split over several). Names not listed stay replicated.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
+    # MoE expert weights [expert, embed, ..., moe_mlp]: experts over the `expert` axis, each expert split like a
+    # dense MLP (embed over fsdp, moe_mlp over tensor); docs/moe.md "Expert parallelism". Listed first: flax
+    # hands out mesh axes in the order of these rules, so the expert dimension takes `expert` before embed can.
+    ("expert", "expert"),
     ("vocab", "tensor"),
-    ("embed", ("fsdp", "sequence")),  # context-parallel shards also hold a slice of every weight, as FSDP does
+    # context-parallel and expert-parallel shards also hold a slice of every weight, as FSDP does; the second
+    # rule serves the routed experts' weights, whose expert dimension already takes the `expert` mesh axis
+    ("embed", ("fsdp", "sequence", "expert")),
+    ("embed", ("fsdp", "sequence")),
     ("mlp", "tensor"),
-    # MoE expert weights [expert, embed, ..., moe_mlp]: for now each expert is split like a dense MLP (embed over
-    # fsdp, moe_mlp over tensor) and the expert axis is whole on every device; an `expert` mesh axis comes later.
-    ("expert", None),
     ("moe_mlp", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -48,27 +54,29 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("labels", None),
     # activations
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp", "expert")),  # expert devices take their own rows (data parallel)
     ("activation_length", "sequence"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
-    ("cache_batch", ("data", "fsdp")),
+    ("cache_batch", ("data", "fsdp", "expert")),
     ("cache_length", None),
     ("cache_latent", None),  # MLA's cached [latent ; rotary key] per token: one row shared by every head
 )
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, devices=None) -> Mesh:
-    """A mesh over `devices` (default: all) with axes (data, fsdp, sequence, tensor).
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, devices=None,
+              expert: int = 1) -> Mesh:
+    """A mesh over `devices` (default: all) with axes (data, fsdp, expert, sequence, tensor).
 
     A size of -1 on one axis takes whatever the others leave. Tensor is the innermost axis so that it maps
-    onto the fastest interconnect (NVLink / neighbouring TPU chips).
+    onto the fastest interconnect (NVLink / neighbouring TPU chips); expert is inside data and fsdp, so that its
+    all-to-all stays among near devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = dict(data=data, fsdp=fsdp, sequence=sequence, tensor=tensor)
+    sizes = dict(data=data, fsdp=fsdp, expert=expert, sequence=sequence, tensor=tensor)
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
         raise ValueError(f"mesh: only one axis may be -1, got {free}")

@@ -428,7 +428,7 @@ def test_expert_parameters_carry_logical_axes():
     assert moe["router"]["e_score_correction_bias"].value.dtype == jnp.float32
     assert boxed["model"]["mtp"]["block"]["mlp"]["experts"]["wi"].names[0] == "layers"
     assert boxed["model"]["layers"]["attention"]["query_norm"]["scale"].names == ("layers", "norm")
-    assert tuple(logical_to_spec(("expert", "embed", None, "moe_mlp"))) == (None, ("fsdp", "sequence"), None,
+    assert tuple(logical_to_spec(("expert", "embed", None, "moe_mlp"))) == ("expert", ("fsdp", "sequence"), None,
                                                                                "tensor")
     assert dataclasses.replace(cfg, n_routed_experts=0, num_mtp_layers=0).num_moe_layers == 0
 

@@ -115,6 +115,9 @@ class MeshSection:
     fsdp: int = 1
     sequence: int = 1
     tensor: int = 1  # one of data/fsdp may be -1: all devices the others leave
+    # expert parallelism (MoE): routed experts split over it, tokens exchanged by all-to-all; every other layer
+    # treats it as one more FSDP-like data-parallel axis (its devices take their own rows). docs/moe.md
+    expert: int = 1
 
 
 @dataclasses.dataclass
@@ -376,8 +379,11 @@ def validate_static(cfg: Config) -> None:
         raise ConfigError(f"mesh.{'sequence' if m.sequence == -1 else 'tensor'}: -1 is only allowed for data or fsdp")
     if d.seq_len % m.sequence:
         raise ConfigError(f"data.seq_len: {d.seq_len} is not divisible by mesh.sequence={m.sequence}")
+    if m.expert < 1:
+        raise ConfigError(f"mesh.expert: must be a positive size, got {m.expert}")
     if m.data > 0 and m.fsdp > 0:
         _check_batch(cfg, m.data * m.fsdp)
+        _check_batch(cfg, m.data * m.fsdp * m.expert, "mesh.data*mesh.fsdp*mesh.expert")
     if cfg.model.overrides:
         from glm_jax.config import GLMConfig
         fields = {f.name for f in dataclasses.fields(GLMConfig)}
@@ -409,31 +415,33 @@ def validate_paths(cfg: Config) -> None:
             break
 
 
-def _check_batch(cfg: Config, batch_shards: int) -> None:
+def _check_batch(cfg: Config, batch_shards: int, axes: str = "mesh.data*mesh.fsdp") -> None:
     t = cfg.train
     micro = t.global_batch_size // t.grad_accum
     if micro % batch_shards:
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} rows / {t.grad_accum} microbatches = "
-                          f"{micro} is not divisible by mesh.data*mesh.fsdp={batch_shards}")
+                          f"{micro} is not divisible by {axes}={batch_shards}")
 
 
 def resolve_mesh(cfg: Config, device_count: int) -> dict[str, int]:
     """Mesh axis sizes with -1 resolved; ConfigError if they need more devices than exist."""
     m = cfg.mesh
     sizes = {"data": m.data, "fsdp": m.fsdp, "sequence": m.sequence, "tensor": m.tensor}
-    fixed = math.prod(v for v in sizes.values() if v != -1)
+    fixed = math.prod(v for v in sizes.values() if v != -1) * m.expert
     for k, v in sizes.items():
         if v == -1:
             if device_count % fixed:
                 raise ConfigError(f"mesh.{k}: -1 cannot fill {device_count} devices: the other axes' product "
                                   f"{fixed} does not divide it")
             sizes[k] = device_count // fixed
-    total = math.prod(sizes.values())
+    total = math.prod(sizes.values()) * m.expert
     if total > device_count:
         raise ConfigError(f"mesh.data: mesh data={sizes['data']} fsdp={sizes['fsdp']} sequence={sizes['sequence']} "
-                          f"tensor={sizes['tensor']} needs {total} devices, only {device_count} available")
+                          f"tensor={sizes['tensor']} expert={m.expert} needs {total} devices, only {device_count} "
+                          "available")
     _check_batch(cfg, sizes["data"] * sizes["fsdp"])
-    return sizes
+    _check_batch(cfg, sizes["data"] * sizes["fsdp"] * m.expert, "mesh.data*mesh.fsdp*mesh.expert")
+    return {**sizes, "expert": m.expert} if m.expert != 1 else sizes  # make_mesh's default expert is 1
 
 
 def check_model_fit(cfg: Config, model_cfg) -> None:
@@ -441,6 +449,9 @@ def check_model_fit(cfg: Config, model_cfg) -> None:
     if not model_cfg.scan_layers:
         raise ConfigError("model.overrides.scan_layers: training uses the stacked layer layout; scan_layers=false "
                           "is an inference layout (load_hf(..., scan_layers=False))")
+    experts = getattr(model_cfg, "n_routed_experts", 0)
+    if cfg.mesh.expert > 1 and experts and experts % cfg.mesh.expert:
+        raise ConfigError(f"mesh.expert: {cfg.mesh.expert} does not divide the model's {experts} routed experts")
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from glm_jax.model.layers import expert_parallel
 from glm_jax.model.layers.mlp import MLP
 
 
@@ -90,15 +91,22 @@ def experts_ragged(x, weights, experts, wi, wo):
     `jax.lax.ragged_dot` whose groups are the experts' runs. x [T, H] -> [T, H]."""
     t, h = x.shape
     k = experts.shape[1]
-    e, _, _, i = wi.shape
+    e = wi.shape[0]
     flat = experts.reshape(-1)  # assignment a = token a // k, slot a % k
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # [T*k, H], grouped by expert
-    gate_up = jax.lax.ragged_dot(xs, wi.reshape(e, h, 2 * i).astype(x.dtype), group_sizes)
-    ys = jax.lax.ragged_dot(_swiglu(gate_up.reshape(-1, 2, i)), wo.astype(x.dtype), group_sizes)  # [T*k, H]
+    ys = ragged_ffn(xs, wi, wo, group_sizes)  # [T*k, H]
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)  # back to (token, slot) order
     return _combine(y.reshape(t, k, h), weights, x.dtype)
+
+
+def ragged_ffn(xs, wi, wo, group_sizes):
+    """The experts' SwiGLU on rows xs [N, H] sorted by expert (group_sizes [E] rows each; rows past their sum
+    give 0): two `jax.lax.ragged_dot` grouped matmuls. -> [N, H]."""
+    e, h, _, i = wi.shape
+    gate_up = jax.lax.ragged_dot(xs, wi.reshape(e, h, 2 * i).astype(xs.dtype), group_sizes)
+    return jax.lax.ragged_dot(_swiglu(gate_up.reshape(-1, 2, i)), wo.astype(xs.dtype), group_sizes)
 
 
 def experts_gather(x, weights, experts, wi, wo):
@@ -174,15 +182,22 @@ class Experts(nn.Module, kw_only=True):
 
     @nn.compact
     def __call__(self, x, weights, experts):
-        """x [T, H], routing weights / experts [T, k] -> [T, H]."""
+        """x [..., H], routing weights / experts [..., k] -> [..., H]. Under a mesh whose `expert` axis is > 1,
+        x [B, S, H] runs expert-parallel (glm_jax/model/layers/expert_parallel.py, docs/moe.md)."""
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
         init = nn.initializers.normal(0.02)
         wi = self.param("wi", nn.with_logical_partitioning(init, ("expert", "embed", None, "moe_mlp")),
                         (e, h, 2, i), self.param_dtype)
         wo = self.param("wo", nn.with_logical_partitioning(init, ("expert", "moe_mlp", "embed")), (e, i, h),
                         self.param_dtype)
-        impl = choose_impl(self.impl, x.shape[0], experts.shape[1], e)
-        return EXPERT_IMPLS[impl](x, weights, experts, wi, wo)
+        tokens = math.prod(x.shape[:-1])
+        impl = choose_impl(self.impl, tokens, experts.shape[-1], e)
+        if x.ndim == 3 and impl != "dense" and expert_parallel.expert_shards() > 1:
+            return expert_parallel.experts_expert_parallel(
+                x, weights, experts, wi, wo, mode="gather" if impl == "gather" else "all_to_all", ffn=ragged_ffn,
+                gather_fn=experts_gather)
+        y = EXPERT_IMPLS[impl](x.reshape(tokens, h), weights.reshape(tokens, -1), experts.reshape(tokens, -1), wi, wo)
+        return y.reshape(x.shape)
 
 
 class MoE(nn.Module, kw_only=True):
@@ -210,9 +225,10 @@ class MoE(nn.Module, kw_only=True):
                                   routed_scaling_factor=self.routed_scaling_factor, param_dtype=self.param_dtype,
                                   name="router")(flat, num_sequences=math.prod(shape[:-2]))
         h, i = self.hidden_size, self.intermediate_size
+        lead = (*shape[:-1], -1)  # [batch, seq, .]: the expert-parallel path keeps the activations' sharding
         y = Experts(num_experts=self.num_experts, hidden_size=h, intermediate_size=i, impl=self.impl,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="experts")(flat, weights, experts)
-        y = y.reshape(shape)
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="experts")(
+            flat.reshape(lead), weights.reshape(lead), experts.reshape(lead))
         if self.n_shared_experts:
             y = y + MLP(hidden_size=h, ffn_hidden_size=i * self.n_shared_experts, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="shared_experts")(x)
