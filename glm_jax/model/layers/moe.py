@@ -17,6 +17,8 @@ The routed experts are dropless, computed one of three ways (GLMConfig.moe_impl)
           reads only the chosen experts, for decoding (a batch-1 step reads top_k experts, not all of them).
   auto    gather while tokens * top_k < n_routed_experts (decode steps), else ragged (prefill, training).
   dense   every expert on every token, weighted by the (mostly zero) routing weights: a test reference only.
+Under a mesh whose `expert` axis is > 1, ragged becomes an all-to-all exchange between the expert shards and
+gather a per-shard gather + sum (glm_jax/model/layers/expert_parallel.py, docs/moe.md "Expert parallelism").
 
 Parameters (logical axes in brackets; glm_jax/sharding.py maps them onto mesh axes):
     router/kernel                     [embed, E]                 (embed, None)
