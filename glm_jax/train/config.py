@@ -315,6 +315,20 @@ def validate_static(cfg: Config) -> None:
         v = getattr(getattr(cfg, sec), name)
         if v not in allowed:
             raise ConfigError(f"{key}: {v!r} is not one of {[a for a in allowed if a is not None]}")
+    _check_sizes(cfg)
+    _check_optimizer(cfg.train)
+    _check_data(cfg)
+    _check_adapters(cfg)
+    _check_mesh(cfg)
+    if cfg.model.overrides:
+        from glm_jax.config import GLMConfig
+        fields = {f.name for f in dataclasses.fields(GLMConfig)}
+        for k in cfg.model.overrides:
+            if k not in fields:
+                raise ConfigError(f"model.overrides.{k}: not a GLMConfig field")
+
+
+def _check_sizes(cfg: Config) -> None:
     t, d = cfg.train, cfg.data
     positive = {"train.steps": t.steps, "train.global_batch_size": t.global_batch_size, "train.grad_accum": t.grad_accum,
                 "data.seq_len": d.seq_len, "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
@@ -329,6 +343,12 @@ def validate_static(cfg: Config) -> None:
                  "train.moe_balance_loss": t.moe_balance_loss}.items():
         if v < 0:
             raise ConfigError(f"{k}: must be >= 0, got {v}")
+    if t.global_batch_size % t.grad_accum:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                          f"train.grad_accum={t.grad_accum}")
+
+
+def _check_optimizer(t: TrainSection) -> None:
     if t.lr > MAX_LR:
         raise ConfigError(f"train.lr: {t.lr} is not a plausible learning rate (must be at most {MAX_LR:g})")
     if not 0 <= t.seed <= MAX_SEED:
@@ -343,8 +363,12 @@ def validate_static(cfg: Config) -> None:
                           f"in one step (lr * weight_decay must be below 1)")
     if t.eps <= 0:
         raise ConfigError(f"train.eps: must be positive, got {t.eps}")
-    if cfg.lora.alpha <= 0:
-        raise ConfigError(f"lora.alpha: must be positive, got {cfg.lora.alpha}")
+    if t.clip_norm is not None and t.clip_norm <= 0:
+        raise ConfigError(f"train.clip_norm: must be positive or null, got {t.clip_norm}")
+
+
+def _check_data(cfg: Config) -> None:
+    t, d = cfg.train, cfg.data
     for k, v in {"data.workers": d.workers, "data.prefetch": d.prefetch}.items():
         if not 0 <= v <= 256:
             raise ConfigError(f"{k}: must be in [0, 256], got {v}")
@@ -354,21 +378,24 @@ def validate_static(cfg: Config) -> None:
         raise ConfigError(f"train.loss_chunk: must be 0 or divide data.seq_len={d.seq_len}, got {t.loss_chunk}")
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
-    if not 0 <= cfg.lora.dropout < 1:
-        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
-    if t.clip_norm is not None and t.clip_norm <= 0:
-        raise ConfigError(f"train.clip_norm: must be positive or null, got {t.clip_norm}")
     if d.prepared is not None and d.task != "pretrain":
         raise ConfigError(f"data.prepared: prepared (packed) data is for task pretrain, not {d.task}")
     if not d.train_files and d.prepared is None:
         raise ConfigError("data.train_files: no training files given")
+
+
+def _check_adapters(cfg: Config) -> None:
+    if cfg.lora.alpha <= 0:
+        raise ConfigError(f"lora.alpha: must be positive, got {cfg.lora.alpha}")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     bad_targets = [x for x in cfg.lora.targets if x not in LORA_TARGETS]
     if bad_targets:
         raise ConfigError(f"lora.targets: unknown target(s) {bad_targets}, expected some of {list(LORA_TARGETS)}")
-    if t.global_batch_size % t.grad_accum:
-        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-                          f"train.grad_accum={t.grad_accum}")
-    m = cfg.mesh
+
+
+def _check_mesh(cfg: Config) -> None:
+    m, d = cfg.mesh, cfg.data
     sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.sequence": m.sequence, "mesh.tensor": m.tensor}
     for k, v in sizes.items():
         if v == 0 or v < -1:
@@ -384,12 +411,6 @@ def validate_static(cfg: Config) -> None:
     if m.data > 0 and m.fsdp > 0:
         _check_batch(cfg, m.data * m.fsdp)
         _check_batch(cfg, m.data * m.fsdp * m.expert, "mesh.data*mesh.fsdp*mesh.expert")
-    if cfg.model.overrides:
-        from glm_jax.config import GLMConfig
-        fields = {f.name for f in dataclasses.fields(GLMConfig)}
-        for k in cfg.model.overrides:
-            if k not in fields:
-                raise ConfigError(f"model.overrides.{k}: not a GLMConfig field")
 
 
 def validate_paths(cfg: Config) -> None:
