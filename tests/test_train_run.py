@@ -122,7 +122,7 @@ def test_prepared_data_gives_the_same_run(baseline, tmp_path):
 def test_8_devices_data_fsdp_tensor_match_one_device(baseline, tmp_path):
     run_dir, _ = baseline
     r = train(tmp_path, *STEPS, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", devices=8)
-    assert "mesh: {'data': 2, 'fsdp': 2, 'sequence': 1, 'tensor': 2}" in r.stdout
+    assert "mesh: {'data': 2, 'fsdp': 2, 'expert': 1, 'sequence': 1, 'tensor': 2}" in r.stdout
     ref, got = losses(run_dir), losses(tmp_path)
     assert sorted(got) == sorted(ref)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=2e-5, atol=2e-5)
