@@ -341,7 +341,7 @@ def encode_conversation(tok, conversation: list[dict], tools: Any = None) -> tup
 
 def check_conversation(obj: Any) -> tuple[list[dict], Any]:
     if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
-        raise ValueError('expected {"conversations": [...]}')
+        raise ValueError('expected {"messages": [...]} (OpenAI format) or {"conversations": [...]} (ChatGLM3)')
     conv = obj["conversations"]
     if not conv:
         raise ValueError("empty conversation")
@@ -371,6 +371,113 @@ def _check_tools(tools: Any, key: str) -> None:
     for j, t in enumerate(tools):
         if not isinstance(t, dict):
             raise ValueError(f"{key}[{j}]: must be a tool object, got {type(t).__name__} {t!r:.40}")
+
+
+# OpenAI-format conversations, any tokenizer (docs/tokenizer.md, "SFT data formats"): the checkpoint's own chat
+# template renders them and `Tokenizer.assistant_mask` says which tokens the assistant writes.
+
+OPENAI_ROLES = ("system", "user", "assistant", "tool")
+
+
+def encode_openai_conversation(tok, messages: list[dict], tools: Any = None) -> tuple[list[int], list[bool]]:
+    """ids and per-id target flags of an OpenAI-format conversation in `tok`'s chat format (any family).
+
+    Targets: every token the assistant writes (`tok.assistant_mask`: reasoning, content, tool calls, after the
+    generation prompt), plus the stop token that ends each assistant turn (the next message's `<|user|>` /
+    `<|observation|>`, when it is one of `tok.stop_ids`), plus an eos appended after a final assistant turn: the
+    same shifted-by-one rule as ChatGLM3's `encode_conversation` and THUDM's GLM-4 finetune demo.
+    """
+    ids, mask = tok.assistant_mask(messages, tools=tools or None)
+    ids = list(ids)
+    is_target = [bool(m) for m in mask]
+    stops = set(tok.stop_ids)
+    for t in range(1, len(ids)):
+        if mask[t - 1] and not mask[t] and ids[t] in stops:
+            is_target[t] = True
+    if mask and mask[-1]:
+        ids.append(tok.eos_token_id)
+        is_target.append(True)
+    return ids, is_target
+
+
+def check_openai_conversation(obj: Any) -> tuple[list[dict], Any]:
+    """(messages, tools) of a `{"messages": [...], "tools"?: [...]}` record; ValueError saying what is wrong."""
+    msgs = obj.get("messages") if isinstance(obj, dict) else None
+    if not isinstance(msgs, list):
+        raise ValueError('expected {"messages": [...]} (OpenAI format) or {"conversations": [...]} (ChatGLM3)')
+    if not msgs:
+        raise ValueError("empty conversation")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i} is not an object")
+        if m.get("role") not in OPENAI_ROLES:
+            raise ValueError(f"message {i}: role {m.get('role')!r} is not one of {list(OPENAI_ROLES)}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise ValueError(f"message {i}: content must be a string, a list of parts or null")
+        if m.get("reasoning_content") is not None and not isinstance(m["reasoning_content"], str):
+            raise ValueError(f"message {i}: reasoning_content must be a string")
+        if m.get("tool_calls") is not None:
+            _check_tool_calls(m, i)
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ValueError("no assistant message to train on")
+    tools = obj.get("tools")
+    if tools is not None:
+        _check_tools(tools, "tools")
+    return msgs, tools
+
+
+def _check_tool_calls(m: dict, i: int) -> None:
+    calls = m["tool_calls"]
+    if m["role"] != "assistant" or not isinstance(calls, list):
+        raise ValueError(f"message {i}: tool_calls must be a list, on an assistant message")
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise ValueError(f"message {i}: tool_calls[{j}] needs function.name")
+        args = f.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                raise ValueError(f"message {i}: tool_calls[{j}]: arguments are not JSON") from None
+        if not isinstance(args, dict):
+            raise ValueError(f"message {i}: tool_calls[{j}]: arguments must be an object (or its JSON)")
+
+
+def chatglm3_to_openai(conversation: list[dict], tools: Any = None) -> tuple[list[dict], Any]:
+    """A checked ChatGLM3 `conversations` record as OpenAI messages (for tokenizers of the other families):
+    observation -> tool, tool calls (`{"name", "parameters"}` content, or `metadata` + a `tool_call(...)` block,
+    `interpreter` + code) -> tool_calls, a system message's `tools` -> the record's tools."""
+    from glm_jax.tokenizers.sentencepiece import _unfence, parse_tool_call
+
+    out, tools = [], list(tools) if tools else []
+    for m in conversation:
+        role, content, name = m["role"], m["content"], (m.get("metadata") or "").strip()
+        tools += [t if "function" in t else {"type": "function", "function": t} for t in m.get("tools") or []]
+        if role == "assistant" and isinstance(content, dict):
+            name, args = content["name"], content["parameters"]
+        elif role == "assistant" and name:
+            body = _unfence(content)
+            args = {"code": body} if name == "interpreter" else parse_tool_call(body)
+        else:
+            out.append({"role": "tool" if role == "observation" else role, "content": content})
+            continue
+        out.append({"role": "assistant", "content": "",
+                    "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]})
+    return out, tools or None
+
+
+def encode_sft_record(tok, obj: Any) -> tuple[list[int], list[bool]]:
+    """(ids, is_target) of one SFT record: `{"messages"}` (OpenAI format, any tokenizer) or `{"conversations"}`
+    (ChatGLM3: encoded exactly as `encode_conversation` with a ChatGLM3 tokenizer, converted to OpenAI messages
+    for the others). ValueError / KeyError / TypeError on a bad record."""
+    if isinstance(obj, dict) and "messages" in obj and "conversations" not in obj:
+        return encode_openai_conversation(tok, *check_openai_conversation(obj))
+    conv, tools = check_conversation(obj)
+    if hasattr(tok, "build_message"):  # ChatGLM3's SentencePiece tokenizer: its own exact encoding
+        return encode_conversation(tok, conv, tools)
+    return encode_openai_conversation(tok, *chatglm3_to_openai(conv, tools))
 
 
 # ------------------------------------------------------------------------------------------------ example arrays

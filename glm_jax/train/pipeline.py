@@ -302,8 +302,9 @@ class LmExamples(grain.transforms.Map):
 
 
 class EncodeConversation(grain.transforms.Map):
-    """(where, record) -> (ids, is_target) of a ChatGLM3 conversation (data.encode_conversation), or None for a
-    bad record (reported to `bad`)."""
+    """(where, record) -> (ids, is_target) of an SFT conversation (data.encode_sft_record: OpenAI `messages`
+    through the tokenizer's chat template and assistant mask, or ChatGLM3 `conversations`), or None for a bad
+    record (reported to `bad`)."""
 
     def __init__(self, tok, bad: BadRecords):
         self.tok, self.bad = tok, bad
@@ -311,8 +312,7 @@ class EncodeConversation(grain.transforms.Map):
     def map(self, element):
         where, obj = element
         try:
-            conv, tools = D.check_conversation(obj)
-            return D.encode_conversation(self.tok, conv, tools)
+            return D.encode_sft_record(self.tok, obj)
         except (ValueError, KeyError, TypeError) as e:
             self.bad.handle(where, str(e))
         except RecursionError:  # tools / a tool call nested too deeply to serialise

@@ -13,7 +13,32 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from glm_jax.train.config import Config, check_model_fit, resolve_mesh, to_yaml
+from glm_jax.train.config import Config, ConfigError, check_model_fit, resolve_mesh, to_yaml
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def load_train_tokenizer(cfg: Config, vocab_size: int):
+    """The tokenizer of a run (any GLM family, `glm_jax.load_tokenizer`): `data.tokenizer` (a tokenizer.model /
+    tokenizer.json file or a checkpoint directory), else the tokenizer shipped in `model.init_from`'s directory,
+    else the small SentencePiece model shipped with glm_jax. ConfigError when it cannot load or its vocabulary
+    does not fit the model's (docs/tokenizer.md, "SFT data formats")."""
+    from glm_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
+
+    source = cfg.data.tokenizer
+    init = Path(cfg.model.init_from) if cfg.model.init_from else None
+    if source is None and init is not None and any((init / f).is_file() for f in TOKENIZER_FILES):
+        source = init
+    try:
+        tok = SentencePieceTokenizer() if source is None else load_tokenizer(source)
+    except (OSError, RuntimeError, ValueError) as e:
+        key = "data.tokenizer" if cfg.data.tokenizer is not None else "model.init_from"
+        raise ConfigError(f"{key}: {source}: cannot load the tokenizer ({' '.join(str(e).split())[:200]})") from None
+    if tok.vocab_size > vocab_size:
+        raise ConfigError(f"model.overrides.vocab_size: the model's vocab_size={vocab_size} is smaller "
+                          f"than the tokenizer's {tok.vocab_size}")
+    return tok
 
 
 class TrainRun:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from glm_jax.train.config import Config, ConfigError
+from glm_jax.train.config import Config
 
 log = logging.getLogger("glm_jax.train")
 
@@ -39,17 +39,10 @@ class NonFiniteLoss(RuntimeError):
 # ---------------------------------------------------------------------------------------------- set-up: data
 
 def load_tokenizer(cfg: Config, vocab_size: int):
-    from glm_jax.tokenizer import ChatGLMTokenizer
+    """Any GLM family's tokenizer (setup.load_train_tokenizer, docs/tokenizer.md)."""
+    from glm_jax.train.setup import load_train_tokenizer
 
-    try:
-        tok = ChatGLMTokenizer(cfg.data.tokenizer)
-    except (OSError, RuntimeError) as e:
-        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer}: cannot load the SentencePiece model "
-                          f"({' '.join(str(e).split())[:200]})") from None
-    if tok.vocab_size > vocab_size:
-        raise ConfigError(f"model.overrides.vocab_size: the model's vocab_size={vocab_size} is smaller "
-                          f"than the tokenizer's {tok.vocab_size}")
-    return tok
+    return load_train_tokenizer(cfg, vocab_size)
 
 
 def load_datasets(cfg: Config, model_cfg) -> tuple[dict, dict | None, int]:
