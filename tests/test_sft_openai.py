@@ -1,0 +1,143 @@
+"""SFT on OpenAI-format conversations (docs/tokenizer.md, "SFT data formats"): the loss mask of a GLM-4.6
+conversation with tools and reasoning, token by token, against transformers' own assistant mask (the published
+GLM-4.5/4.6 template with `{% generation %}` markers, rendered by `apply_chat_template(...,
+return_assistant_tokens_mask=True)`), and a train.py SFT run on an OpenAI-format file with a tokenizer.json."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tokenizer_fixtures as fx
+from glm_jax import load_tokenizer
+from glm_jax.train import data as D
+from glm_jax.train import pipeline as P
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+CONVERSATION = [
+    {"role": "system", "content": "Use tools when needed."},
+    {"role": "user", "content": "Weather in Beijing for 2 days?"},
+    {"role": "assistant", "content": "Checking.", "reasoning_content": "Call the tool.", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Beijing", "days": 2}'}}]},
+    {"role": "tool", "content": '{"temp": [21, 19]}'},
+    {"role": "assistant", "content": "21C then 19C.", "reasoning_content": "Summarise the result."},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": "You are welcome."},
+]
+
+
+@pytest.fixture(scope="module")
+def glm46(tmp_path_factory):
+    """A tokenizer.json with GLM-4.5's added tokens and the published GLM-4.5/4.6 template."""
+    return fx.write_hf(fx.train_bpe(600), tmp_path_factory.mktemp("glm46"), "glm45.jinja", in_config=False)
+
+
+def with_generation_markers(template: str) -> str:
+    """The GLM-4.5 template with transformers' `{% generation %}` around what the assistant writes (after
+    `<|assistant|>`, up to the end of its tool calls): the rendered text is unchanged."""
+    start = "{%- elif m.role == 'assistant' -%}\n<|assistant|>"
+    end = "{%- elif m.role == 'tool' -%}"
+    assert template.count(start) == 1 and template.count(end) == 1
+    return (template.replace(start, start + "{%- generation -%}")
+            .replace(end, "{%- endgeneration -%}" + end))
+
+
+def transformers_targets(directory, messages, tools):
+    """(ids, targets) from transformers alone: its assistant mask, plus the stop token closing each turn."""
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(directory)
+    messages = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(
+        c["function"]["arguments"])}} for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+    template = with_generation_markers((Path(directory) / "chat_template.jinja").read_text())
+    plain = ref.apply_chat_template(messages, tools=tools, tokenize=False)
+    assert ref.apply_chat_template(messages, tools=tools, tokenize=False, chat_template=template) == plain
+    out = ref.apply_chat_template(messages, tools=tools, chat_template=template, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    stops = {ref.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")}
+    targets = [bool(m) or (t > 0 and mask[t - 1] and ids[t] in stops) for t, m in enumerate(mask)]
+    if mask[-1]:
+        ids, targets = ids + [ref.convert_tokens_to_ids("<|endoftext|>")], targets + [True]
+    return ids, targets
+
+
+def test_glm46_mask_with_tools_token_by_token(glm46, tmp_path):
+    tok = load_tokenizer(glm46)
+    ids, targets = D.encode_openai_conversation(tok, CONVERSATION, TOOLS)
+    ref_ids, ref_targets = transformers_targets(glm46, CONVERSATION, TOOLS)
+    assert ids == ref_ids
+    assert targets == ref_targets
+    # What the targets are, in words: reasoning, content and the call of each turn, and the token ending it.
+    runs, run = [], []
+    for i, t in zip(ids, targets):
+        if t:
+            run.append(i)
+        elif run:
+            runs, run = runs + [tok.decode(run)], []
+    runs.append(tok.decode(run))
+    # Reasoning shows (and is trained on) only after the last user message: GLM-4.5/4.6 templates hide the rest.
+    assert runs == [
+        "\n<think></think>\nChecking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+        "<arg_value>Beijing</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>"
+        "<|observation|>",
+        "\n<think></think>\n21C then 19C.<|user|>",
+        "\n<think></think>\nYou are welcome.<|endoftext|>"]
+    short = D.encode_openai_conversation(tok, CONVERSATION[:5], TOOLS)
+    assert short == transformers_targets(glm46, CONVERSATION[:5], TOOLS)
+    assert "<think>Call the tool.</think>" in tok.decode([i for i, t in zip(*short) if t])
+    # The pipeline: one row per conversation, loss_mask[t] = targets[t + 1].
+    f = tmp_path / "train.jsonl"
+    f.write_text(json.dumps({"messages": CONVERSATION, "tools": TOOLS}) + "\n")
+    arrays, stats = P.build_sft([f], tok, 1024, D.BadRecords())
+    n = len(ids)
+    assert arrays["input_ids"][0, :n].tolist() == ids and stats["truncated"] == 0
+    assert arrays["loss_mask"][0, :n - 1].tolist() == [float(t) for t in targets[1:]]
+    assert arrays["loss_mask"][0, n - 1:].sum() == 0
+
+
+def test_chatglm3_conversations_on_a_tokenizer_json(glm46):
+    """A ChatGLM3 `conversations` record read with another family's tokenizer equals its OpenAI form."""
+    tok = load_tokenizer(glm46)
+    tools = [TOOLS[0]["function"]]
+    conv = [{"role": "system", "content": "s", "tools": tools}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": {"name": "get_weather", "parameters": {"city": "Paris"}}},
+            {"role": "observation", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    openai = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+              {"role": "assistant", "content": "", "tool_calls": [
+                  {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+              {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    assert D.encode_sft_record(tok, {"conversations": conv}) == D.encode_openai_conversation(tok, openai, TOOLS)
+
+
+@pytest.mark.parametrize("record, error", [
+    ({"messages": []}, "empty conversation"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "no assistant message"),
+    ({"messages": [{"role": "bot", "content": "q"}]}, "role 'bot'"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+     "function.name"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{oops"}}]}]}, "not JSON"),
+    ({"messages": [{"role": "assistant", "content": "a"}], "tools": {"x": 1}}, "tools: must be a list"),
+    ({"text": "x"}, 'expected {"messages"'),
+])
+def test_bad_openai_records_say_why(record, error):
+    with pytest.raises(ValueError, match=error):
+        D.check_openai_conversation(record) if "messages" in record else D.check_conversation(record)
+
+
+def test_train_py_sft_on_openai_messages_with_a_tokenizer_json(glm46, tmp_path):
+    from test_train_run import losses, train
+
+    run = tmp_path / "run"
+    train(run, "data.task=sft", f"data.train_files=[{ROOT / 'data' / 'sft_openai' / 'train.jsonl'}]",
+          f"data.tokenizer={glm46 / 'tokenizer.json'}", "data.seq_len=512", "data.max_tokens=null",
+          "data.eval_fraction=0", "model.overrides.vocab_size=640", "model.overrides.max_seq_len=512",
+          "model.overrides.sandwich_norm=true", "train.steps=3", "train.global_batch_size=4")
+    loss = losses(run)
+    assert sorted(loss) == [1, 2, 3] and all(np.isfinite(v) for v in loss.values())
