@@ -172,7 +172,8 @@ CHOICES = {
     "model.attention_impl": (*ATTENTION_IMPLS, None),
     "export.format": ("transformers", "thudm"),
 }
-LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo", "experts_wi", "experts_wo")  # glm_jax/train/lora.py
+LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo", "experts_wi", "experts_wo",  # glm_jax/train/lora.py
+                "q_a", "q_b", "kv_a", "kv_b")  # latent attention (MLA)
 
 
 # ---------------------------------------------------------------------------------------------- parsing

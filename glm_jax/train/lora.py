@@ -12,6 +12,12 @@ each layer stack (model/layers = dense-MLP blocks, model/moe_layers = MoE blocks
                           moe_layers/mlp/shared_experts/wo/kernel
     experts_wi            moe_layers/mlp/experts/wi              [L, E, embed, 2, moe_mlp]     in = embed
     experts_wo            moe_layers/mlp/experts/wo              [L, E, moe_mlp, embed]        in = moe_mlp
+  multi-head latent attention (glm4_moe_lite / glm_moe_dsa, glm_jax/model/layers/mla.py; `query` and `out` above
+  also name MLA's full-rank query (q_lora_rank 0) and its output [L, heads, v_head_dim, embed]):
+    q_a                   <stack>/attention/q_a/kernel           [L, embed, q_lora]            in = embed
+    q_b                   <stack>/attention/q_b/kernel           [L, q_lora, heads, qk_dim]    in = q_lora
+    kv_a                  <stack>/attention/kv_a/kernel          [L, embed, kv_lora + rope]    in = embed
+    kv_b                  <stack>/attention/kv_b/kernel          [L, kv_lora, heads, nope + v] in = kv_lora
 
 A is [*lead, in, rank] (normal, std 1/sqrt(in)), B is [*lead, rank, out] (zeros), so training starts at the base
 model; lead = [L] for a stacked kernel and [L, E] for the routed experts (one low-rank pair per expert). The
@@ -40,6 +46,11 @@ BLOCK_TARGETS = {
     "wo": [(("mlp", "wo", "kernel"), 1, 1), (("mlp", "shared_experts", "wo", "kernel"), 1, 1)],
     "experts_wi": [(("mlp", "experts", "wi"), 2, 1)],
     "experts_wo": [(("mlp", "experts", "wo"), 2, 1)],
+    # MLA's latent projections (docs/mla.md); kv_b's delta is merged before the absorbed decode splits it
+    "q_a": [(("attention", "q_a", "kernel"), 1, 1)],
+    "q_b": [(("attention", "q_b", "kernel"), 1, 1)],
+    "kv_a": [(("attention", "kv_a", "kernel"), 1, 1)],
+    "kv_b": [(("attention", "kv_b", "kernel"), 1, 1)],
 }
 STACKS = ("layers", "moe_layers")  # glm_jax.model.glm.STACKS; the first keeps the flat {target: ...} keys
 
@@ -65,7 +76,7 @@ def sites(base, targets) -> list[tuple[tuple, tuple, int, int]]:
                     found.append(((t,) if stack == STACKS[0] else (stack, t), path, lead, n_in))
         if not found:
             raise ConfigError(f"lora.targets: {t!r} names no weight of this model (experts_wi / experts_wo need a "
-                             f"MoE model)")
+                             f"MoE model, q_a / q_b / kv_a / kv_b latent attention, key / value a GQA one)")
         out += found
     return out
 
