@@ -106,6 +106,11 @@ class GLMConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # YaRN rope scaling of an MLA model: transformers' rope_parameters for rope_type "yarn" (factor,
+    # original_max_position_embeddings, beta_fast / beta_slow, mscale / mscale_all_dim, attention_factor, truncate)
+    # as sorted (key, value) pairs; () = the default rope. It changes the rotary frequencies, scales cos / sin, and
+    # multiplies the softmax scale by mscale(factor, mscale_all_dim)^2 (docs/mla.md "Rope scaling").
+    rope_scaling: tuple = ()
     # DeepSeek sparse attention (glm_moe_dsa, GLM-5; docs/dsa.md): index_topk > 0 gives every MLA layer an indexer
     # of index_n_heads heads of index_head_dim that picks the index_topk keys each query attends to.
     # indexer_types: per layer "full" (its own indexer) or "shared" (the previous full layer's choice; transformers'
@@ -167,6 +172,9 @@ class GLMConfig:
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 fail(f"{f}={getattr(self, f)!r}, expected float32, bfloat16 or float16")
+        if self.rope_scaling and not self.is_mla:
+            fail("rope_scaling (YaRN) is implemented for attention_type='mla' only")
+        object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), v) for k, v in dict(self.rope_scaling).items())))
         if self.moe_impl not in MOE_IMPLS:
             fail(f"moe_impl={self.moe_impl!r}, expected one of {MOE_IMPLS}")
         if self.n_routed_experts < 0 or self.num_mtp_layers < 0:
@@ -210,7 +218,15 @@ class GLMConfig:
         if self.quantization_bit or self.pre_seq_len or self.use_qk_norm or self.sandwich_norm:
             fail("attention_type='mla' has no quantization, P-tuning prefix, qk norm or sandwich norms")
         object.__setattr__(self, "head_dim", self.qk_nope_head_dim + self.qk_rope_head_dim)
+        scaling = self.rope_scaling_params
+        if scaling and (scaling.get("rope_type") != "yarn" or "original_max_position_embeddings" not in scaling):
+            fail(f"rope_scaling={scaling}: only rope_type 'yarn' with original_max_position_embeddings is supported")
         object.__setattr__(self, "num_kv_heads", self.num_heads)
+
+    @property
+    def rope_scaling_params(self) -> dict[str, Any]:
+        """rope_scaling as a dict ({} = the default rope)."""
+        return dict(self.rope_scaling)
 
     @property
     def is_mla(self) -> bool:
@@ -485,9 +501,14 @@ class GLMConfig:
         first_k_dense_replace, num_nextn_predict_layers) and transformers 5's (rope_parameters, mlp_layer_types)."""
         rope = raw.get("rope_parameters") or {}
         scaling = raw.get("rope_scaling") or {}
+        yarn = {}
         for r in (rope, scaling):
-            if r.get("rope_type", r.get("type", "default")) != "default":
-                raise ValueError(f"{source}: rope scaling {r} is not supported (only the default rope)")
+            kind = r.get("rope_type", r.get("type", "default"))
+            if kind == "yarn":  # kept whole; the rope base / fraction are read below
+                yarn = {k: v for k, v in r.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
+                yarn["rope_type"] = "yarn"
+            elif kind != "default":
+                raise ValueError(f"{source}: rope scaling {r} is not supported (the default rope or yarn)")
         if raw.get("hidden_act", "silu") != "silu" or raw.get("tie_word_embeddings"):
             raise ValueError(f"{source}: hidden_act must be silu and tie_word_embeddings false for glm4_moe_lite")
         heads = need("num_attention_heads")
@@ -517,6 +538,7 @@ class GLMConfig:
             rotary_fraction=float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
             rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
             rope_interleaved=bool(raw.get("rope_interleave", True)),
+            rope_scaling=tuple(sorted(yarn.items())),
             norm_eps=raw.get("rms_norm_eps", 1e-5),
             max_seq_len=raw.get("max_position_embeddings", 202752),
             qkv_bias=bool(raw.get("attention_bias", False)),
@@ -689,7 +711,7 @@ class GLMConfig:
             "partial_rotary_factor": self.rotary_fraction,
             "rope_theta": self.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
-                                "partial_rotary_factor": self.rotary_fraction},
+                                "partial_rotary_factor": self.rotary_fraction, **self.rope_scaling_params},
             "rms_norm_eps": self.norm_eps,
             "max_position_embeddings": self.max_seq_len,
             "attention_bias": self.qkv_bias,

@@ -94,6 +94,9 @@ CASES = {
     "plainq-neox-bias": dict(q_lora_rank=None, rope_interleave=False, attention_bias=True,
                              mlp_layer_types=["dense", "dense", "sparse"],
                              rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+    # YaRN (DeepSeek-V3's form): interpolated frequencies, cos / sin scaled, softmax scale times mscale^2
+    "yarn": dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                                  "original_max_position_embeddings": 16, "mscale": 0.7, "mscale_all_dim": 1.0}),
 }
 
 
@@ -118,6 +121,9 @@ def test_logits_match_transformers_variants(tmp_path, case):
     ref = tiny_lite_model(seed=len(case), **CASES[case])
     ref.save_pretrained(tmp_path)
     cfg, params = _check_logits(ref, tmp_path)
+    if case == "yarn":
+        assert cfg.rope_scaling_params["factor"] == 8.0 and GLMConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+        return
     assert cfg.q_lora_rank == 0 and not cfg.rope_interleaved and cfg.qkv_bias and cfg.num_dense_layers == 2
     assert "query" in params["model"]["layers"]["attention"] and "bias" in params["model"]["layers"]["attention"]["out"]
 

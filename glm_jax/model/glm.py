@@ -46,7 +46,7 @@ from flax import linen as nn
 
 from glm_jax.config import REMAT_POLICIES, GLMConfig
 from glm_jax.model.layers import MLP, Attention, Embed, Linear, MoE, RMSNorm, rotary_cos_sin
-from glm_jax.model.layers.mla import MLA
+from glm_jax.model.layers.mla import MLA, softmax_scale, yarn_cos_sin
 
 JAX_REMAT_POLICIES = {  # GLMConfig.remat_policy -> what each block keeps for the backward pass
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -136,7 +136,8 @@ def mla_attention(cfg: GLMConfig, decode: bool, prefill: bool) -> MLA:
                max_segments=cfg.max_segments, decode=decode, prefill=prefill, dtype=jnp.dtype(cfg.dtype),
                index_topk=cfg.index_topk, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
                dsa_block=cfg.dsa_block,
-               param_dtype=jnp.dtype(cfg.param_dtype), name="attention")
+               param_dtype=jnp.dtype(cfg.param_dtype), softmax_scale=softmax_scale(cfg.head_dim, cfg.rope_scaling_params),
+               name="attention")
 
 
 def cache_shapes(cfg: GLMConfig, batch: int, max_len: int) -> dict[str, tuple[int, ...]]:
@@ -219,7 +220,11 @@ class GLMModel(nn.Module):
 
         x = Embed(vocab_size=cfg.vocab_size, features=cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                   name="embed")(input_ids)
-        cos, sin = rotary_cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, cfg.rope_position_divisor, dtype)
+        if cfg.rope_scaling:  # YaRN (MLA models only; docs/mla.md "Rope scaling")
+            cos, sin = yarn_cos_sin(position_ids, cfg.rope_scaling_params, cfg.rotary_dim, cfg.rope_theta,
+                                    cfg.max_seq_len, dtype)
+        else:
+            cos, sin = rotary_cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, cfg.rope_position_divisor, dtype)
 
         prefix = None
         if cfg.pre_seq_len:

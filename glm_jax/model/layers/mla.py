@@ -8,8 +8,8 @@ transformers' `Glm4MoeLiteAttention` computes. The design is described in docs/m
     output    out(softmax(q . [k_n ; k_r] * scale) v)        out kernel [N, v_head_dim, embed]
 
 Only the last `rope` dims of each query / key head are rotated (cfg.rope_interleaved: adjacent pairs, transformers'
-`rope_interleave=True`; else split halves). scale = (nope + rope) ** -0.5, as transformers computes it for the
-default rope.
+`rope_interleave=True`; else split halves). scale = (nope + rope) ** -0.5, times YaRN's mscale(factor,
+mscale_all_dim)^2 when the config scales the rope that way (`softmax_scale`, `yarn_rope`).
 
 Two equal ways to evaluate it (`expanded_attention`, `absorbed_attention`):
   expanded   keys and values of every head are built from the latents, then any attention kernel runs
@@ -51,6 +51,52 @@ from glm_jax.model.layers.norms import RMSNorm
 # transformers builds q_a_layernorm / kv_a_layernorm with its RMSNorm's default eps, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
 HEADS_AXES = ("activation_batch", "activation_length", "activation_heads", None)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_rope(params: dict, rotary_dim: int, theta: float, max_position: int) -> tuple[np.ndarray, float]:
+    """YaRN rotary frequencies [rotary_dim // 2] (fp32) and the factor on cos / sin, as transformers'
+    `_compute_yarn_parameters` (GLMConfig.rope_scaling; docs/mla.md "Rope scaling"): frequencies interpolated by
+    `factor` below the `beta_slow` rotations, kept above `beta_fast`, a linear ramp in between."""
+    factor = params.get("factor") or max_position / params["original_max_position_embeddings"]
+    mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                            else _yarn_mscale(factor))
+    dim, original = rotary_dim, params["original_max_position_embeddings"]
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(params.get("beta_fast") or 32), correction_dim(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / ((high - low) or 0.001), 0, 1)
+    pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    keep = 1 - ramp  # 1: extrapolate (the original frequency), 0: interpolate (divided by factor)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def yarn_cos_sin(positions, params: dict, rotary_dim: int, theta: float, max_position: int, dtype):
+    """cos / sin tables [B, S, rotary_dim // 2] of YaRN: fp32 angles, times the attention factor, then `dtype`."""
+    inv_freq, attention_factor = yarn_rope(params, rotary_dim, theta, max_position)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    af = np.float32(attention_factor)
+    return (jnp.cos(angles) * af).astype(dtype), (jnp.sin(angles) * af).astype(dtype)
+
+
+def softmax_scale(qk_head_dim: int, rope_scaling: dict) -> float:
+    """(nope + rope)^-1/2, times mscale(factor, mscale_all_dim)^2 under YaRN (transformers' yarn_apply_mscale)."""
+    scale = qk_head_dim ** -0.5
+    if rope_scaling.get("mscale_all_dim"):
+        scale *= _yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
+    return scale
 
 
 class Kernel(nn.Module, kw_only=True):
