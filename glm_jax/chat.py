@@ -1,28 +1,34 @@
-"""Multi-turn ChatGLM3 chat: `ChatSession` for Python, and a terminal front end.
+"""Multi-turn chat with any GLM checkpoint: `ChatSession` for Python, and a terminal front end.
 
-    python -m glm_jax.chat --checkpoint DIR [--tokenizer tokenizer.model] [--system TEXT] [--tools tools.json]
-                           [--max-new-tokens N] [--temperature 0.8] [--top-p 0.8] [--top-k 0] [--dtype bfloat16]
+    python -m glm_jax.chat --checkpoint DIR [--tokenizer FILE_OR_DIR] [--system TEXT] [--tools tools.json]
+                           [--think | --no-think] [--max-new-tokens N] [--temperature 0.8] [--top-p 0.8]
+                           [--top-k 0] [--dtype bfloat16]
 
-DIR is a THUDM (`chatglm`) or transformers (`glm`) checkpoint directory (`glm_jax.load_hf`). In the terminal:
-`/reset` starts over (keeping the system prompt and tools), `/exit` (or EOF) quits. Replies stream as they are
-generated; a tool call is printed as a structured call and the tool's result is read from the terminal and sent
-back as an `<|observation|>` message. Exit status: 0 after `/exit` or end of input; 2 for bad arguments (a missing
-or unreadable checkpoint, tokenizer or tools file, tools that are not a list of objects), reported as one
-`error: ...` line on stderr naming the option and the file.
+DIR is a THUDM (`chatglm`) or transformers (`glm`, `glm4`, `glm4_moe`, ...) checkpoint directory
+(`glm_jax.load_hf`) or a `train.py` run directory. The tokenizer is `glm_jax.load_tokenizer`'s (any family):
+`--tokenizer`, else the checkpoint's own (a run directory: its `data.tokenizer` or `model.init_from`'s), else
+the small SentencePiece model shipped with glm_jax. In the terminal: `/think` and `/nothink` switch thinking
+on / off (`enable_thinking` of the chat template), `/reset` starts over (keeping the system prompt and tools),
+`/exit` (or EOF) quits. Replies stream as they are generated, reasoning shown apart from the answer; each tool
+call is printed as a structured call and its result is read from the terminal and sent back as a `tool`
+message. Exit status: 0 after `/exit` or end of input; 2 for bad arguments (a missing or unreadable
+checkpoint, tokenizer or tools file, tools that are not a list of objects), reported as one `error: ...` line
+on stderr naming the option and the file.
 
-    session = ChatSession(model, params, tokenizer, system="...", tools=[...], temperature=0.8, top_p=0.8)
-    reply = session.send("What's the weather in Paris?")    # {"type": "text", "content": ...}
-    if reply["type"] == "tool_call":                         # {"type", "name", "parameters", "content"}
-        reply = session.observe({"temperature": 21})
-    for piece in session.stream("and tomorrow?"):           # text as it is generated
-        print(piece, end="")
-    session.last_reply                                       # the parsed reply of the last stream
+    session = ChatSession(model, params, glm_jax.load_tokenizer(DIR), system="...", tools=[...],
+                          enable_thinking=False, temperature=0.8, top_p=0.8)
+    reply = session.send("What's the weather in Paris?")   # {"type": "text" | "tool_call", "content",
+                                                            #  "reasoning_content", "tool_calls"}
+    if reply["tool_calls"]:
+        reply = session.observe({"temperature": 21})        # one `tool` message per result
+    for event in session.stream_events("and tomorrow?"):   # {"type": "reasoning" | "content", "text"} ...
+        ...
 
-History is kept as ChatGLM3 messages ({"role", "content", "metadata"?, "tools"?}), exactly what the tokenizer's
-`build_chat_input` takes, the same way THUDM's `model.chat` keeps it: an assistant tool call is stored with the
-tool name as metadata and the raw fenced `tool_call(...)` text as content. Each turn re-encodes the whole
-conversation (bucketed shapes, so that does not recompile per turn) and stops on the tokenizer's stop ids
-(eos, `<|user|>`, `<|observation|>`).
+History is kept as OpenAI messages (docs/tokenizer.md, "Chat sessions") and rendered with the tokenizer's
+chat template every turn (bucketed shapes, so that does not recompile per turn); generation stops on the
+tokenizer's stop ids and the reply is parsed by its reply parser. Given the legacy `ChatGLMTokenizer` (not a
+`glm_jax.tokenizers.Tokenizer`), `ChatSession` is a `ChatGLM3Session`: ChatGLM3 messages and replies, exactly
+as before the common tokenizer interface existed.
 """
 
 from __future__ import annotations
@@ -49,20 +55,177 @@ DEFAULT_TOOL_SYSTEM = "Answer the following questions as best as you can. You ha
 
 
 class ChatSession:
-    """One conversation with a ChatGLM3-style model (see the module docstring).
+    """One conversation with a model of any GLM family, through a `glm_jax.tokenizers.Tokenizer` (see the module
+    docstring). `tools`: OpenAI tool schemas (bare function schemas are wrapped). `enable_thinking`: None leaves
+    the chat template's default; settable between turns.
 
     Sampling keywords go to `glm_jax.generation.stream_generate`: max_new_tokens, temperature, top_k, top_p,
     repetition_penalty, seed (advanced by one each turn so turns differ), mesh, chunk.
     """
 
+    def __new__(cls, model=None, params=None, tokenizer=None, *args, **kwargs):
+        from glm_jax.tokenizers.base import Tokenizer
+
+        if cls is ChatSession and not isinstance(tokenizer, Tokenizer):
+            cls = ChatGLM3Session  # the legacy ChatGLMTokenizer: ChatGLM3 messages, as before
+        return super().__new__(cls)
+
     def __init__(self, model, params, tokenizer, system: str | None = None, tools: Sequence[dict] | None = None,
-                 *, max_new_tokens: int = 512, temperature: float = 0.8, top_p: float = 0.8, top_k: int = 0,
-                 repetition_penalty: float = 1.0, seed: int = 0, mesh=None, chunk: int = 1):
+                 *, enable_thinking: bool | None = None, max_new_tokens: int = 512, temperature: float = 0.8,
+                 top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0, mesh=None,
+                 chunk: int = 1):
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
+            raise ValueError("tools must be a list of dicts (tool descriptions)")
+        self.system = system
+        self.tools = self._tools(tools)
+        self.enable_thinking = enable_thinking
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                             repetition_penalty=repetition_penalty, mesh=mesh, chunk=chunk)
+        self.seed = int(seed)
+        self.turns = 0
+        self.last_reply: dict[str, Any] | None = None
+        self.last_ids: list[int] = []
+        self.last_prompt: list[int] = []
+        self.history: list[dict[str, Any]] = []
+        self.reset()
+
+    @staticmethod
+    def _tools(tools):
+        """OpenAI tool schemas: a bare function schema ({"name", "parameters"}) is wrapped."""
+        if not tools:
+            return None
+        return [copy.deepcopy(t) if "function" in t else {"type": "function", "function": copy.deepcopy(t)}
+                for t in tools]
+
+    def reset(self) -> None:
+        """Forgets the conversation, keeping the system prompt and tools."""
+        self.history = [{"role": "system", "content": self.system}] if self.system is not None else []
+        self.last_reply, self.last_ids = None, []
+
+    @property
+    def pending_tool_call(self) -> dict[str, Any] | None:
+        """The last reply if it called tools whose results `observe` has not sent yet."""
+        if self.last_reply is not None and self.last_reply.get("tool_calls"):
+            return self.last_reply
+        return None
+
+    def prompt(self, messages: Sequence[dict] = ()) -> list[int]:
+        """The prompt ids of the conversation followed by `messages`, with the generation prompt."""
+        return self.tokenizer.apply_chat_template(self.history + list(messages), tools=self.tools,
+                                                  add_generation_prompt=True, enable_thinking=self.enable_thinking)
+
+    def send(self, text: str, role: str = "user") -> dict[str, Any]:
+        """Sends a message, generates the reply and returns it parsed: {"type": "text" | "tool_call", "content",
+        "reasoning_content", "tool_calls"} (OpenAI tool calls, `arguments` a dict)."""
+        for _ in self.stream_events(text, role):
+            pass
+        return self.last_reply
+
+    def observe(self, result: Any, *more: Any) -> dict[str, Any]:
+        """Answers the pending tool calls with their results (each a string, or anything JSON-serializable: one
+        `tool` message each, in the order of the calls) and returns the next reply."""
+        return self.send([_observation_text(r) for r in (result, *more)], role="tool")
+
+    def stream_observe(self, result: Any, *more: Any) -> Iterator[str]:
+        return self.stream([_observation_text(r) for r in (result, *more)], role="tool")
+
+    def stream(self, text, role: str = "user") -> Iterator[str]:
+        """Like `stream_events`, yielding only the answer's text (not the reasoning)."""
+        for event in self.stream_events(text, role):
+            if event["type"] == "content":
+                yield event["text"]
+
+    def stream_events(self, text, role: str = "user") -> Iterator[dict[str, Any]]:
+        """Sends a message (role "user", or "tool" / "observation" with one result or a list of results) and yields
+        the reply's `StreamParser` events as it is generated: {"type": "reasoning" | "content", "text"} and
+        {"type": "tool_call", "tool_call"}. When the iterator is exhausted the reply is in `last_reply` and
+        `last_ids`, and the messages are in `history`; stopping early records the partial reply."""
+        new = _new_messages(text, role)
+        tok = self.tokenizer
+        prompt = self.last_prompt = self.prompt(new)
+        parser = tok.stream_parser(self.tools, prompt=prompt)
+        ids: list[int] = []
+        shown, finished = "", False
+        try:
+            for token in _reply_tokens(self, prompt):
+                ids.append(token)
+                full = tok.decode(ids)
+                if full.endswith("\ufffd") or not full.startswith(shown):  # partial character / re-segmentation
+                    continue
+                delta, shown = full[len(shown):], full
+                yield from parser.feed(delta)
+            final = tok.decode(ids)
+            if final != shown and final.startswith(shown):  # a reply ending in a partial character
+                yield from parser.feed(final[len(shown):])
+            yield from parser.finish()
+            finished = True
+        finally:
+            self._record(new, ids, finished)
+
+    def _record(self, new: list[dict], ids: list[int], finished: bool) -> None:
+        self.turns += 1
+        self.last_ids = ids
+        parsed = self.tokenizer.parse_reply(ids, tools=self.tools)
+        reply = {"type": "tool_call" if parsed["tool_calls"] else "text", **parsed}
+        if not finished:
+            reply["interrupted"] = True
+        self.last_reply = reply
+        message: dict[str, Any] = {"role": "assistant", "content": parsed["content"]}
+        if parsed["reasoning_content"] is not None:
+            message["reasoning_content"] = parsed["reasoning_content"]
+        if parsed["tool_calls"]:
+            message["tool_calls"] = copy.deepcopy(parsed["tool_calls"])
+        self.history += new + [message]
+
+
+def _new_messages(text, role: str) -> list[dict[str, Any]]:
+    """The messages a turn sends: one user message, or one `tool` message per result."""
+    if role in ("tool", "observation"):
+        results = [text] if isinstance(text, str) else list(text)
+        if not results or not all(isinstance(r, str) for r in results):
+            raise TypeError("tool results must be a str or a non-empty list of str")
+        return [{"role": "tool", "content": r} for r in results]
+    if role != "user":
+        raise ValueError(f"role must be 'user' or 'tool', got {role!r}")
+    if not isinstance(text, str):
+        raise TypeError(f"message text must be a str, got {type(text).__name__}")
+    return [{"role": "user", "content": text}]
+
+
+def _reply_tokens(session, prompt: list[int]) -> Iterator[int]:
+    """The generated ids of one reply, up to (not including) a stop id."""
+    tok = session.tokenizer
+    cfg = getattr(session.model, "cfg", None)
+    if cfg is not None and len(prompt) + session.sampling["max_new_tokens"] > cfg.max_seq_len:
+        log.warning("conversation (%d tokens) + max_new_tokens exceeds the model's max_seq_len %d; "
+                    "consider /reset", len(prompt), cfg.max_seq_len)
+    stops = set(tok.stop_ids)
+    for token in _generate.stream_generate(
+            session.model, session.params, np.asarray(prompt, np.int32), stop_ids=tuple(tok.stop_ids),
+            pad_id=tok.pad_token_id, seed=session.seed + session.turns, vocab_limit=tok.vocab_size,
+            **session.sampling):
+        if int(token) in stops:
+            return
+        yield int(token)
+
+
+class ChatGLM3Session(ChatSession):
+    """One conversation with a ChatGLM3 model through the legacy `ChatGLMTokenizer`: history as ChatGLM3 messages
+    ({"role", "content", "metadata"?, "tools"?}, what `build_chat_input` takes, as THUDM's `model.chat` keeps it:
+    a tool call is stored with the tool name as metadata and the raw fenced `tool_call(...)` text as content),
+    replies as `ChatGLMTokenizer.parse_reply`'s {"type": "text" | "tool_call" | "code", ...}."""
+
+    def __init__(self, model, params, tokenizer, system: str | None = None, tools: Sequence[dict] | None = None,
+                 *, enable_thinking: bool | None = None, max_new_tokens: int = 512, temperature: float = 0.8,
+                 top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0, mesh=None,
+                 chunk: int = 1):
         self.model, self.params, self.tokenizer = model, params, tokenizer
         if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
             raise ValueError("tools must be a list of dicts (ChatGLM3 tool descriptions)")
         self.system = system
         self.tools = list(tools) if tools else None
+        self.enable_thinking = None  # ChatGLM3 does not think
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                              repetition_penalty=repetition_penalty, mesh=mesh, chunk=chunk)
         self.seed = int(seed)
@@ -235,10 +398,77 @@ def _print_call(reply: dict, out) -> None:
         out.write(f"\n[code interpreter]\n{reply['code']}\n")
 
 
+def _print_calls(reply: dict, out) -> None:
+    for call in reply["tool_calls"]:
+        f = call["function"]
+        out.write(f"\n[tool call] {json.dumps({'name': f['name'], 'arguments': f['arguments']}, ensure_ascii=False)}")
+    out.write("\n")
+
+
+class _EventPrinter:
+    """Writes a reply's stream events: reasoning apart from the answer (dim on a terminal, else after a
+    `[thinking]` label), tool calls once the reply is parsed."""
+
+    def __init__(self, out, color: bool):
+        self.out, self.color, self.section = out, color, None
+
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind not in ("reasoning", "content") or not event["text"]:
+            return
+        if kind != self.section:
+            if kind == "reasoning":
+                self.out.write("\x1b[2m" if self.color else "[thinking] ")
+            elif self.section == "reasoning":
+                self.out.write("\x1b[0m\n" if self.color else "\n[answer] ")
+            self.section = kind
+        self.out.write(event["text"])
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.section == "reasoning" and self.color:
+            self.out.write("\x1b[0m")
+
+
+def _turn(session, message, role: str, out, color: bool) -> bool:
+    """Streams one reply; False when the user interrupted it."""
+    out.write("\nAssistant: ")
+    out.flush()
+    printer = _EventPrinter(out, color)
+    try:
+        if isinstance(session, ChatGLM3Session):
+            for piece in session.stream(message, role=role):
+                printer({"type": "content", "text": piece})
+        else:
+            for event in session.stream_events(message, role=role):
+                printer(event)
+    except KeyboardInterrupt:
+        printer.close()
+        out.write("\n(interrupted)\n")
+        return False
+    printer.close()
+    return True
+
+
+def _command(session, text: str, out) -> bool:
+    """Runs a /command; False when `text` is none."""
+    command = text.strip()
+    if command == "/reset":
+        session.reset()
+        out.write("(conversation reset)\n")
+    elif command in ("/think", "/nothink"):
+        session.enable_thinking = command == "/think"
+        out.write(f"(thinking {'on' if session.enable_thinking else 'off'})\n")
+    else:
+        return False
+    return True
+
+
 def run_cli(session: ChatSession, stdin=None, out=None) -> int:
     stdin = stdin or sys.stdin
     out = out or sys.stdout
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
+    color = interactive and hasattr(out, "isatty") and out.isatty()
 
     def ask(prompt: str) -> str | None:
         out.write(prompt)
@@ -250,48 +480,68 @@ def run_cli(session: ChatSession, stdin=None, out=None) -> int:
             out.write(line if line.endswith("\n") else line + "\n")
         return line.rstrip("\n")
 
-    out.write("ChatGLM chat. /reset starts over, /exit quits.\n")
+    out.write("GLM chat. /think and /nothink switch thinking, /reset starts over, /exit quits.\n")
     while True:
         text = ask("\nUser: ")
         if text is None or text.strip() == "/exit":
             out.write("\nbye\n")
             return 0
-        if text.strip() == "/reset":
-            session.reset()
-            out.write("(conversation reset)\n")
-            continue
-        if not text.strip():
+        if not text.strip() or _command(session, text, out):
             continue
         role, message = "user", text
-        while True:
-            out.write("\nAssistant: ")
-            out.flush()
-            try:
-                for piece in session.stream(message, role=role):
-                    out.write(piece)
-                    out.flush()
-            except KeyboardInterrupt:
-                out.write("\n(interrupted)\n")
-                break
-            reply = session.last_reply
-            if session.pending_tool_call is None:
+        while _turn(session, message, role, out, color):
+            reply = session.pending_tool_call
+            if reply is None:
                 out.write("\n")
                 break
-            _print_call(reply, out)
-            observation = ask("Observation (tool result, JSON or text): ")
-            if observation is None:
+            if isinstance(session, ChatGLM3Session):
+                _print_call(reply, out)
+                results = [ask("Observation (tool result, JSON or text): ")]
+                role = "observation"
+            else:
+                _print_calls(reply, out)
+                results = [ask(f"Result of {c['function']['name']} (JSON or text): ") for c in reply["tool_calls"]]
+                role = "tool"
+            if any(r is None for r in results):
                 out.write("\nbye\n")
                 return 0
-            role, message = "observation", observation
+            message = results[0] if role == "observation" else results
+
+
+def default_tokenizer(checkpoint: str | Path) -> Path | None:
+    """Where a checkpoint's tokenizer is: the directory itself when it holds tokenizer.json / tokenizer.model;
+    for a train.py run directory, its config's `data.tokenizer`, else its `model.init_from` directory's; None:
+    the tokenizer shipped with glm_jax."""
+    path = Path(checkpoint)
+    files = ("tokenizer.json", "tokenizer.model")
+    if any((path / f).is_file() for f in files):
+        return path
+    if not (path / "config.yaml").is_file():
+        return None
+    try:
+        import yaml
+
+        cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, ImportError):
+        return None
+    data, model = cfg.get("data") or {}, cfg.get("model") or {}
+    if data.get("tokenizer"):
+        return Path(data["tokenizer"])
+    init = model.get("init_from")
+    return Path(init) if init and any((Path(init) / f).is_file() for f in files) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m glm_jax.chat", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="THUDM or transformers checkpoint directory")
-    p.add_argument("--tokenizer", default=None, help="SentencePiece tokenizer.model (default: the shipped one, or "
-                                                       "DIR/tokenizer.model if present)")
+    p.add_argument("--checkpoint", required=True, help="THUDM / transformers checkpoint or train.py run directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model / tokenizer.json or a directory (default: the "
+                                                       "checkpoint's, else the small one shipped with glm_jax)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--tools", default=None, help="JSON file with a list of tool descriptions")
+    thinking = p.add_mutually_exclusive_group()
+    thinking.add_argument("--think", dest="enable_thinking", action="store_const", const=True, default=None,
+                          help="start with thinking on (the template's enable_thinking; /think, /nothink switch)")
+    thinking.add_argument("--no-think", dest="enable_thinking", action="store_const", const=False)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.8)
@@ -303,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from glm_jax import GLMForCausalLM
-    from glm_jax.tokenizer import ChatGLMTokenizer
+    from glm_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
 
     def fail(msg: str) -> int:
         print("error: " + " ".join(str(msg).split()), file=sys.stderr, flush=True)
@@ -326,15 +576,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             what = type(tools).__name__ if not isinstance(tools, list) else "a list holding non-objects"
             return fail(f"--tools: {args.tools}: must hold a list of tool objects (or one object), got {what}")
-    tok_file = args.tokenizer
-    if tok_file is None and (Path(args.checkpoint) / "tokenizer.model").exists():
-        tok_file = Path(args.checkpoint) / "tokenizer.model"
-    if tok_file is not None and not Path(tok_file).is_file():
-        return fail(f"--tokenizer: {tok_file}: no such file")
+    source = args.tokenizer if args.tokenizer is not None else default_tokenizer(args.checkpoint)
+    if source is not None and not Path(source).exists():
+        return fail(f"--tokenizer: {source}: no such file")
     try:
-        tokenizer = ChatGLMTokenizer(tok_file)
-    except (OSError, RuntimeError, ValueError) as e:  # sentencepiece: RuntimeError on a file that is no model
-        return fail(f"--tokenizer: {tok_file}: cannot load the SentencePiece model ({e})")
+        tokenizer = SentencePieceTokenizer() if source is None else load_tokenizer(source)
+    except (OSError, RuntimeError, ValueError) as e:
+        return fail(f"--tokenizer: {source}: cannot load the tokenizer ({e})")
     overrides = dict(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else {}
     try:
         cfg, params = load_checkpoint(args.checkpoint, **overrides)
@@ -344,8 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
                     f"({tokenizer.vocab_size})")
     session = ChatSession(GLMForCausalLM(cfg), params, tokenizer, system=args.system, tools=tools,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                          enable_thinking=args.enable_thinking, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
     return run_cli(session)
 
 

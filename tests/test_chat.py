@@ -1,4 +1,5 @@
-"""ChatSession and the chat CLI: history as ChatGLM3 messages, stop ids, tool calls answered by observations."""
+"""ChatSession and the chat CLI: ChatGLM3 (legacy tokenizer: ChatGLM3 messages, tool calls answered by observations)
+and any family through `load_tokenizer` (OpenAI messages, tool_calls, tool results, /think and /nothink)."""
 
 import json
 import os
@@ -152,3 +153,111 @@ def test_cli_errors(tmp_path, capsys):
     assert C.main(["--checkpoint", str(tmp_path / "run")]) == 2
     assert "orbax" in capsys.readouterr().err
     assert C.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- any family
+# A GLM-4.5/4.6 tokenizer.json (tests/tokenizer_fixtures.py) with a tiny glm4 / glm4_moe model: OpenAI messages,
+# the checkpoint's chat template, reply parsing, tool results, thinking switches.
+
+import io  # noqa: E402
+
+import tokenizer_fixtures as fx  # noqa: E402
+from glm_jax import load_tokenizer  # noqa: E402
+
+OPENAI_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city", "parameters": {
+        "type": "object", "required": ["city"],
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+CALL_REPLY = ("\n<think>The user wants the weather.</think>\nChecking.\n<tool_call>get_weather\n"
+              "<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>")
+
+
+@pytest.fixture(scope="module")
+def glm45_dir(tmp_path_factory):
+    return fx.write_hf(fx.train_bpe(600), tmp_path_factory.mktemp("glm45_chat"), "glm45.jinja", in_config=False)
+
+
+class ScriptedText:
+    """`stream_generate` replaying replies given as text + a stop token, for any tokenizer."""
+
+    def __init__(self, tok, replies):
+        self.tok, self.replies, self.calls = tok, list(replies), []
+
+    def __call__(self, model, params, input_ids, **kw):
+        self.calls.append((np.asarray(input_ids).tolist(), kw))
+        text, stop = self.replies.pop(0)
+        yield from self.tok.encode(text, add_special_tokens=False) + [self.tok.special_tokens[stop]]
+
+
+def test_tool_call_parsed_into_tool_calls_and_tool_results(glm45_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(glm45_dir)
+    script = ScriptedText(tok, [(CALL_REPLY, "<|observation|>"), ("\n<think></think>\nSunny, 21C.", "<|user|>")])
+    monkeypatch.setattr(C._generate, "stream_generate", script)
+    session = C.ChatSession(object(), None, tok, system="Be brief.", tools=OPENAI_TOOLS)
+    events = list(session.stream_events("Weather in Paris for 2 days?"))
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}
+    assert session.last_reply == {"type": "tool_call", "content": "Checking.",
+                                  "reasoning_content": "The user wants the weather.", "tool_calls": [call]}
+    kinds = [e["type"] for e in events]
+    assert kinds.index("reasoning") < kinds.index("content") < kinds.index("tool_call")
+    assert "".join(e["text"] for e in events if e["type"] == "reasoning") == "The user wants the weather."
+    assert session.pending_tool_call is session.last_reply
+    assert tok.special_tokens["<|observation|>"] not in session.last_ids
+    reply = session.observe({"temp": 21})
+    assert reply == {"type": "text", "content": "Sunny, 21C.", "reasoning_content": "", "tool_calls": []}
+    assert session.history[1:] == [
+        {"role": "user", "content": "Weather in Paris for 2 days?"},
+        {"role": "assistant", "content": "Checking.", "reasoning_content": "The user wants the weather.",
+         "tool_calls": [call]},
+        {"role": "tool", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "Sunny, 21C.", "reasoning_content": ""}]
+    # Each prompt is transformers' rendering of the conversation so far, from the same directory.
+    ref = AutoTokenizer.from_pretrained(glm45_dir)
+    for (prompt, kw), n in zip(script.calls, (2, 4)):
+        expected = ref.apply_chat_template(session.history[:n], tools=OPENAI_TOOLS, add_generation_prompt=True,
+                                           return_dict=True)["input_ids"]
+        assert prompt == list(expected)
+        assert list(kw["stop_ids"]) == tok.stop_ids
+    assert "<tool_response>\n{\"temp\": 21}\n</tool_response>" in tok.decode(script.calls[1][0])
+
+
+def test_think_and_nothink_change_the_prompt(glm45_dir, monkeypatch):
+    tok = load_tokenizer(glm45_dir)
+    script = ScriptedText(tok, [("\nA.", "<|user|>"), ("\n<think></think>\nB.", "<|user|>"),
+                                ("\n<think>Hmm.</think>\nC.", "<|user|>")])
+    monkeypatch.setattr(C._generate, "stream_generate", script)
+    session = C.ChatSession(object(), None, tok)
+    out = io.StringIO()
+    assert C.run_cli(session, stdin=io.StringIO("one\n/nothink\ntwo\n/think\nthree\n/exit\n"), out=out) == 0
+    default, off, on = (tok.decode(p) for p, _ in script.calls)
+    assert off.endswith("two/nothink<|assistant|>\n<think></think>")
+    assert on.endswith("three<|assistant|>") and default.endswith("one<|assistant|>")
+    text = out.getvalue()
+    assert "(thinking off)" in text and "(thinking on)" in text and "[thinking] Hmm." in text
+    assert session.last_reply["reasoning_content"] == "Hmm." and session.last_reply["content"] == "C."
+    session.enable_thinking = False  # the same switch through the API
+    assert tok.decode(session.prompt([{"role": "user", "content": "x"}])).endswith("<|assistant|>\n<think></think>")
+
+
+def test_real_glm4_model_and_cli_on_a_checkpoint_with_tokenizer_json(glm45_dir, tmp_path, monkeypatch, capsys):
+    """The real generation loop on a random glm4 (GLM-4-0414 layout) model, and the CLI on its transformers
+    checkpoint holding the tokenizer.json."""
+    tok = load_tokenizer(glm45_dir)
+    cfg = GLMConfig.from_preset("glm-test", vocab_size=640, sandwich_norm=True)
+    ckpt = save_hf(cfg, init_params(GLMForCausalLM(cfg), jax.random.key(0)), tmp_path / "ckpt", format="transformers")
+    for f in glm45_dir.iterdir():
+        if f.name != "generation_config.json":
+            (ckpt / f.name).write_bytes(f.read_bytes())
+    assert C.default_tokenizer(ckpt) == ckpt
+    cfg, params = C.load_checkpoint(ckpt)  # the model the CLI builds: its generation compiles once
+    session = C.ChatSession(GLMForCausalLM(cfg), params, tok, enable_thinking=False, max_new_tokens=4,
+                            temperature=0.0)
+    reply = session.send("Hello")
+    assert 0 < len(session.last_ids) <= 4 and all(i < tok.vocab_size for i in session.last_ids)
+    assert set(reply) == {"type", "content", "reasoning_content", "tool_calls"}
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/nothink\nHello\n/exit\n"))
+    assert C.main(["--checkpoint", str(ckpt), "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "(thinking off)" in out and out.count("Assistant: ") == 1 and out.rstrip().endswith("bye")
