@@ -169,8 +169,8 @@ OPENAI_TOOLS = [{"type": "function", "function": {
         "type": "object", "required": ["city"],
         "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
 CALL_REPLY = ("\n<think>The user wants the weather.</think>\nChecking.\n<tool_call>get_weather\n"
-              "<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n"
-              "</tool_call>")
+              "<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+              "<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>")
 
 
 @pytest.fixture(scope="module")
