@@ -830,7 +830,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
                          first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.5),
     # glm-4.7-flash: zai-org/GLM-4.7-Flash (transformers glm4_moe_lite; MLA + MoE, 30B total / 3B active). Values of
-    #   its config.json as vLLM's glm4_moe_lite config test copies it (tests/transformers_utils: 47 layers, hidden
+    #   its config.json as vLLM's glm4_moe_lite config unit test copies it (_glm4_moe_lite_min_config: 47 layers, hidden
     #   2048, 20 heads, q_lora_rank 768, kv_lora_rank 512, qk_nope 192 + qk_rope 64, v 256, rope_theta 1e6,
     #   partial_rotary_factor 1.0, no rope scaling, 64 experts top-4 + 1 shared of 1536, first_k_dense_replace 1,
     #   scaling 1.8, pad 154820, eos [154820, 154827, 154829], bfloat16), which are also transformers'
