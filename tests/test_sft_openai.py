@@ -115,6 +115,26 @@ def test_chatglm3_conversations_on_a_tokenizer_json(glm46):
     assert D.encode_sft_record(tok, {"conversations": conv}) == D.encode_openai_conversation(tok, openai, TOOLS)
 
 
+def test_chatglm3_openai_records_equal_conversations_records():
+    """With ChatGLM3's tokenizer an OpenAI record gives exactly the ids and targets of the `conversations` record
+    (data.encode_conversation, THUDM's rule; reasoning dropped)."""
+    from glm_jax.tokenizers import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer()
+    tools = [TOOLS[0]["function"]]
+    conv = [{"role": "system", "content": "s", "tools": tools}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "Let me see."},
+            {"role": "assistant", "content": {"name": "get_weather", "parameters": {"city": "Paris"}}},
+            {"role": "observation", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    openai = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+              {"role": "assistant", "content": "Let me see.", "reasoning_content": "hmm", "tool_calls": [
+                  {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+              {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    expected = D.encode_conversation(tok, conv)
+    assert D.encode_sft_record(tok, {"conversations": conv}) == expected
+    assert D.encode_sft_record(tok, {"messages": openai, "tools": TOOLS}) == expected
+
+
 @pytest.mark.parametrize("record, error", [
     ({"messages": []}, "empty conversation"),
     ({"messages": [{"role": "user", "content": "q"}]}, "no assistant message"),
