@@ -130,6 +130,7 @@ def experts_expert_parallel(x, weights, experts, wi, wo, *, mode: str, ffn, gath
     per_shard = e // nx
 
     def body(x, weights, experts, wi, wo):
+        wi, wo = wi.astype(x.dtype), wo.astype(x.dtype)  # gather in the compute dtype: half the bytes in bf16
         if embed:  # FSDP: whole rows of each local expert, for this layer only
             wi = jax.lax.all_gather(wi, embed, axis=1, tiled=True)
             wo = jax.lax.all_gather(wo, embed, axis=2, tiled=True)
