@@ -155,9 +155,16 @@ def test_train_py_sft_on_openai_messages_with_a_tokenizer_json(glm46, tmp_path):
     from test_train_run import losses, train
 
     run = tmp_path / "run"
-    train(run, "data.task=sft", f"data.train_files=[{ROOT / 'data' / 'sft_openai' / 'train.jsonl'}]",
+    r = train(run, "data.task=sft", f"data.train_files=[{ROOT / 'data' / 'sft_openai' / 'train.jsonl'}]",
           f"data.tokenizer={glm46 / 'tokenizer.json'}", "data.seq_len=512", "data.max_tokens=null",
           "data.eval_fraction=0", "model.overrides.vocab_size=640", "model.overrides.max_seq_len=512",
           "model.overrides.sandwich_norm=true", "train.steps=3", "train.global_batch_size=4")
     loss = losses(run)
     assert sorted(loss) == [1, 2, 3] and all(np.isfinite(v) for v in loss.values())
+    # the rows are the conversations that keep a target within their first 512 tokens, tool-call ones included
+    tok, kept, with_calls = load_tokenizer(glm46), 0, 0
+    for line in (ROOT / "data" / "sft_openai" / "train.jsonl").read_text().splitlines():
+        ids, targets = D.encode_sft_record(tok, json.loads(line))
+        kept += any(targets[1:512])
+        with_calls += any(targets[1:512]) and "tool_calls" in line
+    assert with_calls >= 8 and f"{kept} train examples" in r.stdout and "bad records skipped: 0" in r.stdout
