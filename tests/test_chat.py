@@ -262,3 +262,18 @@ def test_real_glm4_model_and_cli_on_a_checkpoint_with_tokenizer_json(glm45_dir, 
     assert C.main(["--checkpoint", str(ckpt), "--max-new-tokens", "4", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     assert "(thinking off)" in out and out.count("Assistant: ") == 1 and out.rstrip().endswith("bye")
+
+
+def test_default_tokenizer_of_a_run_directory(glm45_dir, tmp_path):
+    """A train.py run directory chats with the tokenizer it trained with: data.tokenizer, else model.init_from's."""
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"tokenizer": str(glm45_dir / "tokenizer.json")}}))
+    assert C.default_tokenizer(run) == glm45_dir / "tokenizer.json"
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"tokenizer": None},
+                                                     "model": {"init_from": str(glm45_dir)}}))
+    assert C.default_tokenizer(run) == glm45_dir
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"init_from": str(tmp_path)}}))
+    assert C.default_tokenizer(run) is None and C.default_tokenizer(tmp_path / "nowhere") is None
