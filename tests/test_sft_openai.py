@@ -168,3 +168,23 @@ def test_train_py_sft_on_openai_messages_with_a_tokenizer_json(glm46, tmp_path):
         kept += any(targets[1:512])
         with_calls += any(targets[1:512]) and "tool_calls" in line
     assert with_calls >= 8 and f"{kept} train examples" in r.stdout and "bad records skipped: 0" in r.stdout
+
+
+def test_run_tokenizer_from_data_tokenizer_or_init_from(glm46, tmp_path):
+    from glm_jax.tokenizers import HFTokenizer, SentencePieceTokenizer
+    from glm_jax.train.config import ConfigError, load_config
+    from glm_jax.train.setup import load_train_tokenizer
+
+    base = ROOT / "configs" / "sft-openai-tiny.yaml"
+    cfg = load_config(base, [f"data.tokenizer={glm46 / 'tokenizer.json'}"])
+    assert isinstance(load_train_tokenizer(cfg, 640), HFTokenizer)
+    with pytest.raises(ConfigError, match="vocab_size=512 is smaller than the tokenizer's 636"):
+        load_train_tokenizer(cfg, 512)
+    cfg = load_config(base, [f"model.init_from={glm46}"], check_paths=False)  # a checkpoint holding a tokenizer
+    tok = load_train_tokenizer(cfg, 640)
+    assert isinstance(tok, HFTokenizer) and tok.chat_template is not None
+    cfg = load_config(base, [f"model.init_from={tmp_path}"], check_paths=False)  # none: the shipped one
+    assert isinstance(load_train_tokenizer(cfg, 65024), SentencePieceTokenizer)
+    (tmp_path / "tokenizer.model").write_text("not a tokenizer\n")
+    with pytest.raises(ConfigError, match=f"model.init_from: {tmp_path}: cannot load the tokenizer"):
+        load_train_tokenizer(cfg, 65024)
