@@ -32,9 +32,14 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def glm46(tmp_path_factory):
+def bpe():
+    return fx.train_bpe(600)
+
+
+@pytest.fixture(scope="module")
+def glm46(bpe, tmp_path_factory):
     """A tokenizer.json with GLM-4.5's added tokens and the published GLM-4.5/4.6 template."""
-    return fx.write_hf(fx.train_bpe(600), tmp_path_factory.mktemp("glm46"), "glm45.jinja", in_config=False)
+    return fx.write_hf(bpe, tmp_path_factory.mktemp("glm46"), "glm45.jinja", in_config=False)
 
 
 def with_generation_markers(template: str) -> str:
@@ -74,13 +79,7 @@ def test_glm46_mask_with_tools_token_by_token(glm46, tmp_path):
     assert ids == ref_ids
     assert targets == ref_targets
     # What the targets are, in words: reasoning, content and the call of each turn, and the token ending it.
-    runs, run = [], []
-    for i, t in zip(ids, targets):
-        if t:
-            run.append(i)
-        elif run:
-            runs, run = runs + [tok.decode(run)], []
-    runs.append(tok.decode(run))
+    runs = target_runs(tok, ids, targets)
     # Reasoning shows (and is trained on) only after the last user message: GLM-4.5/4.6 templates hide the rest.
     assert runs == [
         "\n<think></think>\nChecking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
@@ -99,6 +98,33 @@ def test_glm46_mask_with_tools_token_by_token(glm46, tmp_path):
     assert arrays["input_ids"][0, :n].tolist() == ids and stats["truncated"] == 0
     assert arrays["loss_mask"][0, :n - 1].tolist() == [float(t) for t in targets[1:]]
     assert arrays["loss_mask"][0, n - 1:].sum() == 0
+
+
+def target_runs(tok, ids, targets):
+    runs, run = [], []
+    for i, t in zip(ids, targets):
+        if t:
+            run.append(i)
+        elif run:
+            runs, run = runs + [tok.decode(run)], []
+    return runs + [tok.decode(run)] if run else runs
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("glm47", ["Call the tool.</think>Checking.<tool_call>get_weather<arg_key>city</arg_key><arg_value>Beijing"
+               "</arg_value><arg_key>days</arg_key><arg_value>2</arg_value></tool_call><|observation|>",
+               "Summarise the result.</think>21C then 19C.<|endoftext|>"]),
+    ("glm4_9b", ['\nChecking.<|assistant|>get_weather\n{"city": "Beijing", "days": 2}<|observation|>',
+                 "\n21C then 19C.<|endoftext|>"]),
+])
+def test_other_generations_train_on_their_own_format(bpe, tmp_path, name, expected):
+    """GLM-4.7 (a generation prompt that opens <think>) and GLM-4-9B (tiktoken, calls as `name\n{json}`)."""
+    directory = (fx.write_hf(bpe, tmp_path / name, "glm47.jinja", in_config=False) if name == "glm47"
+                 else fx.write_glm4_9b(bpe, tmp_path / name))
+    tok = load_tokenizer(directory)
+    ids, targets = D.encode_openai_conversation(tok, CONVERSATION[:5], TOOLS)
+    assert ids[:-1] == tok.apply_chat_template(CONVERSATION[:5], tools=TOOLS, add_generation_prompt=False)
+    assert target_runs(tok, ids, targets) == expected
 
 
 def test_chatglm3_conversations_on_a_tokenizer_json(glm46):
