@@ -73,6 +73,22 @@ def test_dispatch_plan_slots_are_unique_and_inside_their_destination_block():
     assert (np.diff(flat[order]) >= 0).all()
 
 
+def test_mesh_expert_config_checks():
+    from glm_jax import GLMConfig
+    from glm_jax.train.config import ConfigError, check_model_fit, load_config, resolve_mesh
+
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    cfg = load_config(tiny, ["mesh={data: 1, fsdp: -1, expert: 4}", "train.global_batch_size=8"])
+    assert resolve_mesh(cfg, 8) == {"data": 1, "fsdp": 2, "expert": 4, "sequence": 1, "tensor": 1}
+    with pytest.raises(ConfigError, match=r"^train\.global_batch_size: .*mesh\.data\*mesh\.fsdp\*mesh\.expert=8"):
+        load_config(tiny, ["mesh={data: 1, fsdp: 2, expert: 4}", "train.global_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"^mesh\.expert: must be a positive"):
+        load_config(tiny, ["mesh.expert=0"])
+    cfg = load_config(tiny, ["mesh={data: 1, fsdp: 1, expert: 3}", "train.global_batch_size=6"])
+    with pytest.raises(ConfigError, match=r"^mesh\.expert: 3 does not divide the model's 8 routed experts"):
+        check_model_fit(cfg, GLMConfig.from_preset("glm-moe-test"))
+
+
 SCRIPT = textwrap.dedent("""
     import os, sys, json, tempfile
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
