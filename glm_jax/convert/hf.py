@@ -128,101 +128,131 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
         log.info("%s: config.json has %d MTP layer(s) but the checkpoint none: num_mtp_layers=0", ckpt_dir,
                  cfg.num_mtp_layers)
         cfg = cfg.replace(num_mtp_layers=0)
-    bits = int(raw.get("quantization_bit") or 0) if fmt == "thudm" else 0
     boxed = abstract_params(cfg)
-    shapes = nn.unbox(boxed)
     if shardings is None and mesh is not None:
         shardings = param_shardings(boxed, mesh, rules)
-    dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
-    entries = ENTRIES[fmt](cfg)
-    fused_rows = {e.torch_name: max(x.rows[1] for x in entries if x.torch_name == e.torch_name)
-                  for e in entries if e.rows}
-    used: set[str] = set()
-    if cfg.num_mtp_layers:  # the MTP layers' copies of the embedding / head: shared, not loaded (MTP_SHARED)
-        shared = {f"model.layers.{cfg.num_layers + j}.{n}" for j in range(cfg.num_mtp_layers) for n in MTP_SHARED}
-        used |= shared & set(reader.keys())
+    bits = int(raw.get("quantization_bit") or 0) if fmt == "thudm" else 0
+    loader = _ParamLoader(cfg, reader, ENTRIES[fmt](cfg), bits)
+    shapes, params = nn.unbox(boxed), {}
+    for path, group in loader.groups().items():
+        for p, value in loader.load(path, group, get_path(shapes, path).shape, shardings):
+            _set(params, p, value)
+    if not any(h[0] in params for h in HEADS):
+        raise KeyError(f"{ckpt_dir}: no output head found (expected tensor "
+                       f"{next(e.torch_name for e in loader.entries if e.path == ('lm_head', 'kernel'))!r})")
+    loader.report_unused(ckpt_dir)
+    return cfg, params
 
-    def read(entry: Entry, name: str, shape, out_dtype) -> np.ndarray:
-        if bits and name.endswith(".weight") and any(q in name for q in QUANTIZABLE):
-            w = dequantize_rows(reader.get(name), reader.get(name + "_scale"), bits)
-            used.add(name + "_scale")
+
+class _ParamLoader:
+    """Reads our parameters from a checkpoint's torch tensors (load_hf), one parameter (`path`) at a time, and
+    remembers which tensors it used."""
+
+    def __init__(self, cfg: GLMConfig, reader: CheckpointReader, entries: list[Entry], bits: int):
+        self.cfg, self.reader, self.entries, self.bits = cfg, reader, entries, bits
+        self.dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+        self.fused_rows = {e.torch_name: max(x.rows[1] for x in entries if x.torch_name == e.torch_name)
+                           for e in entries if e.rows}
+        self.used: set[str] = set()
+        if cfg.num_mtp_layers:  # the MTP layers' copies of the embedding / head: shared, not loaded (MTP_SHARED)
+            shared = {f"model.layers.{cfg.num_layers + j}.{n}" for j in range(cfg.num_mtp_layers) for n in MTP_SHARED}
+            self.used |= shared & set(reader.keys())
+
+    def groups(self) -> dict[tuple, list[Entry]]:
+        """Our parameter path -> the entries (torch tensors, or row ranges of one) it is made of, in order."""
+        groups: dict[tuple, list[Entry]] = defaultdict(list)
+        for entry in self.entries:
+            groups[entry.path].append(entry)
+        return groups
+
+    def read(self, entry: Entry, name: str, shape, out_dtype) -> np.ndarray:
+        """Torch tensor `name` (dequantized if THUDM int8/int4), checked, in our layout for `shape`."""
+        reader = self.reader
+        if self.bits and name.endswith(".weight") and any(q in name for q in QUANTIZABLE):
+            w = dequantize_rows(reader.get(name), reader.get(name + "_scale"), self.bits)
+            self.used.add(name + "_scale")
         else:
             w = reader.get(name)
-        used.add(name)
-        if entry.rows and w.shape[0] != fused_rows[entry.torch_name]:
+        self.used.add(name)
+        if entry.rows and w.shape[0] != self.fused_rows[entry.torch_name]:
             raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has {w.shape[0]} rows, expected "
-                             f"{fused_rows[entry.torch_name]} (fused q/k/v)")
+                             f"{self.fused_rows[entry.torch_name]} (fused q/k/v)")
         expected = entry.torch_shape(shape)
         got = w[entry.rows[0]:entry.rows[1]].shape if entry.rows else w.shape
         if tuple(got) != expected:
             raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(w.shape)}, expected "
-                             f"{expected} for {cfg.name or 'this config'}")
+                             f"{expected} for {self.cfg.name or 'this config'}")
         return entry.to_ours(w, shape).astype(out_dtype)
 
-    def fill(out: np.ndarray, group: list[Entry], layer: int | None):
+    def fill(self, out: np.ndarray, group: list[Entry], layer: int | None) -> None:
         """Our array `out` (one layer's slice of a stacked parameter, or a global one) from its torch tensors."""
         for entry in group:
             for e, index, piece in entry.pieces(out.shape):
                 name = entry.torch_name.format(i=None if layer is None else entry.offset + layer, e=e)
-                out[index] = read(entry, name, piece, out.dtype)
+                out[index] = self.read(entry, name, piece, out.dtype)
 
-    groups: dict[tuple, list[Entry]] = defaultdict(list)
-    for entry in entries:
-        groups[entry.path].append(entry)
-    params: dict = {}
-    for path, group in groups.items():
+    def resolve(self, path: tuple, group: list[Entry]) -> list[Entry] | None:
+        """The entries to read for `path`: None for an optional parameter the checkpoint lacks; the fused
+        expert layout where the checkpoint has it instead of per-expert tensors."""
         first = group[0]
         probe = first.torch_name.format(i=first.offset, e=0)
-        if (path[:1] in HEADS or path == PREFIX) and probe not in reader:
-            continue  # optional: a checkpoint has lm_head, score or both; a P-tuning prefix only once trained
-        if path[-3:] in FUSED_EXPERTS and probe not in reader:  # transformers 5's in-memory layout
+        if (path[:1] in HEADS or path == PREFIX) and probe not in self.reader:
+            return None  # optional: a checkpoint has lm_head, score or both; a P-tuning prefix only once trained
+        if path[-3:] in FUSED_EXPERTS and probe not in self.reader:  # transformers 5's in-memory layout
             fused = fused_experts_entry(first)
-            if fused.torch_name.format(i=fused.offset) in reader:
-                group = [fused]
-        shape = get_path(shapes, path).shape
-        out_dtype = np.dtype(first.dtype) if first.dtype else dtype
+            if fused.torch_name.format(i=fused.offset) in self.reader:
+                return [fused]
+        return group
+
+    def load(self, path: tuple, group: list[Entry], shape, shardings) -> list[tuple[tuple, Any]]:
+        """[(our path, device array)] for one parameter: streamed layer by layer onto its sharding when large,
+        else assembled on the host (and quantized to int8/int4 when the config asks for it)."""
+        group = self.resolve(path, group)
+        if group is None:
+            return []
+        first = group[0]
+        out_dtype = np.dtype(first.dtype) if first.dtype else self.dtype
         target = get_path(shardings, path) if shardings is not None else None
         quantize = QUANTIZED_KERNELS.get(path[2:4]) if path[1:2] == ("layers",) and path[-1] == "kernel" else None
-        quantize = quantize if cfg.quantization_bit else None
-        nbytes = math.prod(shape) * out_dtype.itemsize
-        if first.per_layer and not quantize and nbytes > STREAM_MIN_BYTES:
-            def layers():
-                for j in range(shape[0]):
-                    one = np.empty(shape[1:], out_dtype)
-                    fill(one, group, j)
-                    yield j, one
-
-            streamed = _stream_put(shape, out_dtype, target, layers())
+        quantize = quantize if self.cfg.quantization_bit else None
+        if first.per_layer and not quantize and math.prod(shape) * out_dtype.itemsize > STREAM_MIN_BYTES:
+            streamed = _stream_put(shape, out_dtype, target, self._layers(group, shape, out_dtype))
             if streamed is not None:
-                _set(params, path, streamed)
-                continue
+                return [(path, streamed)]
         buf = np.empty(shape, out_dtype)
         if first.per_layer:
             for j in range(shape[0]):
-                fill(buf[j], group, j)
+                self.fill(buf[j], group, j)
         else:
-            fill(buf, group, None)
+            self.fill(buf, group, None)
         arrays = {path: buf}
         if quantize:
-            q, scale = quantize_kernel(buf, quantize, cfg.quantization_bit)
+            q, scale = quantize_kernel(buf, quantize, self.cfg.quantization_bit)
             arrays = {path: q, path[:-1] + ("scale",): scale}
+        out = []
         for p, arr in arrays.items():
             t = get_path(shardings, p) if shardings is not None else None
-            _set(params, p, jax.device_put(arr, t) if t is not None else jax.numpy.asarray(arr))
-        del buf, arrays
-    if not any(h[0] in params for h in HEADS):
-        raise KeyError(f"{ckpt_dir}: no output head found (expected tensor "
-                       f"{next(e.torch_name for e in entries if e.path == ('lm_head', 'kernel'))!r})")
-    unused = sorted(set(reader.keys()) - used - set(IGNORED_TORCH_NAMES))
-    if cfg.is_moe and not cfg.num_mtp_layers:  # MTP layers left out on purpose (num_mtp_layers=0)
-        mtp = [n for n in unused if n.startswith("model.layers.") and n.split(".")[2].isdigit()
-               and int(n.split(".")[2]) >= cfg.num_layers]
-        if mtp:
-            log.info("%s: %d MTP layer tensors not loaded (num_mtp_layers=0)", ckpt_dir, len(mtp))
-            unused = sorted(set(unused) - set(mtp))
-    if unused:
-        log.warning("%s: %d tensors not loaded, e.g. %s", ckpt_dir, len(unused), ", ".join(unused[:5]))
-    return cfg, params
+            out.append((p, jax.device_put(arr, t) if t is not None else jax.numpy.asarray(arr)))
+        return out
+
+    def _layers(self, group: list[Entry], shape, out_dtype):
+        for j in range(shape[0]):
+            one = np.empty(shape[1:], out_dtype)
+            self.fill(one, group, j)
+            yield j, one
+
+    def report_unused(self, ckpt_dir) -> None:
+        """Logs the checkpoint's tensors that nothing read (MTP layers left out on purpose only at info level)."""
+        cfg = self.cfg
+        unused = sorted(set(self.reader.keys()) - self.used - set(IGNORED_TORCH_NAMES))
+        if cfg.is_moe and not cfg.num_mtp_layers:  # MTP layers left out on purpose (num_mtp_layers=0)
+            mtp = [n for n in unused if n.startswith("model.layers.") and n.split(".")[2].isdigit()
+                   and int(n.split(".")[2]) >= cfg.num_layers]
+            if mtp:
+                log.info("%s: %d MTP layer tensors not loaded (num_mtp_layers=0)", ckpt_dir, len(mtp))
+                unused = sorted(set(unused) - set(mtp))
+        if unused:
+            log.warning("%s: %d tensors not loaded, e.g. %s", ckpt_dir, len(unused), ", ".join(unused[:5]))
 
 
 def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transformers", *,
