@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from glm_jax.sharding import axis_rules
 from glm_jax.train import lora as lora_lib
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis is also data parallel outside the experts (sharding.py)
 
 
 def batch_spec(name: str, ndim: int, microbatched: bool) -> P:
