@@ -143,7 +143,8 @@ def test_run_dir_that_is_a_file_or_empty(tmp_path):
     ("train.max_skips=-1", "train.max_skips: must be >= 0, got -1"),
     ("data.max_tokens=0", "data.max_tokens: must be positive or null (no limit), got 0"),
     ("data.tokenizer=", "data.tokenizer: empty path (null for the tokenizer shipped with glm_jax)"),
-    ("data.tokenizer=/", "data.tokenizer: / is not a file (expected a SentencePiece tokenizer.model)"),
+    ("data.tokenizer=/", "data.tokenizer: / has no tokenizer.json or tokenizer.model (expected a tokenizer file or "
+                         "a checkpoint directory)"),
 ])
 def test_non_finite_and_absurd_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as e:
@@ -157,6 +158,10 @@ def test_the_boundaries_still_load(tmp_path):
     assert cfg.train.lr == 10 and cfg.data.max_tokens is None
     tok = ROOT / "glm_jax" / "assets" / "tokenizer.model"
     assert load_config(TINY, [f"data.tokenizer={tok}"]).data.tokenizer == str(tok)
+    ckpt = tmp_path / "ckpt"  # a checkpoint directory holding a tokenizer file
+    ckpt.mkdir()
+    (ckpt / "tokenizer.model").write_bytes(tok.read_bytes())
+    assert load_config(TINY, [f"data.tokenizer={ckpt}"]).data.tokenizer == str(ckpt)
     # a run's saved config is readable without its paths (e.g. a tokenizer not on this machine)
     assert load_config(TINY, ["data.tokenizer=/nope.model", "run_dir="], check_paths=False).run_dir == ""
 

@@ -7,8 +7,8 @@ list). Every problem - unknown key, wrong type, impossible combination - raises 
 one line starting with the offending key; `train.py` prints it and exits with status 2 before touching jax.
 Every float must be finite (`.nan` / `.inf` are errors); `train.lr` must be at most `MAX_LR`; `train.seed` is in
 [0, 2**31 - 1]; `data.max_tokens` is positive or null (no limit). `load_config` also checks the two paths a run
-needs before it starts: `data.tokenizer` must be an existing file, and `run_dir` a non-empty path that is not
-an existing file.
+needs before it starts: `data.tokenizer` must be an existing tokenizer file or a directory holding one, and
+`run_dir` a non-empty path that is not an existing file.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import yaml
 from glm_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 
 EXIT_CONFIG_ERROR = 2
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what a checkpoint directory may hold, preferred first
 MAX_LR = 10.0  # a learning rate above this is a typo (1e39, 3e4 for 3e-4), not a setting
 MAX_SEED = 2**31 - 1  # jax.random.key keeps only the low 32 bits of larger seeds (2**32 would be seed 0)
 
@@ -56,7 +57,9 @@ class DataSection:
     text_key: str = "text"  # JSONL pretraining: the field holding the text
     max_tokens: Optional[int] = None  # pretraining: stop reading documents after this many tokens (null: no limit)
     skip_bad_records: bool = False
-    tokenizer: Optional[str] = None  # SentencePiece model file (must exist); None = the one shipped with glm_jax
+    # tokenizer.model (SentencePiece / tiktoken) or tokenizer.json file, or a checkpoint directory holding one (must
+    # exist); None = model.init_from's tokenizer, else the SentencePiece model shipped with glm_jax (docs/tokenizer.md)
+    tokenizer: Optional[str] = None
     # pretrain: a directory written by `train.py --prepare-data DIR` (rows packed once, memory-mapped; each
     # process reads only its rows); train_files / eval_files are then not read
     prepared: Optional[str] = None
@@ -415,7 +418,7 @@ def _check_mesh(cfg: Config) -> None:
 
 
 def validate_paths(cfg: Config) -> None:
-    """File-system checks that need no devices: the tokenizer file exists, run_dir can be a directory."""
+    """File-system checks that need no devices: the tokenizer exists, run_dir can be a directory."""
     tok = cfg.data.tokenizer
     if tok is not None:
         if not str(tok).strip():
@@ -423,8 +426,11 @@ def validate_paths(cfg: Config) -> None:
         p = Path(tok)
         if not p.exists():
             raise ConfigError(f"data.tokenizer: file not found: {p}")
-        if not p.is_file():
-            raise ConfigError(f"data.tokenizer: {p} is not a file (expected a SentencePiece tokenizer.model)")
+        if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(f"data.tokenizer: {p} has no {' or '.join(TOKENIZER_FILES)} (expected a tokenizer file "
+                              f"or a checkpoint directory)")
+        if not p.is_file() and not p.is_dir():
+            raise ConfigError(f"data.tokenizer: {p} is not a file or a directory")
     if not cfg.run_dir.strip():
         raise ConfigError("run_dir: empty path (the run directory would be the current directory)")
     run_dir = Path(cfg.run_dir)

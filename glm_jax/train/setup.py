@@ -13,10 +13,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from glm_jax.train.config import Config, ConfigError, check_model_fit, resolve_mesh, to_yaml
+from glm_jax.train.config import TOKENIZER_FILES, Config, ConfigError, check_model_fit, resolve_mesh, to_yaml
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def load_train_tokenizer(cfg: Config, vocab_size: int):
