@@ -70,17 +70,17 @@ def _run(tmp_path, *overrides):
 
 
 def test_train_py_lora_on_an_mla_model(tmp_path):
-    ls, recs = _run(tmp_path, "model.preset=glm-mla-test", "train.mode=lora", "lora.rank=4", "lora.alpha=8",
-                    "train.lr=3e-2", f"lora.targets=[{', '.join(MLA_TARGETS)}]")
-    assert np.mean([ls[5], ls[6]]) < ls[1] - 0.05, ls
+    ls, recs = _run(tmp_path, "model.preset=glm-mla-test", "train.mode=lora", "lora.rank=8", "lora.alpha=16",
+                    "train.lr=2e-2", f"lora.targets=[{', '.join(MLA_TARGETS)}, wi, wo]")
+    assert np.mean([ls[5], ls[6]]) < ls[1] - 0.05, ls  # a random base: the adapters alone move it slowly
     import orbax.checkpoint as ocp
 
     state = ocp.StandardCheckpointer().restore((tmp_path / "checkpoints" / "6" / "state").absolute())
-    assert set(state["params"]) == set(MLA_TARGETS) | {"moe_layers"}  # only the adapters are trained
+    assert set(state["params"]) == set(MLA_TARGETS) | {"wi", "wo", "moe_layers"}  # only the adapters train
     assert all(float(np.abs(ab["b"]).max()) > 0 for ab in state["params"]["moe_layers"].values())
 
 
 def test_train_py_full_dsa_model(tmp_path):
-    ls, recs = _run(tmp_path, "model.preset=glm-dsa-test")  # seq_len 32, index_topk 8: sparse attention
+    ls, recs = _run(tmp_path, "model.preset=glm-dsa-test", "train.lr=1e-2")  # seq_len 32, index_topk 8: sparse
     assert np.mean([ls[5], ls[6]]) < ls[1] - 0.5, ls
     assert len(recs[1]["moe/load_cv_layers"]) == 2

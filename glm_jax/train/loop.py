@@ -282,8 +282,14 @@ def plan(cfg: Config, topology: str | None = None) -> int:
           f"mode {t.mode}; batch {t.global_batch_size} x {dc.seq_len} in {t.grad_accum} microbatch(es); "
           f"mesh {dict(mesh.shape)} over {mesh.devices.size} x {kind}", flush=True)
     with use_mesh(mesh):
-        result = P.compile_plan(builder.jit_train(s_shard, frozen_shard, b_shard),
-                                P.abstract(abstract_state, s_shard), P.abstract(frozen, frozen_shard), batch, hyper)
+        try:
+            result = P.compile_plan(builder.jit_train(s_shard, frozen_shard, b_shard), P.abstract(
+                abstract_state, s_shard), P.abstract(frozen, frozen_shard), batch, hyper)
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a plan over HBM instead of returning it
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+            return EXIT_NO_FIT
     flops = model_cfg.flops_per_token(dc.seq_len) * t.global_batch_size * dc.seq_len / mesh.devices.size
     print(P.format_plan(result, kind, mesh.devices.size, flops, model_cfg.scan_unroll >= model_cfg.num_layers))
     ok = P.fits(result, kind)

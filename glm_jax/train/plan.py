@@ -30,6 +30,7 @@ TPU_TOPOLOGIES = {
     "v5p-8": ("v5:2x2x1", "megacore", (2, 2, 1)), "v5p-16": ("v5:2x2x2", "megacore", (2, 2, 1)),
     "v5p-32": ("v5:2x2x4", "megacore", (2, 2, 1)), "v5p-64": ("v5:2x4x4", "megacore", (2, 2, 1)),
     "v5p-128": ("v5:4x4x4", "megacore", (2, 2, 1)), "v5p-256": ("v5:4x4x8", "megacore", (2, 2, 1)),
+    "v5p-512": ("v5:4x8x8", "megacore", (2, 2, 1)), "v5p-1024": ("v5:8x8x8", "megacore", (2, 2, 1)),
     # v5e (v5litepod) and v6e (Trillium): one device per chip, 2-D torus; -N = N chips
     **{f"{gen}-{x * y}": (f"{gen}:{x}x{y}", "default", (2, 2, 1))
        for gen in ("v5e", "v6e") for x, y in ((2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))},
