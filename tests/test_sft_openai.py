@@ -214,3 +214,20 @@ def test_run_tokenizer_from_data_tokenizer_or_init_from(glm46, tmp_path):
     (tmp_path / "tokenizer.model").write_text("not a tokenizer\n")
     with pytest.raises(ConfigError, match=f"model.init_from: {tmp_path}: cannot load the tokenizer"):
         load_train_tokenizer(cfg, 65024)
+
+
+def test_prepare_data_tokenizes_with_the_runs_tokenizer(glm46, tmp_path):
+    """--prepare-data packs pretraining text with the run's tokenizer (here a tokenizer.json), not ChatGLM3's."""
+    from glm_jax.train.config import load_config
+    from glm_jax.train.loop import prepare_data
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.tokenizer={glm46}", "data.max_tokens=3000",
+                                                      "data.eval_files=[]", "data.seq_len=64"])
+    assert prepare_data(cfg, tmp_path / "prep") == 0
+    tok = load_tokenizer(glm46)
+    rows = D.open_prepared(tmp_path / "prep", "train", 64, tok.vocab_size)
+    first_doc = next(iter(P.PretrainDocuments(P.expand_sources(cfg.data.train_files), tok, cfg.data.text_split,
+                                              D.BadRecords(), cfg.data.text_key)))
+    assert first_doc[-1] == tok.eos_token_id
+    np.testing.assert_array_equal(rows["input_ids"][0][:len(first_doc[:64])], first_doc[:64])
+    assert int(np.max(rows["input_ids"][: len(rows["input_ids"])])) < tok.vocab_size < 65024

@@ -305,19 +305,19 @@ def prepare_data(cfg: Config, out_dir: str | Path) -> int:
     for `data.prepared: DIR`. Returns the exit code."""
     import json
 
-    from glm_jax.tokenizer import ChatGLMTokenizer
     from glm_jax.train import data as D
     from glm_jax.train import pipeline as P
+    from glm_jax.train.setup import load_train_tokenizer
 
     dc = cfg.data
     if dc.task != "pretrain":
         raise ConfigError(f"data.task: --prepare-data packs pretraining text, not {dc.task} data")
     if not dc.train_files:
         raise ConfigError("data.train_files: nothing to prepare")
-    tok = ChatGLMTokenizer(dc.tokenizer)
+    tok = load_train_tokenizer(cfg)  # the run's tokenizer, any family: the rows must be its ids
     out = Path(out_dir)
     bad = D.BadRecords(skip=dc.skip_bad_records)
-    meta = {"seq_len": dc.seq_len, "vocab_size": tok.vocab_size, "tokenizer": str(tok.model_file),
+    meta = {"seq_len": dc.seq_len, "vocab_size": tok.vocab_size, "tokenizer": str(dc.tokenizer or cfg.model.init_from or "glm_jax"),
             "text_split": dc.text_split, "rows": {}, "tokens": {}, "files": {}}
     for split, files in (("train", dc.train_files), ("eval", dc.eval_files)):
         if not files:

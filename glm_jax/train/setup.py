@@ -18,11 +18,11 @@ from glm_jax.train.config import TOKENIZER_FILES, Config, ConfigError, check_mod
 
 
 
-def load_train_tokenizer(cfg: Config, vocab_size: int):
+def load_train_tokenizer(cfg: Config, vocab_size: int | None = None):
     """The tokenizer of a run (any GLM family, `glm_jax.load_tokenizer`): `data.tokenizer` (a tokenizer.model /
     tokenizer.json file or a checkpoint directory), else the tokenizer shipped in `model.init_from`'s directory,
     else the small SentencePiece model shipped with glm_jax. ConfigError when it cannot load or its vocabulary
-    does not fit the model's (docs/tokenizer.md, "SFT data formats")."""
+    does not fit the model's `vocab_size` (docs/tokenizer.md, "SFT data formats")."""
     from glm_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
 
     source = cfg.data.tokenizer
@@ -34,7 +34,7 @@ def load_train_tokenizer(cfg: Config, vocab_size: int):
     except (OSError, RuntimeError, ValueError) as e:
         key = "data.tokenizer" if cfg.data.tokenizer is not None else "model.init_from"
         raise ConfigError(f"{key}: {source}: cannot load the tokenizer ({' '.join(str(e).split())[:200]})") from None
-    if tok.vocab_size > vocab_size:
+    if vocab_size is not None and tok.vocab_size > vocab_size:
         raise ConfigError(f"model.overrides.vocab_size: the model's vocab_size={vocab_size} is smaller "
                           f"than the tokenizer's {tok.vocab_size}")
     return tok
