@@ -483,3 +483,52 @@ def test_glm47_reply_after_a_prompt_that_opened_thinking(built):
     events = [e for i in range(0, len(reply), 5) for e in stream.feed(reply[i:i + 5])] + stream.finish()
     assert [e["type"] for e in events][-1] == "tool_call" and stream.result() == expected
     assert "".join(e["text"] for e in events if e["type"] == "reasoning") == expected["reasoning_content"]
+
+
+# ------------------------------------------------------------------------------------------------ ChatGLM2
+
+CHATGLM2_CODE = 'class SPTokenizer:\n    special_tokens = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]\n'
+CHATGLM3_CODE = CHATGLM2_CODE.replace('"eop"]', '"eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]')
+
+
+def _sp_checkpoint(directory, code=None, name=None):
+    from glm_jax.tokenizers.sentencepiece import DEFAULT_MODEL_FILE
+
+    directory.mkdir()
+    shutil.copy(DEFAULT_MODEL_FILE, directory / "tokenizer.model")
+    if code is not None:
+        (directory / "tokenization_chatglm.py").write_text(code)
+    if name is not None:
+        (directory / "config.json").write_text(json.dumps({"model_type": "chatglm", "_name_or_path": name}))
+    return directory
+
+
+def test_chatglm2_checkpoints_chat_in_their_round_format(tmp_path):
+    """ChatGLM2 and ChatGLM3 ship the same tokenizer.model; THUDM's chatglm2-6b prompt is plain text in rounds
+    ("[Round n]\\n\\n问：...\\n\\n答：") after [gMASK] sop, encoded by SentencePiece as one string."""
+    from glm_jax.tokenizers import ChatGLM2Tokenizer
+    from glm_jax.tokenizers.sentencepiece import DEFAULT_MODEL_FILE
+
+    v2 = load_tokenizer(_sp_checkpoint(tmp_path / "v2", CHATGLM2_CODE))
+    assert isinstance(v2, ChatGLM2Tokenizer)
+    assert isinstance(load_tokenizer(_sp_checkpoint(tmp_path / "by_name", name="THUDM/chatglm2-6b")), ChatGLM2Tokenizer)
+    v3 = load_tokenizer(_sp_checkpoint(tmp_path / "v3", CHATGLM3_CODE))
+    assert type(v3) is SentencePieceTokenizer and type(load_tokenizer(_sp_checkpoint(tmp_path / "bare"))) is type(v3)
+
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hello, how can I help?"},
+                {"role": "user", "content": "What is 2 + 2?"}]
+    sp = spm.SentencePieceProcessor(model_file=str(DEFAULT_MODEL_FILE))
+    n = sp.get_piece_size()
+    expected = [n + 1, n + 3] + sp.encode("[Round 1]\n\n问：你好\n\n答：Hello, how can I help?\n\n"
+                                          "[Round 2]\n\n问：What is 2 + 2?\n\n答：")
+    assert v2.apply_chat_template(messages) == expected
+    assert v2.apply_chat_template(messages) != v3.apply_chat_template(messages)
+    assert v2.vocab_size == n + 5 and v2.stop_ids == [sp.eos_id()] and "<|user|>" not in v2.special_tokens
+    assert v2.parse_reply(" 4 ") == {"content": "4", "reasoning_content": None, "tool_calls": []}
+    stream = v2.stream_parser()
+    events = stream.feed("2 + 2") + stream.feed(" = 4") + stream.finish()
+    assert "".join(e.get("text", "") for e in events) == "2 + 2 = 4" and stream.result()["content"] == "2 + 2 = 4"
+    with pytest.raises(ValueError, match="message 0: ChatGLM2's chat format alternates user and assistant"):
+        v2.apply_chat_template([{"role": "system", "content": "s"}] + messages)
+    with pytest.raises(ValueError, match="no tools"):
+        v2.apply_chat_template(messages, tools=[{"type": "function", "function": {"name": "f"}}])

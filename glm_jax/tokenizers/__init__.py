@@ -6,7 +6,8 @@
 
 | file | kind | class |
 |---|---|---|
-| `tokenizer.model`, SentencePiece protobuf (ChatGLM2/3) | `sentencepiece` | `SentencePieceTokenizer` |
+| `tokenizer.model`, SentencePiece protobuf (ChatGLM3) | `sentencepiece` | `SentencePieceTokenizer` |
+| the same file beside ChatGLM2's `tokenization_chatglm.py` / config | `sentencepiece` | `ChatGLM2Tokenizer` |
 | `tokenizer.model`, `base64 rank` lines (GLM-4-9B) | `tiktoken` | `TiktokenTokenizer` |
 | `tokenizer.json` (GLM-4-0414, GLM-4.5+, transformers conversions) | `tokenizers` | `HFTokenizer` |
 """
@@ -19,12 +20,13 @@ from pathlib import Path
 from glm_jax.tokenizers.base import Tokenizer
 from glm_jax.tokenizers.hf import HFTokenizer
 from glm_jax.tokenizers.parsers import StreamParser, parse_reply
-from glm_jax.tokenizers.sentencepiece import ChatGLMTokenizer, SentencePieceTokenizer
+from glm_jax.tokenizers.sentencepiece import (ChatGLM2Tokenizer, ChatGLMTokenizer, SentencePieceTokenizer,
+                                              is_chatglm2)
 from glm_jax.tokenizers.templates import find_chat_template, read_tokenizer_config
 from glm_jax.tokenizers.tiktoken_bpe import TiktokenTokenizer, looks_like_tiktoken
 
-__all__ = ["load_tokenizer", "Tokenizer", "SentencePieceTokenizer", "TiktokenTokenizer", "HFTokenizer",
-           "ChatGLMTokenizer", "StreamParser", "parse_reply", "reply_format_of"]
+__all__ = ["load_tokenizer", "Tokenizer", "SentencePieceTokenizer", "ChatGLM2Tokenizer", "TiktokenTokenizer",
+           "HFTokenizer", "ChatGLMTokenizer", "StreamParser", "parse_reply", "reply_format_of"]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -57,7 +59,7 @@ def _load_file(file: Path, config: dict, template) -> Tokenizer:
         special = _config_special_tokens(config)
         return TiktokenTokenizer(file, special, config, template, reply_format_of(template, special or {}))
     try:
-        return SentencePieceTokenizer(file)
+        return (ChatGLM2Tokenizer if is_chatglm2(file.parent) else SentencePieceTokenizer)(file)
     except Exception:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError on a foreign file
         raise ValueError(f"{file}: not a SentencePiece model, a tiktoken BPE file or a tokenizer.json") from None
 

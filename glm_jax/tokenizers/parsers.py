@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any, Iterable, Sequence
 
-FORMATS = ("chatglm3", "glm4", "glm45")
+FORMATS = ("chatglm3", "glm4", "glm45", "plain")  # plain: ChatGLM2, text only
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
@@ -47,7 +47,8 @@ def parse_reply(fmt: str, text: str, tools: Sequence[dict] | None = None) -> dic
     if not isinstance(text, str):
         raise TypeError(f"expected the reply as str, got {type(text).__name__}")
     try:
-        return {"chatglm3": _parse_chatglm3, "glm4": _parse_glm4, "glm45": _parse_glm45}[fmt](text, tools)
+        return {"chatglm3": _parse_chatglm3, "glm4": _parse_glm4, "glm45": _parse_glm45,
+                "plain": lambda t, _: reply(t.strip())}[fmt](text, tools)
     except Exception:  # noqa: BLE001 - a parser bug must not lose the reply: it is content then
         return reply(text.strip())
 
@@ -256,6 +257,9 @@ class StreamParser:
 
     def _on_start(self, final):
         lead = self._buffer.lstrip()
+        if self.fmt == "plain":
+            self._state = "text"
+            return True, []
         if self.fmt == "chatglm3":
             self._state = "metadata"
             return True, []

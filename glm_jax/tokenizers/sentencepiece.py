@@ -315,3 +315,65 @@ class SentencePieceTokenizer(ChatGLMTokenizer, Tokenizer):
         if add_generation_prompt:
             ids.append(self._special_tokens["<|assistant|>"])
         return ids if tokenize else self.decode(ids)
+
+
+class ChatGLM2Tokenizer(SentencePieceTokenizer):
+    """ChatGLM2-6B: ChatGLM3's SentencePiece model with only the five ``[MASK]`` ... ``eop`` special tokens and a
+    plain-text chat prompt (THUDM's chatglm2-6b ``build_prompt``; docs/tokenizer.md): after ``[gMASK] sop``,
+    one ``[Round n]\n\n问：{query}\n\n答：{reply}\n\n`` per earlier exchange (n from 1), then
+    ``[Round n]\n\n问：{query}\n\n答：``. The format has no system role and no tools; a reply ends with eos."""
+
+    reply_format = "plain"
+
+    def __init__(self, model_file: str | Path | None = None):
+        super().__init__(model_file)
+        n = self.sp_model.get_piece_size()
+        self._special_tokens = {token: n + i for i, token in enumerate(SPECIAL_TOKENS[:5])}
+        self._special_ids = {i: token for token, i in self._special_tokens.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp_model.get_piece_size() + len(self._special_tokens)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [int(i) for i in self.generation_eos] if self.generation_eos else [self.eos_token_id]
+
+    def _builtin_chat(self, messages, tools, add_generation_prompt, enable_thinking, tokenize):
+        if tools:
+            raise ValueError("ChatGLM2's chat format has no tools")
+        text = "".join(chatglm2_rounds(messages, add_generation_prompt))
+        ids = self.encode(text)
+        return ids if tokenize else self.decode(ids)
+
+
+def chatglm2_rounds(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> list[str]:
+    """ChatGLM2's prompt text, one string per round: user / assistant messages alternating from a user one. A
+    user message always ends with ``答：``, the answer prompt (ChatGLM2 has no separate generation prompt)."""
+    rounds = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content") or ""
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"message {i}: ChatGLM2's chat format alternates user and assistant messages "
+                             f"(no system or tool role), got {role!r} where {expected!r} belongs")
+        if role == "user":
+            rounds.append(f"[Round {i // 2 + 1}]\n\n问：{content}\n\n答：")
+        else:
+            rounds[-1] += f"{content}\n\n"
+    return rounds
+
+
+def is_chatglm2(directory: Path) -> bool:
+    """Whether a checkpoint directory is ChatGLM2's: its ``tokenization_chatglm.py`` (read as text, never run) has
+    no ChatGLM3 role tokens, or, without that file, config.json's ``_name_or_path`` names chatglm2. ChatGLM2 and
+    ChatGLM3 ship the same tokenizer.model, so nothing else tells them apart."""
+    code = directory / "tokenization_chatglm.py"
+    if code.is_file():
+        return "<|user|>" not in code.read_text(encoding="utf-8", errors="replace")
+    try:
+        name = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("_name_or_path", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return "chatglm2" in str(name).lower()
+
