@@ -532,3 +532,12 @@ def test_chatglm2_checkpoints_chat_in_their_round_format(tmp_path):
         v2.apply_chat_template([{"role": "system", "content": "s"}] + messages)
     with pytest.raises(ValueError, match="no tools"):
         v2.apply_chat_template(messages, tools=[{"type": "function", "function": {"name": "f"}}])
+    # SFT: the replies (with their closing blank line) and a final eos are the targets, in either record format
+    from glm_jax.train.data import encode_sft_record
+
+    record = messages + [{"role": "assistant", "content": "4"}]
+    ids, targets = encode_sft_record(v2, {"messages": record})
+    assert ids == v2.apply_chat_template(record, add_generation_prompt=False) + [sp.eos_id()]
+    assert sp.decode([i for i, t in zip(ids, targets) if t and i != sp.eos_id()]) == sp.decode(
+        sp.encode("Hello, how can I help?\n\n")) + sp.decode(sp.encode("4\n\n"))  # (decode drops a lead space)
+    assert targets[-1] and encode_sft_record(v2, {"conversations": record}) == (ids, targets)

@@ -475,7 +475,7 @@ def encode_sft_record(tok, obj: Any) -> tuple[list[int], list[bool]]:
     if isinstance(obj, dict) and "messages" in obj and "conversations" not in obj:
         return encode_openai_conversation(tok, *check_openai_conversation(obj))
     conv, tools = check_conversation(obj)
-    if hasattr(tok, "build_message"):  # ChatGLM3's SentencePiece tokenizer: its own exact encoding
+    if getattr(tok, "reply_format", "chatglm3") == "chatglm3":  # ChatGLM3's tokenizer: its own exact encoding
         return encode_conversation(tok, conv, tools)
     return encode_openai_conversation(tok, *chatglm3_to_openai(conv, tools))
 
