@@ -5,7 +5,6 @@ New code should use `glm_jax.load_tokenizer` (any GLM generation, see docs/token
 
 from glm_jax.tokenizers.sentencepiece import (DEFAULT_MODEL_FILE, ROLES, SPECIAL_TOKENS, TOOL_CALL_PREFIX,  # noqa: F401
                                               TOOL_CALL_SUFFIX, ChatGLMTokenizer, format_tool_call, parse_tool_call)
-from glm_jax.tokenizers.sentencepiece import _unfence  # noqa: F401 - old private import path
 
 __all__ = ["DEFAULT_MODEL_FILE", "ROLES", "SPECIAL_TOKENS", "TOOL_CALL_PREFIX", "TOOL_CALL_SUFFIX",
            "ChatGLMTokenizer", "format_tool_call", "parse_tool_call"]

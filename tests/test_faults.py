@@ -3,7 +3,6 @@ kills at random moments. Each test reproduces one fault of issue 9 and asserts t
 (Bad-input messages: tests/test_faults_input.py.)"""
 
 import json
-import os
 import random
 import shutil
 import signal
