@@ -642,6 +642,26 @@ class GLMConfig:
             }
         raise ValueError(f"unknown checkpoint format {format!r} (expected 'thudm' or 'transformers')")
 
+    def _moe_hf_fields(self) -> dict[str, Any]:
+        """The MoE, MTP and token keys every MoE config.json (glm4_moe, glm4_moe_lite, glm_moe_dsa) writes alike."""
+        return {
+            "n_routed_experts": self.n_routed_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "n_shared_experts": self.n_shared_experts,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "first_k_dense_replace": self.num_dense_layers,
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "num_nextn_predict_layers": self.num_mtp_layers,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "torch_dtype": self.param_dtype,
+        }
+
     def _glm4_moe_dict(self) -> dict[str, Any]:
         """config.json of transformers' glm4_moe. rope_parameters is what transformers 5 reads; the top-level
         rope_theta / partial_rotary_factor / num_nextn_predict_layers keep the published layout for older readers."""
@@ -667,21 +687,7 @@ class GLMConfig:
             "attention_bias": self.qkv_bias,
             "attention_dropout": 0.0,
             "use_qk_norm": self.use_qk_norm,
-            "n_routed_experts": self.n_routed_experts,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "n_shared_experts": self.n_shared_experts,
-            "moe_intermediate_size": self.moe_intermediate_size,
-            "first_k_dense_replace": self.first_k_dense_replace,
-            "n_group": self.n_group,
-            "topk_group": self.topk_group,
-            "norm_topk_prob": self.norm_topk_prob,
-            "routed_scaling_factor": self.routed_scaling_factor,
-            "num_nextn_predict_layers": self.num_mtp_layers,
-            "tie_word_embeddings": False,
-            "use_cache": True,
-            "pad_token_id": self.pad_token_id,
-            "eos_token_id": list(self.eos_token_ids),
-            "torch_dtype": self.param_dtype,
+            **self._moe_hf_fields(),
         }
 
 
@@ -716,22 +722,8 @@ class GLMConfig:
             "max_position_embeddings": self.max_seq_len,
             "attention_bias": self.qkv_bias,
             "attention_dropout": 0.0,
-            "n_routed_experts": self.n_routed_experts,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "n_shared_experts": self.n_shared_experts,
-            "moe_intermediate_size": self.moe_intermediate_size,
             "mlp_layer_types": ["dense"] * dense + ["sparse"] * (self.num_layers - dense),
-            "first_k_dense_replace": dense,
-            "n_group": self.n_group,
-            "topk_group": self.topk_group,
-            "norm_topk_prob": self.norm_topk_prob,
-            "routed_scaling_factor": self.routed_scaling_factor,
-            "num_nextn_predict_layers": self.num_mtp_layers,
-            "tie_word_embeddings": False,
-            "use_cache": True,
-            "pad_token_id": self.pad_token_id,
-            "eos_token_id": list(self.eos_token_ids),
-            "torch_dtype": self.param_dtype,
+            **self._moe_hf_fields(),
         }
 
     @classmethod
