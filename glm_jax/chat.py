@@ -54,6 +54,12 @@ log = logging.getLogger(__name__)
 DEFAULT_TOOL_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 
 
+def check_tools(tools, what: str = "tool descriptions") -> None:
+    """ValueError unless `tools` is None or a list of dicts."""
+    if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
+        raise ValueError(f"tools must be a list of dicts ({what})")
+
+
 class ChatSession:
     """One conversation with a model of any GLM family, through a `glm_jax.tokenizers.Tokenizer` (see the module
     docstring). `tools`: OpenAI tool schemas (bare function schemas are wrapped). `enable_thinking`: None leaves
@@ -75,8 +81,7 @@ class ChatSession:
                  top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0, mesh=None,
                  chunk: int = 1):
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
-            raise ValueError("tools must be a list of dicts (tool descriptions)")
+        check_tools(tools)
         self.system = system
         self.tools = self._tools(tools)
         self.enable_thinking = enable_thinking
@@ -221,8 +226,7 @@ class ChatGLM3Session(ChatSession):
                  top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0, mesh=None,
                  chunk: int = 1):
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
-            raise ValueError("tools must be a list of dicts (ChatGLM3 tool descriptions)")
+        check_tools(tools, "ChatGLM3 tool descriptions")
         self.system = system
         self.tools = list(tools) if tools else None
         self.enable_thinking = None  # ChatGLM3 does not think
