@@ -178,3 +178,29 @@ def test_dense_model_sows_nothing_and_its_step_is_unchanged():
     assert sown == {}
     tx, schedule = make_optimizer(TrainSection())
     assert not StepBuilder(model, tx, schedule, "lm", moe_bias_update_rate=RATE).moe  # applies without `mutable`
+
+
+def test_padding_is_routed_but_not_counted(moe):
+    """load_stats with a token mask equals load_stats of the real tokens alone (counts and the sequence-wise
+    balance term); through the model, the sown counts of a left-padded batch sum to real tokens x top-k."""
+    from glm_jax.model.layers.moe import load_stats
+
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(2 * 6, 8)), jnp.float32)
+    experts = jnp.asarray(np.argsort(-np.asarray(logits), axis=1)[:, :2], jnp.int32)
+    mask = np.ones(12, bool)
+    mask[[0, 1, 6]] = False  # two pads in the first sequence, one in the second
+    counts, balance = load_stats(logits, experts, 8, 2, jnp.asarray(mask))
+    parts = [load_stats(logits[s * 6:(s + 1) * 6][mask[s * 6:(s + 1) * 6]],
+                        experts[s * 6:(s + 1) * 6][mask[s * 6:(s + 1) * 6]], 8, 1) for s in range(2)]
+    np.testing.assert_allclose(counts, parts[0][0] + parts[1][0])
+    np.testing.assert_allclose(balance, parts[0][1] + parts[1][1], rtol=1e-6)
+    assert float(load_stats(logits, experts, 8, 2)[0].sum()) == 24.0  # without a mask every token counts
+
+    _, cfg, params, ids = moe
+    attention_mask = np.ones(ids[0].shape, np.int32)
+    attention_mask[0, :5] = 0
+    _, inter = GLMForCausalLM(cfg).apply({"params": params}, ids[0], attention_mask=attention_mask,
+                                         mutable=["intermediates"])
+    sown = [x for path, x in jax.tree_util.tree_flatten_with_path(inter)[0] if "expert_counts" in str(path)]
+    assert sown and all(float(x.sum()) == (ids[0].size - 5) * cfg.num_experts_per_tok * (x.size // 8) for x in sown)

@@ -121,7 +121,11 @@ class DecoderBlock(nn.Module, kw_only=True):
         else:
             ffn = MLP(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, dtype=dtype,
                       param_dtype=param_dtype, quantization_bit=cfg.quantization_bit, name="mlp")
-        h = ffn(norm("post_attention_norm")(x))
+        if self.moe:  # padding (segment 0) is routed like any token but not counted in the expert load
+            seg = ctx["q_segments"]
+            h = ffn(norm("post_attention_norm")(x), token_mask=None if seg is None else seg > 0)
+        else:
+            h = ffn(norm("post_attention_norm")(x))
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
         return (nn.with_logical_constraint(x + h, BATCH_SEQ_EMBED), kv_cache), None

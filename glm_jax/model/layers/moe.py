@@ -63,18 +63,23 @@ def route(logits, correction_bias, *, top_k: int, n_group: int = 1, topk_group: 
     return weights * routed_scaling_factor, experts.astype(jnp.int32)
 
 
-def load_stats(logits, experts, num_experts: int, num_sequences: int = 1):
+def load_stats(logits, experts, num_experts: int, num_sequences: int = 1, token_mask=None):
     """What training reads of one router call (docs/moe.md, "Training"): (tokens per expert [E] fp32, the sum
     over the `num_sequences` sequences of DeepSeek-V3's sequence-wise balance term sum_i f_i * P_i).
 
-    Per sequence of S tokens: f_i = E / (k * S) * (tokens that chose expert i), P_i = mean over its tokens of
-    s_i / sum_j s_j (s = sigmoid scores). Gradients reach the router through P only."""
+    Per sequence of S real tokens: f_i = E / (k * S) * (tokens that chose expert i), P_i = mean over its tokens
+    of s_i / sum_j s_j (s = sigmoid scores). `token_mask` [T] (1 = real token, 0 = padding; default all real)
+    keeps padding out of both. Gradients reach the router through P only."""
     t, k = experts.shape
+    mask = jnp.ones((t,), jnp.float32) if token_mask is None else token_mask.reshape(t).astype(jnp.float32)
     seq = jnp.repeat(jnp.arange(num_sequences), t // num_sequences * k)  # rows are whole sequences, in order
-    per_seq = jnp.zeros((num_sequences, num_experts), jnp.float32).at[seq, experts.reshape(-1)].add(1.0)
+    per_seq = jnp.zeros((num_sequences, num_experts), jnp.float32).at[seq, experts.reshape(-1)].add(
+        jnp.repeat(mask, k))
+    real = jnp.maximum(mask.reshape(num_sequences, -1).sum(1, keepdims=True), 1.0)  # [S, 1]
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))
-    p = (scores / scores.sum(-1, keepdims=True)).reshape(num_sequences, -1, num_experts).mean(1)
-    f = per_seq * (num_experts / (k * (t // num_sequences)))
+    share = (scores / scores.sum(-1, keepdims=True)) * mask[:, None]
+    p = share.reshape(num_sequences, -1, num_experts).sum(1) / real
+    f = per_seq * num_experts / (k * real)
     return per_seq.sum(0), jnp.sum(f * p)
 
 
@@ -154,9 +159,10 @@ class Router(nn.Module, kw_only=True):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, num_sequences: int = 1):
+    def __call__(self, x, num_sequences: int = 1, token_mask=None):
         """x [T, H] -> (weights [T, k] fp32, experts [T, k] int32). Logits in fp32, as transformers.
-        With "intermediates" mutable (training) it also sows load_stats (x = num_sequences whole sequences)."""
+        With "intermediates" mutable (training) it also sows load_stats (x = num_sequences whole sequences;
+        `token_mask` [T]: padding tokens are routed but not counted)."""
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
                             (x.shape[-1], self.num_experts), self.param_dtype)
         # fp32 whatever param_dtype (transformers keeps it in fp32 too); set outside the gradient (balancing)
@@ -166,7 +172,7 @@ class Router(nn.Module, kw_only=True):
         weights, experts = route(logits, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
                                  norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor)
         if self.is_mutable_collection("intermediates"):  # only when asked for: inference sows and computes nothing
-            counts, balance = load_stats(logits, experts, self.num_experts, num_sequences)
+            counts, balance = load_stats(logits, experts, self.num_experts, num_sequences, token_mask)
             self.sow("intermediates", "expert_counts", counts)
             self.sow("intermediates", "balance_terms", balance)
         return weights, experts
@@ -219,13 +225,16 @@ class MoE(nn.Module, kw_only=True):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, token_mask=None):
+        """x [batch, seq, hidden]; token_mask [batch, seq] (True = real token) keeps padding out of the load
+        statistics that training reads."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).astype(self.dtype)
         weights, experts = Router(num_experts=self.num_experts, top_k=self.top_k, n_group=self.n_group,
                                   topk_group=self.topk_group, norm_topk_prob=self.norm_topk_prob,
                                   routed_scaling_factor=self.routed_scaling_factor, param_dtype=self.param_dtype,
-                                  name="router")(flat, num_sequences=math.prod(shape[:-2]))
+                                  name="router")(flat, num_sequences=math.prod(shape[:-2]),
+                                                 token_mask=None if token_mask is None else token_mask.reshape(-1))
         h, i = self.hidden_size, self.intermediate_size
         lead = (*shape[:-1], -1)  # [batch, seq, .]: the expert-parallel path keeps the activations' sharding
         y = Experts(num_experts=self.num_experts, hidden_size=h, intermediate_size=i, impl=self.impl,
