@@ -222,22 +222,15 @@ class ChatGLM3Session(ChatSession):
     replies as `ChatGLMTokenizer.parse_reply`'s {"type": "text" | "tool_call" | "code", ...}."""
 
     def __init__(self, model, params, tokenizer, system: str | None = None, tools: Sequence[dict] | None = None,
-                 *, enable_thinking: bool | None = None, max_new_tokens: int = 512, temperature: float = 0.8,
-                 top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0, mesh=None,
-                 chunk: int = 1):
-        self.model, self.params, self.tokenizer = model, params, tokenizer
+                 **sampling):
         check_tools(tools, "ChatGLM3 tool descriptions")
-        self.system = system
-        self.tools = list(tools) if tools else None
+        super().__init__(model, params, tokenizer, system, tools, **sampling)
         self.enable_thinking = None  # ChatGLM3 does not think
-        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                             repetition_penalty=repetition_penalty, mesh=mesh, chunk=chunk)
-        self.seed = int(seed)
-        self.turns = 0
-        self.last_reply: dict[str, Any] | None = None
-        self.last_ids: list[int] = []
-        self.history: list[dict[str, Any]] = []
-        self.reset()
+
+    @staticmethod
+    def _tools(tools):
+        """ChatGLM3 tool descriptions, kept as given."""
+        return list(tools) if tools else None
 
     # ------------------------------------------------------------------ conversation
     def reset(self) -> None:
