@@ -112,6 +112,9 @@ def test_a_kill_after_the_final_line_is_finished_by_the_rerun(tmp_path):
     assert p.returncode == -signal.SIGKILL
     assert not (tmp_path / "complete.json").exists()
     export.mkdir(exist_ok=True)  # what a kill inside save_hf used to leave: an empty export folder
+    partial = tmp_path / f".export.tmp-{p.pid}"  # and what a kill inside export_atomically leaves (timing-dependent)
+    partial.mkdir(exist_ok=True)
+    (partial / "model-00001-of-00002.safetensors").write_bytes(b"cut")
 
     r = train(tmp_path, *RUN8, f"export.path={export}")
     assert "the run's end did not complete: finishing it" in r.stdout

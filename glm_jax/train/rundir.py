@@ -162,9 +162,18 @@ def export_atomically(write, out: str | Path) -> Path:
     """Calls write(tmp_dir) and renames tmp_dir to `out` (replacing whatever a killed export left there)."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    _remove_stale_exports(out)
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     tmp.rename(out)
     return out
+
+
+def _remove_stale_exports(out: Path) -> None:
+    """Deletes the temporary folders of earlier exports to `out` whose process is gone (a kill mid-export)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid), None):
+            shutil.rmtree(tmp, ignore_errors=True)
