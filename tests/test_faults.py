@@ -305,10 +305,23 @@ def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_p
 
 # ------------------------------------------------------------------------------------- 6. signals and I/O
 
+def wait_until_caught(pid, sig, timeout=60):
+    """Waits until the process has a handler for `sig` (Linux: the SigCgt mask in /proc/<pid>/status): a
+    signal sent earlier would hit Python's default action, before train.py could do anything about it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(next(x for x in status.splitlines() if x.startswith("SigCgt:")).split()[1], 16)
+        if caught >> (sig - 1) & 1:
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} installed no handler for {sig!r} in {timeout} s")
+
+
 def test_sigterm_during_start_up_exits_cleanly(tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), *SMALL, *RUN8, f"run_dir={tmp_path}"]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env_for(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)  # importing jax / building the data
+    wait_until_caught(p.pid, signal.SIGTERM)  # main() has begun; imports, data and compilation still ahead
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err[-2000:]
