@@ -53,7 +53,7 @@ def hf_routing(hf, ids):
 
 def builder_and_state(cfg, params, **kw):
     t = TrainSection(lr=1e-2, warmup_steps=0, weight_decay=0.1, schedule="constant")
-    tx, schedule = make_optimizer(t, fixed=("e_score_correction_bias",))
+    tx, schedule = make_optimizer(t, frozen=("e_score_correction_bias", "mtp"))
     model = GLMForCausalLM(cfg)
     return StepBuilder(model, tx, schedule, "lm", **kw), make_state(params, tx, 0)
 
@@ -204,3 +204,32 @@ def test_padding_is_routed_but_not_counted(moe):
                                          mutable=["intermediates"])
     sown = [x for path, x in jax.tree_util.tree_flatten_with_path(inter)[0] if "expert_counts" in str(path)]
     assert sown and all(float(x.sum()) == (ids[0].size - 5) * cfg.num_experts_per_tok * (x.size // 8) for x in sown)
+
+
+def test_mtp_layers_and_the_bias_are_frozen_and_get_no_optimizer_state():
+    """A full fine-tune step with weight decay leaves model/mtp (kept for export, trained by no loss) exactly as
+    it was, and the optimizer holds Adam moments only for the trained leaves."""
+    from glm_jax import GLMConfig, init_params
+    from glm_jax.train.config import Config
+    from glm_jax.train.loop import step_builder
+
+    cfg = GLMConfig.from_preset("glm-moe-test", num_mtp_layers=1)
+    model = GLMForCausalLM(cfg)
+    params = init_params(model, jax.random.key(0))
+    run = Config()
+    run.train.lr, run.train.weight_decay, run.train.warmup_steps = 1e-2, 0.1, 0
+    builder = step_builder(run, model, "lm")
+    state = make_state(params, builder.tx, 0)
+    ids = np.random.default_rng(0).integers(1, 512, (1, 2, SEQ)).astype(np.int32)
+    new, _ = jax.jit(builder.train_step)(state, {}, lm_batch(ids), {"lr": jnp.float32(1e-2),
+                                                                   "skip_nonfinite": jnp.bool_(False)})
+    mtp_old, mtp_new = params["model"]["mtp"], new["params"]["model"]["mtp"]
+    assert jax.tree.leaves(mtp_old)
+    for a, b in zip(jax.tree.leaves(mtp_old), jax.tree.leaves(mtp_new)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = get_path(new["params"], ("model", "moe_layers", "mlp", "router", "kernel"))
+    assert np.abs(np.asarray(moved) - np.asarray(get_path(params, KERNEL))).max() > 1e-4
+    n_trained = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
+                    if not any(getattr(k, "key", None) in ("mtp", "e_score_correction_bias") for k in p))
+    n_state = sum(x.size for x in jax.tree.leaves(new["opt_state"]) if x.ndim)
+    assert n_state == 2 * n_trained  # mu and nu, nothing for the frozen leaves

@@ -95,8 +95,11 @@ def step_builder(cfg: Config, model, task: str):
     from glm_jax.train.step import StepBuilder
 
     t = cfg.train
-    # a MoE router's correction bias is set by the step (load balancing), never by the optimizer
-    tx, schedule = make_optimizer(t, fixed=("e_score_correction_bias",) if model.cfg.n_routed_experts else ())
+    # a MoE router's correction bias is set by the step (load balancing), never by the optimizer; the MTP
+    # layers are kept for export but no loss trains them (weight decay alone would shrink them)
+    frozen = (("e_score_correction_bias",) if model.cfg.n_routed_experts else ()) + \
+        (("mtp",) if model.cfg.num_mtp_layers else ())
+    tx, schedule = make_optimizer(t, frozen=frozen)
     lora = ({"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout}
             if t.mode == "lora" else None)
     return StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora, ptuning=t.mode == "ptuning",

@@ -39,31 +39,39 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def name_mask(names):
-    """params -> True for the leaves called one of `names`."""
-    def mask(params):
+def _key_name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "name", "")))
+
+
+def frozen_labels(names):
+    """params -> "frozen" for the leaves at or under a tree node called one of `names`, else "train"."""
+    def labels(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: getattr(path[-1], "key", getattr(path[-1], "name", "")) in names, params)
+            lambda path, _: "frozen" if any(_key_name(k) in names for k in path) else "train", params)
 
-    return mask
+    return labels
 
 
-def make_optimizer(t: TrainSection, fixed: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation,
-                                                                             optax.Schedule]:
+def make_optimizer(t: TrainSection, frozen: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation,
+                                                                              optax.Schedule]:
     """(tx, schedule). tx is AdamW WITHOUT the final learning-rate scaling: the step multiplies its output by
     -lr, with lr = schedule(step) computed on the host and passed in as an argument. This is exactly
     optax.adamw(schedule, ...) (= scale_by_adam, add_decayed_weights, scale_by_learning_rate), but the
     compiled step does not depend on the schedule, so changing steps / lr / warmup reuses the compiled
     program (and its persistent-cache entry).
 
-    fixed: names of leaves whose update is zero whatever their gradient, weight decay included (a MoE model's
-    e_score_correction_bias, which the step sets by itself: docs/training.md, "MoE models")."""
+    frozen: names of parameters or subtrees whose update is zero whatever their gradient, weight decay included,
+    and which get no optimizer state (optax.multi_transform): a MoE model's e_score_correction_bias, which the
+    step sets by itself, and its MTP layers (model/mtp), which no loss trains yet (docs/training.md, "MoE
+    models")."""
     schedule = make_schedule(t)
     parts = []
     if t.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(t.clip_norm))
     parts += [optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps),
               optax.add_decayed_weights(t.weight_decay, mask=decay_mask)]
-    if fixed:
-        parts.append(optax.masked(optax.set_to_zero(), name_mask(tuple(fixed))))
-    return optax.chain(*parts), schedule
+    adamw = optax.chain(*parts)
+    if not frozen:
+        return adamw, schedule
+    tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, frozen_labels(tuple(frozen)))
+    return tx, schedule

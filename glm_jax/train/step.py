@@ -305,6 +305,8 @@ def make_state(params, tx, seed: int) -> dict[str, Any]:
 def state_shardings(abstract_state, param_shardings_tree, tx, mesh):
     """Shardings for the state: params as given, optimizer moments like their params, the rest replicated."""
     repl = NamedSharding(mesh, P())
-    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], param_shardings_tree,
-                                transform_non_params=lambda _: repl)
+    frozen = optax.MaskedNode  # a frozen parameter's place in multi_transform's state: no array, no sharding
+    opt = optax.tree_map_params(tx, lambda x, s: x if isinstance(x, frozen) else s, abstract_state["opt_state"],
+                                param_shardings_tree, transform_non_params=lambda _: repl,
+                                is_leaf=lambda x: isinstance(x, frozen))
     return {"step": repl, "params": param_shardings_tree, "opt_state": opt, "rng": repl, "skipped": repl}
