@@ -528,7 +528,11 @@ def default_tokenizer(checkpoint: str | Path) -> Path | None:
     return Path(init) if init and any((Path(init) / f).is_file() for f in files) else None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+class _CliError(Exception):
+    """A one-line error of the chat CLI (exit 2)."""
+
+
+def _arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m glm_jax.chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="THUDM / transformers checkpoint or train.py run directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model / tokenizer.json or a directory (default: the "
@@ -547,51 +551,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="compute and parameter dtype (default: the checkpoint's)")
-    args = p.parse_args(argv)
+    return p
 
-    from glm_jax import GLMForCausalLM
+
+def _read_tools(path: str) -> list[dict]:
+    """--tools: a JSON list of tool objects (or one object)."""
+    try:
+        tools = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise _CliError(f"--tools: {path}: cannot read the tools JSON ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise _CliError(f"--tools: {path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise _CliError(f"--tools: {path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise _CliError(f"--tools: {path}: not valid JSON (nested too deeply)") from None
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        what = type(tools).__name__ if not isinstance(tools, list) else "a list holding non-objects"
+        raise _CliError(f"--tools: {path}: must hold a list of tool objects (or one object), got {what}")
+    return tools
+
+
+def _cli_tokenizer(tokenizer: str | None, checkpoint: str):
+    """--tokenizer, else the checkpoint's, else the small SentencePiece model shipped with glm_jax."""
     from glm_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
 
-    def fail(msg: str) -> int:
-        print("error: " + " ".join(str(msg).split()), file=sys.stderr, flush=True)
-        return 2
-
-    tools = None
-    if args.tools:
-        try:
-            tools = json.loads(Path(args.tools).read_bytes())
-        except OSError as e:
-            return fail(f"--tools: {args.tools}: cannot read the tools JSON ({e.strerror or e})")
-        except json.JSONDecodeError as e:
-            return fail(f"--tools: {args.tools}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
-        except UnicodeDecodeError as e:
-            return fail(f"--tools: {args.tools}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})")
-        except RecursionError:
-            return fail(f"--tools: {args.tools}: not valid JSON (nested too deeply)")
-        if isinstance(tools, dict):
-            tools = [tools]
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            what = type(tools).__name__ if not isinstance(tools, list) else "a list holding non-objects"
-            return fail(f"--tools: {args.tools}: must hold a list of tool objects (or one object), got {what}")
-    source = args.tokenizer if args.tokenizer is not None else default_tokenizer(args.checkpoint)
+    source = tokenizer if tokenizer is not None else default_tokenizer(checkpoint)
     if source is not None and not Path(source).exists():
-        return fail(f"--tokenizer: {source}: no such file")
+        raise _CliError(f"--tokenizer: {source}: no such file")
     try:
-        tokenizer = SentencePieceTokenizer() if source is None else load_tokenizer(source)
+        return SentencePieceTokenizer() if source is None else load_tokenizer(source)
     except (OSError, RuntimeError, ValueError) as e:
-        return fail(f"--tokenizer: {source}: cannot load the tokenizer ({e})")
+        raise _CliError(f"--tokenizer: {source}: cannot load the tokenizer ({e})") from None
+
+
+def _cli_session(args) -> ChatSession:
+    from glm_jax import GLMForCausalLM
+
+    tools = _read_tools(args.tools) if args.tools else None
+    tokenizer = _cli_tokenizer(args.tokenizer, args.checkpoint)
     overrides = dict(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else {}
     try:
         cfg, params = load_checkpoint(args.checkpoint, **overrides)
     except (OSError, ValueError, KeyError) as e:
-        return fail(e)
+        raise _CliError(str(e)) from None
     if cfg.vocab_size < tokenizer.vocab_size:
-        return fail(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
-                    f"({tokenizer.vocab_size})")
-    session = ChatSession(GLMForCausalLM(cfg), params, tokenizer, system=args.system, tools=tools,
-                          enable_thinking=args.enable_thinking, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+        raise _CliError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
+                        f"({tokenizer.vocab_size})")
+    return ChatSession(GLMForCausalLM(cfg), params, tokenizer, system=args.system, tools=tools,
+                       enable_thinking=args.enable_thinking, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                       repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The chat CLI: exit 0, or 2 with one line `error: ...` on stderr for bad arguments or files."""
+    args = _arg_parser().parse_args(argv)
+    try:
+        session = _cli_session(args)
+    except _CliError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        return 2
     return run_cli(session)
 
 
