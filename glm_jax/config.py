@@ -113,8 +113,9 @@ class GLMConfig:
     rope_scaling: tuple = ()
     # DeepSeek sparse attention (glm_moe_dsa, GLM-5; docs/dsa.md): index_topk > 0 gives every MLA layer an indexer
     # of index_n_heads heads of index_head_dim that picks the index_topk keys each query attends to.
-    # indexer_types: per layer "full" (its own indexer) or "shared" (the previous full layer's choice; transformers'
-    # indexer_types), () = all full. dsa_block: queries per block of the blockwise sparse attention.
+    # indexer_types: per layer "full" (its own indexer) or "shared" (reuses the previous layer's choice and has no
+    # indexer in the checkpoint; transformers' indexer_types), () = all full. dsa_block: queries per block of the
+    # blockwise sparse attention.
     index_topk: int = 0
     index_n_heads: int = 0
     index_head_dim: int = 0
@@ -248,11 +249,11 @@ class GLMConfig:
             fail("glm_moe_dsa rotates all qk_rope_head_dim dims in interleaved pairs (rope_interleaved=True, "
                  "rotary_fraction=1.0)")
         types = tuple(self.indexer_types)
-        if types and (len(types) != self.num_layers or set(types) - {"full", "shared"} or types[0] != "full"):
-            fail(f"indexer_types must name 'full' / 'shared' for each of the {self.num_layers} layers, the first "
-                 f"'full', got {types}")
-        if "shared" in types:
-            fail("'shared' indexer layers (reusing an earlier layer's top-k) are not supported yet")
+        if types and (len(types) != self.num_layers or set(types) - {"full", "shared"}):
+            fail(f"indexer_types must name 'full' / 'shared' for each of the {self.num_layers} layers, got {types}")
+        if types and types[0] != "full":  # transformers: "Shared DSA layers require top-k indices from a previous..."
+            fail(f"indexer_types: layer 0 is {types[0]!r}, but a 'shared' layer reuses the previous layer's top-k: "
+                 "the first layer must be 'full'")
         object.__setattr__(self, "indexer_types", () if set(types) <= {"full"} else types)
 
     @property
@@ -330,7 +331,8 @@ class GLMConfig:
             # and the indexer scores every key, forward only (it receives no gradient)
             keys, lat = min(seq_len, self.index_topk), self.kv_lora_rank
             attn = 6 * self.num_layers * keys * self.num_heads * (2 * lat + self.qk_rope_head_dim)
-            attn += 2 * self.num_layers * seq_len * self.index_n_heads * self.index_head_dim
+            indexers = self.indexer_types.count("full") if self.indexer_types else self.num_layers  # "shared": none
+            attn += 2 * indexers * seq_len * self.index_n_heads * self.index_head_dim
         return 6 * n + attn
 
     def _mla_attention_params(self) -> int:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -301,12 +302,17 @@ def test_config_layouts_and_presets():
                      eos_token_id=[2], routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-5)
     assert GLMConfig.from_hf_dict(published) == ours
     assert ours.indexer_types == () and ours.num_dense_layers == 1 and ours.rope_interleaved
-    # Which layers run an indexer follows transformers (pattern / frequency keys); "shared" ones are refused.
-    for extra in (dict(index_topk_pattern="FS"), dict(index_topk_freq=2, index_skip_topk_offset=1)):
+    # Which layers run an indexer follows transformers (indexer_types, else the pattern / frequency keys).
+    for extra in (dict(index_topk_pattern="FS"), dict(index_topk_freq=2, index_skip_topk_offset=1),
+                  dict(indexer_types=["full", "shared"])):
         hf = transformers.GlmMoeDsaConfig(**{**published, **extra})
-        assert "shared" in hf.indexer_types
-        with pytest.raises(ValueError, match="shared"):
-            GLMConfig.from_hf_dict({**published, **extra})
+        mixed = GLMConfig.from_hf_dict({**published, **extra})
+        assert mixed.indexer_types == tuple(hf.indexer_types) == ("full", "shared")
+        assert GLMConfig.from_hf_dict(mixed.to_hf_dict()) == mixed
+        assert mixed.flops_per_token(64) < mixed.replace(indexer_types=()).flops_per_token(64)  # one indexer less
+    # A "shared" layer reuses the previous layer's top-k: the first one cannot (transformers fails at run time).
+    with pytest.raises(ValueError, match="layer 0 is 'shared'.*must be 'full'"):
+        GLMConfig.from_hf_dict({**published, "index_topk_pattern": "SF"})
     glm5 = GLMConfig.from_preset("glm-5")
     # zai-org/GLM-5's config.json (the key set its public copies show, see the preset's comment) is the preset.
     published_glm5 = {
@@ -335,6 +341,108 @@ def test_config_layouts_and_presets():
     specs = cache_specs(GLMForCausalLM(glm5), 1, 4)["model"]
     per_token = {k: math.prod(v.shape) * v.dtype.itemsize // 4 for k, v in specs.items() if k.startswith("cached")}
     assert per_token == {"cached_latent": 89856, "cached_index_key": 19968}
+
+
+# ------------------------------------------------------------------------ "shared" indexer layers
+SHARED_TYPES = ["full", "shared", "full", "shared"]  # layer 0 is dense, 1-3 MoE: a selection crosses the stacks
+
+
+@pytest.fixture(scope="module")
+def shared_saved(tmp_path_factory):
+    """transformers' model with "shared" layers: they have no indexer (module and tensors) and reuse the top-k of
+    the layer before."""
+    ref = tiny_dsa_model(seed=5, confident=True, num_hidden_layers=4, indexer_types=SHARED_TYPES)
+    assert [layer.self_attn.indexer is None for layer in ref.model.layers] == [False, True, False, True]
+    d = tmp_path_factory.mktemp("dsa_shared") / "hf"
+    ref.save_pretrained(d)
+    return ref, d
+
+
+def _conds(jaxpr, out):
+    """The branches (as sets of primitive names) of every lax.cond in `jaxpr`, sub-jaxprs included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            out.append([_prims(b.jaxpr, set()) for b in eqn.params["branches"]])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    _conds(sub, out)
+    return out
+
+
+def _prims(jaxpr, out):
+    for eqn in jaxpr.eqns:
+        out.add(eqn.primitive.name)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    _prims(sub, out)
+    return out
+
+
+def test_shared_layers_match_transformers(shared_saved, caplog):
+    ref, d = shared_saved
+    with caplog.at_level("WARNING"):
+        cfg, params = load_hf(d)  # no indexer tensors for layers 1 and 3: neither missing nor unused
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "glm_jax" in r.name]
+    assert cfg.indexer_types == tuple(SHARED_TYPES)
+    wk = np.asarray(params["model"]["moe_layers"]["attention"]["indexer"]["wk"]["kernel"])  # layers 1, 2, 3
+    assert not wk[0].any() and wk[1].any() and not wk[2].any()
+    ids, mask, pos = left_padded_batch([16, 11, 6], 16, cfg.vocab_size, seed=5)
+    real = mask.astype(bool)
+    theirs = torch_logits(ref, ids, mask, pos)
+    assert rel_err(forward(cfg.replace(dsa_block=3), params, ids, mask)[real], theirs[real]) < 1e-4
+    # Each shared layer running an indexer of its own (here its zero weights) instead gives other logits.
+    assert rel_err(forward(cfg.replace(indexer_types=()), params, ids, mask)[real], theirs[real]) > 1e-2
+    # A shared layer skips the indexer's compute: a lax.cond whose other branch has no top-k.
+    jaxpr = jax.make_jaxpr(lambda p: GLMForCausalLM(cfg).apply({"params": p}, jnp.asarray(ids)))(params).jaxpr
+    assert sorted(["top_k" in b for b in branches] for branches in _conds(jaxpr, [])) == [[False, True]] * 2
+
+
+def test_shared_layers_decode_and_generate(shared_saved):
+    """Cached decoding: a step's shared layer reuses the previous layer's choice for that step's query."""
+    _, d = shared_saved
+    cfg, params = load_hf(d)
+    model = GLMForCausalLM(cfg)
+    ids, mask, _ = left_padded_batch([14, 9], 14, cfg.vocab_size, seed=6)
+    full = forward(cfg, params, ids, mask)
+    apply = jax.jit(lambda c, x, m: model.apply({"params": params, "cache": c}, x, attention_mask=m, decode=True,
+                                                mutable=["cache"]))
+    out, v = apply(init_cache(model, 2, 16), jnp.asarray(ids[:, :8]), jnp.asarray(mask[:, :8]))
+    real = mask[:, :8] == 1
+    np.testing.assert_allclose(np.asarray(out)[real], full[:, :8][real], atol=1e-4, rtol=1e-4)
+    for t in range(8, 14):  # later steps see more than index_topk visible keys: the selection matters
+        out, v = apply(v["cache"], jnp.asarray(ids[:, t:t + 1]), None)
+        np.testing.assert_allclose(np.asarray(out)[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+    assert not np.asarray(v["cache"]["model"]["cached_index_key"][1::2]).any()  # shared layers: no indexer keys
+    # Greedy generation (prefill=True, then steps) picks what the full forward over its output picks.
+    tokens = G.generate(model, params, ids[:, :10], mask[:, :10], max_new_tokens=4, stop_ids=())
+    assert tokens.shape == (2, 14) and len(set(tokens[:, 10:].ravel().tolist())) > 2  # not degenerate
+    again = forward(cfg, params, tokens, np.concatenate([mask[:, :10], np.ones((2, 4), mask.dtype)], 1))
+    np.testing.assert_array_equal(again[:, 9:13].argmax(-1), tokens[:, 10:])
+
+
+def test_shared_layers_save_hf_round_trip(tmp_path, shared_saved):
+    ref, d = shared_saved
+    cfg, params = load_hf(d)
+    # Shared layers' indexer slices are dropped on save, whatever they hold (here: not zero).
+    params = jax.tree.map(lambda x: x + 1.0, params)
+    out = save_hf(cfg, params, tmp_path / "ours")
+    written, source = np_load_file(str(out / "model.safetensors")), np_load_file(str(d / "model.safetensors"))
+    assert sorted(written) == sorted(source)
+    assert not [k for k in written if ".indexer." in k and k.split(".")[2] in ("1", "3")]
+    assert json.loads((out / "config.json").read_text())["indexer_types"] == SHARED_TYPES
+    again = transformers.GlmMoeDsaForCausalLM.from_pretrained(out).eval()
+    again.config._attn_implementation = "eager"
+    assert [layer.self_attn.indexer is None for layer in again.model.layers] == [False, True, False, True]
+    ids, mask, pos = left_padded_batch([14, 7], 14, cfg.vocab_size, seed=9)  # the decode test's shapes: compiled
+    real = mask.astype(bool)
+    assert rel_err(forward(cfg, params, ids, mask)[real], torch_logits(again, ids, mask, pos)[real]) < 1e-4
+    cfg2, params2 = load_hf(out)
+    assert cfg2 == cfg
+    np.testing.assert_array_equal(np.asarray(params2["lm_head"]["kernel"]), np.asarray(params["lm_head"]["kernel"]))
 
 
 def _shapes(jaxpr, out):

@@ -34,6 +34,9 @@ class Entry:
     experts: bool = False  # torch_name has {e}: one torch tensor per routed expert
     offset: int = 0  # torch layer index of the stack's first block
     dtype: str | None = None  # kept and written in this dtype whatever the model's (the fp32 router bias)
+    # torch layers that lack this tensor (the indexer of glm_moe_dsa's "shared" layers): our slice is zeros on load
+    # and is not written on save
+    absent: frozenset[int] = frozenset()
 
     @property
     def per_layer(self) -> bool:
@@ -217,12 +220,13 @@ def _mla_entries(cfg: GLMConfig, attn: tuple[str, ...], offset: int) -> list[Ent
         if bias:
             e.append(Entry(attn + (ours, "bias"), sa + theirs + ".bias", "bias", offset=offset))
     norms = [("kv_a_norm", "kv_a_layernorm")] + ([("q_a_norm", "q_a_layernorm")] if cfg.q_lora_rank else [])
-    if cfg.is_dsa:  # glm_moe_dsa's indexer (glm_jax/model/layers/dsa.py, docs/dsa.md)
+    if cfg.is_dsa:  # glm_moe_dsa's indexer (glm_jax/model/layers/dsa.py, docs/dsa.md); "shared" layers have none
         ix, ixs = attn + ("indexer",), sa + "indexer."
-        e += [Entry(ix + (ours, "kernel"), ixs + ours + ".weight", "linear", offset=offset)
+        no = frozenset(i for i, t in enumerate(cfg.indexer_types) if t == "shared")
+        e += [Entry(ix + (ours, "kernel"), ixs + ours + ".weight", "linear", offset=offset, absent=no)
               for ours in ("wq_b", "wk", "weights_proj")]
-        e += [Entry(ix + ("k_norm", "scale"), ixs + "k_norm.weight", offset=offset),
-              Entry(ix + ("k_norm", "bias"), ixs + "k_norm.bias", offset=offset)]
+        e += [Entry(ix + ("k_norm", "scale"), ixs + "k_norm.weight", offset=offset, absent=no),
+              Entry(ix + ("k_norm", "bias"), ixs + "k_norm.bias", offset=offset, absent=no)]
     return e + [Entry(attn + (ours, "scale"), sa + theirs + ".weight", offset=offset) for ours, theirs in norms]
 
 

@@ -187,6 +187,9 @@ class _ParamLoader:
     def fill(self, out: np.ndarray, group: list[Entry], layer: int | None) -> None:
         """Our array `out` (one layer's slice of a stacked parameter, or a global one) from its torch tensors."""
         for entry in group:
+            if layer is not None and entry.offset + layer in entry.absent:  # a "shared" DSA layer's indexer
+                out[...] = 0
+                continue
             for e, index, piece in entry.pieces(out.shape):
                 name = entry.torch_name.format(i=None if layer is None else entry.offset + layer, e=e)
                 out[index] = self.read(entry, name, piece, out.dtype)
@@ -322,8 +325,8 @@ def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transfor
         for i in range(cfg.num_layers + cfg.num_mtp_layers):
             for key in stacked:
                 entry, j = by_name[key][0], i - key[1]
-                if not 0 <= j < get_path(params, entry.path).shape[0]:
-                    continue  # another stack's layer
+                if not 0 <= j < get_path(params, entry.path).shape[0] or i in entry.absent:
+                    continue  # another stack's layer, or a tensor this layer lacks ("shared" DSA indexer)
                 for e in range(get_path(params, entry.path).shape[1]) if entry.experts else [None]:
                     name, w = key[0].format(i=i, e=e), tensor(key, j, e)
                     if quantization_bit and name.endswith(".weight") and any(q in name for q in QUANTIZABLE):

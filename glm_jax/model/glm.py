@@ -84,10 +84,12 @@ class DecoderBlock(nn.Module, kw_only=True):
 
     @nn.compact
     def __call__(self, carry, ctx: dict, per_layer: dict):
-        """carry: (x, kv_cache): all layers' (keys, values) while decoding, else None. ctx: what every block
-        shares (cos, sin, q_segments, kv_segments, cache_index); per_layer: this block's `layer` index and
-        P-tuning `prefix` (or None). Two named bundles, so the layer scan binds nothing by position."""
-        x, kv_cache = carry
+        """carry: (x, kv_cache): all layers' (keys, values) while decoding, else None; a DSA model with "shared"
+        indexer layers carries a third item, the previous layer's top-k selection (docs/dsa.md). ctx: what every
+        block shares (cos, sin, q_segments, kv_segments, cache_index); per_layer: this block's `layer` index,
+        P-tuning `prefix` (or None) and, with shared layers, `full` (whether it runs its own indexer). Two named
+        bundles, so the layer scan binds nothing by position."""
+        x, kv_cache, *chosen = carry
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
@@ -96,9 +98,10 @@ class DecoderBlock(nn.Module, kw_only=True):
 
         x = nn.with_logical_constraint(x, BATCH_SEQ_EMBED)
         if cfg.is_mla:  # glm4_moe_lite: multi-head latent attention (layers/mla.py, docs/mla.md)
-            h, kv_cache = mla_attention(cfg, self.decode, self.prefill)(
+            shared = {"full": per_layer["full"], "chosen": chosen[0]} if chosen else {}
+            h, kv_cache, *chosen = mla_attention(cfg, self.decode, self.prefill)(
                 norm("input_norm")(x), ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"],
-                ctx["cache_index"], kv_cache, per_layer["layer"])
+                ctx["cache_index"], kv_cache, per_layer["layer"], **shared)
         else:
             h, kv_cache = Attention(
                 num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -128,7 +131,7 @@ class DecoderBlock(nn.Module, kw_only=True):
             h = ffn(norm("post_attention_norm")(x))
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
-        return (nn.with_logical_constraint(x + h, BATCH_SEQ_EMBED), kv_cache), None
+        return (nn.with_logical_constraint(x + h, BATCH_SEQ_EMBED), kv_cache, *chosen), None
 
 
 def mla_attention(cfg: GLMConfig, decode: bool, prefill: bool) -> MLA:
@@ -248,6 +251,12 @@ class GLMModel(nn.Module):
         ctx = {"cos": cos, "sin": sin, "q_segments": q_segments, "kv_segments": kv_segments,
                "cache_index": cache_index}
         embeds = x
+        carry, full = (x, kv_cache), None
+        if cfg.is_dsa and cfg.indexer_types:  # "shared" indexer layers: the selection travels with the carry
+            kv_len = kv_cache[0].shape[2] if decode and not prefill else seq
+            k = min(cfg.index_topk, kv_len)
+            carry += ((jnp.zeros((batch, seq, k), jnp.int32), jnp.zeros((batch, seq, k), bool)),)
+            full = jnp.asarray([t == "full" for t in cfg.indexer_types])
         if cfg.scan_layers:  # ctx is broadcast to every block, per_layer sliced along its leading layer axis
             for name, moe, first, count in layer_stacks(cfg):
                 # "intermediates": what a training step sows per layer (MoE expert load), stacked like params
@@ -257,14 +266,19 @@ class GLMModel(nn.Module):
                                  metadata_params={nn.PARTITION_NAME: "layers"})
                 per_layer = {"layer": jnp.arange(first, first + count),
                              "prefix": None if prefix is None else prefix[first:first + count]}
-                (x, kv_cache), _ = layers(cfg=cfg, decode=decode, prefill=prefill, moe=moe, name=name)(
-                    (x, kv_cache), ctx, per_layer)
+                if full is not None:
+                    per_layer["full"] = full[first:first + count]
+                carry, _ = layers(cfg=cfg, decode=decode, prefill=prefill, moe=moe, name=name)(
+                    carry, ctx, per_layer)
         else:  # separate weights per block: nothing is sliced out of a stack at run time
             block = block_class(cfg.num_layers)
             for i in range(cfg.num_layers):
                 per_layer = {"layer": jnp.int32(i), "prefix": None if prefix is None else prefix[i]}
-                (x, kv_cache), _ = block(cfg=cfg, decode=decode, prefill=prefill, moe=i >= cfg.num_dense_layers,
-                                         name=f"layers_{i}")((x, kv_cache), ctx, per_layer)
+                if full is not None:
+                    per_layer["full"] = full[i]
+                carry, _ = block(cfg=cfg, decode=decode, prefill=prefill, moe=i >= cfg.num_dense_layers,
+                                 name=f"layers_{i}")(carry, ctx, per_layer)
+        x, kv_cache = carry[:2]
         if cfg.num_mtp_layers and self.is_initializing():
             # Creates model/mtp (stacked over the MTP layers); the output is not used.
             mtp = nn.scan(MTPLayer, variable_axes={"params": 0}, split_rngs={"params": True},

@@ -8,7 +8,8 @@ The indexer (`Indexer`, transformers' GlmMoeDsaIndexer) scores key t for query s
 with q = wq_b(the MLA query latent) (H = index_n_heads heads of index_head_dim), k = LayerNorm(wk(x)) (one head),
 both rotated on their first qk_rope_head_dim dims in the interleaved-pair layout. Masked keys (causal, padding)
 are never chosen; the top `index_topk` of the rest are. The indexer is not trained by the language-model loss
-(transformers runs it under no_grad): its outputs pass through `stop_gradient`.
+(transformers runs it under no_grad): its outputs pass through `stop_gradient`. A "shared" layer has no indexer
+and attends to the previous layer's selection (`mla_dsa`, docs/dsa.md "Shared indexer layers").
 
 Attention over the chosen keys runs in MLA's absorbed form: one shared key/value head per token (the latent
 [kv_lora_rank] followed by the rope key [qk_rope_head_dim]; the values are the latent) and queries already
@@ -199,20 +200,43 @@ def mla_sparse_attention(q_nope, q_rope, kv, kv_b, index, q_segments, kv_segment
 
 
 def mla_dsa(mla, x, q_lat, cos, sin, q_nope, q_rope, latent, k_rope, kv_b, scale: float, q_segments, kv_segments,
-            cache_index, cache, layer):
+            cache_index, cache, layer, full=True, chosen=None):
     """The sparse branch of the MLA layer (`mla` is the calling MLA module: the indexer becomes its submodule
     "indexer"). Training / prefill: indexer and attention over this call's tokens. Decoding: cache = (cached
     latent, cached indexer keys), both [L, B, max_len, ...]; the latent was written by the caller, the indexer key
-    is written here, and a step (not a prefill) attends over every cache slot. Returns ([B, S, N, v], cache)."""
-    iq, ik, iw = Indexer(num_heads=mla.index_n_heads, head_dim=mla.index_head_dim, dtype=mla.dtype,
-                         param_dtype=mla.param_dtype, name="indexer")(x, q_lat, cos, sin)
-    kv, q_offset = jnp.concatenate([latent, k_rope.astype(latent.dtype)], -1), 0
+    is written here, and a step (not a prefill) attends over every cache slot.
+
+    "shared" layers (docs/dsa.md): `chosen` = (indices, visible) [B, S, K] is the selection of the previous layer
+    and `full` (a traced bool, per layer) says whether this layer runs its own indexer; when it does not, the
+    indexer (projections, scores, top-k) is skipped by `nn.cond` and `chosen` is attended instead (its indexer-key
+    cache slots are written with zeros, never read). chosen=None: every layer is full, no cond.
+    Returns ([B, S, N, v], cache, the selection used)."""
+    kv, q_offset, keys = jnp.concatenate([latent, k_rope.astype(latent.dtype)], -1), 0, None
+    if mla.decode and not mla.prefill:
+        kv, keys = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache)
+        q_offset = cache_index
+
+    def attend(picked, index):
+        return mla_sparse_attention(q_nope, q_rope, kv, kv_b, index, q_segments, kv_segments, topk=mla.index_topk,
+                                    scale=scale, q_offset=q_offset, chosen=picked, block=mla.dsa_block)
+
+    def own(mdl):  # this layer's indexer: its keys join the cached ones (a decode step scores every slot)
+        iq, ik, iw = Indexer(num_heads=mdl.index_n_heads, head_dim=mdl.index_head_dim, dtype=mdl.dtype,
+                             param_dtype=mdl.param_dtype, name="indexer")(x, q_lat, cos, sin)
+        all_keys = ik if keys is None else jax.lax.dynamic_update_slice(keys, ik.astype(keys.dtype),
+                                                                         (0, cache_index, 0))
+        out, picked = attend(None, (iq, all_keys.astype(iq.dtype), iw))
+        return out, picked, ik.astype(mdl.dtype)
+
+    def reuse(mdl):  # a "shared" layer: the previous layer's selection, no indexer
+        out, _ = attend(chosen, None)
+        return out, chosen, jnp.zeros((*x.shape[:2], mdl.index_head_dim), mdl.dtype)
+
+    if chosen is None or mla.is_initializing():  # init creates the indexer of every layer (shared ones: unused)
+        out, picked, ik = own(mla)
+    else:
+        out, picked, ik = nn.cond(full, own, reuse, mla, variables="params", rngs=False)
     if mla.decode:
-        keys = jax.lax.dynamic_update_slice(cache[1], ik[None].astype(cache[1].dtype), (layer, 0, cache_index, 0))
-        cache = (cache[0], keys)
-        if not mla.prefill:
-            kv, ik = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache)
-            q_offset = cache_index
-    out, _ = mla_sparse_attention(q_nope, q_rope, kv, kv_b, (iq, ik.astype(iq.dtype), iw), q_segments, kv_segments,
-                                  topk=mla.index_topk, scale=scale, q_offset=q_offset, block=mla.dsa_block)
-    return out, cache
+        cache = (cache[0], jax.lax.dynamic_update_slice(cache[1], ik[None].astype(cache[1].dtype),
+                                                        (layer, 0, cache_index, 0)))
+    return out, cache, picked

@@ -186,9 +186,12 @@ class MLA(nn.Module, kw_only=True):
         return RMSNorm(eps=LATENT_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None, cache=None, layer=None):
+    def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None, cache=None, layer=None,
+                 full=True, chosen=None):
         """Returns (output [B, S, embed], cache). Decoding writes this layer's new latents into `cache` at
-        (layer, cache_index) and, unless prefilling, attends over every slot in the absorbed form."""
+        (layer, cache_index) and, unless prefilling, attends over every slot in the absorbed form. DSA with
+        "shared" layers (docs/dsa.md): `chosen` is the previous layer's top-k selection, `full` whether this layer
+        selects its own; the call then returns (output, cache, this layer's selection)."""
         n, nope, rope, rank = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         qk = nope + rope
         if self.q_lora_rank:
@@ -210,9 +213,10 @@ class MLA(nn.Module, kw_only=True):
             new = jnp.concatenate([latent, k_rope.astype(latent.dtype)], -1)
             cache = (jax.lax.dynamic_update_slice(cache[0], new[None].astype(cache[0].dtype),
                                                   (layer, 0, cache_index, 0)),) + tuple(cache[1:])
+        picked = None
         if self.index_topk:
-            out, cache = mla_dsa(self, x, q_lat, cos, sin, q_nope, q_rope, latent, k_rope, kv_b, scale, q_segments,
-                                 kv_segments, cache_index, cache, layer)
+            out, cache, picked = mla_dsa(self, x, q_lat, cos, sin, q_nope, q_rope, latent, k_rope, kv_b, scale,
+                                         q_segments, kv_segments, cache_index, cache, layer, full, chosen)
         elif self.decode and not self.prefill:
             kv = jax.lax.dynamic_index_in_dim(cache[0], layer, 0, keepdims=False)  # [B, max_len, kv_lora + rope]
             mask = make_mask(q_segments, kv_segments, x.shape[1], kv.shape[1], cache_index)
@@ -222,4 +226,4 @@ class MLA(nn.Module, kw_only=True):
                                      impl=self.attention_impl, max_segments=self.max_segments)
         out = nn.with_logical_constraint(out, HEADS_AXES)
         out = self.linear((self.hidden_size,), ("q_heads", "head_dim", "embed"), "out", self.use_bias, n_in=2)(out)
-        return out, cache
+        return (out, cache) if chosen is None else (out, cache, picked)
