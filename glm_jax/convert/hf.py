@@ -39,8 +39,8 @@ def detect_format(ckpt_dir: str | Path) -> tuple[str, dict[str, Any]]:
     raw = read_json_object(file)
     fmt = FORMAT_OF_MODEL_TYPE.get(raw.get("model_type"))
     if fmt is None:
-        raise ValueError(f"{file}: unknown model_type {raw.get('model_type')!r} (expected chatglm, glm, glm4, "
-                         "glm4_moe or glm4_moe_lite)")
+        raise ValueError(f"{file}: unknown model_type {raw.get('model_type')!r} (expected one of "
+                         f"{', '.join(FORMAT_OF_MODEL_TYPE)})")
     return fmt, raw
 
 
