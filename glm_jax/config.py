@@ -52,6 +52,48 @@ def read_json_object(file: str | Path) -> dict[str, Any]:
     return raw
 
 
+def _fail(msg: str):
+    """A GLMConfig validation error (GLMConfig.__post_init__ and its _check_* helpers)."""
+    raise ValueError(f"GLMConfig: {msg}")
+
+
+def _needer(raw: dict[str, Any], source: str, model_type: Any):
+    """need(key): raw[key], or a KeyError naming the file, the key and the model_type that requires it."""
+
+    def need(key):
+        if key not in raw:
+            raise KeyError(f"{source}: missing key {key!r} for model_type {model_type!r}")
+        return raw[key]
+
+    return need
+
+
+def _yarn_scaling(ropes, source: str) -> dict[str, Any]:
+    """The YaRN parameters among an MLA config.json's rope dicts (rope_parameters, rope_scaling), kept whole
+    except the rope base / fraction (read on their own); {} = the default rope; any other rope type is an error."""
+    yarn = {}
+    for r in ropes:
+        kind = r.get("rope_type", r.get("type", "default"))
+        if kind == "yarn":
+            yarn = {k: v for k, v in r.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
+            yarn["rope_type"] = "yarn"
+        elif kind != "default":
+            raise ValueError(f"{source}: rope scaling {r} is not supported (the default rope or yarn)")
+    return yarn
+
+
+def _dense_layers(raw: dict[str, Any], layers: int, source: str) -> int:
+    """How many leading dense-MLP layers a glm4_moe_lite / glm_moe_dsa config.json declares."""
+    types = raw.get("mlp_layer_types")
+    if not types:
+        return int(raw.get("first_k_dense_replace", 1))
+    # transformers 5 reads only mlp_layer_types; the published file's first_k_dense_replace says the same
+    dense = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+    if len(types) != layers or any(t != "sparse" for t in types[dense:]):
+        raise ValueError(f"{source}: mlp_layer_types must be 'dense' layers then 'sparse' ones, got {types}")
+    return dense
+
+
 @dataclasses.dataclass(frozen=True)
 class GLMConfig:
     vocab_size: int = 65024
@@ -146,82 +188,94 @@ class GLMConfig:
     name: str = ""
 
     def __post_init__(self):
-        def fail(msg):
-            raise ValueError(f"GLMConfig: {msg}")
-
+        # The checks run in this order: the first failure is the message a user sees.
         if self.attention_type not in ATTENTION_TYPES:
-            fail(f"attention_type={self.attention_type!r}, expected one of {ATTENTION_TYPES}")
+            _fail(f"attention_type={self.attention_type!r}, expected one of {ATTENTION_TYPES}")
         if self.is_mla:
-            self._check_mla(fail)
+            self._check_mla()
         if self.is_dsa:
-            self._check_dsa(fail)
-        for f in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
-            if int(getattr(self, f)) <= 0:
-                fail(f"{f} must be positive, got {getattr(self, f)}")
-        if self.num_heads % self.num_kv_heads:
-            fail(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
-            fail(f"rotary_fraction={self.rotary_fraction} gives an invalid rotary dim for head_dim={self.head_dim}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            fail(f"attention_impl={self.attention_impl!r}, expected one of {ATTENTION_IMPLS}")
-        if self.remat_policy not in REMAT_POLICIES:
-            fail(f"remat_policy={self.remat_policy!r}, expected one of {REMAT_POLICIES}")
-        if not 1 <= int(self.scan_unroll):
-            fail(f"scan_unroll={self.scan_unroll}, expected a positive number of blocks per scan iteration")
-        if self.quantization_bit not in (0, 4, 8):
-            fail(f"quantization_bit={self.quantization_bit}, expected 0, 4 or 8")
-        for f in ("dtype", "param_dtype"):
-            if getattr(self, f) not in DTYPES:
-                fail(f"{f}={getattr(self, f)!r}, expected float32, bfloat16 or float16")
+            self._check_dsa()
+        self._check_shapes()
+        self._check_options()
         if self.rope_scaling and not self.is_mla:
-            fail("rope_scaling (YaRN) is implemented for attention_type='mla' only")
+            _fail("rope_scaling (YaRN) is implemented for attention_type='mla' only")
         object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), v) for k, v in dict(self.rope_scaling).items())))
-        if self.moe_impl not in MOE_IMPLS:
-            fail(f"moe_impl={self.moe_impl!r}, expected one of {MOE_IMPLS}")
-        if self.n_routed_experts < 0 or self.num_mtp_layers < 0:
-            fail("n_routed_experts and num_mtp_layers must be >= 0")
-        if self.is_moe:
-            e, k = self.n_routed_experts, self.num_experts_per_tok
-            if not 1 <= k <= e:
-                fail(f"num_experts_per_tok={k} must be between 1 and n_routed_experts={e}")
-            if self.moe_intermediate_size <= 0 or self.n_shared_experts < 0:
-                fail("a MoE model needs moe_intermediate_size > 0 and n_shared_experts >= 0")
-            if not 0 <= self.first_k_dense_replace <= self.num_layers:
-                fail(f"first_k_dense_replace={self.first_k_dense_replace} must be between 0 and num_layers")
-            if self.n_group < 1 or e % self.n_group:
-                fail(f"n_group={self.n_group} must divide n_routed_experts={e}")
-            if not 1 <= self.topk_group <= self.n_group:
-                fail(f"topk_group={self.topk_group} must be between 1 and n_group={self.n_group}")
-            if self.n_group > 1 and e // self.n_group < 2:
-                fail("group-limited routing ranks groups by their top-2 scores: each group needs >= 2 experts")
-            if self.topk_group * (e // self.n_group) < k:
-                fail(f"topk_group={self.topk_group} groups of {e // self.n_group} experts cannot hold "
-                     f"num_experts_per_tok={k} experts")
-            if self.quantization_bit:
-                fail("weight-only quantization (quantization_bit) is not implemented for MoE models")
-            if self.pre_seq_len:
-                fail("P-tuning v2 (pre_seq_len) is not implemented for MoE models")
-            if self.sandwich_norm:
-                fail("sandwich_norm (glm4) and MoE blocks (glm4_moe) are different model lines")
-        elif self.num_mtp_layers:
-            fail("num_mtp_layers needs a MoE model (the MTP layer is a glm4_moe block)")
+        self._check_moe()
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
 
-    def _check_mla(self, fail):
+    def _check_shapes(self):
+        """Sizes: positive, query heads in whole KV groups, an even rotary part that fits the head."""
+        for f in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if int(getattr(self, f)) <= 0:
+                _fail(f"{f} must be positive, got {getattr(self, f)}")
+        if self.num_heads % self.num_kv_heads:
+            _fail(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            _fail(f"rotary_fraction={self.rotary_fraction} gives an invalid rotary dim for head_dim={self.head_dim}")
+
+    def _check_options(self):
+        """Implementation choices: attention kernel, remat policy, scan unroll, quantization, dtypes."""
+        if self.attention_impl not in ATTENTION_IMPLS:
+            _fail(f"attention_impl={self.attention_impl!r}, expected one of {ATTENTION_IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            _fail(f"remat_policy={self.remat_policy!r}, expected one of {REMAT_POLICIES}")
+        if not 1 <= int(self.scan_unroll):
+            _fail(f"scan_unroll={self.scan_unroll}, expected a positive number of blocks per scan iteration")
+        if self.quantization_bit not in (0, 4, 8):
+            _fail(f"quantization_bit={self.quantization_bit}, expected 0, 4 or 8")
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                _fail(f"{f}={getattr(self, f)!r}, expected float32, bfloat16 or float16")
+
+    def _check_moe(self):
+        """MoE fields (docs/moe.md): expert counts, group-limited routing that can fill top-k, MTP layers; the
+        features a MoE model lacks."""
+        if self.moe_impl not in MOE_IMPLS:
+            _fail(f"moe_impl={self.moe_impl!r}, expected one of {MOE_IMPLS}")
+        if self.n_routed_experts < 0 or self.num_mtp_layers < 0:
+            _fail("n_routed_experts and num_mtp_layers must be >= 0")
+        if not self.is_moe:
+            if self.num_mtp_layers:
+                _fail("num_mtp_layers needs a MoE model (the MTP layer is a glm4_moe block)")
+            return
+        e, k = self.n_routed_experts, self.num_experts_per_tok
+        if not 1 <= k <= e:
+            _fail(f"num_experts_per_tok={k} must be between 1 and n_routed_experts={e}")
+        if self.moe_intermediate_size <= 0 or self.n_shared_experts < 0:
+            _fail("a MoE model needs moe_intermediate_size > 0 and n_shared_experts >= 0")
+        if not 0 <= self.first_k_dense_replace <= self.num_layers:
+            _fail(f"first_k_dense_replace={self.first_k_dense_replace} must be between 0 and num_layers")
+        if self.n_group < 1 or e % self.n_group:
+            _fail(f"n_group={self.n_group} must divide n_routed_experts={e}")
+        if not 1 <= self.topk_group <= self.n_group:
+            _fail(f"topk_group={self.topk_group} must be between 1 and n_group={self.n_group}")
+        if self.n_group > 1 and e // self.n_group < 2:
+            _fail("group-limited routing ranks groups by their top-2 scores: each group needs >= 2 experts")
+        if self.topk_group * (e // self.n_group) < k:
+            _fail(f"topk_group={self.topk_group} groups of {e // self.n_group} experts cannot hold "
+                  f"num_experts_per_tok={k} experts")
+        if self.quantization_bit:
+            _fail("weight-only quantization (quantization_bit) is not implemented for MoE models")
+        if self.pre_seq_len:
+            _fail("P-tuning v2 (pre_seq_len) is not implemented for MoE models")
+        if self.sandwich_norm:
+            _fail("sandwich_norm (glm4) and MoE blocks (glm4_moe) are different model lines")
+
+    def _check_mla(self):
         """MLA fields; derives head_dim (the query/key head) and num_kv_heads (every head has its own keys)."""
         for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if int(getattr(self, f)) <= 0:
-                fail(f"attention_type='mla' needs {f} > 0, got {getattr(self, f)}")
+                _fail(f"attention_type='mla' needs {f} > 0, got {getattr(self, f)}")
         if self.q_lora_rank < 0:
-            fail(f"q_lora_rank={self.q_lora_rank}, expected >= 0 (0 = a plain query projection)")
+            _fail(f"q_lora_rank={self.q_lora_rank}, expected >= 0 (0 = a plain query projection)")
         if not self.is_moe:
-            fail("attention_type='mla' is glm4_moe_lite's attention: it needs a MoE config (n_routed_experts > 0)")
+            _fail("attention_type='mla' is glm4_moe_lite's attention: it needs a MoE config (n_routed_experts > 0)")
         if self.quantization_bit or self.pre_seq_len or self.use_qk_norm or self.sandwich_norm:
-            fail("attention_type='mla' has no quantization, P-tuning prefix, qk norm or sandwich norms")
+            _fail("attention_type='mla' has no quantization, P-tuning prefix, qk norm or sandwich norms")
         object.__setattr__(self, "head_dim", self.qk_nope_head_dim + self.qk_rope_head_dim)
         scaling = self.rope_scaling_params
         if scaling and (scaling.get("rope_type") != "yarn" or "original_max_position_embeddings" not in scaling):
-            fail(f"rope_scaling={scaling}: only rope_type 'yarn' with original_max_position_embeddings is supported")
+            _fail(f"rope_scaling={scaling}: only rope_type 'yarn' with original_max_position_embeddings is supported")
         object.__setattr__(self, "num_kv_heads", self.num_heads)
 
     @property
@@ -237,23 +291,23 @@ class GLMConfig:
     def is_dsa(self) -> bool:
         return self.index_topk > 0
 
-    def _check_dsa(self, fail):
+    def _check_dsa(self):
         """DSA fields (transformers' glm_moe_dsa: MLA with a query bottleneck, interleaved rotary over the whole
         qk_rope_head_dim, which the indexer's first dims share)."""
         if not self.is_mla or not self.q_lora_rank:
-            fail("index_topk > 0 (DSA) needs attention_type='mla' with q_lora_rank > 0 (the indexer reads its latent)")
+            _fail("index_topk > 0 (DSA) needs attention_type='mla' with q_lora_rank > 0 (the indexer reads its latent)")
         if self.index_n_heads <= 0 or self.index_head_dim < self.qk_rope_head_dim:
-            fail(f"DSA needs index_n_heads > 0 and index_head_dim >= qk_rope_head_dim, got {self.index_n_heads}, "
-                 f"{self.index_head_dim}")
+            _fail(f"DSA needs index_n_heads > 0 and index_head_dim >= qk_rope_head_dim, got {self.index_n_heads}, "
+                  f"{self.index_head_dim}")
         if not self.rope_interleaved or self.rotary_fraction != 1.0:
-            fail("glm_moe_dsa rotates all qk_rope_head_dim dims in interleaved pairs (rope_interleaved=True, "
-                 "rotary_fraction=1.0)")
+            _fail("glm_moe_dsa rotates all qk_rope_head_dim dims in interleaved pairs (rope_interleaved=True, "
+                  "rotary_fraction=1.0)")
         types = tuple(self.indexer_types)
         if types and (len(types) != self.num_layers or set(types) - {"full", "shared"}):
-            fail(f"indexer_types must name 'full' / 'shared' for each of the {self.num_layers} layers, got {types}")
+            _fail(f"indexer_types must name 'full' / 'shared' for each of the {self.num_layers} layers, got {types}")
         if types and types[0] != "full":  # transformers: "Shared DSA layers require top-k indices from a previous..."
-            fail(f"indexer_types: layer 0 is {types[0]!r}, but a 'shared' layer reuses the previous layer's top-k: "
-                 "the first layer must be 'full'")
+            _fail(f"indexer_types: layer 0 is {types[0]!r}, but a 'shared' layer reuses the previous layer's top-k: "
+                  "the first layer must be 'full'")
         object.__setattr__(self, "indexer_types", () if set(types) <= {"full"} else types)
 
     @property
@@ -362,92 +416,85 @@ class GLMConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json", **overrides) -> "GLMConfig":
+        """The GLMConfig of a config.json's contents, read by its model_type's reader (a missing key takes that
+        reader's default); `overrides` replace fields; `source` names the file in errors."""
         model_type = raw.get("model_type")
-
-        def need(key):
-            if key not in raw:
-                raise KeyError(f"{source}: missing key {key!r} for model_type {model_type!r}")
-            return raw[key]
-
         eos = raw.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else (2,))
         dtype = {"float16": "float16", "bfloat16": "bfloat16"}.get(raw.get("torch_dtype") or raw.get("dtype"), "float32")
-        if model_type == "chatglm":
-            if raw.get("apply_residual_connection_post_layernorm") or raw.get("add_bias_linear"):
-                raise ValueError(f"{source}: post-layernorm residuals / linear biases are not GLM v2 (ChatGLM-6B v1?)")
-            if raw.get("rmsnorm") is False:
-                raise ValueError(f"{source}: rmsnorm=false (LayerNorm) is the ChatGLM-6B v1 layout, not supported")
-            heads = need("num_attention_heads")
-            head_dim = raw.get("kv_channels") or need("hidden_size") // heads
-            rope_ratio = float(raw.get("rope_ratio") or 1.0)
-            # ChatGLM2-6B-32K's code divides positions by rope_ratio; ChatGLM3 / GLM-4 multiply the base.
-            name = str(raw.get("_name_or_path", "")).lower()
-            divides = "chatglm2" in name and rope_ratio != 1.0
-            if divides:
-                log.info("%s: chatglm2 checkpoint with rope_ratio=%s: positions are divided by it", source, rope_ratio)
-            if raw.get("pre_seq_len") and raw.get("prefix_projection"):
-                raise ValueError(f"{source}: prefix_projection=true (an MLP-reparametrised P-tuning prefix) is not "
-                                 "supported; only the plain prefix embedding is")
-            kw = dict(
-                pre_seq_len=int(raw.get("pre_seq_len") or 0),
-                vocab_size=need("padded_vocab_size"),
-                hidden_size=need("hidden_size"),
-                ffn_hidden_size=need("ffn_hidden_size"),
-                num_layers=need("num_layers"),
-                num_heads=heads,
-                num_kv_heads=raw.get("multi_query_group_num", heads) if raw.get("multi_query_attention") else heads,
-                head_dim=head_dim,
-                rope_theta=10000.0 if divides else 10000.0 * rope_ratio,
-                rope_position_divisor=rope_ratio if divides else 1.0,
-                norm_eps=raw.get("layernorm_epsilon", 1e-5),
-                max_seq_len=raw.get("seq_length", 8192),
-                qkv_bias=bool(raw.get("add_qkv_bias", True)),
-                pad_token_id=raw.get("pad_token_id", 0),
-                eos_token_ids=eos,
-                dtype=dtype,
-                param_dtype=dtype,
-                num_labels=raw.get("num_labels", 2),
-            )
-        elif model_type in ("glm", "glm4"):
-            rope = raw.get("rope_parameters") or {}
-            theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
-            fraction = raw.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5))
-            if raw.get("tie_word_embeddings"):
-                raise ValueError(f"{source}: tie_word_embeddings=true is not a GLM layout")
-            heads = need("num_attention_heads")
-            kw = dict(
-                vocab_size=need("vocab_size"),
-                hidden_size=need("hidden_size"),
-                ffn_hidden_size=need("intermediate_size"),
-                num_layers=need("num_hidden_layers"),
-                num_heads=heads,
-                num_kv_heads=raw.get("num_key_value_heads") or heads,
-                head_dim=raw.get("head_dim") or need("hidden_size") // heads,
-                rotary_fraction=float(fraction),
-                rope_theta=float(theta),
-                norm_eps=raw.get("rms_norm_eps", 1e-5),
-                max_seq_len=raw.get("max_position_embeddings", 8192),
-                qkv_bias=bool(raw.get("attention_bias", True)),
-                sandwich_norm=model_type == "glm4",
-                pad_token_id=raw.get("pad_token_id"),
-                eos_token_ids=eos,
-                dtype=dtype,
-                param_dtype=dtype,
-                num_labels=raw.get("num_labels", len(raw.get("id2label") or {}) or 2),
-            )
-        elif model_type == "glm_moe_dsa":
-            kw = cls._glm_moe_dsa_kw(raw, source)
-            kw.update(pad_token_id=raw.get("pad_token_id"), eos_token_ids=eos, dtype=dtype, param_dtype=dtype)
-        elif model_type == "glm4_moe_lite":
-            kw = cls._glm4_moe_lite_kw(raw, source, need)
-            kw.update(pad_token_id=raw.get("pad_token_id"), eos_token_ids=eos, dtype=dtype, param_dtype=dtype)
-        elif model_type == "glm4_moe":
-            kw = cls._glm4_moe_kw(raw, source, need)
-            kw.update(pad_token_id=raw.get("pad_token_id"), eos_token_ids=eos, dtype=dtype, param_dtype=dtype)
-        else:
+        readers = {"chatglm": cls._chatglm_kw, "glm": cls._glm_kw, "glm4": cls._glm_kw, "glm4_moe": cls._glm4_moe_kw,
+                   "glm4_moe_lite": cls._glm4_moe_lite_kw, "glm_moe_dsa": cls._glm_moe_dsa_kw}
+        reader = readers.get(model_type) if isinstance(model_type, str) else None
+        if reader is None:
             raise ValueError(f"{source}: unknown model_type {model_type!r} (expected 'chatglm', 'glm', 'glm4', "
                              "'glm4_moe' or 'glm4_moe_lite')")
+        # the token and dtype keys read the same in every dialect; a reader may replace them (chatglm's pad)
+        kw = dict(pad_token_id=raw.get("pad_token_id"), eos_token_ids=eos, dtype=dtype, param_dtype=dtype)
+        kw.update(reader(raw, source, _needer(raw, source, model_type)))
         return cls(**{**kw, **overrides})
+
+    @staticmethod
+    def _chatglm_kw(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
+        """GLMConfig fields of THUDM's chatglm config.json (ChatGLM2/3, GLM-4); rejects ChatGLM-6B v1's layout."""
+        if raw.get("apply_residual_connection_post_layernorm") or raw.get("add_bias_linear"):
+            raise ValueError(f"{source}: post-layernorm residuals / linear biases are not GLM v2 (ChatGLM-6B v1?)")
+        if raw.get("rmsnorm") is False:
+            raise ValueError(f"{source}: rmsnorm=false (LayerNorm) is the ChatGLM-6B v1 layout, not supported")
+        heads = need("num_attention_heads")
+        head_dim = raw.get("kv_channels") or need("hidden_size") // heads
+        rope_ratio = float(raw.get("rope_ratio") or 1.0)
+        # ChatGLM2-6B-32K's code divides positions by rope_ratio; ChatGLM3 / GLM-4 multiply the base.
+        name = str(raw.get("_name_or_path", "")).lower()
+        divides = "chatglm2" in name and rope_ratio != 1.0
+        if divides:
+            log.info("%s: chatglm2 checkpoint with rope_ratio=%s: positions are divided by it", source, rope_ratio)
+        if raw.get("pre_seq_len") and raw.get("prefix_projection"):
+            raise ValueError(f"{source}: prefix_projection=true (an MLP-reparametrised P-tuning prefix) is not "
+                             "supported; only the plain prefix embedding is")
+        return dict(
+            pre_seq_len=int(raw.get("pre_seq_len") or 0),
+            vocab_size=need("padded_vocab_size"),
+            hidden_size=need("hidden_size"),
+            ffn_hidden_size=need("ffn_hidden_size"),
+            num_layers=need("num_layers"),
+            num_heads=heads,
+            num_kv_heads=raw.get("multi_query_group_num", heads) if raw.get("multi_query_attention") else heads,
+            head_dim=head_dim,
+            rope_theta=10000.0 if divides else 10000.0 * rope_ratio,
+            rope_position_divisor=rope_ratio if divides else 1.0,
+            norm_eps=raw.get("layernorm_epsilon", 1e-5),
+            max_seq_len=raw.get("seq_length", 8192),
+            qkv_bias=bool(raw.get("add_qkv_bias", True)),
+            pad_token_id=raw.get("pad_token_id", 0),
+            num_labels=raw.get("num_labels", 2),
+        )
+
+    @staticmethod
+    def _glm_kw(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
+        """GLMConfig fields of transformers' glm / glm4 config.json (glm4 adds the sandwich norms); the top-level
+        rope_theta / partial_rotary_factor win over rope_parameters'."""
+        rope = raw.get("rope_parameters") or {}
+        theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+        fraction = raw.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5))
+        if raw.get("tie_word_embeddings"):
+            raise ValueError(f"{source}: tie_word_embeddings=true is not a GLM layout")
+        heads = need("num_attention_heads")
+        return dict(
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            ffn_hidden_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or need("hidden_size") // heads,
+            rotary_fraction=float(fraction),
+            rope_theta=float(theta),
+            norm_eps=raw.get("rms_norm_eps", 1e-5),
+            max_seq_len=raw.get("max_position_embeddings", 8192),
+            qkv_bias=bool(raw.get("attention_bias", True)),
+            sandwich_norm=raw.get("model_type") == "glm4",
+            num_labels=raw.get("num_labels", len(raw.get("id2label") or {}) or 2),
+        )
 
     @staticmethod
     def _glm4_moe_kw(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
@@ -502,28 +549,14 @@ class GLMConfig:
         Glm4MoeLiteConfig default. Both layouts: the published one (top-level rope_theta / partial_rotary_factor,
         first_k_dense_replace, num_nextn_predict_layers) and transformers 5's (rope_parameters, mlp_layer_types)."""
         rope = raw.get("rope_parameters") or {}
-        scaling = raw.get("rope_scaling") or {}
-        yarn = {}
-        for r in (rope, scaling):
-            kind = r.get("rope_type", r.get("type", "default"))
-            if kind == "yarn":  # kept whole; the rope base / fraction are read below
-                yarn = {k: v for k, v in r.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
-                yarn["rope_type"] = "yarn"
-            elif kind != "default":
-                raise ValueError(f"{source}: rope scaling {r} is not supported (the default rope or yarn)")
+        yarn = _yarn_scaling((rope, raw.get("rope_scaling") or {}), source)
         if raw.get("hidden_act", "silu") != "silu" or raw.get("tie_word_embeddings"):
             raise ValueError(f"{source}: hidden_act must be silu and tie_word_embeddings false for glm4_moe_lite")
         heads = need("num_attention_heads")
         if raw.get("num_key_value_heads") not in (None, heads):  # transformers' MLA expands keys for every head
             raise ValueError(f"{source}: glm4_moe_lite needs num_key_value_heads == num_attention_heads")
         layers = need("num_hidden_layers")
-        types = raw.get("mlp_layer_types")
-        if types:  # transformers 5 reads only this; the published file's first_k_dense_replace says the same
-            dense = next((i for i, t in enumerate(types) if t != "dense"), len(types))
-            if len(types) != layers or any(t != "sparse" for t in types[dense:]):
-                raise ValueError(f"{source}: mlp_layer_types must be 'dense' layers then 'sparse' ones, got {types}")
-        else:
-            dense = int(raw.get("first_k_dense_replace", 1))
+        dense = _dense_layers(raw, layers, source)
         q_lora = raw.get("q_lora_rank", 768)
         return dict(
             vocab_size=raw.get("vocab_size", 154880),
@@ -557,92 +590,123 @@ class GLMConfig:
         )
 
     def to_hf_dict(self, format: str = "transformers") -> dict[str, Any]:
-        """config.json contents for `format` "thudm" (model_type chatglm) or "transformers" (glm / glm4)."""
-        torch_dtype = self.param_dtype
-        if format == "thudm" and (self.is_moe or self.use_qk_norm or not self.rope_interleaved):
+        """config.json contents for `format` "thudm" (model_type chatglm) or "transformers" (this config's
+        model_type: glm / glm4, glm4_moe, glm4_moe_lite or glm_moe_dsa)."""
+        if format == "thudm":
+            return self._chatglm_dict()
+        if format != "transformers":
+            raise ValueError(f"unknown checkpoint format {format!r} (expected 'thudm' or 'transformers')")
+        writers = {"glm_moe_dsa": self._glm_moe_dsa_dict, "glm4_moe_lite": self._glm4_moe_lite_dict,
+                   "glm4_moe": self._glm4_moe_dict}
+        return writers.get(self.model_type, self._glm_dict)()
+
+    def _chatglm_dict(self) -> dict[str, Any]:
+        """config.json of THUDM's chatglm (dense GLM v2 models only)."""
+        if self.is_moe or self.use_qk_norm or not self.rope_interleaved:
             raise ValueError("the THUDM chatglm format holds dense GLM v2 models only; save glm4_moe models as "
                              "format='transformers'")
-        if format == "transformers" and self.is_dsa:
-            return self._glm_moe_dsa_dict()
-        if format == "transformers" and self.is_mla:
-            return self._glm4_moe_lite_dict()
-        if format == "transformers" and self.is_moe:
-            return self._glm4_moe_dict()
-        if format == "transformers" and (self.use_qk_norm or not self.rope_interleaved):
+        if self.sandwich_norm:
+            raise ValueError("the THUDM chatglm format has no sandwich norms; save glm4 models as format='transformers'")
+        if self.rotary_fraction != 0.5:
+            raise ValueError("the THUDM chatglm format fixes rotary_fraction at 0.5")
+        divides = self.rope_position_divisor != 1.0
+        return {
+            "model_type": "chatglm",
+            "architectures": ["ChatGLMModel"],
+            # chatglm2 in the name selects the position-dividing rope_ratio meaning on reload.
+            "_name_or_path": "chatglm2-6b-32k" if divides else (self.name or "glm_jax"),
+            "add_bias_linear": False,
+            "add_qkv_bias": self.qkv_bias,
+            "apply_query_key_layer_scaling": True,
+            "apply_residual_connection_post_layernorm": False,
+            "attention_dropout": 0.0,
+            "attention_softmax_in_fp32": True,
+            "bias_dropout_fusion": True,
+            "ffn_hidden_size": self.ffn_hidden_size,
+            "fp32_residual_connection": False,
+            "hidden_dropout": 0.0,
+            "hidden_size": self.hidden_size,
+            "kv_channels": self.head_dim,
+            "layernorm_epsilon": self.norm_eps,
+            "multi_query_attention": self.num_kv_heads != self.num_heads,
+            "multi_query_group_num": self.num_kv_heads,
+            "num_attention_heads": self.num_heads,
+            "num_layers": self.num_layers,
+            "original_rope": True,
+            "padded_vocab_size": self.vocab_size,
+            "post_layer_norm": True,
+            "rmsnorm": True,
+            "rope_ratio": self.rope_position_divisor if divides else self.rope_theta / 10000.0,
+            "pre_seq_len": self.pre_seq_len or None,
+            "prefix_projection": False,
+            "seq_length": self.max_seq_len,
+            "use_cache": True,
+            "torch_dtype": self.param_dtype,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0],
+            "tie_word_embeddings": False,
+        }
+
+    def _glm_dict(self) -> dict[str, Any]:
+        """config.json of transformers' glm, or glm4 (sandwich norms)."""
+        if self.use_qk_norm or not self.rope_interleaved:
             raise ValueError("transformers' glm / glm4 have no qk norm and GLM's interleaved rotary only")
-        if format == "thudm":
-            if self.sandwich_norm:
-                raise ValueError("the THUDM chatglm format has no sandwich norms; save glm4 models as format='transformers'")
-            if self.rotary_fraction != 0.5:
-                raise ValueError("the THUDM chatglm format fixes rotary_fraction at 0.5")
-            rope_ratio = self.rope_position_divisor if self.rope_position_divisor != 1.0 else self.rope_theta / 10000.0
-            return {
-                "model_type": "chatglm",
-                "architectures": ["ChatGLMModel"],
-                # chatglm2 in the name selects the position-dividing rope_ratio meaning on reload.
-                "_name_or_path": "chatglm2-6b-32k" if self.rope_position_divisor != 1.0 else (self.name or "glm_jax"),
-                "add_bias_linear": False,
-                "add_qkv_bias": self.qkv_bias,
-                "apply_query_key_layer_scaling": True,
-                "apply_residual_connection_post_layernorm": False,
-                "attention_dropout": 0.0,
-                "attention_softmax_in_fp32": True,
-                "bias_dropout_fusion": True,
-                "ffn_hidden_size": self.ffn_hidden_size,
-                "fp32_residual_connection": False,
-                "hidden_dropout": 0.0,
-                "hidden_size": self.hidden_size,
-                "kv_channels": self.head_dim,
-                "layernorm_epsilon": self.norm_eps,
-                "multi_query_attention": self.num_kv_heads != self.num_heads,
-                "multi_query_group_num": self.num_kv_heads,
-                "num_attention_heads": self.num_heads,
-                "num_layers": self.num_layers,
-                "original_rope": True,
-                "padded_vocab_size": self.vocab_size,
-                "post_layer_norm": True,
-                "rmsnorm": True,
-                "rope_ratio": rope_ratio,
-                "pre_seq_len": self.pre_seq_len or None,
-                "prefix_projection": False,
-                "seq_length": self.max_seq_len,
-                "use_cache": True,
-                "torch_dtype": torch_dtype,
-                "pad_token_id": self.pad_token_id,
-                "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0],
-                "tie_word_embeddings": False,
-            }
-        if format == "transformers":
-            if self.rope_position_divisor != 1.0:
-                raise ValueError("transformers' glm has no position-dividing rope (ChatGLM2-32K); save as format='thudm'")
-            if self.pre_seq_len:
-                raise ValueError("transformers' glm has no P-tuning prefix; save as format='thudm'")
-            return {
-                "model_type": "glm4" if self.sandwich_norm else "glm",
-                "architectures": ["Glm4ForCausalLM" if self.sandwich_norm else "GlmForCausalLM"],
-                "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size,
-                "intermediate_size": self.ffn_hidden_size,
-                "num_hidden_layers": self.num_layers,
-                "num_attention_heads": self.num_heads,
-                "num_key_value_heads": self.num_kv_heads,
-                "head_dim": self.head_dim,
-                "hidden_act": "silu",
-                "partial_rotary_factor": self.rotary_fraction,
-                "rope_theta": self.rope_theta,
-                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
-                                    "partial_rotary_factor": self.rotary_fraction},
-                "rms_norm_eps": self.norm_eps,
-                "max_position_embeddings": self.max_seq_len,
-                "attention_bias": self.qkv_bias,
-                "attention_dropout": 0.0,
-                "tie_word_embeddings": False,
-                "pad_token_id": self.pad_token_id,
-                "eos_token_id": list(self.eos_token_ids),
-                "num_labels": self.num_labels,
-                "torch_dtype": torch_dtype,
-            }
-        raise ValueError(f"unknown checkpoint format {format!r} (expected 'thudm' or 'transformers')")
+        if self.rope_position_divisor != 1.0:
+            raise ValueError("transformers' glm has no position-dividing rope (ChatGLM2-32K); save as format='thudm'")
+        if self.pre_seq_len:
+            raise ValueError("transformers' glm has no P-tuning prefix; save as format='thudm'")
+        glm4 = self.sandwich_norm
+        return {
+            **self._hf_base_dict("glm4" if glm4 else "glm", "Glm4ForCausalLM" if glm4 else "GlmForCausalLM",
+                                 self._gqa_hf_fields()),
+            "tie_word_embeddings": False,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "num_labels": self.num_labels,
+            "torch_dtype": self.param_dtype,
+        }
+
+    def _hf_base_dict(self, model_type: str, architecture: str, attention: dict[str, Any],
+                      rope_scaling: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The keys that transformers' glm, glm4, glm4_moe and glm4_moe_lite config.json files share, in their
+        order; `attention` = the attention keys after num_attention_heads, `rope_scaling` = extra rope_parameters.
+        rope_parameters is what transformers 5 reads; the top-level rope_theta / partial_rotary_factor keep the
+        published layout for older readers."""
+        return {
+            "model_type": model_type,
+            "architectures": [architecture],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            **attention,
+            "hidden_act": "silu",
+            "partial_rotary_factor": self.rotary_fraction,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                "partial_rotary_factor": self.rotary_fraction, **(rope_scaling or {})},
+            "rms_norm_eps": self.norm_eps,
+            "max_position_embeddings": self.max_seq_len,
+            "attention_bias": self.qkv_bias,
+            "attention_dropout": 0.0,
+        }
+
+    def _gqa_hf_fields(self) -> dict[str, Any]:
+        """The attention keys of a grouped-query config.json (glm, glm4, glm4_moe)."""
+        return {"num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim}
+
+    def _mla_hf_fields(self) -> dict[str, Any]:
+        """The attention keys of an MLA config.json (glm4_moe_lite, glm_moe_dsa): every head has its own keys."""
+        return {
+            "num_key_value_heads": self.num_heads,
+            "q_lora_rank": self.q_lora_rank or None,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "rope_interleave": self.rope_interleaved,
+        }
 
     def _moe_hf_fields(self) -> dict[str, Any]:
         """The MoE, MTP and token keys every MoE config.json (glm4_moe, glm4_moe_lite, glm_moe_dsa) writes alike."""
@@ -665,83 +729,37 @@ class GLMConfig:
         }
 
     def _glm4_moe_dict(self) -> dict[str, Any]:
-        """config.json of transformers' glm4_moe. rope_parameters is what transformers 5 reads; the top-level
-        rope_theta / partial_rotary_factor / num_nextn_predict_layers keep the published layout for older readers."""
+        """config.json of transformers' glm4_moe: the shared keys (both rope layouts), qk norm, the MoE keys."""
         if self.rope_position_divisor != 1.0 or self.rope_interleaved:
             raise ValueError("glm4_moe uses the split-half (NeoX) rotary without position division")
         return {
-            "model_type": "glm4_moe",
-            "architectures": ["Glm4MoeForCausalLM"],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.ffn_hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "partial_rotary_factor": self.rotary_fraction,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
-                                "partial_rotary_factor": self.rotary_fraction},
-            "rms_norm_eps": self.norm_eps,
-            "max_position_embeddings": self.max_seq_len,
-            "attention_bias": self.qkv_bias,
-            "attention_dropout": 0.0,
+            **self._hf_base_dict("glm4_moe", "Glm4MoeForCausalLM", self._gqa_hf_fields()),
             "use_qk_norm": self.use_qk_norm,
             **self._moe_hf_fields(),
         }
 
-
     def _glm4_moe_lite_dict(self) -> dict[str, Any]:
-        """config.json of transformers' glm4_moe_lite: transformers 5's keys (rope_parameters, mlp_layer_types)
-        plus the published file's (rope_theta, partial_rotary_factor, first_k_dense_replace,
-        num_nextn_predict_layers)."""
+        """config.json of transformers' glm4_moe_lite: transformers 5's keys (rope_parameters with any YaRN
+        scaling, mlp_layer_types) plus the published file's (rope_theta, partial_rotary_factor,
+        first_k_dense_replace, num_nextn_predict_layers)."""
         if self.rope_position_divisor != 1.0:
             raise ValueError("glm4_moe_lite has no position-dividing rope")
         dense = self.num_dense_layers
         return {
-            "model_type": "glm4_moe_lite",
-            "architectures": ["Glm4MoeLiteForCausalLM"],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.ffn_hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_heads,
-            "q_lora_rank": self.q_lora_rank or None,
-            "kv_lora_rank": self.kv_lora_rank,
-            "qk_nope_head_dim": self.qk_nope_head_dim,
-            "qk_rope_head_dim": self.qk_rope_head_dim,
-            "v_head_dim": self.v_head_dim,
-            "rope_interleave": self.rope_interleaved,
-            "hidden_act": "silu",
-            "partial_rotary_factor": self.rotary_fraction,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
-                                "partial_rotary_factor": self.rotary_fraction, **self.rope_scaling_params},
-            "rms_norm_eps": self.norm_eps,
-            "max_position_embeddings": self.max_seq_len,
-            "attention_bias": self.qkv_bias,
-            "attention_dropout": 0.0,
+            **self._hf_base_dict("glm4_moe_lite", "Glm4MoeLiteForCausalLM", self._mla_hf_fields(),
+                                 self.rope_scaling_params),
             "mlp_layer_types": ["dense"] * dense + ["sparse"] * (self.num_layers - dense),
             **self._moe_hf_fields(),
         }
 
     @classmethod
-    def _glm_moe_dsa_kw(cls, raw: dict[str, Any], source: str) -> dict[str, Any]:
+    def _glm_moe_dsa_kw(cls, raw: dict[str, Any], source: str, need=None) -> dict[str, Any]:
         """GLMConfig fields of a glm_moe_dsa (GLM-5) config.json: glm4_moe_lite's keys (MLA + MoE, both layouts)
         with GlmMoeDsaConfig's defaults, plus the indexer. Which layers run their own indexer follows transformers:
         indexer_types, else index_topk_pattern ("F" / "S" per layer), else index_topk_freq /
-        index_skip_topk_offset (absent: every layer)."""
+        index_skip_topk_offset (absent: every layer). `need` is unused: the defaults fill the missing keys."""
         raw = {**GLM_MOE_DSA_DEFAULTS, **raw}
-
-        def need(key):
-            if key not in raw:
-                raise KeyError(f"{source}: missing key {key!r} for model_type 'glm_moe_dsa'")
-            return raw[key]
-
-        kw = cls._glm4_moe_lite_kw(raw, source, need)
+        kw = cls._glm4_moe_lite_kw(raw, source, _needer(raw, source, "glm_moe_dsa"))
         types = raw.get("indexer_types")
         if types is None and raw.get("index_topk_pattern") is not None:
             pattern = raw["index_topk_pattern"]
