@@ -426,8 +426,7 @@ class GLMConfig:
                    "glm4_moe_lite": cls._glm4_moe_lite_kw, "glm_moe_dsa": cls._glm_moe_dsa_kw}
         reader = readers.get(model_type) if isinstance(model_type, str) else None
         if reader is None:
-            raise ValueError(f"{source}: unknown model_type {model_type!r} (expected 'chatglm', 'glm', 'glm4', "
-                             "'glm4_moe' or 'glm4_moe_lite')")
+            raise ValueError(f"{source}: unknown model_type {model_type!r} (expected one of {', '.join(readers)})")
         # the token and dtype keys read the same in every dialect; a reader may replace them (chatglm's pad)
         kw = dict(pad_token_id=raw.get("pad_token_id"), eos_token_ids=eos, dtype=dtype, param_dtype=dtype)
         kw.update(reader(raw, source, _needer(raw, source, model_type)))
@@ -778,7 +777,7 @@ class GLMConfig:
         d = self._glm4_moe_lite_dict()
         d.pop("partial_rotary_factor")
         d.update(model_type="glm_moe_dsa", architectures=["GlmMoeDsaForCausalLM"],
-                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, **self.rope_scaling_params},
                  index_topk=self.index_topk, index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
                  indexer_types=list(self.indexer_types or ["full"] * self.num_layers), indexer_rope_interleave=True)
         return d
