@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -179,20 +180,14 @@ def prepare_pretrain(docs: Iterable[list[int]], seq_len: int, pad_id: int, out_d
     they are produced); returns the number of rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc=f"packing {split} rows", unit="row", mininterval=1.0)
-    with open(out_dir / f"{split}.tokens.bin", "wb") as ft, open(out_dir / f"{split}.segments.bin", "wb") as fs:
+    # closed on an error too: the error line must not be glued to the bar's last line
+    with tqdm(desc=f"packing {split} rows", unit="row", mininterval=1.0, disable=not progress) as bar, \
+            open(out_dir / f"{split}.tokens.bin", "wb") as ft, open(out_dir / f"{split}.segments.bin", "wb") as fs:
         for tokens, segments in iter_packed_rows(docs, seq_len, pad_id):
             ft.write(tokens.tobytes())
             fs.write(segments.tobytes())
             n += 1
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
     return n
 
 

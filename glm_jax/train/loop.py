@@ -140,7 +140,7 @@ def run(cfg: Config, early_signals: list | None = None) -> int:
     Signals are caught from the start (a SIGTERM during start-up or compilation exits cleanly at the first
     chance); process 0 holds the run directory's lock until it returns."""
     from glm_jax.train.checkpoint import CheckpointError
-    from glm_jax.train.rundir import RunDirBusy, RunLock, check_resume_config
+    from glm_jax.train.rundir import RunDirBusy, RunLock, check_export_path, check_resume_config
 
     def not_an_io_traceback(record: logging.LogRecord) -> bool:  # orbax's background threads log each failed
         exc = record.exc_info[1] if record.exc_info else None  # write with a traceback; one line below says it
@@ -158,6 +158,8 @@ def run(cfg: Config, early_signals: list | None = None) -> int:
         import jax
 
         if jax.process_index() == 0:
+            if cfg.export.path:  # before anything is trained or written: the export must not replace a thing
+                check_export_path(cfg)
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             lock = RunLock(cfg.run_dir)
             lock.acquire()
@@ -185,7 +187,7 @@ def _train(cfg: Config, stop: "_Stop") -> int:
     """Set-up, the run directory's bookkeeping, then the step loop with the default hooks."""
     from glm_jax.sharding import use_mesh
     from glm_jax.train.metrics import MetricsWriter, truncate_metrics
-    from glm_jax.train.rundir import read_complete, write_config
+    from glm_jax.train.rundir import has_export, read_complete, write_config
     from glm_jax.train.trainer import Trainer, add_default_hooks
 
     trainer = Trainer.from_config(cfg, stop)
@@ -194,12 +196,14 @@ def _train(cfg: Config, stop: "_Stop") -> int:
         write_config(run.run_dir, to_yaml(cfg))
     if run.start >= steps:
         done = read_complete(run.run_dir)
-        if done is not None and done.get("step") == run.start:
+        exported = not cfg.export.path or has_export(cfg.export.path)  # a lost or new export is written again
+        if done is not None and done.get("step") == run.start and exported:
             run.say(f"already trained: checkpoint at step {run.start} >= train.steps={steps}; nothing to do")
             run.close()
             return EXIT_OK
-        run.say(f"checkpoint at step {run.start} >= train.steps={steps}, but the run's end did not complete: "
-                f"finishing it (final eval, final record, export)")
+        why = "the run's end did not complete" if exported or done is None else f"{cfg.export.path} holds no export"
+        run.say(f"checkpoint at step {run.start} >= train.steps={steps}, but {why}: finishing it (final eval, "
+                f"final record, export)")
     if run.primary:  # what was logged after the resumed step is logged again: each step exactly once
         dropped = truncate_metrics(run.run_dir / "metrics.jsonl", run.start)
         if dropped:
@@ -305,11 +309,11 @@ def plan(cfg: Config, topology: str | None = None) -> int:
 
 def prepare_data(cfg: Config, out_dir: str | Path) -> int:
     """`train.py --prepare-data DIR`: tokenizes and packs data.train_files (and data.eval_files) once into DIR
-    for `data.prepared: DIR`. Returns the exit code."""
-    import json
-
-    from glm_jax.train import data as D
+    for `data.prepared: DIR`. DIR is written beside itself and swapped in complete (atomic_dir), so a bad input
+    file leaves an earlier DIR as it was; only a new, empty or prepared directory is replaced. Returns 0."""
     from glm_jax.train import pipeline as P
+    from glm_jax.train.atomic_dir import Protected, check_destination, write_atomically
+    from glm_jax.train.data import PREPARED_META
     from glm_jax.train.setup import load_train_tokenizer
 
     dc = cfg.data
@@ -317,24 +321,38 @@ def prepare_data(cfg: Config, out_dir: str | Path) -> int:
         raise ConfigError(f"data.task: --prepare-data packs pretraining text, not {dc.task} data")
     if not dc.train_files:
         raise ConfigError("data.train_files: nothing to prepare")
+    sources = {split: P.expand_sources(files) for split, files in (("train", dc.train_files),
+                                                                    ("eval", dc.eval_files)) if files}
+    inputs = [Protected(f"a {split} file", Path(p)) for split, paths in sources.items() for p in paths]
+    if dc.tokenizer:
+        inputs.append(Protected("the tokenizer (data.tokenizer)", Path(dc.tokenizer)))
+    check_destination(out_dir, "--prepare-data", protected=inputs, ours=lambda d: None if (
+        d / PREPARED_META).is_file() else f"holds no {PREPARED_META} (it is not a prepared data directory)")
     tok = load_train_tokenizer(cfg)  # the run's tokenizer, any family: the rows must be its ids
-    out = Path(out_dir)
+    write_atomically(lambda tmp: _pack_splits(cfg, tok, sources, tmp, shown=Path(out_dir)), out_dir)
+    print(f"train with: data.prepared={out_dir}", flush=True)
+    return EXIT_OK
+
+
+def _pack_splits(cfg: Config, tok, sources: dict, out: Path, shown: Path) -> None:
+    """Each split's packed rows into `out`, then meta.json (its presence marks a complete directory)."""
+    import json
+
+    from glm_jax.train import data as D
+    from glm_jax.train import pipeline as P
+
+    dc = cfg.data
     bad = D.BadRecords(skip=dc.skip_bad_records)
     meta = {"seq_len": dc.seq_len, "vocab_size": tok.vocab_size, "tokenizer": str(dc.tokenizer or cfg.model.init_from or "glm_jax"),
             "text_split": dc.text_split, "rows": {}, "tokens": {}, "files": {}}
-    for split, files in (("train", dc.train_files), ("eval", dc.eval_files)):
-        if not files:
-            continue
-        paths = P.expand_sources(files)
+    for split, paths in sources.items():
         docs = P.PretrainDocuments(paths, tok, dc.text_split, bad, dc.text_key, dc.max_tokens)
         meta["rows"][split] = D.prepare_pretrain(docs, dc.seq_len, tok.pad_token_id, out, split)
         meta["tokens"][split], meta["files"][split] = docs.tokens, [str(p) for p in paths]
         print(f"{split}: {docs.tokens} tokens from {len(paths)} files -> {meta['rows'][split]} rows of "
-              f"{dc.seq_len} in {out}", flush=True)
+              f"{dc.seq_len} in {shown}", flush=True)
     meta["bad_records_skipped"] = bad.count
-    (out / D.PREPARED_META).write_text(json.dumps(meta, indent=2))  # last: its presence marks a complete directory
-    print(f"train with: data.prepared={out}", flush=True)
-    return EXIT_OK
+    (out / D.PREPARED_META).write_text(json.dumps(meta, indent=2))
 
 
 def random_params(model, shardings, seed: int, keep=None):
@@ -424,17 +442,17 @@ def load_run(run_dir: str | Path, step: int | None = None):
     return model_cfg, {**base, "model": {**base["model"], "prefix": trained["prefix"]}}
 
 
-def export_params(cfg, model_cfg, params, primary):
-    """export.path <- params in export.format, written to a temporary directory and renamed into place."""
+def export_params(cfg, model_cfg, params, primary, step: int):
+    """export.path <- params in export.format with this run's marker, written beside it and swapped in whole
+    (rundir.write_export: an export never replaces what it did not write)."""
     import jax
     from jax.experimental import multihost_utils
 
     from glm_jax import save_hf
-    from glm_jax.train.rundir import export_atomically
+    from glm_jax.train.rundir import write_export
 
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     if primary:
-        out = export_atomically(lambda tmp: save_hf(model_cfg, params, tmp, format=cfg.export.format),
-                                cfg.export.path)
+        out = write_export(lambda tmp: save_hf(model_cfg, params, tmp, format=cfg.export.format), cfg, step)
         print(f"exported {cfg.export.format} checkpoint to {out}", flush=True)

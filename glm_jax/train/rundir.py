@@ -4,6 +4,8 @@ its end (final eval, final record, export) is done, and atomic exports.
     {run_dir}/run.lock       {"pid", "host", "proc_start", "time"} of the process training in it (process 0)
     {run_dir}/config.yaml    the resolved config of the checkpoints, written once the new config is known to fit
     {run_dir}/complete.json  {"step", "export"}: written last, after the export; without it a rerun finishes the end
+    {export.path}/glm_jax_export.json  {"run_dir", "step", "format"}: marks a directory as this run's export, the
+                             only kind of existing directory an export replaces (besides an empty one)
 
 See docs/training.md, "Faults".
 """
@@ -13,16 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
 
+from glm_jax.train.atomic_dir import Protected, check_destination, pid_alive, proc_start, write_atomically
 from glm_jax.train.config import Config, ConfigError, load_config
 
 log = logging.getLogger("glm_jax.train")
 
-LOCK_NAME, COMPLETE_NAME = "run.lock", "complete.json"
+LOCK_NAME, COMPLETE_NAME, EXPORT_MARKER = "run.lock", "complete.json", "glm_jax_export.json"
+# What a run writes in its directory (train/checkpoint.py, train/metrics.py): never an export's place.
+RUN_ENTRIES = ("checkpoints", "checkpoints_best", "checkpoints_corrupt", "metrics.jsonl", "tensorboard", "loss.png",
+               "config.yaml", LOCK_NAME, COMPLETE_NAME)
 # Keys a resumed run must share with its checkpoints: they define the state's shapes or the data stream the
 # loader position refers to. Everything else (steps, lr, eval and checkpoint cadence, export) may change.
 RESUME_KEYS = ("model.", "train.mode", "train.seed", "train.global_batch_size", "data.task", "data.seq_len",
@@ -31,25 +36,6 @@ RESUME_KEYS = ("model.", "train.mode", "train.seed", "train.global_batch_size", 
 
 class RunDirBusy(RuntimeError):
     """Another live process owns the run directory; str(e) is one line naming it."""
-
-
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a live owner from a reused pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, proc_start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    now = _proc_start(pid)
-    return proc_start is None or now is None or now == proc_start
 
 
 class RunLock:
@@ -62,7 +48,7 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": _proc_start(os.getpid()),
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": proc_start(os.getpid()),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         for _ in range(5):
             try:
@@ -88,7 +74,7 @@ class RunLock:
                 time.sleep(0.5)
                 return
             owner, pid, host = {}, -1, socket.gethostname()
-        if host == socket.gethostname() and not (pid > 0 and _alive(pid, owner.get("proc_start"))):
+        if host == socket.gethostname() and not (pid > 0 and pid_alive(pid, owner.get("proc_start"))):
             log.warning("%s: removing the stale lock of pid %s (not running)", self.path, pid)
             self.path.unlink(missing_ok=True)
             return
@@ -158,22 +144,48 @@ def clear_complete(run_dir: str | Path) -> None:
     (Path(run_dir) / COMPLETE_NAME).unlink(missing_ok=True)
 
 
-def export_atomically(write, out: str | Path) -> Path:
-    """Calls write(tmp_dir) and renames tmp_dir to `out` (replacing whatever a killed export left there)."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    _remove_stale_exports(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
-    return out
+# ---------------------------------------------------------------------------------------------- the export
+
+def check_export_path(cfg: Config) -> None:
+    """ConfigError unless export.path may be (re)written: not the run directory, anything holding it or its
+    checkpoints and logs, nor the model.init_from checkpoint; new, empty, or an earlier export of this run."""
+    run_dir = Path(cfg.run_dir)
+    protected = [Protected("the run directory (run_dir)", run_dir)]
+    protected += [Protected(f"the run's {name}", run_dir / name, whole=True) for name in RUN_ENTRIES]
+    if cfg.model.init_from:
+        protected.append(Protected("the model.init_from checkpoint", Path(cfg.model.init_from)))
+    check_destination(cfg.export.path, "export.path", ours=lambda out: _not_an_export_of(run_dir, out),
+                      protected=protected)
 
 
-def _remove_stale_exports(out: Path) -> None:
-    """Deletes the temporary folders of earlier exports to `out` whose process is gone (a kill mid-export)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid), None):
-            shutil.rmtree(tmp, ignore_errors=True)
+def _not_an_export_of(run_dir: Path, out: Path) -> str | None:
+    """None if `out` is an export of the run in `run_dir` (its marker says so, or, for an export written before
+    markers, the run's complete.json records it), else why not."""
+    try:
+        owner = json.loads((out / EXPORT_MARKER).read_text()).get("run_dir")
+    except (OSError, ValueError, AttributeError):
+        done = read_complete(run_dir) or {}
+        if done.get("export") and Path(done["export"]).resolve() == out.resolve():
+            return None
+        return f"holds no {EXPORT_MARKER} (it is not the export of a glm_jax run)"
+    if owner != str(run_dir.resolve()):
+        return f"is the export of another run ({owner})"
+    return None
+
+
+def write_export(write, cfg: Config, step: int) -> Path:
+    """export.path <- write(tmp) plus the marker, swapped in whole (an interrupted export leaves the previous
+    one intact); export.path is checked again, since the file system may have changed while training."""
+    check_export_path(cfg)
+    marker = {"run_dir": str(Path(cfg.run_dir).resolve()), "step": step, "format": cfg.export.format}
+
+    def write_marked(tmp: Path) -> None:
+        write(tmp)
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
+
+    return write_atomically(write_marked, cfg.export.path)
+
+
+def has_export(path: str | Path | None) -> bool:
+    """Whether an export is at `path` (a marker, or the config.json of one written before markers)."""
+    return path is not None and any((Path(path) / f).is_file() for f in (EXPORT_MARKER, "config.json"))

@@ -100,11 +100,11 @@ class TrainRun:
             self.bar.close()
             self.bar = None
 
-    def export(self, state) -> None:
+    def export(self, step: int, state) -> None:
         from glm_jax.train.loop import export_params
 
         export_params(self.cfg, self.model_cfg, self.builder.effective_params(state["params"], self.frozen),
-                      self.primary)
+                      self.primary, step)
 
     def close(self) -> None:
         self.close_progress()

@@ -302,7 +302,7 @@ class Trainer:
         run.say("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in final.items() if k != "final"))
         if self.cfg.export.path:
-            run.export(state)
+            run.export(step, state)
         run.writer.close()
         if run.primary:
             png = plot_loss(run.run_dir)
