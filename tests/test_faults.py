@@ -259,6 +259,25 @@ def test_no_restorable_checkpoint_is_one_line_and_moves_nothing(run8, tmp_path):
     assert ckpt_steps(tmp_path) == [4, 8] and not (tmp_path / "checkpoints_corrupt").exists()
 
 
+def test_checkpoints_of_another_state_are_named_as_such_and_moved_nowhere(run8, tmp_path):
+    """Checkpoints that restore fine but hold another state (here: a tensor this run lacks and one it adds) are
+    not reported as orbax's "tree structures do not match": the newest is named with the first differing
+    tensor, and nothing is set aside."""
+    from glm_jax.train.checkpoint import Checkpointer, CheckpointError
+
+    shutil.copytree(run8 / "checkpoints", tmp_path / "checkpoints")
+    abstract = _abstract_state(tmp_path / "checkpoints" / "4")
+    abstract["params"]["model"]["extra"] = abstract["params"]["model"].pop("final_norm")
+    ckpt = Checkpointer(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.restore_latest_good(abstract)
+    ckpt.close()
+    assert str(e.value) == (f"{tmp_path / 'checkpoints' / '8'}: does not match this run's state (this run has "
+                            f"params/model/extra/scale, the checkpoint does not; 2 tensor name(s) differ: another "
+                            f"model, train.mode, lora.targets or optimizer); nor can the 1 older checkpoint(s)")
+    assert ckpt_steps(tmp_path) == [4, 8] and not (tmp_path / "checkpoints_corrupt").exists()
+
+
 # ------------------------------------------------------------------------------------- 5. metrics and kills
 
 def test_a_cut_last_metrics_line_is_skipped_by_readers_and_dropped_on_resume(run8, tmp_path):

@@ -267,6 +267,71 @@ def test_init_from_with_a_broken_config_json(tmp_path):
                 f"enclosed in double quotes at line 2 column 1)")
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A transformers-format checkpoint of the model SMALL trains (glm-test, vocab 8192) and its tensors."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+    from safetensors.numpy import load_file
+
+    from glm_jax import GLMConfig, GLMForCausalLM, save_hf
+
+    cfg = GLMConfig.from_preset("glm-test", vocab_size=8192)
+    params = nn.unbox(GLMForCausalLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    save_hf(cfg, params, ckpt)
+    return ckpt, load_file(ckpt / "model.safetensors")
+
+
+def damaged_copy(tiny_checkpoint, out: Path, how: str) -> Path:
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    ckpt, tensors = tiny_checkpoint
+    shutil.copytree(ckpt, out)
+    st = out / "model.safetensors"
+    name = sorted(tensors)[3]  # model.layers.0.mlp.down_proj.weight
+    if how == "truncated":
+        st.write_bytes(st.read_bytes()[:2_000_000])
+    elif how == "missing tensor":
+        save_file({k: v for k, v in tensors.items() if k != name}, st, metadata={"format": "pt"})
+    elif how == "wrong shape":
+        save_file({**tensors, name: tensors[name][:3, :3]}, st, metadata={"format": "pt"})
+    elif how == "unreadable bin":
+        st.unlink()
+        (out / "pytorch_model.bin").write_bytes(b"not a torch.save archive" * 10)
+    return out
+
+
+@pytest.mark.parametrize("how,why", [
+    ("truncated", "{ckpt}/model.safetensors: unreadable safetensors file (Error while deserializing header: "
+                  "incomplete metadata, file not fully covered)"),
+    ("missing tensor", "{ckpt}: tensor 'model.layers.0.mlp.down_proj.weight' not found in the checkpoint"),
+])
+def test_a_damaged_init_from_checkpoint_is_a_config_error(tmp_path, tiny_checkpoint, how, why):
+    ckpt = damaged_copy(tiny_checkpoint, tmp_path / "ckpt", how)
+    r = train(tmp_path / "run", f"model.init_from={ckpt}", "train.steps=1")
+    one_line(r, "config error: model.init_from: " + why.format(ckpt=ckpt))
+
+
+@pytest.mark.parametrize("how,why", [
+    ("wrong shape", "{ckpt}/model.safetensors: tensor 'model.layers.0.mlp.down_proj.weight' has shape (3, 3), "
+                    "expected (64, 160) for this config"),
+    ("unreadable bin", "{ckpt}/pytorch_model.bin: unreadable PyTorch checkpoint (not the zip archive torch.save "
+                       "writes: truncated, or another format)"),
+])
+def test_load_hf_names_the_damaged_file_and_tensor(tmp_path, tiny_checkpoint, how, why):
+    """What train.py turns into `config error: model.init_from: ...` (the two cases above run it end to end)."""
+    from glm_jax import load_hf
+
+    ckpt = damaged_copy(tiny_checkpoint, tmp_path / "ckpt", how)
+    with pytest.raises(ValueError) as e:
+        load_hf(ckpt)
+    assert str(e.value) == why.format(ckpt=ckpt)
+
+
 # ------------------------------------------------------------------------------------- 9. the chat CLI
 
 def chat(*args):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -88,6 +89,9 @@ class _TorchFile:
             import torch
         except ImportError:
             raise ImportError(f"{path}: reading .bin checkpoints needs torch (pip install torch)") from None
+        if not zipfile.is_zipfile(path):  # torch.save's format; truncated or foreign files fail here
+            raise ValueError(f"{path}: unreadable PyTorch checkpoint (not the zip archive torch.save writes: "
+                             f"truncated, or another format)")
         try:
             self._sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:

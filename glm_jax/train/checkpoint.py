@@ -56,6 +56,18 @@ def tensor_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
+def check_same_tensors(saved: dict, abstract_state) -> None:
+    """CheckpointError naming the first tensor that only one side has: the checkpoint holds another state (a
+    different model, train.mode, LoRA targets or optimizer) than this run builds."""
+    wanted = {tensor_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    extra, missing = sorted(set(saved) - wanted), sorted(wanted - set(saved))
+    if extra or missing:
+        which = f"this run has {missing[0]}, the checkpoint does not" if missing else \
+            f"the checkpoint has {extra[0]}, this run does not"
+        raise CheckpointError(f"does not match this run's state ({which}; {len(extra) + len(missing)} tensor "
+                              f"name(s) differ: another model, train.mode, lora.targets or optimizer)")
+
+
 def checksums_json(state) -> dict:
     return {"format": 1, "state": {k: int(v) for k, v in jax.device_get(state_checksums(state)).items()}}
 
@@ -142,7 +154,9 @@ class Checkpointer:
         step = self.mngr.latest_step() if step is None else step
         items = {"state": ocp.args.StandardRestore(abstract_state), "loader": ocp.args.JsonRestore()}
         has_sums = (self.dir / str(step) / "integrity").exists()
-        if has_sums:
+        if has_sums:  # its tensor names first: a different state is named as such, not as orbax's tree error
+            sums = self.mngr.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))
+            check_same_tensors(sums["integrity"]["state"], abstract_state)
             items["integrity"] = ocp.args.JsonRestore()
         out = self.mngr.restore(step, args=ocp.args.Composite(**items))
         if has_sums:
@@ -173,7 +187,9 @@ class Checkpointer:
                 self._set_aside(bad_step, why)
             return step, state, loader
         step, why = failed[0]
-        raise CheckpointError(f"{self.dir / str(step)}: cannot restore ({why})"
+        why = why.removeprefix("CheckpointError: ") if why.startswith("CheckpointError: does not match") else \
+            f"cannot restore ({why})"
+        raise CheckpointError(f"{self.dir / str(step)}: {why}"
                               + (f"; nor can the {len(failed) - 1} older checkpoint(s)" if len(failed) > 1 else ""))
 
     def _set_aside(self, step: int, why: str) -> None:

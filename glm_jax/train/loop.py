@@ -390,7 +390,10 @@ def load_pretrained(cfg, model_cfg, p_shard, init_params):
     mesh = next(iter(jax.tree.leaves(p_shard))).mesh
     # model_cfg carries the run's overrides (dtypes, remat, pre_seq_len: a base checkpoint has no prefix yet)
     kw = {f: getattr(model_cfg, f) for f in model_overrides(cfg)}
-    _, loaded = load_hf(cfg.model.init_from, shardings=param_shardings(abstract_params(model_cfg), mesh), **kw)
+    try:
+        _, loaded = load_hf(cfg.model.init_from, shardings=param_shardings(abstract_params(model_cfg), mesh), **kw)
+    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:  # a damaged or incomplete checkpoint
+        raise ConfigError(f"model.init_from: {e.args[0] if e.args else e}") from None
     params = {k: loaded[k] for k in p_shard if k in loaded}
     missing = [(k,) for k in p_shard if k not in params]
     if "prefix" in p_shard.get("model", {}) and "prefix" not in params.get("model", {}):
