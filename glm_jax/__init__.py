@@ -8,11 +8,20 @@ from glm_jax.sharding import LOGICAL_RULES, make_mesh, param_shardings
 from glm_jax.tokenizers import ChatGLMTokenizer
 from glm_jax.tokenizers import load_tokenizer
 from glm_jax.generation import generate, stream_generate
-from glm_jax.chat import ChatSession
 from glm_jax.convert.quant import quantize_params
 
 __all__ = ["PRESETS", "GLMConfig", "load_hf", "save_hf", "GLMForCausalLM", "GLMForSequenceClassification",
            "GLMModel", "init_cache", "init_params", "param_specs", "LOGICAL_RULES", "make_mesh", "param_shardings",
            "ChatGLMTokenizer", "load_tokenizer", "generate", "stream_generate", "ChatSession", "quantize_params"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ChatSession is imported on first use: were glm_jax.chat imported with the package, `python -m glm_jax.chat`
+    # would find its own module already loaded (runpy's RuntimeWarning on every chat start)
+    if name == "ChatSession":
+        from glm_jax.chat import ChatSession
+
+        return ChatSession
+    raise AttributeError(f"module 'glm_jax' has no attribute {name!r}")
 

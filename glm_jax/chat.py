@@ -56,9 +56,39 @@ DEFAULT_TOOL_SYSTEM = "Answer the following questions as best as you can. You ha
 
 
 def check_tools(tools, what: str = "tool descriptions") -> None:
-    """ValueError unless `tools` is None or a list of dicts."""
-    if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
-        raise ValueError(f"tools must be a list of dicts ({what})")
+    """ValueError naming the first bad entry unless `tools` is None or a list of function tools: OpenAI's
+    {"type": "function", "function": {"name", "description"?, "parameters"?}} or the bare function object
+    (what THUDM's ChatGLM3 demos pass), `parameters` a JSON-schema object."""
+    if tools is None:
+        return
+    if not isinstance(tools, (list, tuple)):
+        raise ValueError(f"tools must be a list of tool objects ({what}), got {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        why = _tool_problem(tool)
+        if why is not None:
+            raise ValueError(f"tools[{i}]: {why} ({what}: {json.dumps(tool, default=repr)[:120]})")
+
+
+def _tool_problem(tool) -> str | None:
+    """Why `tool` is not a function tool (check_tools), or None."""
+    if not isinstance(tool, dict):
+        return f"must be a tool object, got {type(tool).__name__}"
+    where = ""
+    if "function" in tool or "type" in tool:
+        if tool.get("type", "function") != "function":
+            return f"type: only \"function\" tools are supported, got {tool['type']!r}"
+        if not isinstance(tool.get("function"), dict):
+            return f"function: must be an object with a name, got {type(tool.get('function')).__name__}"
+        tool, where = tool["function"], "function."
+    name, params = tool.get("name"), tool.get("parameters")
+    if not isinstance(name, str) or not name.strip():
+        return f"{where}name: must be a non-empty string, got {name!r}"
+    if "description" in tool and not isinstance(tool["description"], str):
+        return f"{where}description: must be a string, got {type(tool['description']).__name__}"
+    if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+        got = f"type {params.get('type')!r}" if isinstance(params, dict) else f"{type(params).__name__} {params!r}"
+        return f"{where}parameters: must be a JSON-schema object ({{\"type\": \"object\", ...}}), got {got}"
+    return None
 
 
 class ChatSession:
@@ -571,14 +601,28 @@ def _read_tools(path: str) -> list[dict]:
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         what = type(tools).__name__ if not isinstance(tools, list) else "a list holding non-objects"
         raise _CliError(f"--tools: {path}: must hold a list of tool objects (or one object), got {what}")
+    try:
+        check_tools(tools, "OpenAI function tools")
+    except ValueError as e:
+        raise _CliError(f"--tools: {path}: {e}") from None
     return tools
 
 
-def _cli_tokenizer(tokenizer: str | None, checkpoint: str):
-    """--tokenizer, else the checkpoint's, else the small SentencePiece model shipped with glm_jax."""
+def _check_sampling_args(args) -> None:
+    """The sampling options' ranges, before anything is loaded."""
+    try:
+        _generate.check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)
+    except ValueError as e:
+        name, _, why = str(e).partition(": ")
+        raise _CliError(f"--{name.replace('_', '-')}: {why}") from None
+
+
+def _cli_tokenizer(source: str | Path | None):
+    """The tokenizer at `source` (--tokenizer, else the checkpoint's), else the small SentencePiece model shipped
+    with glm_jax."""
     from glm_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
 
-    source = tokenizer if tokenizer is not None else default_tokenizer(checkpoint)
     if source is not None and not Path(source).exists():
         raise _CliError(f"--tokenizer: {source}: no such file")
     try:
@@ -590,13 +634,18 @@ def _cli_tokenizer(tokenizer: str | None, checkpoint: str):
 def _cli_session(args) -> ChatSession:
     from glm_jax import GLMForCausalLM
 
+    _check_sampling_args(args)
     tools = _read_tools(args.tools) if args.tools else None
-    tokenizer = _cli_tokenizer(args.tokenizer, args.checkpoint)
+    source = args.tokenizer if args.tokenizer is not None else default_tokenizer(args.checkpoint)
+    tokenizer = _cli_tokenizer(source)
     overrides = dict(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else {}
     try:
         cfg, params = load_checkpoint(args.checkpoint, **overrides)
     except (OSError, ValueError, KeyError) as e:
         raise _CliError(str(e)) from None
+    if source is None:  # a real model's ids mean nothing in this vocabulary: say so
+        print(f"warning: {args.checkpoint} has no tokenizer.json or tokenizer.model: using the small SentencePiece "
+              f"tokenizer shipped with glm_jax (pass --tokenizer for the model's own)", file=sys.stderr, flush=True)
     if cfg.vocab_size < tokenizer.vocab_size:
         raise _CliError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
                         f"({tokenizer.vocab_size})")

@@ -43,6 +43,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import math
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -92,16 +93,23 @@ class SamplingSpec:
     num_stop: int
 
 
+def check_sampling(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                   repetition_penalty: float = 1.0, max_new_tokens: int | None = 1) -> None:
+    """ValueError ("name: must be ..., got value") for a sampling setting out of range; NaN is out of range."""
+    checks = (("max_new_tokens", max_new_tokens, lambda v: v >= 1, "must be >= 1"),
+              ("temperature", temperature, lambda v: v >= 0, "must be >= 0 (0 is greedy)"),
+              ("top_p", top_p, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+              ("top_k", top_k, lambda v: v >= 0, "must be >= 0 (0 keeps every token)"),
+              ("repetition_penalty", repetition_penalty, lambda v: v > 0, "must be > 0 (1 is none)"))
+    for name, value, ok, rule in checks:
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                or not math.isfinite(value) or not ok(value):
+            raise ValueError(f"{name}: {rule}, got {value!r}")
+
+
 def make_spec(temperature: float, top_k: int, top_p: float, repetition_penalty: float, num_stop: int,
               vocab_size: int) -> SamplingSpec:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     greedy = temperature == 0
     top_k = 0 if greedy or top_k >= vocab_size else int(top_k)
     return SamplingSpec(greedy=greedy, top_k=top_k, use_top_p=not greedy and top_p < 1.0,
@@ -446,8 +454,7 @@ def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, temper
              vocab_limit=None) -> _Prepared:
     ids, mask, squeeze = _as_batch(input_ids, attention_mask)
     cfg = _model_cfg(model)
-    if max_new_tokens is None or int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_sampling(max_new_tokens=max_new_tokens)
     max_new_tokens = int(max_new_tokens)
     vocab = cfg.vocab_size if cfg is not None else None
     if vocab is not None and ((ids < 0) | (ids >= vocab))[mask.astype(bool)].any():

@@ -342,6 +342,7 @@ def chat(*args):
 def test_chat_cli_missing_tokenizer_and_bad_tools(tmp_path):
     missing = tmp_path / "missing.model"
     one_line(chat("--checkpoint", tmp_path, "--tokenizer", missing), f"error: --tokenizer: {missing}: no such file")
+    assert "RuntimeWarning" not in chat("--checkpoint", tmp_path, "--tokenizer", missing).stderr  # runpy's
     tools = tmp_path / "tools.json"
     tools.write_text("5")
     one_line(chat("--checkpoint", tmp_path, "--tools", tools),
@@ -378,3 +379,59 @@ def test_chat_cli_argument_errors_in_process(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {ckpt / 'config.json'}: not valid JSON (Expecting property name enclosed in double quotes at line 1 "
         f"column 2)"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--max-new-tokens", "-1"], "error: --max-new-tokens: must be >= 1, got -1"),
+    (["--temperature", "-1"], "error: --temperature: must be >= 0 (0 is greedy), got -1.0"),
+    (["--temperature", "nan"], "error: --temperature: must be >= 0 (0 is greedy), got nan"),
+    (["--top-p", "5"], "error: --top-p: must be in (0, 1], got 5.0"),
+    (["--top-p", "0"], "error: --top-p: must be in (0, 1], got 0.0"),
+    (["--top-k", "-3"], "error: --top-k: must be >= 0 (0 keeps every token), got -3"),
+    (["--repetition-penalty", "0"], "error: --repetition-penalty: must be > 0 (1 is none), got 0.0"),
+])
+def test_chat_cli_sampling_options_are_checked_before_loading(tmp_path, capsys, args, expected):
+    from glm_jax import chat as C
+
+    # the checkpoint does not exist: the option is refused before anything would be loaded
+    assert C.main(["--checkpoint", str(tmp_path / "nope"), *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+
+
+@pytest.mark.parametrize("tools,expected", [
+    ({"name": "get_weather", "parameters": 5},
+     'tools[0]: parameters: must be a JSON-schema object ({"type": "object", ...}), got int 5'),
+    ([{"name": "ok"}, {"function": "get_weather"}], "tools[1]: function: must be an object with a name, got str"),
+    ({"type": "retrieval", "function": {"name": "f"}}, "tools[0]: type: only \"function\" tools are supported, got "
+                                                      "'retrieval'"),
+    ({"type": "function", "function": {"parameters": {}}}, "tools[0]: function.name: must be a non-empty string, "
+                                                            "got None"),
+    ({"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}},
+     'tools[0]: function.parameters: must be a JSON-schema object ({"type": "object", ...}), got type \'string\''),
+    ({"name": "f", "description": 3}, "tools[0]: description: must be a string, got int"),
+])
+def test_chat_cli_names_the_tool_that_is_not_a_function_tool(tmp_path, capsys, tools, expected):
+    from glm_jax import chat as C
+
+    f = tmp_path / "tools.json"
+    f.write_text(json.dumps(tools))
+    assert C.main(["--checkpoint", str(tmp_path / "nope"), "--tools", str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --tools: {f}: {expected} (OpenAI function tools: "), err
+    good = [{"type": "function", "function": {"name": "get_weather", "description": "d",
+                                              "parameters": {"type": "object", "properties": {}}}},
+            {"name": "bare", "parameters": {"properties": {}}}]
+    C.check_tools(good)  # both accepted forms
+
+
+def test_chat_cli_says_when_it_falls_back_to_the_shipped_tokenizer(tiny_checkpoint, capsys, monkeypatch):
+    import io
+
+    from glm_jax import chat as C
+
+    ckpt, _ = tiny_checkpoint  # config.json and weights, no tokenizer files
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
+    assert C.main(["--checkpoint", str(ckpt)]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"warning: {ckpt} has no tokenizer.json or tokenizer.model: using the small SentencePiece tokenizer shipped "
+        f"with glm_jax (pass --tokenizer for the model's own)"]
