@@ -45,6 +45,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from glm_jax.config import DTYPES, read_json
+from glm_jax.platforms import skip_absent_tpu
 
 # The module, even if the package re-exports a `generate` function under the same name.
 from glm_jax import generation as _generate
@@ -658,6 +659,7 @@ def _cli_session(args) -> ChatSession:
 def main(argv: Sequence[str] | None = None) -> int:
     """The chat CLI: exit 0, or 2 with one line `error: ...` on stderr for bad arguments or files."""
     args = _arg_parser().parse_args(argv)
+    skip_absent_tpu()
     try:
         session = _cli_session(args)
     except _CliError as e:

@@ -166,6 +166,26 @@ def test_the_boundaries_still_load(tmp_path):
     assert load_config(TINY, ["data.tokenizer=/nope.model", "run_dir="], check_paths=False).run_dir == ""
 
 
+def test_a_data_error_is_the_only_line_without_jax_platforms_set(tmp_path):
+    """With libtpu installed (the test extra) and no TPU here, jax used to start libtpu, which printed about five
+    lines before the error; train.py now leaves TPU out when nothing says one is attached."""
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "a"}\n{bad\n')
+    no_platforms = {k: v for k, v in env().items() if k != "JAX_PLATFORMS"}
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *SMALL, f"data.train_files={f}",
+                        f"run_dir={tmp_path / 'run'}"], cwd=ROOT, env=no_platforms, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"data error: {f}:2: not valid JSON (Expecting property name enclosed in double quotes at column 2) (set "
+        f"data.skip_bad_records=true to skip such records)"], r.stderr[-3000:]
+
+
+def test_config_naming_a_directory_says_so(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path)
+    assert str(e.value) == f"--config: {tmp_path} is a directory, not a YAML file"
+
+
 # ------------------------------------------------------------------------------------- 6-7. bad records
 
 def test_deeply_nested_json_is_a_bad_record(tmp_path):

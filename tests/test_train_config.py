@@ -53,8 +53,18 @@ def test_bad_config_names_the_key(override, key):
 def test_device_and_model_dependent_checks():
     cfg = load_config(TINY, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.global_batch_size=8"])
     assert resolve_mesh(cfg, 8) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
-    with pytest.raises(ConfigError, match=r"^mesh\.data: .*needs 8 devices, only 4"):
+    with pytest.raises(ConfigError, match=r"^mesh\.data, mesh\.fsdp, mesh\.tensor: .*needs 8 devices, only 4"):
         resolve_mesh(cfg, 4)
+    # the error names the axes that were set, not the one left to fill the devices
+    cfg = load_config(TINY, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=3", "train.global_batch_size=8"])
+    with pytest.raises(ConfigError) as e:
+        resolve_mesh(cfg, 8)
+    assert str(e.value) == "mesh.tensor: mesh.tensor=3 (product 3) does not divide the 8 devices that mesh.data=-1 " \
+                           "would fill"
+    cfg = load_config(TINY, ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=2", "train.global_batch_size=8"])
+    with pytest.raises(ConfigError, match=r"^mesh\.tensor: mesh data=1 fsdp=1 sequence=1 tensor=2 expert=1 needs 2 "
+                                          r"devices, only 1 available$"):
+        resolve_mesh(cfg, 1)
     cfg = load_config(TINY, ["mesh.data=1", "mesh.fsdp=-1", "train.global_batch_size=4"])
     assert resolve_mesh(cfg, 4)["fsdp"] == 4
     with pytest.raises(ConfigError, match=r"^train\.global_batch_size: "):
@@ -78,5 +88,5 @@ def test_cli_mesh_larger_than_devices_fails_before_compiling(tmp_path):
                         "train.global_batch_size=8", f"run_dir={tmp_path}/r"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1].startswith("config error: mesh.data: ")
+    assert r.stderr.strip().splitlines()[-1].startswith("config error: mesh.data, mesh.fsdp, mesh.tensor: ")
     assert "needs 8 devices, only 1 available" in r.stderr

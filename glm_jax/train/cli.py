@@ -23,6 +23,8 @@ import signal
 import sys
 from pathlib import Path
 
+from glm_jax.platforms import skip_absent_tpu
+
 # The repository's default config (an editable install or a checkout; elsewhere pass --config).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.topology:  # compiling for a slice that is not here needs libtpu; otherwise no TPU, no noise
+        skip_absent_tpu()
 
     from glm_jax.train.config import EXIT_CONFIG_ERROR, ConfigError, load_config
     from glm_jax.train.data import DataError

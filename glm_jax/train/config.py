@@ -293,6 +293,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"--config: {p} is a directory, not a YAML file")
         if not p.is_file():
             raise ConfigError(f"--config: file not found: {p}")
         try:
@@ -456,17 +458,20 @@ def resolve_mesh(cfg: Config, device_count: int) -> dict[str, int]:
     m = cfg.mesh
     sizes = {"data": m.data, "fsdp": m.fsdp, "sequence": m.sequence, "tensor": m.tensor}
     fixed = math.prod(v for v in sizes.values() if v != -1) * m.expert
+    # the key named is the set axes above 1: the ones to change (an axis at 1 or -1 is not the culprit)
+    set_axes = {f"mesh.{k}": v for k, v in {**sizes, "expert": m.expert}.items() if v > 1}
+    culprits = ", ".join(f"{k}={v}" for k, v in set_axes.items())
     for k, v in sizes.items():
         if v == -1:
             if device_count % fixed:
-                raise ConfigError(f"mesh.{k}: -1 cannot fill {device_count} devices: the other axes' product "
-                                  f"{fixed} does not divide it")
+                raise ConfigError(f"{', '.join(set_axes)}: {culprits} (product {fixed}) does not divide the "
+                                  f"{device_count} devices that mesh.{k}=-1 would fill")
             sizes[k] = device_count // fixed
     total = math.prod(sizes.values()) * m.expert
     if total > device_count:
-        raise ConfigError(f"mesh.data: mesh data={sizes['data']} fsdp={sizes['fsdp']} sequence={sizes['sequence']} "
-                          f"tensor={sizes['tensor']} expert={m.expert} needs {total} devices, only {device_count} "
-                          "available")
+        raise ConfigError(f"{', '.join(set_axes)}: mesh data={sizes['data']} fsdp={sizes['fsdp']} sequence="
+                          f"{sizes['sequence']} tensor={sizes['tensor']} expert={m.expert} needs {total} devices, "
+                          f"only {device_count} available")
     _check_batch(cfg, sizes["data"] * sizes["fsdp"])
     _check_batch(cfg, sizes["data"] * sizes["fsdp"] * m.expert, "mesh.data*mesh.fsdp*mesh.expert")
     return {**sizes, "expert": m.expert} if m.expert != 1 else sizes  # make_mesh's default expert is 1
