@@ -455,3 +455,44 @@ def test_chat_cli_says_when_it_falls_back_to_the_shipped_tokenizer(tiny_checkpoi
     assert capsys.readouterr().err.strip().splitlines() == [
         f"warning: {ckpt} has no tokenizer.json or tokenizer.model: using the small SentencePiece tokenizer shipped "
         f"with glm_jax (pass --tokenizer for the model's own)"]
+
+
+# ------------------------------------------------------------------------------------- 10. the library
+
+def test_eager_apply_refuses_out_of_range_ids():
+    import jax
+    import jax.numpy as jnp
+
+    from glm_jax import GLMConfig, GLMForCausalLM
+
+    cfg = GLMConfig.from_preset("glm-test")
+    model = GLMForCausalLM(cfg)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    for bad, lo, hi in ((cfg.vocab_size, 1, cfg.vocab_size), (-1, -1, 2)):
+        with pytest.raises(ValueError) as e:
+            model.apply(variables, jnp.array([[1, 2, bad]]))
+        assert str(e.value) == (f"input_ids: token ids must be in [0, {cfg.vocab_size}) (the model's vocab_size), got "
+                                f"ids from {lo} to {hi}")
+    assert model.apply(variables, jnp.array([[1, 2, cfg.vocab_size - 1]])).shape == (1, 3, cfg.vocab_size)
+
+
+def test_save_hf_takes_model_init_output_and_leaves_nothing_on_failure(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import linen as nn
+
+    from glm_jax import GLMConfig, GLMForCausalLM, load_hf, save_hf
+
+    cfg = GLMConfig.from_preset("glm-test")
+    variables = GLMForCausalLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))  # boxed, wrapped
+    save_hf(cfg, variables, tmp_path / "a")
+    _, loaded = load_hf(tmp_path / "a")
+    want = nn.unbox(variables["params"])
+    np.testing.assert_array_equal(loaded["lm_head"]["kernel"], want["lm_head"]["kernel"])
+    with pytest.raises(ValueError, match=r"^save_hf: params must be the model's parameter tree .* got \['foo'\]$"):
+        save_hf(cfg, {"foo": 1}, tmp_path / "b")
+    broken = {**want, "model": {k: v for k, v in want["model"].items() if k != "final_norm"}}
+    with pytest.raises(Exception):
+        save_hf(cfg, broken, tmp_path / "c")  # fails while writing: the directory it created goes again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,7 @@ def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transfor
         raise ValueError("quantized checkpoints exist only in the THUDM format (format='thudm')")
     from glm_jax.model import stack_layers
 
+    params = _model_params(params)
     params, cfg = stack_layers(params), cfg.replace(scan_layers=True)  # the tensor maps describe the stack
     if cfg.num_mtp_layers and "mtp" not in params["model"]:
         cfg = cfg.replace(num_mtp_layers=0)
@@ -299,11 +301,30 @@ def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transfor
     out_dtype = np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype))
     entries = [e for e in ENTRIES[format](cfg) if e.path[:1] not in HEADS or e.path[0] in params]
     writer = _TensorWriter(cfg, params, entries, out_dtype, quantization_bit)
-    with progress_bar(progress, total=cfg.num_layers + cfg.num_mtp_layers, desc=f"saving {out.name}",
-                      unit="layer") as bar:
-        write_safetensors(writer.tensors(bar), out, max_shard_size)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    created = not out.exists()
+    try:
+        with progress_bar(progress, total=cfg.num_layers + cfg.num_mtp_layers, desc=f"saving {out.name}",
+                          unit="layer") as bar:
+            write_safetensors(writer.tensors(bar), out, max_shard_size)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    except BaseException:
+        if created:  # no half-written checkpoint left behind; an existing directory is not ours to remove
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
+
+
+def _model_params(params) -> dict:
+    """The parameter tree save_hf writes: `model.init()`'s output is accepted as it is (its {"params": ...}
+    wrapper and the LogicallyPartitioned boxes of the logical axis names removed)."""
+    params = nn.unbox(params)
+    if isinstance(params, dict) and "model" not in params and isinstance(params.get("params"), dict):
+        params = params["params"]  # the whole variables dict of model.init()
+    if not isinstance(params, dict) or not isinstance(params.get("model"), dict):
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"save_hf: params must be the model's parameter tree ({{'model': ..., 'lm_head': ...}}, "
+                         f"what init_params / load_hf return), got {got}")
+    return params
 
 
 def _saved_config(cfg: GLMConfig, params, format: str, dtype: str | None, quantization_bit: int | None) -> dict:

@@ -1,7 +1,19 @@
 """Token embedding and GLM's rotary position embedding."""
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+
+def check_ids(ids, vocab_size: int) -> None:
+    """ValueError for token ids outside [0, vocab_size) when they are concrete (an eager `model.apply`). Under
+    jax.jit they are not known, and the gather gives such ids NaN embeddings (jnp.take's fill mode)."""
+    if isinstance(ids, jax.core.Tracer) or not getattr(ids, "is_fully_addressable", True) or ids.size == 0:
+        return
+    lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"input_ids: token ids must be in [0, {vocab_size}) (the model's vocab_size), got ids from "
+                         f"{lo} to {hi}")
 
 
 class Embed(nn.Module, kw_only=True):
@@ -12,6 +24,7 @@ class Embed(nn.Module, kw_only=True):
 
     @nn.compact
     def __call__(self, ids):
+        check_ids(ids, self.vocab_size)
         table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                            (self.vocab_size, self.features), self.param_dtype)
         # Gather from a table whose embed axis is unsharded: a gather from the fsdp-sharded table cannot produce
