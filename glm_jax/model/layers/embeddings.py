@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 
@@ -10,7 +11,8 @@ def check_ids(ids, vocab_size: int) -> None:
     jax.jit they are not known, and the gather gives such ids NaN embeddings (jnp.take's fill mode)."""
     if isinstance(ids, jax.core.Tracer) or not getattr(ids, "is_fully_addressable", True) or ids.size == 0:
         return
-    lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+    host = np.asarray(ids)  # on the host: jnp.min would be staged into a trace that closes over concrete ids
+    lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"input_ids: token ids must be in [0, {vocab_size}) (the model's vocab_size), got ids from "
                          f"{lo} to {hi}")
