@@ -131,11 +131,11 @@ def test_a_kill_after_the_final_line_is_finished_by_the_rerun(tmp_path):
 # ------------------------------------------------------------------------------------- 3. one owner per run
 
 def test_a_live_owner_keeps_the_run_dir_and_a_dead_one_does_not(tmp_path):
-    from glm_jax.train.rundir import _proc_start
+    from glm_jax.train.atomic_dir import proc_start
 
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        lock = {"pid": owner.pid, "host": socket.gethostname(), "proc_start": _proc_start(owner.pid), "time": "t0"}
+        lock = {"pid": owner.pid, "host": socket.gethostname(), "proc_start": proc_start(owner.pid), "time": "t0"}
         (tmp_path / "run.lock").write_text(json.dumps(lock))
         r = train(tmp_path, *RUN8, check=False)
         assert r.returncode == 2
