@@ -4,8 +4,6 @@ one line, every file that existed before still there byte for byte), and write b
 in whole, so that a failure or a kill leaves the previous directory as it was."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 from glm_jax.train import atomic_dir as A
 from glm_jax.train.config import ConfigError, load_config
 from glm_jax.train.rundir import EXPORT_MARKER, check_export_path
-from test_faults_input import ROOT, TINY, one_line, train
+from test_faults_input import TINY, one_line, train
 
 
 def snapshot(root: Path) -> dict:
