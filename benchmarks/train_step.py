@@ -63,7 +63,7 @@ from glm_jax.sharding import use_mesh  # noqa: E402
 from glm_jax.train.config import TrainSection  # noqa: E402
 from glm_jax.train.metrics import peak_flops  # noqa: E402
 from glm_jax.train import plan as P  # noqa: E402
-from glm_jax.train.loop import random_params  # noqa: E402
+from glm_jax.train.build import random_params  # noqa: E402
 from glm_jax.train.optimizer import make_optimizer  # noqa: E402
 from glm_jax.train.step import StepBuilder, batch_shardings, make_state, state_shardings  # noqa: E402
 

@@ -392,7 +392,7 @@ def _observation_text(result: Any) -> str:
 def load_checkpoint(path: str | Path, **overrides):
     """(GLMConfig, params) from a checkpoint directory: THUDM / transformers (config.json) via `load_hf`.
 
-    or a `python train.py` run directory (its orbax checkpoints) via `glm_jax.train.loop.load_run`.
+    or a `python train.py` run directory (its orbax checkpoints) via `glm_jax.train.build.load_run`.
     """
     from glm_jax import load_hf
 
@@ -415,7 +415,7 @@ def _looks_like_orbax(path: Path) -> bool:
 def load_orbax_run(path: Path, **overrides):
     """(GLMConfig, params) of the latest checkpoint of a `python train.py` run directory (LoRA merged, P-tuning
     prefix in place); `overrides` are GLMConfig fields (e.g. dtype)."""
-    from glm_jax.train.loop import load_run
+    from glm_jax.train.build import load_run
 
     cfg, params = load_run(path)
     return cfg.replace(**overrides), params

@@ -155,7 +155,7 @@ SCRIPT = textwrap.dedent("""
 
     # train.py's step: the same losses on one device and on expert meshes
     from glm_jax.train.config import load_config
-    from glm_jax.train.setup import set_up
+    from glm_jax.train.build import set_up
 
     def losses(mesh_over):
         over = ["model.preset=glm-moe-tiny", "model.overrides={hidden_size: 64, num_layers: 2, num_heads: 4, "

@@ -208,7 +208,7 @@ def test_mtp_layers_and_the_bias_are_frozen_and_get_no_optimizer_state():
     it was, and the optimizer holds Adam moments only for the trained leaves."""
     from glm_jax import GLMConfig, init_params
     from glm_jax.train.config import Config
-    from glm_jax.train.loop import step_builder
+    from glm_jax.train.build import step_builder
 
     cfg = GLMConfig.from_preset("glm-moe-test", num_mtp_layers=1)
     model = GLMForCausalLM(cfg)

@@ -49,11 +49,11 @@ def test_compile_only_covers_the_parameter_efficient_modes(mode):
 def test_a_plan_over_the_device_memory_exits_4(monkeypatch, capsys):
     from glm_jax.train import plan as P
     from glm_jax.train.config import load_config
-    from glm_jax.train.loop import EXIT_NO_FIT, plan
+    from glm_jax.train.exit_codes import ExitCode
 
     monkeypatch.setitem(P.DEVICE_MEMORY, "cpu", 1024)  # pretend the host has 1 KiB
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.preset=glm-test", "data.seq_len=32"])
-    assert plan(cfg) == EXIT_NO_FIT
+    assert P.compile_only(cfg) == ExitCode.NO_FIT
     assert "more than the 0.0 GiB of a cpu" in capsys.readouterr().err
 
 

@@ -199,7 +199,7 @@ def test_train_py_sft_on_openai_messages_with_a_tokenizer_json(glm46, tmp_path):
 def test_run_tokenizer_from_data_tokenizer_or_init_from(glm46, tmp_path):
     from glm_jax.tokenizers import HFTokenizer, SentencePieceTokenizer
     from glm_jax.train.config import ConfigError, load_config
-    from glm_jax.train.setup import load_train_tokenizer
+    from glm_jax.train.build import load_train_tokenizer
 
     base = ROOT / "configs" / "sft-openai-tiny.yaml"
     cfg = load_config(base, [f"data.tokenizer={glm46 / 'tokenizer.json'}"])
@@ -219,7 +219,7 @@ def test_run_tokenizer_from_data_tokenizer_or_init_from(glm46, tmp_path):
 def test_prepare_data_tokenizes_with_the_runs_tokenizer(glm46, tmp_path):
     """--prepare-data packs pretraining text with the run's tokenizer (here a tokenizer.json), not ChatGLM3's."""
     from glm_jax.train.config import load_config
-    from glm_jax.train.loop import prepare_data
+    from glm_jax.train.prepare import prepare_data
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.tokenizer={glm46}", "data.max_tokens=3000",
                                                       "data.eval_files=[]", "data.seq_len=64"])

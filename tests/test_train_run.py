@@ -313,7 +313,7 @@ def test_init_from_a_converted_checkpoint(tmp_path, mode):
     cfg2, exported = load_hf(tmp_path / "export")
     assert cfg2.pre_seq_len == (4 if mode == "ptuning" else 0)
     assert ("prefix" in exported["model"]) == (mode == "ptuning")
-    from glm_jax.train.loop import load_run
+    from glm_jax.train.build import load_run
 
     run_cfg, from_run = load_run(tmp_path / "run")
     assert run_cfg.pre_seq_len == cfg2.pre_seq_len

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
+import threading
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +79,6 @@ def _quiet_failed_reads() -> None:
     """A failed orbax restore leaves read coroutines behind whose errors Python prints as multi-page
     "Exception ignored" tracebacks when they are collected (and, at exit, "Event loop is closed"): the one line
     of restore_latest_good already says what happened, so these go to the debug log."""
-    import sys
-    import threading
-
     def noise(exc) -> bool:
         text = str(exc)
         return (text.startswith("Encountered error while reading") or text == "Event loop is closed"
@@ -201,8 +201,6 @@ class Checkpointer:
             print(f"checkpoint {src} is damaged ({why}): moved to {dst}; resuming from the previous one",
                   flush=True)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"glm_jax set aside checkpoint {step}")
         self.mngr.reload()
 

@@ -24,6 +24,9 @@ import sys
 from pathlib import Path
 
 from glm_jax.platforms import skip_absent_tpu
+from glm_jax.train.config import ConfigError, load_config
+from glm_jax.train.data import DataError
+from glm_jax.train.exit_codes import ExitCode
 
 # The repository's default config (an editable install or a checkout; elsewhere pass --config).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -61,31 +64,30 @@ def main(argv: list[str] | None = None) -> int:
     if not args.topology:  # compiling for a slice that is not here needs libtpu; otherwise no TPU, no noise
         skip_absent_tpu()
 
-    from glm_jax.train.config import EXIT_CONFIG_ERROR, ConfigError, load_config
-    from glm_jax.train.data import DataError
-    from glm_jax.train.plan import TopologyError
-
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
-        from glm_jax.train.loop import plan, prepare_data, run
+        # the commands' modules after the config: a config error is reported before jax, orbax and grain load
+        from glm_jax.train import plan, prepare, run
 
         if args.prepare_data or args.compile_only:  # no checkpoint to save: signals act as usual
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
             if early:
                 return 128 + getattr(signal, early[0]).value
-            return prepare_data(cfg, args.prepare_data) if args.prepare_data else plan(cfg, args.topology)
-        return run(cfg, early)
-    except (ConfigError, DataError, TopologyError) as e:
-        kind = {ConfigError: "config", DataError: "data", TopologyError: "topology"}[type(e)]
+            if args.prepare_data:
+                return prepare.prepare_data(cfg, args.prepare_data)
+            return plan.compile_only(cfg, args.topology)
+        return run.run(cfg, early)
+    except (ConfigError, DataError) as e:
+        kind = {ConfigError: "config", DataError: "data"}[type(e)]
         print(f"{kind} error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG_ERROR
+        return ExitCode.CONFIG
 
 
 def entry() -> None:
     """`glm-train` / `python train.py`: main() as the process's exit status."""
     code = main()
-    if code == 5:  # orbax's save threads are stuck on the failed write and would hang the interpreter's exit
+    if code == ExitCode.IO:  # orbax's save threads are stuck on the failed write and would hang the interpreter's exit
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

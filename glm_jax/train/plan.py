@@ -14,11 +14,19 @@ unrolled (GLMConfig.scan_unroll = num_layers).
 
 from __future__ import annotations
 
+import sys
 import time
 
 import jax
+import numpy as np
 
+from glm_jax.sharding import use_mesh
+from glm_jax.train import data as D
+from glm_jax.train.build import ModelParts, build_model, trainable_layout
+from glm_jax.train.config import Config, ConfigError
+from glm_jax.train.exit_codes import ExitCode
 from glm_jax.train.metrics import lookup_device
+from glm_jax.train.step import batch_shardings, make_state, state_shardings
 
 GiB = 2**30
 
@@ -47,14 +55,10 @@ def device_memory(device_kind: str) -> float | None:
     return lookup_device(DEVICE_MEMORY, device_kind)
 
 
-class TopologyError(RuntimeError):
-    """An unknown TPU slice name, or no libtpu to describe it."""
-
-
 def topology_devices(name: str):
     """The devices of a Cloud TPU slice that is not here (compile-only), from libtpu's topology description."""
     if name not in TPU_TOPOLOGIES:
-        raise TopologyError(f"--topology {name}: unknown TPU slice; known: {', '.join(TPU_TOPOLOGIES)}")
+        raise ConfigError(f"--topology {name}: unknown TPU slice; known: {', '.join(TPU_TOPOLOGIES)}")
     try:
         from jax.experimental.topologies import get_topology_desc
 
@@ -63,7 +67,7 @@ def topology_devices(name: str):
                                  chips_per_host_bounds=host, num_slices=1).devices
     except Exception as e:
         msg = " ".join(str(e).split())[:200]
-        raise TopologyError(f"--topology {name}: cannot describe the slice ({type(e).__name__}: {msg}); compiling "
+        raise ConfigError(f"--topology {name}: cannot describe the slice ({type(e).__name__}: {msg}); compiling "
                             f"for a TPU slice needs libtpu: pip install \"jax[tpu]\"") from None
 
 
@@ -112,3 +116,54 @@ def fits(plan: dict, device_kind: str) -> bool | None:
         return None
     return plan["peak_gib"] * GiB <= cap
 
+
+# ---------------------------------------------------------------------------------------------- --compile-only
+
+def compile_only(cfg: Config, topology: str | None = None) -> ExitCode:
+    """`train.py --compile-only`: compiles the configured train step for abstract inputs on this machine's
+    devices or, with `topology`, on a Cloud TPU slice described by libtpu, and prints XLA's memory plan per
+    device. Reads no data and no checkpoint (model.init_from: its config.json only). Returns OK, or NO_FIT
+    when the plan exceeds the device's memory."""
+    parts = build_model(cfg, topology_devices(topology) if topology else None)
+    t, dc, model_cfg, mesh = cfg.train, cfg.data, parts.model_cfg, parts.mesh
+    kind = mesh.devices.flat[0].device_kind
+    print(f"model: {model_cfg.name or type(parts.model).__name__}, {model_cfg.num_params() / 1e9:.2f}B parameters, "
+          f"{model_cfg.num_layers} layers, remat {model_cfg.remat_policy}, attention {model_cfg.attention_impl}; "
+          f"mode {t.mode}; batch {t.global_batch_size} x {dc.seq_len} in {t.grad_accum} microbatch(es); "
+          f"mesh {dict(mesh.shape)} over {mesh.devices.size} x {kind}", flush=True)
+    state, s_shard, frozen, frozen_shard, batch, hyper = abstract_step_inputs(cfg, parts)
+    with use_mesh(mesh):
+        try:
+            step = parts.builder.jit_train(s_shard, frozen_shard, {k: v.sharding for k, v in batch.items()})
+            result = compile_plan(step, state, frozen, batch, hyper)
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a plan over HBM instead of returning it
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+            return ExitCode.NO_FIT
+    flops = model_cfg.flops_per_token(dc.seq_len) * t.global_batch_size * dc.seq_len / mesh.devices.size
+    print(format_plan(result, kind, mesh.devices.size, flops, model_cfg.scan_unroll >= model_cfg.num_layers))
+    if fits(result, kind) is False:
+        print(f"error: the step needs {result['peak_gib']:.1f} GiB per device, more than the "
+              f"{device_memory(kind) / GiB:.1f} GiB of a {kind}", file=sys.stderr, flush=True)
+        return ExitCode.NO_FIT
+    return ExitCode.OK
+
+
+def abstract_step_inputs(cfg: Config, parts: ModelParts):
+    """(state, its shardings, frozen parameters, their shardings, batch, hyper-parameters) of the train step as
+    abstract values carrying their shardings: what the compiler needs, without data or parameters."""
+    t, dc, mesh, tx = cfg.train, cfg.data, parts.mesh, parts.builder.tx
+    trainable, train_shard, frozen, frozen_shard = trainable_layout(cfg, parts.boxed, parts.p_shard, mesh)
+    abstract_state = jax.eval_shape(lambda p: make_state(p, tx, t.seed), trainable)
+    s_shard = state_shardings(abstract_state, train_shard, tx, mesh)
+    micro = t.global_batch_size // t.grad_accum
+    spec = D.example_spec(dc.task, dc.seq_len)
+    shapes = {k: (t.grad_accum, micro) + sh for k, (sh, _) in spec.items()}
+    b_shard = batch_shardings(mesh, {k: np.zeros(s, np.int8) for k, s in shapes.items()}, microbatched=True)
+    batch = {k: jax.ShapeDtypeStruct(shapes[k], np.dtype(spec[k][1]), sharding=b_shard[k]) for k in shapes}
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    hyper = {"lr": jax.ShapeDtypeStruct((), np.float32, sharding=repl),
+             "skip_nonfinite": jax.ShapeDtypeStruct((), np.bool_, sharding=repl)}
+    return (abstract(abstract_state, s_shard), s_shard, abstract(frozen, frozen_shard), frozen_shard, batch,
+            hyper)

@@ -19,6 +19,10 @@ import socket
 import time
 from pathlib import Path
 
+import jax
+from jax.experimental import multihost_utils
+
+from glm_jax import save_hf
 from glm_jax.train.atomic_dir import Protected, check_destination, pid_alive, proc_start, write_atomically
 from glm_jax.train.config import Config, ConfigError, load_config
 
@@ -189,3 +193,13 @@ def write_export(write, cfg: Config, step: int) -> Path:
 def has_export(path: str | Path | None) -> bool:
     """Whether an export is at `path` (a marker, or the config.json of one written before markers)."""
     return path is not None and any((Path(path) / f).is_file() for f in (EXPORT_MARKER, "config.json"))
+
+
+def export_params(cfg, model_cfg, params, primary, step: int):
+    """export.path <- params in export.format with this run's marker, written beside it and swapped in whole
+    (rundir.write_export: an export never replaces what it did not write)."""
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if primary:
+        out = write_export(lambda tmp: save_hf(model_cfg, params, tmp, format=cfg.export.format), cfg, step)
+        print(f"exported {cfg.export.format} checkpoint to {out}", flush=True)

@@ -1,7 +1,7 @@
-"""The training loop of train.py: set-up (config -> data -> mesh -> model -> state), a step loop that reads like
-the algorithm, and hooks for what happens every N steps.
+"""The training loop of train.py: a step loop that reads like the algorithm, and hooks for what happens every N
+steps, over a run built by glm_jax/train/build.py.
 
-    trainer = Trainer.from_config(cfg, stop)     # data, mesh, model, optimizer, state (fresh or resumed)
+    trainer = Trainer(cfg=cfg, run=set_up(cfg), stop=stop)  # build.set_up: data, mesh, model, state
     trainer.add_hook(my_fn, every=100)           # my_fn(info): info.step, info.state, info.record (read, checked)
     trainer.on_record(print)                     # every step's metrics, in order, as they are read
     exit_code = trainer.train()
@@ -19,101 +19,22 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
+from glm_jax.train.build import TrainRun
 from glm_jax.train.config import Config
+from glm_jax.train.exit_codes import ExitCode
+from glm_jax.train.metrics import mfu, plot_loss
+from glm_jax.train.rundir import mark_complete
 
 log = logging.getLogger("glm_jax.train")
-
-EXIT_OK, EXIT_NAN = 0, 3
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-# ---------------------------------------------------------------------------------------------- set-up: data
-
-def load_tokenizer(cfg: Config, vocab_size: int):
-    """Any GLM family's tokenizer (setup.load_train_tokenizer, docs/tokenizer.md)."""
-    from glm_jax.train.setup import load_train_tokenizer
-
-    return load_train_tokenizer(cfg, vocab_size)
-
-
-def load_datasets(cfg: Config, model_cfg) -> tuple[dict, dict | None, int]:
-    """(train arrays, eval arrays or None, bad records skipped) of data.task, read before anything compiles."""
-    from glm_jax.train import data as D
-    from glm_jax.train import pipeline as P
-
-    dc = cfg.data
-    tok = load_tokenizer(cfg, model_cfg.vocab_size)
-    bad = D.BadRecords(skip=dc.skip_bad_records)
-
-    def build(files):  # text / JSONL / Parquet files or saved HF datasets, read through Grain (pipeline.py)
-        files = P.expand_sources(files)
-        if dc.task == "pretrain":
-            return P.build_pretrain(files, tok, dc.seq_len, dc.text_split, bad, dc.text_key, dc.max_tokens)
-        if dc.task == "sft":
-            return P.build_sft(files, tok, dc.seq_len, bad)[0]
-        return P.build_classification(files, tok, dc.seq_len, model_cfg.num_labels, bad)
-
-    if dc.prepared:
-        train = D.open_prepared(dc.prepared, "train", dc.seq_len, model_cfg.vocab_size)
-        evals = D.open_prepared(dc.prepared, "eval", dc.seq_len, model_cfg.vocab_size)
-        if train is None:
-            raise D.DataError(f"{Path(dc.prepared) / D.PREPARED_META}: no train split")
-    else:
-        train = build(dc.train_files)
-        evals = build(dc.eval_files) if dc.eval_files else None
-    if evals is None and dc.eval_fraction > 0:
-        train, evals = D.split_holdout(train, dc.eval_fraction)
-    if D.num_examples(train) == 0:
-        raise D.DataError(f"{dc.train_files[0]}:0: no training examples")
-    return train, evals, bad.count
-
-
-def process_slices(sharding, shape) -> tuple[slice, ...]:
-    """The bounding box, per dimension, of this process's shards of a global array of `shape`."""
-    idx = list(sharding.addressable_devices_indices_map(tuple(shape)).values())
-    out = []
-    for d in range(len(shape)):
-        starts = [(i[d].start or 0) if i[d] is not None else 0 for i in idx]
-        stops = [(i[d].stop if i[d].stop is not None else shape[d]) if i[d] is not None else shape[d] for i in idx]
-        out.append(slice(min(starts), max(stops)))
-    return tuple(out)
-
-
-class BatchLayout:
-    """Global batch shapes and shardings over the mesh, and this process's part of them."""
-
-    def __init__(self, mesh, example: dict, lead: tuple[int, ...], microbatched: bool):
-        from glm_jax.train.step import batch_shardings
-
-        self.shapes = {k: lead + v.shape[1:] for k, v in example.items()}
-        self.shardings = batch_shardings(mesh, {k: np.zeros(s, np.int8) for k, s in self.shapes.items()},
-                                         microbatched=microbatched)
-        self.slices = {k: process_slices(self.shardings[k], self.shapes[k]) for k in self.shapes}
-        self.batch_dim = 1 if microbatched else 0
-
-    @property
-    def rows(self) -> tuple[int, int]:
-        s = self.slices["input_ids"][self.batch_dim]
-        return s.start, s.stop
-
-    def to_global(self, local: dict) -> dict:
-        """Global arrays from this process's rows (other dims cut to its shards, e.g. a sequence axis)."""
-        out = {}
-        for k, v in local.items():
-            sl = list(self.slices[k])
-            sl[self.batch_dim] = slice(None)  # the loader already produced only this process's rows
-            out[k] = jax.make_array_from_process_local_data(self.shardings[k], np.ascontiguousarray(v[tuple(sl)]),
-                                                            self.shapes[k])
-        return out
 
 
 # ---------------------------------------------------------------------------------------------- the metrics
@@ -129,8 +50,6 @@ class MetricsReader:
 
     def read(self, step: int, m) -> tuple[dict, str | None]:
         """(record, None) or (record, what is not finite)."""
-        from glm_jax.train.metrics import mfu
-
         m = jax.device_get(m)
         now = time.perf_counter()
         dt = None if self.last is None else now - self.last
@@ -156,8 +75,6 @@ class MetricsReader:
     def throughput(self) -> dict:
         if not self.steps:
             return {}
-        from glm_jax.train.metrics import mfu
-
         tps = self.tokens_per_step * self.steps / self.secs
         return {"tokens_per_s": tps, "mfu": mfu(tps, self.flops_per_token, self.device_kind, jax.device_count())}
 
@@ -195,9 +112,10 @@ class _Hook:
 
 
 class Trainer:
-    """The step loop and its hooks over a set-up run (`Trainer.from_config`)."""
+    """The step loop and its hooks over a built run (`Trainer(cfg=cfg, run=build.set_up(cfg), stop=...)`);
+    `stop.requested` (a signal's name, or None) is checked after every step."""
 
-    def __init__(self, *, cfg: Config, run, stop):
+    def __init__(self, *, cfg: Config, run: TrainRun, stop):
         self.cfg, self.run, self.stop = cfg, run, stop
         self.hooks: list[_Hook] = []
         self.record_fns: list[Callable[[dict], Any]] = []
@@ -205,12 +123,6 @@ class Trainer:
         self.reader = MetricsReader(task=run.task, on_nan=t.on_nan, tokens_per_step=run.tokens_per_step,
                                     flops_per_token=run.flops_per_token)
         self.skips_in_row = 0
-
-    @classmethod
-    def from_config(cls, cfg: Config, stop) -> "Trainer":
-        from glm_jax.train.setup import set_up
-
-        return cls(cfg=cfg, run=set_up(cfg), stop=stop)
 
     def add_hook(self, fn: Callable[[StepInfo], Any], *, every: int, at_end: bool = True) -> None:
         """fn(info) after every `every`-th step (and after the last one unless at_end=False), in the order
@@ -250,7 +162,7 @@ class Trainer:
         except NonFiniteLoss as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             run.close()
-            return EXIT_NAN
+            return ExitCode.NAN
         return self.finish(step, state)
 
     def _read(self, step: int, metrics) -> dict:
@@ -282,14 +194,11 @@ class Trainer:
         saved = (f"checkpoint saved to {run.ckpt.dir}; re-run the same command to resume" if enabled
                  else "nothing saved (checkpoint.enabled=false): a rerun starts over")
         run.say(f"stopped by {self.stop.requested} at step {info.step}; {saved}")
-        return EXIT_OK
+        return ExitCode.OK
 
     # ------------------------------------------------------------------------------------------ the end
     def finish(self, step: int, state) -> int:
         """Final eval and record, export, loss plot, then complete.json: a kill before that redoes this."""
-        from glm_jax.train.metrics import plot_loss
-        from glm_jax.train.rundir import mark_complete
-
         run = self.run
         run.close_progress()
         final = {"step": step, "final": True}
@@ -310,7 +219,7 @@ class Trainer:
                 print(f"loss curve: {png}")
             print(f"metrics: {run.run_dir / 'metrics.jsonl'}")
             mark_complete(run.run_dir, step, self.cfg.export.path)
-        return EXIT_OK
+        return ExitCode.OK
 
 
 def add_default_hooks(trainer: Trainer) -> None:
