@@ -31,7 +31,7 @@ def makers(arrays, global_batch: int, workers, prefetch):
     for w in workers:
         for p in prefetch:
             yield (f"GrainLoader(workers={w}, prefetch={p})",
-                   lambda w=w, p=p: GrainLoader(arrays, global_batch, seed=0, workers=w, prefetch=p))
+                   lambda w=w, p=p: GrainLoader(arrays, global_batch=global_batch, seed=0, workers=w, prefetch=p))
 
 
 def rows_per_s(make, global_batch: int, batches: int, repeats: int) -> float:

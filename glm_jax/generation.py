@@ -107,7 +107,7 @@ def check_sampling(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
             raise ValueError(f"{name}: {rule}, got {value!r}")
 
 
-def make_spec(temperature: float, top_k: int, top_p: float, repetition_penalty: float, num_stop: int,
+def make_spec(*, temperature: float, top_k: int, top_p: float, repetition_penalty: float, num_stop: int,
               vocab_size: int) -> SamplingSpec:
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     greedy = temperature == 0
@@ -466,7 +466,8 @@ def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, temper
     stop_ids = tuple(int(s) for s in stop_ids)
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg is not None and cfg.pad_token_id is not None else 0
-    spec = make_spec(temperature, top_k, top_p, repetition_penalty, len(stop_ids), vocab or 1 << 62)
+    spec = make_spec(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                     num_stop=len(stop_ids), vocab_size=vocab or 1 << 62)
 
     batch, length = ids.shape
     pb, nb = _bucket(prompt_bucket, length), _bucket(new_bucket, max_new_tokens)

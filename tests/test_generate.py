@@ -207,7 +207,8 @@ def test_sampling_distribution():
     keys = jax.random.split(jax.random.key(0), 6000)
 
     def freq(temperature, top_k, top_p):
-        spec = G.make_spec(temperature, top_k, top_p, 1.0, 1, 6)
+        spec = G.make_spec(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=1.0, num_stop=1,
+                           vocab_size=6)
         knobs = dict(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p))
         toks = jax.vmap(lambda k: G.choose_tokens(logits, None, k, spec, knobs))(keys)[:, 0]
         return np.bincount(np.asarray(toks), minlength=6) / len(keys)

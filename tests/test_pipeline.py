@@ -195,61 +195,61 @@ def test_loader_gives_the_reference_loader_batches(prepared):
     # in memory, a batch larger than the data (several epochs in one batch) and one that is not
     for n, gb, ga, rows in ((10, 4, 2, None), (3, 8, 2, (1, 3)), (10, 6, 3, (0, 1))):
         ref = take(R.Loader(_arrays(n), gb, ga, seed=3, rows=rows), 9)
-        assert same_batches(take(P.GrainLoader(_arrays(n), gb, ga, seed=3, rows=rows), 9), ref), (n, gb, ga)
-    assert not same(next(P.GrainLoader(_arrays(), 4, 2, seed=4)), ref[0])
+        assert same_batches(take(P.GrainLoader(_arrays(n), global_batch=gb, grad_accum=ga, seed=3, rows=rows), 9), ref), (n, gb, ga)
+    assert not same(next(P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=4)), ref[0])
     # prepared rows (memory-mapped), two epochs
     n = D.num_examples(prepared)
     steps = 2 * n // 16 + 2
     ref = take(R.Loader(prepared, 16, 2, seed=1), steps)
-    got = take(P.GrainLoader(prepared, 16, 2, seed=1), steps)
+    got = take(P.GrainLoader(prepared, global_batch=16, grad_accum=2, seed=1), steps)
     assert same_batches(got, ref) and got[0]["loss_mask"].dtype == np.float32
-    g = P.GrainLoader(prepared, 16, 2, seed=1, prefetch=3)  # a read-ahead thread: the same batches
+    g = P.GrainLoader(prepared, global_batch=16, grad_accum=2, seed=1, prefetch=3)  # a read-ahead thread: the same batches
     assert same_batches(take(g, 5), ref[:5])
     g.close()
     # the held-out split of prepared rows, as the trainer slices it
     train, _ = D.split_holdout(prepared, 0.1)
-    assert same_batches(take(P.GrainLoader(train, 8, seed=2), 4), take(R.Loader(train, 8, seed=2), 4))
+    assert same_batches(take(P.GrainLoader(train, global_batch=8, seed=2), 4), take(R.Loader(train, 8, seed=2), 4))
 
 
 def test_resume_is_exact_through_a_json_state(prepared):
-    ref = take(P.GrainLoader(prepared, 8, 2, seed=5), 12)
-    a = P.GrainLoader(prepared, 8, 2, seed=5, prefetch=4)  # batches read ahead are not counted as delivered
+    ref = take(P.GrainLoader(prepared, global_batch=8, grad_accum=2, seed=5), 12)
+    a = P.GrainLoader(prepared, global_batch=8, grad_accum=2, seed=5, prefetch=4)  # batches read ahead are not counted as delivered
     assert same_batches(take(a, 7), ref[:7])
     state = json.loads(json.dumps(a.state()))  # what orbax's JsonSave / JsonRestore give back
     a.close()
     assert state["position"] == 7 and state["grain"]["iterator"] == {"next_index": 7}
-    b = P.GrainLoader(prepared, 8, 2, seed=5)
+    b = P.GrainLoader(prepared, global_batch=8, grad_accum=2, seed=5)
     b.restore(state)
     assert b.position == 7 and same_batches(take(b, 5), ref[7:])
     # and twice: a restored loader's own state restores too
-    c = P.GrainLoader(prepared, 8, 2, seed=5)
+    c = P.GrainLoader(prepared, global_batch=8, grad_accum=2, seed=5)
     c.restore(json.loads(json.dumps(b.state())))
-    assert c.position == 12 and same(next(c), take(P.GrainLoader(prepared, 8, 2, seed=5), 13)[12])
+    assert c.position == 12 and same(next(c), take(P.GrainLoader(prepared, global_batch=8, grad_accum=2, seed=5), 13)[12])
     # the old loader's checkpoints restore here, and ours there (the state keeps its keys)
     old = R.Loader(prepared, 8, 2, seed=5)
     take(old, 4)
-    d = P.GrainLoader(prepared, 8, 2, seed=5)
+    d = P.GrainLoader(prepared, global_batch=8, grad_accum=2, seed=5)
     d.restore(json.loads(json.dumps(old.state())))
     assert same_batches(take(d, 3), ref[4:7])
     e = R.Loader(prepared, 8, 2, seed=5)
     e.restore(state)
     assert same_batches(take(e, 5), ref[7:])
     # a Grain state that does not match the position is not trusted: the position decides
-    f = P.GrainLoader(prepared, 8, 2, seed=5)
+    f = P.GrainLoader(prepared, global_batch=8, grad_accum=2, seed=5)
     f.restore(dict(state, grain=dict(state["grain"], iterator={"next_index": 3})))
     assert same_batches(take(f, 5), ref[7:])
 
 
 def test_two_processes_rows_make_the_global_batch():
-    whole = take(P.GrainLoader(_arrays(), 4, 2, seed=3), 7)
-    p0 = P.GrainLoader(_arrays(), 4, 2, seed=3, rows=(0, 1))
-    p1 = P.GrainLoader(_arrays(), 4, 2, seed=3, rows=(1, 2))
+    whole = take(P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=3), 7)
+    p0 = P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=3, rows=(0, 1))
+    p1 = P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=3, rows=(1, 2))
     for k in range(7):
         a, b = next(p0), next(p1)
         assert a["x"].shape == (2, 1, 2)
         assert all(np.array_equal(np.concatenate([a[n], b[n]], axis=1), whole[k][n]) for n in whole[k])
     # each process reads only its rows
-    assert P.GrainLoader(_arrays(), 4, 2, seed=3, rows=(1, 2)).indices(0).shape == (2, 1)
+    assert P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=3, rows=(1, 2)).indices(0).shape == (2, 1)
 
 
 def test_prepared_rows_pickle_as_paths(prepared):
@@ -266,22 +266,22 @@ def test_prepared_rows_pickle_as_paths(prepared):
 
 def test_worker_processes_give_the_same_batches_and_resume(prepared):
     t = time.perf_counter()
-    ref = take(P.GrainLoader(prepared, 8, 2, seed=7), 14)
-    w = P.GrainLoader(prepared, 8, 2, seed=7, workers=2)
+    ref = take(P.GrainLoader(prepared, global_batch=8, grad_accum=2, seed=7), 14)
+    w = P.GrainLoader(prepared, global_batch=8, grad_accum=2, seed=7, workers=2)
     try:
         assert same_batches(take(w, 9), ref[:9])
         state = json.loads(json.dumps(w.state()))
         assert state["grain"]["workers"] == 2
     finally:
         w.close()
-    r = P.GrainLoader(prepared, 8, 2, seed=7, workers=2)
+    r = P.GrainLoader(prepared, global_batch=8, grad_accum=2, seed=7, workers=2)
     try:
         r.restore(state)  # Grain's own multi-worker iterator state
         assert r._it is not None and r._start == 0  # set through Grain's set_state, not from the position
         assert same_batches(take(r, 5), ref[9:])
     finally:
         r.close()
-    s = P.GrainLoader(prepared, 8, 2, seed=7)  # a run resumed with workers=0
+    s = P.GrainLoader(prepared, global_batch=8, grad_accum=2, seed=7)  # a run resumed with workers=0
     s.restore(state)
     assert same_batches(take(s, 5), ref[9:])
     assert time.perf_counter() - t < 60

@@ -38,6 +38,7 @@ def test_every_shipped_config_loads():
     ("train.global_batch_size=6", "train.global_batch_size"),  # 6 rows over data*fsdp = 4
     ("lora.targets=[query, qkv]", "lora.targets"),
     ("model.overrides.num_layer=2", "model.overrides.num_layer"),
+    ("model.overrides.dtype=bfloat16", "model.overrides.dtype"),  # one place: model.dtype
     ("train=3", "train"),
     ("data.prepared=/tmp/x", "data.prepared"),  # with data.task=sft below
 ])

@@ -127,9 +127,9 @@ def test_loader_is_deterministic_resumable_and_splits_processes():
     c = P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=3)
     c.restore(b.state())
     assert all(np.array_equal(next(c)["x"], batches[k]) for k in range(3, 7))
-    assert not np.array_equal(next(P.GrainLoader(_arrays(), 4, 2, seed=4))["x"], batches[0])
+    assert not np.array_equal(next(P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=4))["x"], batches[0])
     # two processes, each half of every microbatch, together give the global batch
-    p0 = P.GrainLoader(_arrays(), 4, 2, seed=3, rows=(0, 1))
-    p1 = P.GrainLoader(_arrays(), 4, 2, seed=3, rows=(1, 2))
+    p0 = P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=3, rows=(0, 1))
+    p1 = P.GrainLoader(_arrays(), global_batch=4, grad_accum=2, seed=3, rows=(1, 2))
     for k in range(7):
         assert np.array_equal(np.concatenate([next(p0)["x"], next(p1)["x"]], axis=1), batches[k])

@@ -409,7 +409,7 @@ def set_up(cfg: Config) -> TrainRun:
     example = {k: v[:1] for k, v in train.items()}
     train_layout = BatchLayout(mesh, example, (t.grad_accum, micro), microbatched=True)
     eval_layout = BatchLayout(mesh, example, (micro,), microbatched=False)
-    loader = GrainLoader(train, t.global_batch_size, t.grad_accum, seed=t.seed, rows=train_layout.rows,
+    loader = GrainLoader(train, global_batch=t.global_batch_size, grad_accum=t.grad_accum, seed=t.seed, rows=train_layout.rows,
                          workers=cfg.data.workers, prefetch=cfg.data.prefetch)
     eval_sets = (D.eval_batches(evals, micro, t.eval_batches, eval_layout.rows)
                  if evals is not None and D.num_examples(evals) else [])
@@ -417,7 +417,8 @@ def set_up(cfg: Config) -> TrainRun:
         print_banner(cfg, model_cfg, parts.task, parts.model, mesh, train, evals, bad_count)
 
     with use_mesh(mesh):
-        ckpt = Checkpointer(cfg.run_dir, c.keep, c.async_save, c.keep_best, c.enabled)
+        ckpt = Checkpointer(cfg.run_dir, keep=c.keep, async_save=c.async_save, keep_best=c.keep_best,
+                            enabled=c.enabled)
         state, frozen, s_shard, frozen_shard = initial_state(cfg, parts, ckpt, loader)
         train_step = builder.jit_train(s_shard, frozen_shard, train_layout.shardings)
         eval_step = builder.jit_eval(s_shard, frozen_shard, eval_layout.shardings) if eval_sets else None

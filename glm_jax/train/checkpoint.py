@@ -117,7 +117,7 @@ def _first_line(e: BaseException) -> str:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep: int = 3, async_save: bool = True, keep_best: bool = False,
+    def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True, keep_best: bool = False,
                  enabled: bool = True):
         self.enabled = enabled
         self.dir = Path(run_dir) / "checkpoints"

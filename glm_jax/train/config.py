@@ -327,9 +327,12 @@ def validate_static(cfg: Config) -> None:
     _check_mesh(cfg)
     if cfg.model.overrides:
         fields = {f.name for f in dataclasses.fields(GLMConfig)}
+        own = {f.name for f in dataclasses.fields(ModelSection)}  # dtype, param_dtype, remat_policy, ...
         for k in cfg.model.overrides:
             if k not in fields:
                 raise ConfigError(f"model.overrides.{k}: not a GLMConfig field")
+            if k in own:
+                raise ConfigError(f"model.overrides.{k}: set model.{k} instead (one place for each setting)")
 
 
 def _check_sizes(cfg: Config) -> None:

@@ -572,7 +572,7 @@ class GrainLoader:
     workers, or a checkpoint of the loader before Grain): the same batches either way.
     """
 
-    def __init__(self, arrays: dict, global_batch: int, grad_accum: int = 1, seed: int = 0,
+    def __init__(self, arrays: dict, *, global_batch: int, grad_accum: int = 1, seed: int = 0,
                  rows: tuple[int, int] | None = None, shuffle: bool = True, workers: int = 0, prefetch: int = 0):
         self.arrays = arrays
         self.n = D.num_examples(arrays)
@@ -672,11 +672,3 @@ def _delivered(it_state: dict) -> int | None:
                                          for w in workers):
         return sum(w["next_index"] for w in workers)
     return None
-
-
-def make_loader(arrays: dict, global_batch: int, grad_accum: int = 1, seed: int = 0,
-                rows: tuple[int, int] | None = None, workers: int = 0, prefetch: int = 2) -> GrainLoader:
-    return GrainLoader(arrays, global_batch, grad_accum, seed=seed, rows=rows, workers=workers, prefetch=prefetch)
-
-
-eval_batches = D.eval_batches  # fixed, unshuffled microbatches: a short list, read once
