@@ -20,7 +20,7 @@ import transformers
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 
-from glm_jax import GLMForCausalLM, load_hf
+from glm_jax import GLMForCausalLM, init_cache, load_hf
 from glm_jax import generation as G
 
 RTOL = 1e-4  # max |ours - transformers'| / max |transformers'| over the real tokens, fp32 both sides
@@ -348,6 +348,32 @@ class OracleLogits(NamedTuple):
     real: np.ndarray  # bool [B, S]: the tokens that are not left padding
     ours: np.ndarray
     theirs: np.ndarray
+
+
+def assert_decode_matches_forward(cfg, params, ids, mask, *, prompt: int, cache_len: int, steps=None,
+                                  prefill: bool = False, atol=1e-4):
+    """Cached decoding equals the full forward: the first `prompt` tokens of the left-padded rows go into a fresh
+    cache of `cache_len` slots (with `prefill`: the first-call form), then the rest in `steps` (token counts per
+    call, default one at a time) against the cache; every real position's logits equal `forward`'s. Returns the
+    final cache variables."""
+    model = GLMForCausalLM(cfg)
+    full = forward(cfg, params, ids, mask)
+
+    def step(cache, x, m, first):
+        return model.apply({"params": params, "cache": cache}, x, attention_mask=m, decode=True,
+                           prefill=first and prefill, mutable=["cache"])
+
+    apply = jax.jit(step, static_argnums=3)
+    out, v = apply(init_cache(model, ids.shape[0], cache_len), jnp.asarray(ids[:, :prompt]),
+                   jnp.asarray(mask[:, :prompt]), True)
+    real = mask[:, :prompt] == 1
+    np.testing.assert_allclose(np.asarray(out)[real], full[:, :prompt][real], atol=atol, rtol=atol)
+    t = prompt
+    for n in steps or [1] * (ids.shape[1] - prompt):
+        out, v = apply(v["cache"], jnp.asarray(ids[:, t:t + n]), None, False)
+        np.testing.assert_allclose(np.asarray(out), full[:, t:t + n], atol=atol, rtol=atol)
+        t += n
+    return v["cache"]
 
 
 def assert_matches_oracle(ref, cfg, params, lengths, seed, rtol=RTOL, **kw) -> OracleLogits:

@@ -16,11 +16,12 @@ from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as hf_dsa
 
 from safetensors.numpy import load_file as np_load_file
 
-from hf_models import (DSA_TOPK, add_mtp_layer, assert_greedy_matches_oracle, assert_matches_oracle, forward,
+from hf_models import (DSA_TOPK, add_mtp_layer, assert_decode_matches_forward, assert_greedy_matches_oracle,
+                       assert_matches_oracle, forward,
                        left_padded_batch, randomize, rel_err, save_and_load, saved_oracle, tiny_dsa_config,
                        tiny_dsa_model)
 from jaxprs import equations, out_shapes, primitives
-from glm_jax import GLMConfig, GLMForCausalLM, init_cache, load_hf, save_hf
+from glm_jax import GLMConfig, GLMForCausalLM, load_hf, save_hf
 from glm_jax import generation as G
 from glm_jax.model import cache_specs
 from glm_jax.model.layers import dsa
@@ -166,20 +167,10 @@ def test_gradients_skip_the_indexer(saved):
 def test_decode_cache_matches_full_forward(saved):
     _, d = saved
     cfg, params = load_hf(d)
-    model = GLMForCausalLM(cfg)
     ids, mask, _ = left_padded_batch([14, 9], 14, cfg.vocab_size, seed=6)
-    full = forward(cfg, params, ids, mask)
-    cache = init_cache(model, 2, 16)
-    shapes = {k: v.shape for k, v in cache["model"].items()}
-    assert shapes["cached_index_key"] == (cfg.num_layers, 2, 16, cfg.index_head_dim)
-    apply = jax.jit(lambda c, x, m: model.apply({"params": params, "cache": c}, x, attention_mask=m, decode=True,
-                                                mutable=["cache"]))
-    out, v = apply(cache, jnp.asarray(ids[:, :8]), jnp.asarray(mask[:, :8]))
-    real = mask[:, :8] == 1
-    np.testing.assert_allclose(np.asarray(out)[real], full[:, :8][real], atol=1e-4, rtol=1e-4)
-    for t in range(8, 14):  # later steps see more than index_topk visible keys: the selection matters
-        out, v = apply(v["cache"], jnp.asarray(ids[:, t:t + 1]), None)
-        np.testing.assert_allclose(np.asarray(out)[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+    # steps 8..13 see more than index_topk visible keys: the selection matters
+    cache = assert_decode_matches_forward(cfg, params, ids, mask, prompt=8, cache_len=16)
+    assert cache["model"]["cached_index_key"].shape == (cfg.num_layers, 2, 16, cfg.index_head_dim)
 
 
 def test_greedy_generation_matches_transformers(tmp_path):
@@ -329,16 +320,8 @@ def test_shared_layers_decode_and_generate(shared_saved):
     cfg, params = load_hf(d)
     model = GLMForCausalLM(cfg)
     ids, mask, _ = left_padded_batch([14, 9], 14, cfg.vocab_size, seed=6)
-    full = forward(cfg, params, ids, mask)
-    apply = jax.jit(lambda c, x, m: model.apply({"params": params, "cache": c}, x, attention_mask=m, decode=True,
-                                                mutable=["cache"]))
-    out, v = apply(init_cache(model, 2, 16), jnp.asarray(ids[:, :8]), jnp.asarray(mask[:, :8]))
-    real = mask[:, :8] == 1
-    np.testing.assert_allclose(np.asarray(out)[real], full[:, :8][real], atol=1e-4, rtol=1e-4)
-    for t in range(8, 14):  # later steps see more than index_topk visible keys: the selection matters
-        out, v = apply(v["cache"], jnp.asarray(ids[:, t:t + 1]), None)
-        np.testing.assert_allclose(np.asarray(out)[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
-    assert not np.asarray(v["cache"]["model"]["cached_index_key"][1::2]).any()  # shared layers: no indexer keys
+    cache = assert_decode_matches_forward(cfg, params, ids, mask, prompt=8, cache_len=16)
+    assert not np.asarray(cache["model"]["cached_index_key"][1::2]).any()  # shared layers: no indexer keys
     # Greedy generation (prefill=True, then steps) picks what the full forward over its output picks.
     tokens = G.generate(model, params, ids[:, :10], mask[:, :10], max_new_tokens=4, stop_ids=())
     assert tokens.shape == (2, 14) and len(set(tokens[:, 10:].ravel().tolist())) > 2  # not degenerate

@@ -15,8 +15,8 @@ from safetensors.numpy import load_file as np_load_file
 
 from glm_jax import GLMConfig, GLMForCausalLM, init_cache, load_hf, save_hf
 from glm_jax.model import cache_specs
-from hf_models import (RTOL, add_mtp_layer, assert_greedy_matches_oracle, assert_matches_oracle, assert_same_params,
-                       forward, left_padded_batch, save_and_load, saved_oracle, tiny_lite_model)
+from hf_models import (RTOL, add_mtp_layer, assert_decode_matches_forward, assert_greedy_matches_oracle,
+                       assert_matches_oracle, assert_same_params, left_padded_batch, save_and_load, saved_oracle, tiny_lite_model)
 from jaxprs import out_shapes
 
 
@@ -71,25 +71,12 @@ def test_cached_decoding_equals_full_forward_without_expanding_the_cache(saved):
     cfg, params = load_hf(d)
     model = GLMForCausalLM(cfg)
     ids, mask, _ = left_padded_batch([12, 7], 12, cfg.vocab_size, seed=4)
-    full = forward(cfg, params, ids, mask)
-    cache = init_cache(model, 2, 32)
-
-    def step(c, x, m, prefill):
-        return model.apply({"params": params, "cache": c}, x, attention_mask=m, decode=True, prefill=prefill,
-                           mutable=["cache"])
-
-    apply = jax.jit(step, static_argnums=3)
-    out, v = apply(cache, jnp.asarray(ids[:, :6]), jnp.asarray(mask[:, :6]), True)
-    real = mask[:, :6] == 1
-    np.testing.assert_allclose(np.asarray(out)[real], full[:, :6][real], atol=1e-4, rtol=1e-4)
-    for t in range(6, 9):
-        out, v = apply(v["cache"], jnp.asarray(ids[:, t:t + 1]), None, False)
-        np.testing.assert_allclose(np.asarray(out)[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
-    out, v = apply(v["cache"], jnp.asarray(ids[:, 9:]), None, False)  # three tokens against the cache at once
-    np.testing.assert_allclose(np.asarray(out), full[:, 9:], atol=1e-4, rtol=1e-4)
+    # three one-token steps, then three tokens against the cache at once
+    cache = assert_decode_matches_forward(cfg, params, ids, mask, prompt=6, cache_len=32, steps=[1, 1, 1, 3],
+                                          prefill=True)
     # The cache holds the latent and the rotary key only; a step never builds [.., max_len, heads, dim].
-    shapes = out_shapes(jax.make_jaxpr(lambda c, x: step(c, x, None, False))(v["cache"], jnp.ones((2, 1), jnp.int32))
-                        .jaxpr)
+    step = lambda c, x: model.apply({"params": params, "cache": c}, x, decode=True, mutable=["cache"])  # noqa: E731
+    shapes = out_shapes(jax.make_jaxpr(step)(cache, jnp.ones((2, 1), jnp.int32)).jaxpr)
     n, dims = cfg.num_heads, {cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim}
     assert (2, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim) in shapes
     assert not [s for s in shapes if 32 in s and n in s and s[-1] in dims], "expanded keys/values in a decode step"

@@ -21,8 +21,8 @@ from glm_jax.convert import hf as hf_convert
 from glm_jax.model import stack_layers, unstack_layers
 from glm_jax.model.layers.moe import experts_dense, experts_gather, experts_ragged, route
 from glm_jax.sharding import logical_to_spec
-from hf_models import (RTOL, add_mtp_layer, assert_greedy_matches_oracle, assert_matches_oracle, assert_same_params,
-                       forward, left_padded_batch, rel_err, save_and_load, saved_oracle, tiny_moe_config,
+from hf_models import (RTOL, add_mtp_layer, assert_decode_matches_forward, assert_greedy_matches_oracle,
+                       assert_matches_oracle, assert_same_params, forward, left_padded_batch, rel_err, save_and_load, saved_oracle, tiny_moe_config,
                        tiny_moe_model, torch_logits)
 from jaxprs import equations, in_shapes, primitives
 
@@ -147,18 +147,10 @@ def test_batch1_decode_reads_only_the_chosen_experts():
 def test_decode_cache_and_packing_match_full_forward(saved):
     _, d = saved
     cfg, params = load_hf(d)
-    model = GLMForCausalLM(cfg)
     ids, mask, _ = left_padded_batch([9, 5], 9, cfg.vocab_size, seed=4)
     full = forward(cfg, params, ids, mask)
-    cache = init_cache(model, 2, 16)
-    apply = jax.jit(lambda c, x, m: model.apply({"params": params, "cache": c}, x, attention_mask=m, decode=True,
-                                                mutable=["cache"]))
-    out, v = apply(cache, jnp.asarray(ids[:, :6]), jnp.asarray(mask[:, :6]))
-    real = mask[:, :6] == 1
-    np.testing.assert_allclose(np.asarray(out)[real], full[:, :6][real], atol=1e-4, rtol=1e-4)
-    for t in range(6, 9):  # 2 rows x top-2 < 8 experts: the gather path
-        out, v = apply(v["cache"], jnp.asarray(ids[:, t:t + 1]), None)
-        np.testing.assert_allclose(np.asarray(out)[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+    # the one-token steps: 2 rows x top-2 < 8 experts, the gather path
+    assert_decode_matches_forward(cfg, params, ids, mask, prompt=6, cache_len=16)
     # Packed documents (segment ids) give each document's own logits (the left-padded rows above).
     packed = np.concatenate([ids[0], ids[1, 4:], np.zeros(4, np.int64)])[None].repeat(2, 0)
     segments = np.array([[1] * 9 + [2] * 5 + [0] * 4]).repeat(2, 0)
