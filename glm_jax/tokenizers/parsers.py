@@ -144,7 +144,7 @@ def _glm4_call(name: str, body: str) -> dict[str, Any] | None:
     if not name or " " in name:
         return None
     try:
-        arguments = json.loads(_unfence(body))
+        arguments = json.loads(unfence(body))
     except ValueError:
         return None
     return tool_call(name, arguments) if isinstance(arguments, dict) else None
@@ -159,19 +159,41 @@ def _parse_chatglm3(text: str, tools: Sequence[dict] | None) -> dict[str, Any]:
     if not name:
         return reply(body.strip())
     if name == "interpreter":
-        return reply("", None, [tool_call("interpreter", {"code": _unfence(body)})])
-    from glm_jax.tokenizers.sentencepiece import parse_tool_call
-
+        return reply("", None, [tool_call("interpreter", {"code": unfence(body)})])
     try:
-        return reply("", None, [tool_call(name, parse_tool_call(_unfence(body)))])
+        return reply("", None, [tool_call(name, parse_tool_call(unfence(body)))])
     except ValueError:
         return reply(segment.strip())
 
 
-def _unfence(content: str) -> str:
+def unfence(content: str) -> str:
+    """The code inside a ```fenced``` block (the whole text when it is not fenced), stripped."""
     content = content.strip()
     match = _FENCED.match(content)
     return match.group(1) if match else content
+
+
+def parse_tool_call(code: str) -> dict[str, Any]:
+    """Keyword arguments of a ``tool_call(k=v, ...)`` expression; values must be literals."""
+    try:
+        tree = ast.parse(code.strip(), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"tool call is not valid Python: {e.msg}") from None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
+        raise ValueError(f"expected a tool_call(...) expression, got {code.strip()[:60]!r}")
+    if call.args or any(k.arg is None for k in call.keywords):
+        raise ValueError("tool_call takes keyword arguments only")
+    parameters = {}
+    for keyword in call.keywords:
+        if keyword.arg in parameters:
+            raise ValueError(f"tool_call argument {keyword.arg!r} is repeated")
+        try:
+            parameters[keyword.arg] = ast.literal_eval(keyword.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise ValueError(f"tool_call argument {keyword.arg!r} is not a literal: "
+                             f"{ast.unparse(keyword.value)[:60]!r}") from None
+    return parameters
 
 
 # ---------------------------------------------------------------------------------------------------- streaming

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -25,6 +24,7 @@ import sentencepiece as spm
 
 from glm_jax.tokenizers.base import Tokenizer, left_pad
 from glm_jax.tokenizers.formats import openai_to_chatglm3
+from glm_jax.tokenizers.parsers import parse_tool_call, unfence
 
 DEFAULT_MODEL_FILE = Path(__file__).resolve().parents[1] / "assets" / "tokenizer.model"
 
@@ -38,7 +38,6 @@ ROLES = ("system", "user", "assistant", "observation")
 TOOL_CALL_PREFIX = "```python\n"
 TOOL_CALL_SUFFIX = "\n```"
 # Optional code fence around the body of a tool call or interpreter reply.
-_FENCED = re.compile(r"^```[\w+-]*\n(.*?)\n?```$", re.DOTALL)
 
 
 class ChatGLMTokenizer:
@@ -224,7 +223,7 @@ class ChatGLMTokenizer:
         name = metadata.strip()
         if not name:
             return {"type": "text", "content": content.strip()}
-        body = _unfence(content)
+        body = unfence(content)
         if name == "interpreter":
             return {"type": "code", "name": name, "code": body, "content": content}
         return {"type": "tool_call", "name": name, "parameters": parse_tool_call(body), "content": content}
@@ -250,35 +249,6 @@ def format_tool_call(parameters: dict[str, Any]) -> str:
     call = ast.Call(func=ast.Name(id="tool_call"), args=[],
                     keywords=[ast.keyword(arg=k, value=ast.Constant(v)) for k, v in parameters.items()])
     return TOOL_CALL_PREFIX + ast.unparse(call) + TOOL_CALL_SUFFIX
-
-
-def parse_tool_call(code: str) -> dict[str, Any]:
-    """Keyword arguments of a ``tool_call(k=v, ...)`` expression; values must be literals."""
-    try:
-        tree = ast.parse(code.strip(), mode="eval")
-    except SyntaxError as e:
-        raise ValueError(f"tool call is not valid Python: {e.msg}") from None
-    call = tree.body
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
-        raise ValueError(f"expected a tool_call(...) expression, got {code.strip()[:60]!r}")
-    if call.args or any(k.arg is None for k in call.keywords):
-        raise ValueError("tool_call takes keyword arguments only")
-    parameters = {}
-    for keyword in call.keywords:
-        if keyword.arg in parameters:
-            raise ValueError(f"tool_call argument {keyword.arg!r} is repeated")
-        try:
-            parameters[keyword.arg] = ast.literal_eval(keyword.value)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            raise ValueError(f"tool_call argument {keyword.arg!r} is not a literal: "
-                             f"{ast.unparse(keyword.value)[:60]!r}") from None
-    return parameters
-
-
-def _unfence(content: str) -> str:
-    content = content.strip()
-    match = _FENCED.match(content)
-    return match.group(1) if match else content
 
 
 class SentencePieceTokenizer(ChatGLMTokenizer, Tokenizer):

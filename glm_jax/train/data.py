@@ -22,6 +22,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from glm_jax.tokenizers.parsers import parse_tool_call, unfence
+
 log = logging.getLogger(__name__)
 
 
@@ -444,8 +446,6 @@ def chatglm3_to_openai(conversation: list[dict], tools: Any = None) -> tuple[lis
     """A checked ChatGLM3 `conversations` record as OpenAI messages (for tokenizers of the other families):
     observation -> tool, tool calls (`{"name", "parameters"}` content, or `metadata` + a `tool_call(...)` block,
     `interpreter` + code) -> tool_calls, a system message's `tools` -> the record's tools."""
-    from glm_jax.tokenizers.sentencepiece import _unfence, parse_tool_call
-
     out, tools = [], list(tools) if tools else []
     for m in conversation:
         role, content, name = m["role"], m["content"], (m.get("metadata") or "").strip()
@@ -453,7 +453,7 @@ def chatglm3_to_openai(conversation: list[dict], tools: Any = None) -> tuple[lis
         if role == "assistant" and isinstance(content, dict):
             name, args = content["name"], content["parameters"]
         elif role == "assistant" and name:
-            body = _unfence(content)
+            body = unfence(content)
             args = {"code": body} if name == "interpreter" else parse_tool_call(body)
         else:
             out.append({"role": "tool" if role == "observation" else role, "content": content})
