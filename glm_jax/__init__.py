@@ -5,14 +5,13 @@ from glm_jax.convert import load_hf, save_hf
 from glm_jax.model import (GLMForCausalLM, GLMForSequenceClassification, GLMModel, init_cache, init_params,
                            param_specs)
 from glm_jax.sharding import LOGICAL_RULES, make_mesh, param_shardings
-from glm_jax.tokenizers import ChatGLMTokenizer
-from glm_jax.tokenizers import load_tokenizer
+from glm_jax.tokenizers import ChatGLMTokenizer, Tokenizer, load_tokenizer
 from glm_jax.generation import generate, stream_generate
 from glm_jax.convert.quant import quantize_params
 
 __all__ = ["PRESETS", "GLMConfig", "load_hf", "save_hf", "GLMForCausalLM", "GLMForSequenceClassification",
            "GLMModel", "init_cache", "init_params", "param_specs", "LOGICAL_RULES", "make_mesh", "param_shardings",
-           "ChatGLMTokenizer", "load_tokenizer", "generate", "stream_generate", "ChatSession", "quantize_params"]
+           "ChatGLMTokenizer", "Tokenizer", "load_tokenizer", "generate", "stream_generate", "ChatSession", "quantize_params"]
 __version__ = "0.1.0"
 
 
