@@ -115,6 +115,16 @@ def test_a_failed_write_leaves_the_previous_directory_and_nothing_else(tmp_path)
     assert snapshot(tmp_path) == {"export/b.txt": b"second"}
 
 
+def test_without_an_atomic_exchange_the_swap_is_two_renames(tmp_path, monkeypatch):
+    """Where renameat2(RENAME_EXCHANGE) is missing (another OS, some network file systems) the previous directory
+    is renamed aside, the new one into place, and the previous one deleted: the same result, nothing left over."""
+    monkeypatch.setattr(A, "_exchange", lambda a, b: False)
+    out = tmp_path / "export"
+    A.write_atomically(lambda d: (d.mkdir(), (d / "a.txt").write_text("first")), out)
+    A.write_atomically(lambda d: (d.mkdir(), (d / "b.txt").write_text("second")), out)
+    assert snapshot(tmp_path) == {"export/b.txt": b"second"}
+
+
 def test_a_swap_cut_between_its_renames_is_undone_by_the_next_write(tmp_path):
     """Where the file system cannot exchange two paths the swap is two renames; a kill between them leaves the
     previous directory under .<name>.old-<pid>: the next write puts it back first (and still refuses nothing)."""
