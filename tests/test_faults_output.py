@@ -144,16 +144,14 @@ def test_a_swap_cut_between_its_renames_is_undone_by_the_next_write(tmp_path):
 
 def test_a_rerun_writes_an_export_that_went_missing(tmp_path):
     """A finished run whose export was deleted (or given a new export.path) writes it again from the final
-    checkpoint instead of reporting the run complete; with the export in place a rerun has nothing to do."""
+    checkpoint instead of reporting the run complete."""
     export = tmp_path / "export"
     run = ["train.steps=2", "train.eval_every=0", "checkpoint.every=2", f"export.path={export}"]
     r = train(tmp_path / "run", *run)
     assert r.returncode == 0, r.stderr[-3000:]
     marker = json.loads((export / EXPORT_MARKER).read_text())
     assert marker == {"run_dir": str((tmp_path / "run").resolve()), "step": 2, "format": "transformers"}
-    shards = snapshot(export)
-    r = train(tmp_path / "run", *run)
-    assert r.returncode == 0 and "nothing to do" in r.stdout
+    shards = snapshot(export)  # (with the export in place a rerun has nothing to do: test_faults.py's kill test)
     for p in export.iterdir():
         p.unlink()
     export.rmdir()
