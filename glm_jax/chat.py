@@ -27,9 +27,8 @@ on stderr naming the option and the file.
 History is kept as OpenAI messages (docs/tokenizer.md, "Chat sessions") and rendered with the tokenizer's
 chat template every turn; the decode cache is kept between turns, so a turn runs only the tokens that differ
 from what the cache holds (docs/architecture.md, "Keeping the cache across chat turns"); generation stops on the
-tokenizer's stop ids and the reply is parsed by its reply parser. Given the legacy `ChatGLMTokenizer` (not a
-`glm_jax.tokenizers.Tokenizer`), `ChatSession` is a `ChatGLM3Session`: ChatGLM3 messages and replies, exactly
-as before the common tokenizer interface existed.
+tokenizer's stop ids and the reply is parsed by its reply parser. The format (ChatGLM2, ChatGLM3, GLM-4, GLM-4.5+)
+is the tokenizer's alone: the session is the same for every family.
 """
 
 from __future__ import annotations
@@ -43,54 +42,19 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import yaml
 
+from glm_jax import GLMForCausalLM, load_hf
 from glm_jax.config import DTYPES, read_json
 from glm_jax.platforms import skip_absent_tpu
+from glm_jax.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer
+from glm_jax.tokenizers.formats import check_tools
+from glm_jax.train.build import load_run
 
 # The module, even if the package re-exports a `generate` function under the same name.
 from glm_jax import generation as _generate
 
 log = logging.getLogger(__name__)
-
-# THUDM's default system prompt when tools are given without one (ChatGLM3 demo).
-DEFAULT_TOOL_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
-
-
-def check_tools(tools, what: str = "tool descriptions") -> None:
-    """ValueError naming the first bad entry unless `tools` is None or a list of function tools: OpenAI's
-    {"type": "function", "function": {"name", "description"?, "parameters"?}} or the bare function object
-    (what THUDM's ChatGLM3 demos pass), `parameters` a JSON-schema object."""
-    if tools is None:
-        return
-    if not isinstance(tools, (list, tuple)):
-        raise ValueError(f"tools must be a list of tool objects ({what}), got {type(tools).__name__}")
-    for i, tool in enumerate(tools):
-        why = _tool_problem(tool)
-        if why is not None:
-            raise ValueError(f"tools[{i}]: {why} ({what}: {json.dumps(tool, default=repr)[:120]})")
-
-
-def _tool_problem(tool) -> str | None:
-    """Why `tool` is not a function tool (check_tools), or None."""
-    if not isinstance(tool, dict):
-        return f"must be a tool object, got {type(tool).__name__}"
-    where = ""
-    if "function" in tool or "type" in tool:
-        if tool.get("type", "function") != "function":
-            return f"type: only \"function\" tools are supported, got {tool['type']!r}"
-        if not isinstance(tool.get("function"), dict):
-            return f"function: must be an object with a name, got {type(tool.get('function')).__name__}"
-        tool, where = tool["function"], "function."
-    name, params = tool.get("name"), tool.get("parameters")
-    if not isinstance(name, str) or not name.strip():
-        return f"{where}name: must be a non-empty string, got {name!r}"
-    if "description" in tool and not isinstance(tool["description"], str):
-        return f"{where}description: must be a string, got {type(tool['description']).__name__}"
-    if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
-        got = f"type {params.get('type')!r}" if isinstance(params, dict) else f"{type(params).__name__} {params!r}"
-        return f"{where}parameters: must be a JSON-schema object ({{\"type\": \"object\", ...}}), got {got}"
-    return None
-
 
 class ChatSession:
     """One conversation with a model of any GLM family, through a `glm_jax.tokenizers.Tokenizer` (see the module
@@ -103,17 +67,13 @@ class ChatSession:
     differ from what the cache holds instead of the whole conversation.
     """
 
-    def __new__(cls, model=None, params=None, tokenizer=None, *args, **kwargs):
-        from glm_jax.tokenizers.base import Tokenizer
-
-        if cls is ChatSession and not isinstance(tokenizer, Tokenizer):
-            cls = ChatGLM3Session  # the legacy ChatGLMTokenizer: ChatGLM3 messages, as before
-        return super().__new__(cls)
-
     def __init__(self, model, params, tokenizer, system: str | None = None, tools: Sequence[dict] | None = None,
                  *, enable_thinking: bool | None = None, max_new_tokens: int = 512, temperature: float = 0.8,
                  top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0, mesh=None,
                  chunk: int = 1, reuse_cache: bool = True):
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"ChatSession needs a glm_jax.Tokenizer (glm_jax.load_tokenizer), got "
+                            f"{type(tokenizer).__name__}")
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.conversation = _generate.ConversationCache() if reuse_cache else None
         check_tools(tools)
@@ -188,7 +148,7 @@ class ChatSession:
         ids: list[int] = []
         shown, finished = "", False
         try:
-            for token in _reply_tokens(self, prompt):
+            for token in self._reply_tokens(prompt):
                 ids.append(token)
                 full = tok.decode(ids)
                 if full.endswith("\ufffd") or not full.startswith(shown):  # partial character / re-segmentation
@@ -202,6 +162,22 @@ class ChatSession:
             finished = True
         finally:
             self._record(new, ids, finished)
+
+    def _reply_tokens(self, prompt: list[int]) -> Iterator[int]:
+        """The generated ids of one reply, up to (not including) a stop id."""
+        tok = self.tokenizer
+        cfg = getattr(self.model, "cfg", None)
+        if cfg is not None and len(prompt) + self.sampling["max_new_tokens"] > cfg.max_seq_len:
+            log.warning("conversation (%d tokens) + max_new_tokens exceeds the model's max_seq_len %d; "
+                        "consider /reset", len(prompt), cfg.max_seq_len)
+        stops = set(tok.stop_ids)
+        for token in _generate.stream_generate(
+                self.model, self.params, np.asarray(prompt, np.int32), stop_ids=tuple(tok.stop_ids),
+                pad_id=tok.pad_token_id, seed=self.seed + self.turns, vocab_limit=tok.vocab_size,
+                conversation=self.conversation, **self.sampling):
+            if int(token) in stops:
+                return
+            yield int(token)
 
     def _record(self, new: list[dict], ids: list[int], finished: bool) -> None:
         self.turns += 1
@@ -233,152 +209,6 @@ def _new_messages(text, role: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
 
-def _reply_tokens(session, prompt: list[int]) -> Iterator[int]:
-    """The generated ids of one reply, up to (not including) a stop id."""
-    tok = session.tokenizer
-    cfg = getattr(session.model, "cfg", None)
-    if cfg is not None and len(prompt) + session.sampling["max_new_tokens"] > cfg.max_seq_len:
-        log.warning("conversation (%d tokens) + max_new_tokens exceeds the model's max_seq_len %d; "
-                    "consider /reset", len(prompt), cfg.max_seq_len)
-    stops = set(tok.stop_ids)
-    for token in _generate.stream_generate(
-            session.model, session.params, np.asarray(prompt, np.int32), stop_ids=tuple(tok.stop_ids),
-            pad_id=tok.pad_token_id, seed=session.seed + session.turns, vocab_limit=tok.vocab_size,
-            conversation=session.conversation, **session.sampling):
-        if int(token) in stops:
-            return
-        yield int(token)
-
-
-class ChatGLM3Session(ChatSession):
-    """One conversation with a ChatGLM3 model through the legacy `ChatGLMTokenizer`: history as ChatGLM3 messages
-    ({"role", "content", "metadata"?, "tools"?}, what `build_chat_input` takes, as THUDM's `model.chat` keeps it:
-    a tool call is stored with the tool name as metadata and the raw fenced `tool_call(...)` text as content),
-    replies as `ChatGLMTokenizer.parse_reply`'s {"type": "text" | "tool_call" | "code", ...}."""
-
-    def __init__(self, model, params, tokenizer, system: str | None = None, tools: Sequence[dict] | None = None,
-                 **sampling):
-        check_tools(tools, "ChatGLM3 tool descriptions")
-        super().__init__(model, params, tokenizer, system, tools, **sampling)
-        self.enable_thinking = None  # ChatGLM3 does not think
-
-    @staticmethod
-    def _tools(tools):
-        """ChatGLM3 tool descriptions, kept as given."""
-        return list(tools) if tools else None
-
-    # ------------------------------------------------------------------ conversation
-    def reset(self) -> None:
-        """Forgets the conversation, keeping the system prompt and tools."""
-        self.history = []
-        if self.system is not None or self.tools:
-            message: dict[str, Any] = {"role": "system",
-                                       "content": self.system if self.system is not None else DEFAULT_TOOL_SYSTEM}
-            if self.tools:
-                message["tools"] = copy.deepcopy(self.tools)
-            self.history.append(message)
-        self.last_reply, self.last_ids = None, []
-
-    @property
-    def pending_tool_call(self) -> dict[str, Any] | None:
-        """The last reply if it is a tool / code call still waiting for `observe`."""
-        if self.last_reply is not None and self.last_reply["type"] in ("tool_call", "code"):
-            return self.last_reply
-        return None
-
-    def send(self, text: str, role: str = "user") -> dict[str, Any]:
-        """Sends a message, generates the reply, returns it parsed (see `tokenizer.parse_reply`)."""
-        for _ in self.stream(text, role):
-            pass
-        return self.last_reply
-
-    def observe(self, result: Any) -> dict[str, Any]:
-        """Answers a tool call with its result (a string, or anything JSON-serializable) and returns the reply."""
-        return self.send(_observation_text(result), role="observation")
-
-    def stream_observe(self, result: Any) -> Iterator[str]:
-        return self.stream(_observation_text(result), role="observation")
-
-    def stream(self, text: str, role: str = "user") -> Iterator[str]:
-        """Sends a message and yields the reply's text as it is generated.
-
-        When the iterator is exhausted the reply is in `last_reply` (parsed) and `last_ids`, and both messages are
-        in `history`. Stopping early (closing the iterator) records the partial reply.
-        """
-        if not isinstance(text, str):
-            raise TypeError(f"message text must be a str, got {type(text).__name__}")
-        if role not in ("user", "observation"):
-            raise ValueError(f"role must be 'user' or 'observation', got {role!r}")
-        tok = self.tokenizer
-        prompt = tok.build_chat_input(text, history=self.history, role=role)
-        cfg = getattr(self.model, "cfg", None)
-        if cfg is not None and len(prompt) + self.sampling["max_new_tokens"] > cfg.max_seq_len:
-            log.warning("conversation (%d tokens) + max_new_tokens exceeds the model's max_seq_len %d; "
-                        "consider /reset", len(prompt), cfg.max_seq_len)
-        stops = set(tok.stop_ids)
-        ids: list[int] = []
-        shown = ""  # reply text yielded so far
-        header = None  # the first line (metadata): "" for a text reply, a tool name for a call
-        finished = False
-
-        def text_delta(body: str):
-            nonlocal shown
-            if body.endswith("\ufffd") or not body.startswith(shown):  # partial multi-byte char / re-segmentation
-                return ""
-            delta, shown = body[len(shown):], body
-            return delta
-
-        try:
-            for token in _generate.stream_generate(
-                    self.model, self.params, np.asarray(prompt, np.int32), stop_ids=tuple(tok.stop_ids),
-                    pad_id=tok.pad_token_id, seed=self.seed + self.turns, vocab_limit=tok.vocab_size,
-                    conversation=self.conversation, **self.sampling):
-                if token in stops:
-                    break
-                ids.append(int(token))
-                full = tok.decode(ids)
-                if header is None:
-                    if "\n" not in full:
-                        continue  # still inside the metadata line
-                    header = full.split("\n", 1)[0].strip()
-                if header:  # a tool / code call: reported through last_reply, not streamed
-                    continue
-                delta = text_delta(full.split("\n", 1)[1].lstrip())
-                if delta:
-                    yield delta
-            if header is None and ids:  # a reply without a metadata line is plain text
-                delta = text_delta(tok.decode(ids).strip())
-                if delta:
-                    yield delta
-            finished = True
-        finally:
-            self._record(text, role, ids, finished)
-
-    # ------------------------------------------------------------------ internals
-    def _record(self, text: str, role: str, ids: list[int], finished: bool) -> None:
-        self.turns += 1
-        self.last_ids = ids
-        reply = parse_reply(self.tokenizer, ids)
-        if not finished:
-            reply["interrupted"] = True
-        self.last_reply = reply
-        self.history.append({"role": role, "content": text})
-        if reply["type"] == "text":
-            self.history.append({"role": "assistant", "metadata": "", "content": reply["content"]})
-        else:
-            self.history.append({"role": "assistant", "metadata": reply["name"], "content": reply["content"]})
-
-
-def parse_reply(tokenizer, ids: Sequence[int]) -> dict[str, Any]:
-    """`tokenizer.parse_reply`, but a reply whose first line looks like a tool name and whose body is not a valid
-    `tool_call(...)` comes back as text (with `"error"`), instead of raising."""
-    try:
-        return tokenizer.parse_reply(list(ids))
-    except ValueError as e:
-        text = tokenizer.decode(list(ids))
-        return {"type": "text", "content": text.split("<|assistant|>")[-1].strip(), "error": str(e)}
-
-
 def _observation_text(result: Any) -> str:
     if isinstance(result, str):
         return result
@@ -394,8 +224,6 @@ def load_checkpoint(path: str | Path, **overrides):
 
     or a `python train.py` run directory (its orbax checkpoints) via `glm_jax.train.build.load_run`.
     """
-    from glm_jax import load_hf
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
@@ -415,21 +243,11 @@ def _looks_like_orbax(path: Path) -> bool:
 def load_orbax_run(path: Path, **overrides):
     """(GLMConfig, params) of the latest checkpoint of a `python train.py` run directory (LoRA merged, P-tuning
     prefix in place); `overrides` are GLMConfig fields (e.g. dtype)."""
-    from glm_jax.train.build import load_run
-
     cfg, params = load_run(path)
     return cfg.replace(**overrides), params
 
 
 # ---------------------------------------------------------------------------------------------------- terminal
-def _print_call(reply: dict, out) -> None:
-    if reply["type"] == "tool_call":
-        call = {"name": reply["name"], "parameters": reply["parameters"]}
-        out.write(f"\n[tool call] {json.dumps(call, ensure_ascii=False)}\n")
-    else:
-        out.write(f"\n[code interpreter]\n{reply['code']}\n")
-
-
 def _print_calls(reply: dict, out) -> None:
     for call in reply["tool_calls"]:
         f = call["function"]
@@ -468,12 +286,8 @@ def _turn(session, message, role: str, out, color: bool) -> bool:
     out.flush()
     printer = _EventPrinter(out, color)
     try:
-        if isinstance(session, ChatGLM3Session):
-            for piece in session.stream(message, role=role):
-                printer({"type": "content", "text": piece})
-        else:
-            for event in session.stream_events(message, role=role):
-                printer(event)
+        for event in session.stream_events(message, role=role):
+            printer(event)
     except KeyboardInterrupt:
         printer.close()
         out.write("\n(interrupted)\n")
@@ -526,18 +340,12 @@ def run_cli(session: ChatSession, stdin=None, out=None) -> int:
             if reply is None:
                 out.write("\n")
                 break
-            if isinstance(session, ChatGLM3Session):
-                _print_call(reply, out)
-                results = [ask("Observation (tool result, JSON or text): ")]
-                role = "observation"
-            else:
-                _print_calls(reply, out)
-                results = [ask(f"Result of {c['function']['name']} (JSON or text): ") for c in reply["tool_calls"]]
-                role = "tool"
+            _print_calls(reply, out)
+            results = [ask(f"Result of {c['function']['name']} (JSON or text): ") for c in reply["tool_calls"]]
             if any(r is None for r in results):
                 out.write("\nbye\n")
                 return 0
-            message = results[0] if role == "observation" else results
+            role, message = "tool", results
 
 
 def default_tokenizer(checkpoint: str | Path) -> Path | None:
@@ -551,10 +359,10 @@ def default_tokenizer(checkpoint: str | Path) -> Path | None:
     if not (path / "config.yaml").is_file():
         return None
     try:
-        import yaml
-
         cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, ValueError, ImportError):
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(cfg, dict):
         return None
     data, model = cfg.get("data") or {}, cfg.get("model") or {}
     if data.get("tokenizer"):
@@ -603,7 +411,7 @@ def _read_tools(path: str) -> list[dict]:
         what = type(tools).__name__ if not isinstance(tools, list) else "a list holding non-objects"
         raise _CliError(f"--tools: {path}: must hold a list of tool objects (or one object), got {what}")
     try:
-        check_tools(tools, "OpenAI function tools")
+        check_tools(tools, context="OpenAI function tools")
     except ValueError as e:
         raise _CliError(f"--tools: {path}: {e}") from None
     return tools
@@ -622,8 +430,6 @@ def _check_sampling_args(args) -> None:
 def _cli_tokenizer(source: str | Path | None):
     """The tokenizer at `source` (--tokenizer, else the checkpoint's), else the small SentencePiece model shipped
     with glm_jax."""
-    from glm_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
-
     if source is not None and not Path(source).exists():
         raise _CliError(f"--tokenizer: {source}: no such file")
     try:
@@ -633,8 +439,6 @@ def _cli_tokenizer(source: str | Path | None):
 
 
 def _cli_session(args) -> ChatSession:
-    from glm_jax import GLMForCausalLM
-
     _check_sampling_args(args)
     tools = _read_tools(args.tools) if args.tools else None
     source = args.tokenizer if args.tokenizer is not None else default_tokenizer(args.checkpoint)

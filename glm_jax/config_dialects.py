@@ -111,6 +111,14 @@ def read_chatglm(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
     )
 
 
+def _gqa_fields(raw: dict[str, Any], need) -> dict[str, Any]:
+    """The grouped-query head keys of transformers' glm / glm4 / glm4_moe config.json: no num_key_value_heads means
+    one key head per query head, no head_dim means hidden_size / heads."""
+    heads = need("num_attention_heads")
+    return dict(num_heads=heads, num_kv_heads=raw.get("num_key_value_heads") or heads,
+                head_dim=raw.get("head_dim") or need("hidden_size") // heads)
+
+
 def read_glm(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
     """GLMConfig fields of transformers' glm / glm4 config.json (glm4 adds the sandwich norms); the top-level
     rope_theta / partial_rotary_factor win over rope_parameters'."""
@@ -119,15 +127,12 @@ def read_glm(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
     fraction = raw.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5))
     if raw.get("tie_word_embeddings"):
         raise ValueError(f"{source}: tie_word_embeddings=true is not a GLM layout")
-    heads = need("num_attention_heads")
     return dict(
         vocab_size=need("vocab_size"),
         hidden_size=need("hidden_size"),
         ffn_hidden_size=need("intermediate_size"),
         num_layers=need("num_hidden_layers"),
-        num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or need("hidden_size") // heads,
+        **_gqa_fields(raw, need),
         rotary_fraction=float(fraction),
         rope_theta=float(theta),
         norm_eps=raw.get("rms_norm_eps", 1e-5),
@@ -156,15 +161,12 @@ def read_glm4_moe(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
     theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
     fraction = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5))
     mtp = raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 1))
-    heads = need("num_attention_heads")
     return dict(
         vocab_size=raw.get("vocab_size", 151552),
         hidden_size=need("hidden_size"),
         ffn_hidden_size=raw.get("intermediate_size", 10944),
         num_layers=need("num_hidden_layers"),
-        num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or need("hidden_size") // heads,
+        **_gqa_fields(raw, need),
         rotary_fraction=float(fraction),
         rope_theta=float(theta),
         rope_interleaved=False,

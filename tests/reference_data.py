@@ -1,7 +1,10 @@
-"""A plain-numpy reference of the input pipeline's semantics: the builders and the batch loader train.py used
-before it moved onto Grain (glm_jax/train/pipeline.py), kept here, outside the library, as the reference the
-pipeline's arrays, batches and checkpointed positions are compared with (tests/test_pipeline.py) and as the
-baseline of benchmarks/loader.py."""
+"""A plain-numpy reference of the input pipeline's semantics (tests/test_pipeline.py compares the library's
+arrays, batches and checkpointed positions with it; benchmarks/loader.py uses it as its baseline).
+
+The example rules are written here from their documentation, not imported from the code they check: packing and
+targets from docs/training-code.md ("How examples are made"), the ChatGLM3 SFT encoding and loss mask from
+docs/tokenizer.md ("ChatGLM3 `conversations` records", "SFT loss mask"). Only record reading and validation
+(what counts as a bad record, and its message) are the library's own."""
 
 from __future__ import annotations
 
@@ -12,10 +15,59 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from glm_jax.train.data import (BadRecords, DataError, check_conversation, encode_conversation, lm_examples,
-                                no_examples, num_examples, pack_documents, read_jsonl, read_text_documents)
+from glm_jax.train.data import (BadRecords, DataError, check_conversation, no_examples, num_examples, read_jsonl,
+                                read_text_documents)
 
 log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ the documented rules
+
+def pack_documents(docs: Iterable[list[int]], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents end to end in rows of seq_len; segment ids number the documents' pieces 1, 2, ... within each
+    row; the last row's tail is padding (segment 0). Written as one stream of (token, document) pairs cut into
+    rows, not as the library's fill-a-row loop."""
+    stream = [(t, d) for d, doc in enumerate(docs) for t in doc]
+    if not stream:
+        return np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.int32)
+    rows = -(-len(stream) // seq_len)
+    tokens = np.full((rows, seq_len), pad_id, np.int32)
+    segments = np.zeros((rows, seq_len), np.int32)
+    for r in range(rows):
+        piece = stream[r * seq_len:(r + 1) * seq_len]
+        first_doc = {}
+        for j, (token, doc) in enumerate(piece):
+            tokens[r, j] = token
+            segments[r, j] = first_doc.setdefault(doc, len(first_doc) + 1)
+    return tokens, segments
+
+
+def lm_examples(tokens: np.ndarray, segments: np.ndarray, is_target: np.ndarray | None = None) -> dict:
+    """targets[t] = tokens[t+1]; loss_mask[t] = real(t) and segment(t+1) == segment(t) and is_target(t+1)."""
+    real = segments > 0
+    is_target = real if is_target is None else np.asarray(is_target, bool)
+    rows = tokens.shape[0]
+    after = lambda a, fill: np.concatenate([a[:, 1:], np.full((rows, 1), fill, a.dtype)], axis=1)  # noqa: E731
+    loss = real & (after(segments, -1) == segments) & after(is_target, False)
+    return {"input_ids": tokens.astype(np.int32), "segment_ids": segments.astype(np.int32),
+            "targets": after(tokens, 0).astype(np.int32), "loss_mask": loss.astype(np.float32)}
+
+
+def encode_conversation(tok, conversation: list[dict], tools=None) -> tuple[list[int], list[bool]]:
+    """[gMASK] sop + build_message(m) for every message + eos; is_target[t] = own[t-1], own[t] meaning "token t
+    belongs to an assistant message". Record-level tools go onto a leading system message without tools of its
+    own, else into a new system message with empty content."""
+    messages = [dict(m) for m in conversation]
+    if tools is not None:
+        if messages and messages[0]["role"] == "system" and "tools" not in messages[0]:
+            messages[0]["tools"] = tools
+        elif not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": "", "tools": tools})
+    pieces = [(tok.prefix_ids, False)] + [(tok.build_message(m), m["role"] == "assistant") for m in messages]
+    pieces.append(([tok.eos_token_id], False))
+    ids = [i for piece, _ in pieces for i in piece]
+    own = [assistant for piece, assistant in pieces for _ in piece]
+    return ids, [False] + own[:-1]
 
 
 def expand_files(patterns: Iterable[str]) -> list[Path]:

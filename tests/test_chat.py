@@ -1,5 +1,6 @@
-"""ChatSession and the chat CLI: ChatGLM3 (legacy tokenizer: ChatGLM3 messages, tool calls answered by observations)
-and any family through `load_tokenizer` (OpenAI messages, tool_calls, tool results, /think and /nothink)."""
+"""ChatSession and the chat CLI, one session for every family: ChatGLM3 (its prompts checked against THUDM's
+`build_chat_input` of the same conversation) and GLM-4.5 through `load_tokenizer` (OpenAI messages, tool_calls,
+tool results, /think and /nothink)."""
 
 import json
 import os
@@ -87,34 +88,40 @@ def test_session_with_random_model(tok, tiny, monkeypatch):
 
 
 def test_tool_call_and_observation(tok, monkeypatch):
+    """ChatGLM3 through the common session: OpenAI history, and every prompt equal to THUDM's `build_chat_input`
+    of the ChatGLM3 conversation THUDM's `model.chat` would have kept."""
     script = Scripted(tok, [
         ("get_weather\n```python\ntool_call(city='Paris')\n```", "<|observation|>"),
         ("\nIt is 21 degrees in Paris.", "<|user|>"),
     ])
     monkeypatch.setattr(C._generate, "stream_generate", script)
     session = C.ChatSession(object(), None, tok, tools=TOOLS, max_new_tokens=64)
-    assert session.history == [{"role": "system", "content": C.DEFAULT_TOOL_SYSTEM, "tools": TOOLS}]
     streamed = list(session.stream("Weather in Paris?"))
     call = session.last_reply
     assert streamed == []  # a call is not streamed as text
-    assert call["type"] == "tool_call" and call["name"] == "get_weather" and call["parameters"] == {"city": "Paris"}
+    assert call["type"] == "tool_call" and call["tool_calls"] == [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
     assert session.pending_tool_call is call
     assert tok.get_command("<|observation|>") not in session.last_ids  # the stop id is not part of the reply
     pieces = list(session.stream_observe({"temperature": 21}))
     reply = session.last_reply
-    assert reply == {"type": "text", "content": "It is 21 degrees in Paris."}
+    assert reply == {"type": "text", "content": "It is 21 degrees in Paris.", "reasoning_content": None,
+                     "tool_calls": []}
     assert "".join(pieces) == reply["content"] and len(pieces) > 1  # streamed token by token
     assert session.pending_tool_call is None
-    assert session.history[1:] == [
+    assert session.history == [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "metadata": "get_weather", "content": call["content"]},
-        {"role": "observation", "content": '{"temperature": 21}'},
-        {"role": "assistant", "metadata": "", "content": "It is 21 degrees in Paris."},
+        {"role": "assistant", "content": "", "tool_calls": call["tool_calls"]},
+        {"role": "tool", "content": '{"temperature": 21}'},
+        {"role": "assistant", "content": "It is 21 degrees in Paris."},
     ]
-    # The observation turn's prompt: the whole conversation, the observation message, then <|assistant|>.
+    thudm = [{"role": "system", "content": "Answer the following questions as best as you can. You have access to "
+                                          "the following tools:", "tools": TOOLS}]
+    assert script.calls[0][0] == tok.build_chat_input("Weather in Paris?", history=thudm)
+    thudm += [{"role": "user", "content": "Weather in Paris?"},
+              {"role": "assistant", "metadata": "get_weather", "content": "```python\ntool_call(city='Paris')\n```"}]
     prompt = script.calls[1][0]
-    assert prompt == tok.build_chat_input('{"temperature": 21}', history=session.history[:3], role="observation")
-    assert tok.decode(prompt).count("get_weather") >= 2  # in the tools JSON and as the call's metadata
+    assert prompt == tok.build_chat_input('{"temperature": 21}', history=thudm, role="observation")
     assert prompt[-1] == tok.get_command("<|assistant|>")
 
 
@@ -126,10 +133,12 @@ def test_interrupted_and_malformed_replies(tok, monkeypatch):
     next(it)
     it.close()  # the user interrupts: the partial reply is recorded
     assert session.last_reply.get("interrupted") and session.history[-1]["role"] == "assistant"
-    reply = session.send("look something up")  # a header line but no tool_call(...): text with an error
-    assert reply["type"] == "text" and "error" in reply
+    reply = session.send("look something up")  # a header line but no tool_call(...): kept as text
+    assert reply["type"] == "text" and reply["content"] == "lookup\nnot a call at all"
     with pytest.raises(ValueError, match="role"):
         session.send("x", role="assistant")
+    with pytest.raises(TypeError, match="glm_jax.Tokenizer"):
+        C.ChatSession(object(), None, tok.sp_model)
 
 
 def test_cli_drives_a_checkpoint(tok, tiny, tmp_path):

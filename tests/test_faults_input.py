@@ -432,6 +432,7 @@ def test_chat_cli_sampling_options_are_checked_before_loading(tmp_path, capsys, 
 ])
 def test_chat_cli_names_the_tool_that_is_not_a_function_tool(tmp_path, capsys, tools, expected):
     from glm_jax import chat as C
+    from glm_jax.tokenizers.formats import check_tools
 
     f = tmp_path / "tools.json"
     f.write_text(json.dumps(tools))
@@ -441,7 +442,7 @@ def test_chat_cli_names_the_tool_that_is_not_a_function_tool(tmp_path, capsys, t
     good = [{"type": "function", "function": {"name": "get_weather", "description": "d",
                                               "parameters": {"type": "object", "properties": {}}}},
             {"name": "bare", "parameters": {"properties": {}}}]
-    C.check_tools(good)  # both accepted forms
+    check_tools(good)  # both accepted forms
 
 
 def test_chat_cli_says_when_it_falls_back_to_the_shipped_tokenizer(tiny_checkpoint, capsys, monkeypatch):

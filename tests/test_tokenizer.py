@@ -207,31 +207,47 @@ def test_batch_encode_left_pads_and_restarts_positions(tok):
 
 # ---------------------------------------------------------------------- replies
 
-def test_parse_text_reply(tok):
-    assert tok.parse_reply("\n Hello there.\n") == {"type": "text", "content": "Hello there."}
+TOOL_SYSTEM = [{"role": "system", "content": "Answer with tools.", "tools": [{"name": "get_weather"}]}]
+
+
+def test_process_response_text(tok):
+    """THUDM's `process_response`: (response, history + the assistant message), the history copied."""
+    history = [{"role": "user", "content": "hi"}]
+    response, new = tok.process_response("\n Hello there.\n", history)
+    assert response == "Hello there."
+    assert new == history + [{"role": "assistant", "metadata": "", "content": "Hello there."}]
+    assert history == [{"role": "user", "content": "hi"}]
     generated = sp("\n") + sp("你好，我是助手。") + [tok.eos_token_id]
-    assert tok.parse_reply(generated) == {"type": "text", "content": "你好，我是助手。"}
-    # Only the last assistant segment counts.
-    assert tok.parse_reply("\n first<|assistant|>\n second") == {"type": "text", "content": "second"}
+    assert tok.process_response(generated, [])[0] == "你好，我是助手。"
+    # every assistant segment joins the history; the response is the last one's
+    response, new = tok.process_response("\n first<|assistant|>\n second", [])
+    assert response == "second" and [m["content"] for m in new] == ["first", "second"]
+    assert tok.process_response("\nTrained in [[训练时间]].", [])[0] == "Trained in 2023年."
 
 
-def test_parse_tool_call(tok):
+def test_process_response_tool_call(tok):
     reply = 'get_weather\n```python\ntool_call(city="Beijing", days=3)\n```'
-    parsed = tok.parse_reply(reply)
-    assert parsed == {"type": "tool_call", "name": "get_weather", "parameters": {"city": "Beijing", "days": 3},
-                      "content": '```python\ntool_call(city="Beijing", days=3)\n```'}
+    response, new = tok.process_response(reply, TOOL_SYSTEM)
+    assert response == {"name": "get_weather", "parameters": {"city": "Beijing", "days": 3}}
+    assert new[-1] == {"role": "assistant", "metadata": "get_weather",
+                       "content": '```python\ntool_call(city="Beijing", days=3)\n```'}
     # As generated ids: metadata and body encoded separately, ending on <|observation|>.
     generated = sp("get_weather\n") + sp(CALL) + [OBSERVATION]
-    parsed = tok.parse_reply(generated)
-    assert (parsed["name"], parsed["parameters"]) == ("get_weather", {"city": "Beijing", "days": 3})
-    nested = tok.parse_reply("search\n```python\ntool_call(q='x', tags=['a', 'b'], opts={'n': -1.5, 'ok': None})\n```")
+    assert tok.process_response(generated, TOOL_SYSTEM)[0] == response
+    nested = tok.process_response(
+        "search\n```python\ntool_call(q='x', tags=['a', 'b'], opts={'n': -1.5, 'ok': None})\n```", TOOL_SYSTEM)[0]
     assert nested["parameters"] == {"q": "x", "tags": ["a", "b"], "opts": {"n": -1.5, "ok": None}}
+    # The common reply shape of the same text, from the same tokenizer.
+    assert tok.parse_reply(reply)["tool_calls"] == [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Beijing", "days": 3}}}]
 
 
-def test_parse_interpreter_reply(tok):
-    parsed = tok.parse_reply("interpreter\n```python\nprint(1 + 1)\n```")
-    assert parsed == {"type": "code", "name": "interpreter", "code": "print(1 + 1)",
-                      "content": "```python\nprint(1 + 1)\n```"}
+def test_process_response_without_tools_and_interpreter(tok):
+    """Without tools in the system message THUDM returns {"name", "content"}: how its demos receive code."""
+    response, _ = tok.process_response("interpreter\n```python\nprint(1 + 1)\n```", [])
+    assert response == {"name": "interpreter", "content": "```python\nprint(1 + 1)\n```"}
+    call = tok.parse_reply("interpreter\n```python\nprint(1 + 1)\n```")["tool_calls"][0]["function"]
+    assert call == {"name": "interpreter", "arguments": {"code": "print(1 + 1)"}}
 
 
 @pytest.mark.parametrize("body, message", [
@@ -244,9 +260,12 @@ def test_parse_interpreter_reply(tok):
     ("tool_call(a=1", "not valid Python"),
 ])
 def test_malicious_or_malformed_tool_call_never_runs(tok, tmp_path, monkeypatch, body, message):
+    """THUDM `eval`s the call; here it is a ValueError (process_response) or text (parse_reply), and nothing runs."""
     monkeypatch.chdir(tmp_path)
+    reply = f"get_weather\n```python\n{body}\n```"
     with pytest.raises(ValueError, match=message):
-        tok.parse_reply(f"get_weather\n```python\n{body}\n```")
+        tok.process_response(reply, TOOL_SYSTEM)
+    assert tok.parse_reply(reply) == {"content": reply, "reasoning_content": None, "tool_calls": []}
     assert not (tmp_path / "pwned").exists()
 
 
@@ -277,9 +296,9 @@ def test_sft_files(tok, split):
                 assert previous["role"] == "assistant" and previous.get("metadata")
         for message in conversation:
             if message.get("metadata") not in (None, "interpreter"):
-                call = tok.parse_reply(message["metadata"] + "\n" + message["content"])
-                assert call["type"] == "tool_call"
-                as_dict = {"role": "assistant", "content": {"name": call["name"], "parameters": call["parameters"]}}
+                (call,) = tok.parse_reply(message["metadata"] + "\n" + message["content"])["tool_calls"]
+                call = call["function"]
+                as_dict = {"role": "assistant", "content": {"name": call["name"], "parameters": call["arguments"]}}
                 assert tok.build_message(as_dict) == tok.build_message(message)
         ids = tok.prefix_ids + [i for m in conversation for i in tok.build_message(m)]
         assert max(ids) < tok.vocab_size and 0 not in ids

@@ -301,7 +301,7 @@ def test_glm45_values_follow_the_schema():
     text = ("<tool_call>f<arg_key>s</arg_key><arg_value>123</arg_value><arg_key>n</arg_key><arg_value>null"
             "</arg_value><arg_key>i</arg_key><arg_value> 7 </arg_value><arg_key>x</arg_key><arg_value>not a number"
             "</arg_value><arg_key>extra</arg_key><arg_value>[1, 'two']</arg_value></tool_call>")
-    args = parsers.parse_reply("glm45", text, tools)["tool_calls"][0]["function"]["arguments"]
+    args = parsers.parse("glm45", text, tools)["tool_calls"][0]["function"]["arguments"]
     assert args == {"s": "123", "n": None, "i": 7, "x": "not a number", "extra": [1, "two"]}
 
 
@@ -313,7 +313,7 @@ def test_glm45_values_follow_the_schema():
     ("<think>cut off", ("", "cut off")),
 ])
 def test_glm45_reasoning(text, expected):
-    parsed = parsers.parse_reply("glm45", text)
+    parsed = parsers.parse("glm45", text)
     assert (parsed["content"], parsed["reasoning_content"]) == expected and parsed["tool_calls"] == []
 
 
@@ -325,7 +325,7 @@ def test_glm45_reasoning(text, expected):
     "</think></think><tool_call><tool_call>x</tool_call>",
 ])
 def test_glm45_malformed_calls_stay_content(text):
-    parsed = parsers.parse_reply("glm45", text, TOOLS)
+    parsed = parsers.parse("glm45", text, TOOLS)
     assert parsed["tool_calls"] == [] and parsed["content"]
 
 
@@ -375,7 +375,7 @@ def test_parsers_never_raise_on_truncated_or_mangled_replies(fmt):
     variants += ["".join(rng.sample(text, len(text))) for _ in range(20)]
     variants += [text.replace("<", "", k) for k in range(1, 5)] + [text * 2, "", "\n", "<think>", "</tool_call>"]
     for v in variants:
-        parsed = parsers.parse_reply(fmt, v, TOOLS)
+        parsed = parsers.parse(fmt, v, TOOLS)
         assert set(parsed) == {"content", "reasoning_content", "tool_calls"}
         stream = parsers.StreamParser(fmt, TOOLS)
         for ch in v:
@@ -386,7 +386,7 @@ def test_parsers_never_raise_on_truncated_or_mangled_replies(fmt):
 @pytest.mark.parametrize("fmt", sorted(REPLIES))
 def test_stream_parser_matches_parse_reply(fmt):
     text = REPLIES[fmt]
-    expected = parsers.parse_reply(fmt, text, TOOLS)
+    expected = parsers.parse(fmt, text, TOOLS)
     assert expected["tool_calls"]
     rng = random.Random(1)
     for chunking in ("chars", "random", "whole"):

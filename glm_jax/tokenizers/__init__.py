@@ -19,14 +19,14 @@ from pathlib import Path
 
 from glm_jax.tokenizers.base import Tokenizer
 from glm_jax.tokenizers.hf import HFTokenizer
-from glm_jax.tokenizers.parsers import StreamParser, parse_reply
+from glm_jax.tokenizers.parsers import StreamParser
 from glm_jax.tokenizers.sentencepiece import (ChatGLM2Tokenizer, ChatGLMTokenizer, SentencePieceTokenizer,
                                               is_chatglm2)
 from glm_jax.tokenizers.templates import find_chat_template, read_tokenizer_config
 from glm_jax.tokenizers.tiktoken_bpe import TiktokenTokenizer, looks_like_tiktoken
 
 __all__ = ["load_tokenizer", "Tokenizer", "SentencePieceTokenizer", "ChatGLM2Tokenizer", "TiktokenTokenizer",
-           "HFTokenizer", "ChatGLMTokenizer", "StreamParser", "parse_reply", "reply_format_of"]
+           "HFTokenizer", "ChatGLMTokenizer", "StreamParser", "reply_format_of"]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -13,6 +13,7 @@ import numpy as np
 
 from glm_jax.tokenizers import parsers, templates
 from glm_jax.tokenizers.formats import openai_to_glm4, parse_arguments
+from glm_jax.tokenizers.masks import assistant_mask
 
 
 class Tokenizer:
@@ -89,8 +90,6 @@ class Tokenizer:
         """(ids, mask) of a whole conversation (no generation prompt): mask 1 on the tokens the model writes for
         each assistant message (after its generation prompt: reasoning, content, tool calls), 0 elsewhere. The
         stop token after a turn is not included. See `masks.assistant_mask` and docs/tokenizer.md."""
-        from glm_jax.tokenizers.masks import assistant_mask
-
         return assistant_mask(self, messages, tools, enable_thinking)
 
     def _chat(self, messages, tools, add_generation_prompt, enable_thinking, tokenize, **kwargs):
@@ -122,7 +121,7 @@ class Tokenizer:
     def parse_reply(self, reply: str | Sequence[int], tools: Sequence[dict] | None = None) -> dict[str, Any]:
         """{"content", "reasoning_content", "tool_calls"} of a generated reply (text, or the ids generated after
         the prompt; a trailing stop id is dropped). Never raises on model output."""
-        return parsers.parse_reply(self.reply_format, self._reply_text(reply), tools)
+        return parsers.parse(self.reply_format, self._reply_text(reply), tools)
 
     def stream_parser(self, tools: Sequence[dict] | None = None, prompt: str | Sequence[int] | None = None):
         """A `parsers.StreamParser` for this format: feed it decoded text as it is generated. `prompt` (text or

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-# THUDM's ChatGLM3 system prompt when tools are given without one (the same text as glm_jax.chat).
+# THUDM's ChatGLM3 system prompt when tools are given without one (THUDM's ChatGLM3 demos).
 CHATGLM3_TOOL_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 
 
@@ -142,3 +142,43 @@ def _chatglm3_call(name: str, arguments: Any) -> dict:
 
 def _without(message: dict, *keys: str) -> dict:
     return {k: v for k, v in message.items() if k not in keys}
+
+
+# ---------------------------------------------------------------------------------------------------- tool schemas
+
+def check_tools(tools: Any, key: str = "tools", context: str | None = None) -> None:
+    """ValueError naming the first bad entry (`key[i]: ...`, then `(context: the entry's JSON)` when `context` is
+    given) unless `tools` is None or a list of function tools: OpenAI's {"type": "function", "function": {"name",
+    "description"?, "parameters"?}} or the bare function object (what THUDM's ChatGLM3 demos and training data
+    carry), `parameters` a JSON-schema object. One check for chat sessions, the chat CLI and SFT records."""
+    if tools is None:
+        return
+    if not isinstance(tools, (list, tuple)):
+        raise ValueError(f"{key}: must be a list of tool objects, got {type(tools).__name__} {tools!r:.40}")
+    for i, tool in enumerate(tools):
+        why = _tool_problem(tool)
+        if why is not None:
+            shown = f" ({context}: {json.dumps(tool, default=repr)[:120]})" if context else ""
+            raise ValueError(f"{key}[{i}]: {why}{shown}")
+
+
+def _tool_problem(tool: Any) -> str | None:
+    """Why `tool` is not a function tool (check_tools), or None."""
+    if not isinstance(tool, dict):
+        return f"must be a tool object, got {type(tool).__name__} {tool!r:.40}"
+    where = ""
+    if "function" in tool or "type" in tool:
+        if tool.get("type", "function") != "function":
+            return f"type: only \"function\" tools are supported, got {tool['type']!r}"
+        if not isinstance(tool.get("function"), dict):
+            return f"function: must be an object with a name, got {type(tool.get('function')).__name__}"
+        tool, where = tool["function"], "function."
+    name, params = tool.get("name"), tool.get("parameters")
+    if not isinstance(name, str) or not name.strip():
+        return f"{where}name: must be a non-empty string, got {name!r}"
+    if "description" in tool and not isinstance(tool["description"], str):
+        return f"{where}description: must be a string, got {type(tool['description']).__name__}"
+    if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+        got = f"type {params.get('type')!r}" if isinstance(params, dict) else f"{type(params).__name__} {params!r}"
+        return f"{where}parameters: must be a JSON-schema object ({{\"type\": \"object\", ...}}), got {got}"
+    return None

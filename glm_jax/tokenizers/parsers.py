@@ -40,8 +40,9 @@ def reply(content: str = "", reasoning: str | None = None, calls: Sequence[dict]
     return {"content": content, "reasoning_content": reasoning, "tool_calls": list(calls)}
 
 
-def parse_reply(fmt: str, text: str, tools: Sequence[dict] | None = None) -> dict[str, Any]:
-    """Parse one generated reply (the text after the prompt's last ``<|assistant|>``)."""
+def parse(fmt: str, text: str, tools: Sequence[dict] | None = None) -> dict[str, Any]:
+    """One generated reply (the text after the prompt's last ``<|assistant|>``) parsed by the parser of format
+    ``fmt`` (`Tokenizer.parse_reply` passes its tokenizer's ``reply_format``)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown reply format {fmt!r}; expected one of {FORMATS}")
     if not isinstance(text, str):
@@ -200,7 +201,7 @@ def parse_tool_call(code: str) -> dict[str, Any]:
 
 class _Section:
     """Emits one section's text (reasoning or content) with the whitespace at its ends dropped, so that the
-    concatenated events equal what `parse_reply` returns."""
+    concatenated events equal what `parse` returns."""
 
     def __init__(self, kind: str):
         self.kind, self.started, self.pending = kind, False, ""
@@ -235,7 +236,7 @@ class StreamParser:
     ``{"type": "reasoning" | "content", "text"}`` and ``{"type": "tool_call", "tool_call": {...}}``.
 
     ``thinking=True`` says the prompt already opened ``<think>`` (the reply starts inside the reasoning);
-    None detects a leading ``<think>``. ``result()`` is `parse_reply` of everything fed, the authoritative
+    None detects a leading ``<think>``. ``result()`` is `parse` of everything fed, the authoritative
     parse. A tool call is emitted whole, once its block (glm45) or the reply (glm4, chatglm3) is complete.
     """
 
@@ -262,7 +263,7 @@ class StreamParser:
             return []
 
     def result(self) -> dict[str, Any]:
-        return parse_reply(self.fmt, self.text, self.tools)
+        return parse(self.fmt, self.text, self.tools)
 
     # ------------------------------------------------------------------ state machine
     def _step(self, final: bool) -> list[dict[str, Any]]:
@@ -350,7 +351,7 @@ class StreamParser:
             return False, []
         rest, self._buffer = self._buffer, ""
         self._state = "done"
-        parsed = parse_reply(self.fmt, rest, self.tools)
+        parsed = parse(self.fmt, rest, self.tools)
         events = self._content.emit(parsed["content"]) if parsed["content"] else []
         return False, events + [{"type": "tool_call", "tool_call": c} for c in parsed["tool_calls"]]
 

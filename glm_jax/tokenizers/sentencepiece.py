@@ -1,20 +1,24 @@
-"""ChatGLM3 tokenizer: a SentencePiece model plus nine special tokens (docs/tokenizer.md).
+"""ChatGLM2 / ChatGLM3 tokenizers: a SentencePiece model plus special tokens (docs/tokenizer.md).
 
-Mirrors THUDM's ``tokenization_chatglm.py`` for ChatGLM3 without the transformers
-dependency:
+Mirrors THUDM's ``tokenization_chatglm.py`` without the transformers dependency:
 
-* the nine special tokens are not SentencePiece pieces; they take the ids right after
-  the SentencePiece vocabulary (``sp size + index``);
+* the special tokens are not SentencePiece pieces; they take the ids right after the SentencePiece vocabulary
+  (``sp size + index``): nine for ChatGLM3, the first five for ChatGLM2;
 * every prompt starts with ``[gMASK] sop``;
-* a chat message is ``<|role|>`` + ``sp(metadata + "\\n")`` + ``sp(content)``, the two
-  parts encoded separately so each gets its own dummy-prefix ``▁``;
-* special-token strings inside text are plain text (THUDM's default,
-  ``encode_special_tokens=False``), so user input cannot forge a role token.
+* a ChatGLM3 message is ``<|role|>`` + ``sp(metadata + "\\n")`` + ``sp(content)``, the two parts encoded
+  separately so each gets its own dummy-prefix ``▁``;
+* special-token strings inside text are plain text (THUDM's default, ``encode_special_tokens=False``), so user
+  input cannot forge a role token.
+
+`SentencePieceTokenizer` is ChatGLM3 behind the common `Tokenizer` interface (what `load_tokenizer` returns),
+`ChatGLM2Tokenizer` its ChatGLM2 variant, and `ChatGLMTokenizer` the same ChatGLM3 tokenizer with THUDM's own
+prompt and response methods added (`build_chat_input`, `process_response`) for code written against THUDM's.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -22,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from glm_jax.tokenizers.base import Tokenizer, left_pad
+from glm_jax.tokenizers.base import Tokenizer
 from glm_jax.tokenizers.formats import openai_to_chatglm3
 from glm_jax.tokenizers.parsers import parse_tool_call, unfence
 
@@ -37,11 +41,18 @@ ROLES = ("system", "user", "assistant", "observation")
 # How a tool call is written in an assistant turn (THUDM's finetune demo).
 TOOL_CALL_PREFIX = "```python\n"
 TOOL_CALL_SUFFIX = "\n```"
-# Optional code fence around the body of a tool call or interpreter reply.
 
 
-class ChatGLMTokenizer:
-    """ChatGLM3 tokenizer. ``model_file=None`` loads the SentencePiece model shipped with glm_jax."""
+class SentencePieceTokenizer(Tokenizer):
+    """ChatGLM3's tokenizer behind the common interface. ``model_file=None`` loads the small SentencePiece model
+    shipped with glm_jax. The chat format is built in code (`build_message`; a shipped jinja template is not
+    used: it cannot express the separately encoded metadata and content); OpenAI messages map onto ChatGLM3's
+    roles through `formats.openai_to_chatglm3`."""
+
+    kind = "sentencepiece"
+    reply_format = "chatglm3"
+    chat_template = None
+    special_token_names: Sequence[str] = SPECIAL_TOKENS
 
     def __init__(self, model_file: str | Path | None = None):
         path = Path(model_file) if model_file is not None else DEFAULT_MODEL_FILE
@@ -50,14 +61,13 @@ class ChatGLMTokenizer:
         self.model_file = path
         self.sp_model = spm.SentencePieceProcessor(model_file=str(path))
         n = self.sp_model.get_piece_size()
-        self._special_tokens = {token: n + i for i, token in enumerate(SPECIAL_TOKENS)}
+        self._special_tokens = {token: n + i for i, token in enumerate(self.special_token_names)}
         self._special_ids = {i: token for token, i in self._special_tokens.items()}
 
     # ------------------------------------------------------------------ vocabulary
-
     @property
     def vocab_size(self) -> int:
-        return self.sp_model.get_piece_size() + len(SPECIAL_TOKENS)
+        return self.sp_model.get_piece_size() + len(self._special_tokens)
 
     @property
     def pad_token_id(self) -> int:
@@ -79,11 +89,6 @@ class ChatGLMTokenizer:
     def prefix_ids(self) -> list[int]:
         """``[gMASK] sop``, the start of every prompt."""
         return [self._special_tokens["[gMASK]"], self._special_tokens["sop"]]
-
-    @property
-    def stop_ids(self) -> list[int]:
-        """Ids that end a chat reply: eos, or the model handing the turn to the user or a tool."""
-        return [self.eos_token_id, self._special_tokens["<|user|>"], self._special_tokens["<|observation|>"]]
 
     def get_command(self, name: str) -> int:
         """Id of a special token, or of ``<bos>``/``<eos>``/``<pad>`` (THUDM's names)."""
@@ -107,7 +112,6 @@ class ChatGLMTokenizer:
         return [self.convert_ids_to_tokens(i) for i in ids]
 
     # ------------------------------------------------------------------ text
-
     def tokenize(self, text: str) -> list[str]:
         """SentencePiece pieces of ``text`` (no special tokens added)."""
         return self.sp_model.encode(self._check_text(text), out_type=str)
@@ -140,8 +144,7 @@ class ChatGLMTokenizer:
         text.append(self.sp_model.decode(run))
         return "".join(text)
 
-    # ------------------------------------------------------------------ chat
-
+    # ------------------------------------------------------------------ ChatGLM3 messages
     def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
         """``<|role|>`` + sp(metadata + "\\n") + sp(message)."""
         if role not in ROLES:
@@ -151,7 +154,7 @@ class ChatGLMTokenizer:
                 + self.sp_model.encode(self._check_text(message)))
 
     def build_message(self, message: dict[str, Any]) -> list[int]:
-        """One conversation message ``{"role", "content", "metadata"?, "tools"?}`` as ids.
+        """One ChatGLM3 message ``{"role", "content", "metadata"?, "tools"?}`` as ids.
 
         A system message's ``tools`` are appended to its content as indented JSON; an
         assistant ``content`` given as ``{"name", "parameters"}`` is written as the
@@ -171,65 +174,15 @@ class ChatGLMTokenizer:
             content = format_tool_call(content["parameters"])
         return self.build_single_message(role, metadata, content)
 
-    def build_chat_input(self, query: str, history: Sequence[dict[str, Any]] | None = None,
-                         role: str = "user") -> list[int]:
-        """Prompt ids: ``[gMASK] sop`` + history + the new ``role`` message + ``<|assistant|>``.
-
-        Returns a plain id list; use ``batch_encode([ids])`` for model-ready arrays.
-        """
+    def _builtin_chat(self, messages, tools, add_generation_prompt, enable_thinking, tokenize):
         ids = list(self.prefix_ids)
-        for message in history or ():
+        for message in openai_to_chatglm3(messages, tools):
             ids += self.build_message(message)
-        ids += self.build_single_message(role, "", query)
-        return ids + [self._special_tokens["<|assistant|>"]]
-
-    def batch_encode(self, batch: Sequence[str | Sequence[int]], max_length: int | None = None,
-                     pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
-        """Left-pad texts (encoded with the prefix) or id lists into int32 arrays.
-
-        Returns ``input_ids``, ``attention_mask`` and ``position_ids`` of shape
-        ``[batch, length]``; positions restart at 0 on each row's first real token
-        and pads get position 0. ``length`` is the longest row, or ``max_length``,
-        rounded up to ``pad_to_multiple_of``. Rows are never truncated: a row longer
-        than ``max_length`` is an error.
-        """
-        if isinstance(batch, str) or not len(batch):
-            raise ValueError("batch_encode expects a non-empty list of texts or id lists")
-        rows = [self.encode(item) if isinstance(item, str) else [int(i) for i in item] for item in batch]
-        for row in rows:
-            self._check_ids(row)
-        return left_pad(rows, self.pad_token_id, max_length, pad_to_multiple_of)
-
-    def parse_reply(self, reply: str | Sequence[int]) -> dict[str, Any]:
-        """Interpret a generated reply the way THUDM's ``process_response`` does.
-
-        ``reply`` is the text or the ids generated after the prompt's ``<|assistant|>``
-        (a trailing stop id is ignored). Only the last ``<|assistant|>`` segment
-        counts. Its first line is the metadata:
-
-        * empty: ``{"type": "text", "content": stripped text}``;
-        * ``interpreter``: ``{"type": "code", "name", "code", "content": raw}``;
-        * any other name: a tool call ``{"type": "tool_call", "name", "parameters", "content": raw}``,
-          whose ``tool_call(k=v, ...)`` arguments must be Python literals. THUDM
-          ``eval``s them; here they go through ``ast.literal_eval``, so nothing runs.
-        """
-        if not isinstance(reply, str):
-            ids = [int(i) for i in reply]
-            if ids and ids[-1] in self.stop_ids:
-                ids = ids[:-1]
-            reply = self.decode(ids)
-        segment = reply.split("<|assistant|>")[-1]
-        metadata, content = segment.split("\n", 1) if "\n" in segment else ("", segment)
-        name = metadata.strip()
-        if not name:
-            return {"type": "text", "content": content.strip()}
-        body = unfence(content)
-        if name == "interpreter":
-            return {"type": "code", "name": name, "code": body, "content": content}
-        return {"type": "tool_call", "name": name, "parameters": parse_tool_call(body), "content": content}
+        if add_generation_prompt:
+            ids.append(self._special_tokens["<|assistant|>"])
+        return ids if tokenize else self.decode(ids)
 
     # ------------------------------------------------------------------ checks
-
     @staticmethod
     def _check_text(text: Any) -> str:
         if not isinstance(text, str):
@@ -251,26 +204,47 @@ def format_tool_call(parameters: dict[str, Any]) -> str:
     return TOOL_CALL_PREFIX + ast.unparse(call) + TOOL_CALL_SUFFIX
 
 
-class SentencePieceTokenizer(ChatGLMTokenizer, Tokenizer):
-    """ChatGLM2/3 behind the common interface (`glm_jax.load_tokenizer`): ids, padding and the chat format are
-    `ChatGLMTokenizer`'s (ChatGLM3's special-id rule; a shipped jinja template is not used, it cannot express
-    the separately encoded metadata and content); OpenAI messages map onto ChatGLM3's roles
-    (`formats.openai_to_chatglm3`) and `parse_reply` returns the common {"content", "reasoning_content",
-    "tool_calls"} shape."""
+class ChatGLMTokenizer(SentencePieceTokenizer):
+    """ChatGLM3's tokenizer with THUDM's prompt and response methods, for code written against THUDM's
+    ``tokenizer.build_chat_input`` / ``model.process_response``. Everything else (and `parse_reply`, the
+    common reply shape) is `SentencePieceTokenizer`'s."""
 
-    kind = "sentencepiece"
-    reply_format = "chatglm3"
-    chat_template = None
-
-    parse_reply = Tokenizer.parse_reply
-
-    def _builtin_chat(self, messages, tools, add_generation_prompt, enable_thinking, tokenize):
+    def build_chat_input(self, query: str, history: Sequence[dict[str, Any]] | None = None,
+                         role: str = "user") -> list[int]:
+        """Prompt ids: ``[gMASK] sop`` + history (ChatGLM3 messages) + the new ``role`` message + ``<|assistant|>``.
+        Returns a plain id list; use ``batch_encode([ids])`` for model-ready arrays."""
         ids = list(self.prefix_ids)
-        for message in openai_to_chatglm3(messages, tools):
+        for message in history or ():
             ids += self.build_message(message)
-        if add_generation_prompt:
-            ids.append(self._special_tokens["<|assistant|>"])
-        return ids if tokenize else self.decode(ids)
+        ids += self.build_single_message(role, "", query)
+        return ids + [self._special_tokens["<|assistant|>"]]
+
+    def process_response(self, output: str | Sequence[int], history: Sequence[dict[str, Any]]
+                         ) -> tuple[str | dict[str, Any], list[dict[str, Any]]]:
+        """THUDM's ``process_response``: ``(response, history)`` for a generated reply (text, or the ids after the
+        prompt; a trailing stop id is dropped). Each ``<|assistant|>`` segment is appended to a copy of
+        ``history`` as ``{"role": "assistant", "metadata", "content"}``; the response is the last segment's
+        stripped text when its metadata line is empty, else ``{"name", "parameters"}`` when ``history[0]`` is a
+        system message with tools, else ``{"name", "content"}``. THUDM ``eval``s a call's ``tool_call(k=v)``;
+        here the arguments must be Python literals (`parsers.parse_tool_call`), nothing runs, and anything else
+        is a ValueError."""
+        text = self._reply_text(output)
+        history = copy.deepcopy(list(history))
+        response: str | dict[str, Any] = ""
+        for segment in text.split("<|assistant|>"):
+            metadata, content = segment.split("\n", 1) if "\n" in segment else ("", segment)
+            if not metadata.strip():
+                content = content.strip()
+                history.append({"role": "assistant", "metadata": metadata, "content": content})
+                response = content.replace("[[训练时间]]", "2023年")
+                continue
+            history.append({"role": "assistant", "metadata": metadata, "content": content})
+            name = metadata.strip()
+            if history[0]["role"] == "system" and "tools" in history[0]:
+                response = {"name": name, "parameters": parse_tool_call(unfence(content))}
+            else:
+                response = {"name": name, "content": content}
+        return response, history
 
 
 class ChatGLM2Tokenizer(SentencePieceTokenizer):
@@ -280,20 +254,7 @@ class ChatGLM2Tokenizer(SentencePieceTokenizer):
     ``[Round n]\n\n问：{query}\n\n答：``. The format has no system role and no tools; a reply ends with eos."""
 
     reply_format = "plain"
-
-    def __init__(self, model_file: str | Path | None = None):
-        super().__init__(model_file)
-        n = self.sp_model.get_piece_size()
-        self._special_tokens = {token: n + i for i, token in enumerate(SPECIAL_TOKENS[:5])}
-        self._special_ids = {i: token for token, i in self._special_tokens.items()}
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp_model.get_piece_size() + len(self._special_tokens)
-
-    @property
-    def stop_ids(self) -> list[int]:
-        return [int(i) for i in self.generation_eos] if self.generation_eos else [self.eos_token_id]
+    special_token_names = SPECIAL_TOKENS[:5]
 
     def _builtin_chat(self, messages, tools, add_generation_prompt, enable_thinking, tokenize):
         if tools:

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from glm_jax.tokenizers.formats import check_tools
 from glm_jax.tokenizers.parsers import parse_tool_call, unfence
 
 log = logging.getLogger(__name__)
@@ -352,7 +353,7 @@ def check_conversation(obj: Any) -> tuple[list[dict], Any]:
         if "metadata" in m and not isinstance(m["metadata"], str):
             raise ValueError(f"message {i}: metadata must be a string")
         if "tools" in m:
-            _check_tools(m["tools"], f"message {i}: tools")
+            check_tools(m["tools"], f"message {i}: tools")
     return _with_tools(conv, obj)
 
 
@@ -362,17 +363,8 @@ def _with_tools(msgs: list[dict], obj: dict) -> tuple[list[dict], Any]:
         raise ValueError("no assistant message to train on")
     tools = obj.get("tools")
     if tools is not None:
-        _check_tools(tools, "tools")
+        check_tools(tools, "tools")
     return msgs, tools
-
-
-def _check_tools(tools: Any, key: str) -> None:
-    """ChatGLM3 tools: a list of tool-description objects."""
-    if not isinstance(tools, list):
-        raise ValueError(f"{key}: must be a list of tool objects, got {type(tools).__name__} {tools!r:.40}")
-    for j, t in enumerate(tools):
-        if not isinstance(t, dict):
-            raise ValueError(f"{key}[{j}]: must be a tool object, got {type(t).__name__} {t!r:.40}")
 
 
 # OpenAI-format conversations, any tokenizer (docs/tokenizer.md, "SFT data formats"): the checkpoint's own chat
