@@ -50,8 +50,10 @@ from typing import Any, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from glm_jax.model import cache_specs
+from glm_jax.model import cache_specs, param_specs
+from glm_jax.sharding import LOGICAL_RULES, axis_rules, logical_sharding, param_shardings, use_mesh
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +172,6 @@ def _cache_constraint(cache, mesh, rules):
     """Shards the KV cache like the activations: batch over data/fsdp, KV heads over tensor where they divide."""
     if mesh is None:
         return cache
-    from glm_jax.sharding import logical_sharding
-
     names = {5: ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"),
              4: ("cache_batch", "cache_length", "kv_heads", "head_dim"),
              2: ("cache_batch", "cache_length"), 1: ("cache_batch",), 0: ()}
@@ -253,8 +253,6 @@ def _decode_loop(model, params, state, limit, *, spec: SamplingSpec, mesh, rules
 
 def _run_sharded(mesh, rules, fn, *args):
     """fn(*args) under the mesh and the logical axis rules, so the model's activation constraints apply."""
-    from glm_jax.sharding import axis_rules, use_mesh
-
     if mesh is None:
         return fn(*args)
     with use_mesh(mesh), axis_rules(rules):
@@ -423,16 +421,11 @@ class _Prepared:
 
 @functools.lru_cache(maxsize=16)
 def _param_shardings(model, mesh, rules):
-    from glm_jax.model import param_specs
-    from glm_jax.sharding import param_shardings
-
     return param_shardings(param_specs(model), mesh, rules)
 
 
 def shard_params(model, params, mesh, rules=None):
     """`params` placed on `mesh` with the model's logical partitioning (tensor parallel over "tensor")."""
-    from glm_jax.sharding import LOGICAL_RULES
-
     shardings = _param_shardings(model, mesh, LOGICAL_RULES if rules is None else tuple(rules))
     try:
         return jax.device_put(params, shardings)
@@ -444,8 +437,6 @@ def _placed(mesh, *trees):
     """The trees as device arrays, replicated over `mesh` when there is one."""
     if mesh is None:
         return [jax.tree.map(jnp.asarray, t) for t in trees]
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     return [jax.device_put(t, NamedSharding(mesh, P())) for t in trees]
 
 
@@ -508,8 +499,6 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     `return_num_steps`, also the number of decode positions actually run (< max_new_tokens if all rows stopped).
     See the module docstring for sampling and padding semantics.
     """
-    from glm_jax.sharding import LOGICAL_RULES
-
     rules = LOGICAL_RULES if rules is None else tuple(rules)
     prep = _prepare(model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=stop_ids, pad_id=pad_id,
@@ -535,8 +524,6 @@ def stream_generate(model, params, input_ids, attention_mask=None, *, max_new_to
     the same seed, the tokens equal `generate`'s whatever the chunk size. `conversation`: a `ConversationCache`
     that keeps the cache for the next call of a batch-1 conversation, which then runs only the new tokens.
     """
-    from glm_jax.sharding import LOGICAL_RULES
-
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     rules = LOGICAL_RULES if rules is None else tuple(rules)

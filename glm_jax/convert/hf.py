@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from tqdm import tqdm
 
 from glm_jax.config import GLMConfig, read_json_object
@@ -22,6 +22,7 @@ from glm_jax.convert.formats import (ENTRIES, FUSED_EXPERTS, HEADS, IGNORED_TORC
                                     Entry, fused_experts_entry)
 from glm_jax.convert.quant import QUANTIZED_KERNELS, dequantize_kernel, dequantize_rows, quantize_kernel, quantize_rows
 from glm_jax.convert.tensors import CheckpointReader, write_safetensors
+from glm_jax.model import GLMForCausalLM, GLMForSequenceClassification, param_specs, stack_layers, unstack_layers
 from glm_jax.sharding import LOGICAL_RULES, param_shardings
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ def detect_format(ckpt_dir: str | Path) -> tuple[str, dict[str, Any]]:
 
 def abstract_params(cfg: GLMConfig):
     """Boxed ShapeDtypeStructs of every parameter any head may have (model + lm_head + score)."""
-    from glm_jax.model import GLMForCausalLM, GLMForSequenceClassification, param_specs
-
     return {**param_specs(GLMForCausalLM(cfg)), "score": param_specs(GLMForSequenceClassification(cfg))["score"]}
 
 
@@ -70,8 +69,6 @@ def _set(tree, path, value):
 def _stream_put(shape, dtype, target, layers):
     """A [L, ...] device array with sharding `target` (None: the default device), filled one layer at a time
     from `layers` (an iterator of (index, host array [...])): the host holds one layer's slice at a time."""
-    from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
-
     if target is None:
         target = SingleDeviceSharding(jax.devices()[0])
     if isinstance(target, NamedSharding):
@@ -130,8 +127,6 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
                              "stacked layout are derived, then split per block)")
         cfg, params = load_hf(ckpt_dir, mesh=mesh, rules=rules, progress=progress,
                               **{**config_overrides, "scan_layers": True})
-        from glm_jax.model import unstack_layers
-
         return cfg.replace(scan_layers=False), unstack_layers(params)
     reader = CheckpointReader(ckpt_dir)
     if cfg.num_mtp_layers and f"model.layers.{cfg.num_layers}.eh_proj.weight" not in reader:
@@ -290,8 +285,6 @@ def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transfor
         raise ValueError(f"unknown checkpoint format {format!r} (expected 'thudm' or 'transformers')")
     if quantization_bit and format != "thudm":
         raise ValueError("quantized checkpoints exist only in the THUDM format (format='thudm')")
-    from glm_jax.model import stack_layers
-
     params = _model_params(params)
     params, cfg = stack_layers(params), cfg.replace(scan_layers=True)  # the tensor maps describe the stack
     if cfg.num_mtp_layers and "mtp" not in params["model"]:

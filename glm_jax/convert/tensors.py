@@ -16,6 +16,8 @@ from typing import Iterable
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -56,8 +58,6 @@ class CheckpointReader:
         if file not in handles:
             path = self.dir / file
             if file.endswith(".safetensors"):
-                from safetensors import safe_open
-
                 try:
                     handles[file] = safe_open(str(path), framework="numpy")
                 except Exception as e:
@@ -126,8 +126,6 @@ def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str | 
 
     Tensors stream in: at most one shard is held in memory at a time.
     """
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from tokenizers import AddedToken, Tokenizer as _Tokenizer
+
 from glm_jax.tokenizers.base import Tokenizer
 from glm_jax.tokenizers.tiktoken_bpe import _check, _token_name
 
@@ -20,8 +22,6 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, path: str | Path, config: dict[str, Any] | None = None, chat_template=None,
                  reply_format: str = "glm45"):
-        from tokenizers import Tokenizer as _Tokenizer
-
         self.path = Path(path)
         try:
             self._tok = _Tokenizer.from_file(str(self.path))
@@ -36,8 +36,6 @@ class HFTokenizer(Tokenizer):
 
     def _add_config_tokens(self):
         """Added tokens listed only in tokenizer_config.json (`added_tokens_decoder`), as transformers adds them."""
-        from tokenizers import AddedToken
-
         known = {t.content for t in self._tok.get_added_tokens_decoder().values()}
         extra = [(int(i), t) for i, t in (self._config.get("added_tokens_decoder") or {}).items()
                  if t.get("content") not in known]

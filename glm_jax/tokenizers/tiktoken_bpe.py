@@ -15,6 +15,8 @@ import binascii
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import tiktoken
+
 from glm_jax.tokenizers.base import Tokenizer
 from glm_jax.tokenizers.builtin import GLM4_TEMPLATE
 
@@ -67,8 +69,6 @@ class TiktokenTokenizer(Tokenizer):
 
     def __init__(self, path: str | Path, special_tokens: dict[str, int] | None = None,
                  config: dict[str, Any] | None = None, chat_template=None, reply_format: str = "glm4"):
-        import tiktoken
-
         self.path = Path(path)
         ranks = read_tiktoken_ranks(self.path)
         if special_tokens is None:
