@@ -21,6 +21,7 @@ import math
 import numpy as np
 
 from glm_jax.config import GLMConfig
+from glm_jax.model.glm import layer_stacks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +236,6 @@ def glm4_moe_entries(cfg: GLMConfig) -> list[Entry]:
     (mlp.experts.N.{gate,up,down}_proj), separate gate / up projections, the router's gate.weight and fp32
     gate.e_score_correction_bias; MTP layers at model.layers.{num_layers + j} (enorm, hnorm, eh_proj,
     shared_head.norm and a MoE block; their embed_tokens / shared_head.head are the model's, see MTP_SHARED)."""
-    from glm_jax.model.glm import layer_stacks
-
     e = [Entry(("model", "embed", "embedding"), "model.embed_tokens.weight")]
     for name, moe, first, _ in layer_stacks(cfg):
         e += _glm4_moe_block(cfg, ("model", name), moe, first)

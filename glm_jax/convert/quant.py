@@ -7,6 +7,7 @@ Stored as `<name>.weight` int8 [out, in * bits / 8] and `<name>.weight_scale` [o
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -48,8 +49,6 @@ def quantize_kernel(kernel, n_in: int, bits: int, lead: int = 1):
 
     Works on numpy arrays (host, while loading) and jax arrays (on device, keeping their sharding).
     """
-    import jax.numpy as jnp
-
     xp = np if isinstance(kernel, np.ndarray) else jnp
     axes = tuple(range(lead, lead + n_in))
     k32 = kernel.astype(np.float32)
