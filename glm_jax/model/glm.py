@@ -46,6 +46,8 @@ from flax import linen as nn
 
 from glm_jax.config import REMAT_POLICIES, GLMConfig
 from glm_jax.model.layers import MLP, Attention, Embed, Linear, MoE, RMSNorm, rotary_cos_sin
+from glm_jax.model.layers import kv_cache as kv_cache_lib
+from glm_jax.model.layers.kv_cache import PagedIndex
 from glm_jax.model.layers.mla import MLA, softmax_scale, yarn_cos_sin
 
 JAX_REMAT_POLICIES = {  # GLMConfig.remat_policy -> what each block keeps for the backward pass
@@ -191,13 +193,16 @@ class GLMModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, decode: bool = False,
-                 prefill: bool = False):
+                 prefill: bool = False, paged: PagedIndex | None = None):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         batch, seq = input_ids.shape
         q_segments = combine_segments(attention_mask, segment_ids)
         cache = None
-        if decode:
+        if paged is not None:
+            decode, prefill = True, False
+            cache, q_segments, kv_segments, position_ids = self.paged_state(paged, seq)
+        elif decode:
             cache, q_segments, kv_segments, position_ids = self.decode_state(q_segments, position_ids, batch, seq,
                                                                             prefill)
         else:
@@ -249,6 +254,14 @@ class GLMModel(nn.Module):
         kv_segments = q_segments if prefill else all_segments
         return {"kv": kv_vars, "index": cache_index}, q_segments, kv_segments, position_ids
 
+    def paged_state(self, paged: PagedIndex, seq: int):
+        """`decode_state` for the paged layout (layers/kv_cache.py): the pool buffers [L, num_pages, page_size, ...]
+        must be in the "cache" collection (`init_paged_cache`); segments and positions come from `paged`."""
+        kv_vars = [self.variable("cache", name) for name in cache_shapes(self.cfg, 1, 1)]
+        q_segments = paged.query_valid(seq).astype(jnp.int32)
+        kv_segments = paged.key_segments(kv_vars[0].value.shape[2], seq)
+        return {"kv": kv_vars, "index": paged}, q_segments, kv_segments, paged.positions(seq)
+
     def blocks(self, x, kv_cache, ctx: dict, decode: bool, prefill: bool):
         """The decoder blocks: one nn.scan per layer stack (scan_layers) or separate blocks. ctx is broadcast to
         every block; per_layer (layer index, P-tuning prefix, DSA "full" flag) is sliced along the layers."""
@@ -262,7 +275,8 @@ class GLMModel(nn.Module):
         carry, full = (x, kv_cache), None
         if cfg.is_dsa and cfg.indexer_types:  # "shared" indexer layers: the selection travels with the carry
             batch, seq = x.shape[:2]
-            k = min(cfg.index_topk, kv_cache[0].shape[2] if decode and not prefill else seq)
+            k = min(cfg.index_topk, kv_cache_lib.view_length(kv_cache[0], ctx["cache_index"]) if decode and not prefill
+                    else seq)
             carry += ((jnp.zeros((batch, seq, k), jnp.int32), jnp.zeros((batch, seq, k), bool)),)
             full = jnp.asarray([t == "full" for t in cfg.indexer_types])
 
@@ -323,15 +337,18 @@ class GLMForCausalLM(nn.Module):
     Decoding: `decode=True` with `mutable=["cache"]` and a cache from `init_cache`; the first call on an empty
     cache may pass `prefill=True` (the prompt then attends within itself, with the flash kernels, instead of
     against every cache slot) and `last_logits_only=True` (logits of the last position only: [batch, 1, vocab]).
+    Paged decoding (the serving engine): `paged=PagedIndex(...)` with a pool from `init_paged_cache` as the
+    "cache" collection and left-padded rows (layers/kv_cache.py).
     """
 
     cfg: GLMConfig
 
     @nn.compact
     def __call__(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, decode: bool = False,
-                 return_hidden: bool = False, prefill: bool = False, last_logits_only: bool = False):
+                 return_hidden: bool = False, prefill: bool = False, last_logits_only: bool = False,
+                 paged: PagedIndex | None = None):
         hidden = GLMModel(self.cfg, name="model")(input_ids, position_ids, attention_mask, segment_ids, decode,
-                                                  prefill)
+                                                  prefill, paged)
         if return_hidden:  # for losses that chunk the vocabulary projection themselves
             return hidden
         if last_logits_only:
@@ -431,3 +448,15 @@ def cache_specs(model: nn.Module, batch_size: int, max_len: int):
 def init_cache(model: nn.Module, batch_size: int, max_len: int):
     """A zeroed KV cache for `batch_size` rows of up to `max_len` tokens (KV groups only, not expanded heads)."""
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_specs(model, batch_size, max_len))
+
+
+def paged_cache_specs(cfg: GLMConfig, num_pages: int, page_size: int) -> dict:
+    """The paged decode cache's pool ("cache" collection, `paged=`): the buffers of `cache_shapes` with pages in
+    place of rows, [L, num_pages, page_size, ...] (GQA keys / values, MLA's latent, DSA's indexer keys)."""
+    return {"model": {name: jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype))
+                      for name, shape in cache_shapes(cfg, num_pages, page_size).items()}}
+
+
+def init_paged_cache(cfg: GLMConfig, num_pages: int, page_size: int) -> dict:
+    """A zeroed pool for `paged_cache_specs`."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), paged_cache_specs(cfg, num_pages, page_size))

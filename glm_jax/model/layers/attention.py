@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from glm_jax.model.layers.embeddings import apply_rotary
 from glm_jax.model.layers.linear import Linear
 from glm_jax.model.layers.norms import RMSNorm
+from glm_jax.model.layers import kv_cache as kv_cache_lib
 from glm_jax.sharding import logical_to_spec
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,16 @@ def resolve_impl(impl: str, dtype) -> str:
     return impl
 
 
+def causal(q_len: int, kv_len: int, q_offset=0):
+    """Boolean [1 or B, q_len, kv_len]: query slot i (at key slot i + q_offset; q_offset a number or [B] per row)
+    sees key slots <= that."""
+    q_idx = jnp.arange(q_len)[None, :] + jnp.reshape(q_offset, (-1, 1))
+    return q_idx[:, :, None] >= jnp.arange(kv_len)[None, None, :]
+
+
 def make_mask(q_segments, kv_segments, q_len: int, kv_len: int, q_offset=0):
     """Boolean [batch, q_len, kv_len]: causal by slot and same segment. Segments None means all one segment."""
-    q_idx = jnp.arange(q_len) + q_offset
-    mask = (q_idx[:, None] >= jnp.arange(kv_len)[None, :])[None]
+    mask = causal(q_len, kv_len, q_offset)
     if q_segments is not None:
         mask = mask & (q_segments[:, :, None] == kv_segments[:, None, :])
     return mask
@@ -259,12 +266,10 @@ class Attention(nn.Module, kw_only=True):
 
         q_offset = 0
         if self.decode:
-            at = (layer, 0, cache_index, 0, 0)
-            kv_cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), at)
-                             for c, new in zip(kv_cache, (k, v)))
+            kv_cache = tuple(kv_cache_lib.write(c, layer, cache_index, new) for c, new in zip(kv_cache, (k, v)))
             if not self.prefill:  # attend over the whole cache; a prefill attends within its own tokens (any kernel)
-                k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv_cache)
-                q_offset = cache_index
+                k, v = (kv_cache_lib.read(c, layer, cache_index) for c in kv_cache)
+                q_offset = kv_cache_lib.query_offset(cache_index)
 
         out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl, prefix,
                                     self.max_segments)

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from glm_jax.model.layers import kv_cache as kv_cache_lib
+from glm_jax.model.layers.attention import causal
 from glm_jax.model.layers.embeddings import apply_rotary
 from glm_jax.model.layers.linear import Linear
 
@@ -110,9 +112,7 @@ def topk_mask(idx, visible, kv_len: int):
 
 def visibility(q_segments, kv_segments, q_len: int, kv_len: int, q_offset=0):
     """[B, q_len, kv_len]: causal by slot, same segment (attention.make_mask's rule; 0 = padding)."""
-    q_idx = jnp.arange(q_len) + q_offset
-    mask = (q_idx[:, None] >= jnp.arange(kv_len)[None, :])[None]
-    return mask & (q_segments[:, :, None] == kv_segments[:, None, :])
+    return causal(q_len, kv_len, q_offset) & (q_segments[:, :, None] == kv_segments[:, None, :])
 
 
 def latent_attention(q, kv, mask, scale: float, value_dim: int):
@@ -213,8 +213,8 @@ def mla_dsa(mla, x, q_lat, cos, sin, q_nope, q_rope, latent, k_rope, kv_b, scale
     Returns ([B, S, N, v], cache, the selection used)."""
     kv, q_offset, keys = jnp.concatenate([latent, k_rope.astype(latent.dtype)], -1), 0, None
     if mla.decode and not mla.prefill:
-        kv, keys = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache)
-        q_offset = cache_index
+        kv, keys = (kv_cache_lib.read(c, layer, cache_index) for c in cache)
+        q_offset = kv_cache_lib.query_offset(cache_index)
 
     def attend(picked, index):
         return mla_sparse_attention(q_nope, q_rope, kv, kv_b, index, q_segments, kv_segments, topk=mla.index_topk,
@@ -223,8 +223,7 @@ def mla_dsa(mla, x, q_lat, cos, sin, q_nope, q_rope, latent, k_rope, kv_b, scale
     def own(mdl):  # this layer's indexer: its keys join the cached ones (a decode step scores every slot)
         iq, ik, iw = Indexer(num_heads=mdl.index_n_heads, head_dim=mdl.index_head_dim, dtype=mdl.dtype,
                              param_dtype=mdl.param_dtype, name="indexer")(x, q_lat, cos, sin)
-        all_keys = ik if keys is None else jax.lax.dynamic_update_slice(keys, ik.astype(keys.dtype),
-                                                                         (0, cache_index, 0))
+        all_keys = ik if keys is None else kv_cache_lib.place(keys, cache_index, ik)
         out, picked = attend(None, (iq, all_keys.astype(iq.dtype), iw))
         return out, picked, ik.astype(mdl.dtype)
 
@@ -237,6 +236,5 @@ def mla_dsa(mla, x, q_lat, cos, sin, q_nope, q_rope, latent, k_rope, kv_b, scale
     else:
         out, picked, ik = nn.cond(full, own, reuse, mla, variables="params", rngs=False)
     if mla.decode:
-        cache = (cache[0], jax.lax.dynamic_update_slice(cache[1], ik[None].astype(cache[1].dtype),
-                                                        (layer, 0, cache_index, 0)))
+        cache = (cache[0], kv_cache_lib.write(cache[1], layer, cache_index, ik))
     return out, cache, picked

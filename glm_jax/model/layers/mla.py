@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from glm_jax.model.layers import kv_cache as kv_cache_lib
 from glm_jax.model.layers.attention import dot_product_attention, make_mask
 from glm_jax.model.layers.dsa import mla_dsa
 from glm_jax.model.layers.embeddings import apply_rotary
@@ -211,15 +212,14 @@ class MLA(nn.Module, kw_only=True):
 
         if self.decode:  # the cache keeps [latent ; rotary key] per token (module docstring)
             new = jnp.concatenate([latent, k_rope.astype(latent.dtype)], -1)
-            cache = (jax.lax.dynamic_update_slice(cache[0], new[None].astype(cache[0].dtype),
-                                                  (layer, 0, cache_index, 0)),) + tuple(cache[1:])
+            cache = (kv_cache_lib.write(cache[0], layer, cache_index, new),) + tuple(cache[1:])
         picked = None
         if self.index_topk:
             out, cache, picked = mla_dsa(self, x, q_lat, cos, sin, q_nope, q_rope, latent, k_rope, kv_b, scale,
                                          q_segments, kv_segments, cache_index, cache, layer, full, chosen)
         elif self.decode and not self.prefill:
-            kv = jax.lax.dynamic_index_in_dim(cache[0], layer, 0, keepdims=False)  # [B, max_len, kv_lora + rope]
-            mask = make_mask(q_segments, kv_segments, x.shape[1], kv.shape[1], cache_index)
+            kv = kv_cache_lib.read(cache[0], layer, cache_index)  # [B, max_len, kv_lora + rope]
+            mask = make_mask(q_segments, kv_segments, x.shape[1], kv.shape[1], kv_cache_lib.query_offset(cache_index))
             out = absorbed_attention(q_nope, q_rope, kv, kv_b, mask, scale=scale)
         else:
             out = expanded_attention(q_nope, q_rope, latent, k_rope, kv_b, q_segments, kv_segments, scale=scale,
