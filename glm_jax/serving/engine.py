@@ -1,0 +1,407 @@
+"""The serving engine: continuous batching over a paged KV cache with prefix caching (docs/serving.md).
+
+    engine = Engine(model, params, tokenizer, max_num_seqs=16, page_size=16)
+    rid = engine.add_request(prompt_ids, SamplingParams(temperature=0, max_tokens=64))
+    while engine.has_unfinished():
+        for out in engine.step():            # RequestOutput: the new tokens of every request that advanced
+            ...
+    outs = engine.generate([ids_a, ids_b], SamplingParams(max_tokens=32))   # offline: a list in, a list out
+
+One `step()`: admit waiting requests into free decode slots (reusing cached pages of their prefix), run one
+prefill chunk for up to `max_prefill_rows` requests that still have prompt tokens to compute (the last chunk
+samples the first token), then one decode step for every slot whose request is generating. Both are compiled
+programs of fixed shapes (slots x 1, rows x chunk), so requests come and go without recompiling. When a request
+needs a page and none is left, the most recently admitted other request is preempted: its pages are released
+(full ones stay cached) and it waits at the front of the queue, to be recomputed from its prompt and the tokens
+it already produced.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import math
+import random
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax.model import PagedIndex, init_paged_cache
+from glm_jax.serving.pages import PagePool, page_keys
+from glm_jax.serving.sampling import RowSpec, SamplingParams, sample_rows
+
+TRACE_COUNTS: collections.Counter = collections.Counter()  # "prefill" / "decode" traces: tests count recompiles
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at `max_waiting` (a server answers 429)."""
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What `step()` reports for a request that advanced: its new tokens (and their logprobs when asked), all
+    its tokens so far, and, once finished, why ("stop": a stop id or string, "length": max_tokens or the
+    context, "abort")."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    new_token_ids: list[int]
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    logprobs: list[dict] | None = None  # per new token: {"logprob", "top": [(id, logprob), ...]}
+    num_cached_tokens: int = 0
+    stop_text: str | None = None  # the stop string that ended it
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    seed: int
+    max_tokens: int
+    stop_ids: frozenset
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    generated: list[int] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its registered full pages
+    computed: int = 0  # tokens whose keys / values are in its pages
+    slot: int | None = None
+    status: str = "waiting"
+    finish_reason: str | None = None
+    stop_text: str | None = None
+    cached_tokens: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens to compute before decoding: the prompt, or (resumed after preemption) every token but the last,
+        which the next decode step feeds."""
+        return len(self.prompt) + max(len(self.generated) - 1, 0)
+
+    @property
+    def needs_prefill(self) -> bool:
+        return self.computed < self.prefill_target
+
+
+class Engine:
+    """Continuous batching for one model (see the module docstring). `model`: a `GLMForCausalLM` of any family;
+    `tokenizer` (optional): its stop ids end requests, its vocabulary bounds the sampled ids, and it checks stop
+    strings. KV budget: `num_pages` pages of `page_size` tokens, or `kv_cache_tokens` tokens, default enough for
+    every slot at `max_model_len`."""
+
+    def __init__(self, model, params, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: int | None = None,
+                 page_size: int = 16, num_pages: int | None = None, kv_cache_tokens: int | None = None,
+                 prefill_chunk: int = 128, max_prefill_rows: int = 2, prefix_caching: bool = True,
+                 max_waiting: int = 1024):
+        cfg = model.cfg
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.max_model_len = min(max_model_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.page_size, self.max_num_seqs = int(page_size), int(max_num_seqs)
+        self.max_pages = math.ceil(self.max_model_len / self.page_size)
+        if num_pages is None:
+            num_pages = (math.ceil(kv_cache_tokens / page_size) if kv_cache_tokens
+                         else self.max_pages * self.max_num_seqs) + 1
+        self.pool = PagePool(int(num_pages), self.page_size, prefix_caching=prefix_caching)
+        self.cache = init_paged_cache(cfg, int(num_pages), self.page_size)
+        self.prefill_chunk, self.max_prefill_rows, self.max_waiting = prefill_chunk, max_prefill_rows, max_waiting
+        self.vocab_limit = tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size
+        self.default_stop_ids = frozenset(tokenizer.stop_ids) if tokenizer is not None else frozenset()
+        self.seen = jnp.zeros((self.max_num_seqs, cfg.vocab_size), bool)
+        self.slots: list[Request | None] = [None] * self.max_num_seqs
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.counters = collections.Counter()
+        self._ids = itertools.count()
+        self._programs: dict[tuple, Any] = {}
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queues a request; returns its id. ValueError (naming the problem) for a prompt the engine can never
+        run; QueueFull when `max_waiting` requests already wait."""
+        sampling = sampling or SamplingParams()
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt: must hold at least one token")
+        bad = [i for i in prompt if not 0 <= i < self.model.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.model.cfg.vocab_size})")
+        room = self.max_model_len - len(prompt)
+        if room < 1:
+            raise ValueError(f"prompt: {len(prompt)} tokens leave no room in the context of {self.max_model_len}")
+        if sampling.max_tokens is not None and sampling.max_tokens > room:
+            raise ValueError(f"max_tokens: {len(prompt)} prompt tokens + max_tokens {sampling.max_tokens} exceed "
+                             f"the context of {self.max_model_len} tokens")
+        max_tokens = sampling.max_tokens or room
+        if math.ceil((len(prompt) + max_tokens) / self.page_size) > self.pool.num_pages - 1:
+            raise ValueError(f"prompt: {len(prompt)} + {max_tokens} tokens need more KV pages than the cache has "
+                             f"({self.pool.num_pages - 1} of {self.page_size} tokens)")
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.max_waiting})")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        stops = (frozenset() if sampling.ignore_eos else self.default_stop_ids) | frozenset(sampling.stop_token_ids)
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
+        req = Request(rid, prompt, sampling, seed % (1 << 31), max_tokens, stops)
+        self.requests[rid] = req
+        self.waiting.append(req)
+        self.counters["requests"] += 1
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a waiting or running request at once, freeing its slot and pages; False if it is unknown or done."""
+        req = self.requests.get(request_id)
+        if req is None or req.status == "finished":
+            return False
+        if req.status == "waiting":
+            self.waiting.remove(req)
+        self._finish(req, "abort")
+        self.counters["aborted"] += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams] | None
+                 = None) -> list[RequestOutput]:
+        """Runs every prompt to the end (batched by the scheduler); the final outputs, in the prompts' order."""
+        params = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        while any(i not in final for i in ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[RequestOutput]:
+        """Admits, prefills one chunk, decodes one token; the outputs of every request that advanced or ended."""
+        outputs: dict[str, RequestOutput] = {}
+        self._admit()
+        rows = [r for r in self.running if r.needs_prefill][:self.max_prefill_rows]
+        if rows:
+            self._prefill(rows, outputs)
+        rows = [r for r in self.running if not r.needs_prefill and r.generated]
+        if rows:
+            self._decode(rows, outputs)
+        self.counters["steps"] += 1
+        return list(outputs.values())
+
+    def _admit(self) -> None:
+        while self.waiting and None in self.slots:
+            req = self.waiting[0]
+            target = req.prefill_target
+            usable = (target - 1) // self.page_size  # the last prompt token is always computed (its logits)
+            keys = page_keys(req.tokens, self.page_size, usable)
+            pages = self.pool.match(keys)
+            first = min(target, len(pages) * self.page_size + self.prefill_chunk)
+            if math.ceil(first / self.page_size) - len(pages) > self.pool.available:
+                self.pool.release(pages)  # no room for its first chunk yet
+                return
+            self.waiting.popleft()
+            req.pages, req.keys = pages, keys[:len(pages)]
+            req.computed = req.cached_tokens = len(pages) * self.page_size
+            req.slot, req.status = self.slots.index(None), "running"
+            self.slots[req.slot] = req
+            self.running.append(req)
+            if req.sampling.repetition_penalty != 1.0:
+                self.seen = _reset_seen(self.seen, req.slot, *_padded(req.tokens))
+
+    def _ensure_pages(self, req: Request, tokens: int) -> bool:
+        """Pages for `tokens` tokens of `req`, preempting later requests if needed; False if `req` itself was."""
+        while len(req.pages) * self.page_size < tokens:
+            page = self.pool.allocate()
+            if page is None:
+                victim = next((r for r in reversed(self.running) if r is not req), None)
+                self._preempt(victim or req)
+                if victim is None:
+                    return False
+                continue
+            req.pages.append(page)
+        return req.status == "running"
+
+    def _preempt(self, req: Request) -> None:
+        self.pool.release(req.pages)
+        self.running.remove(req)
+        self.slots[req.slot] = None
+        req.pages, req.keys, req.computed, req.slot, req.status = [], [], 0, None, "waiting"
+        self.waiting.appendleft(req)
+        self.counters["preemptions"] += 1
+
+    def _register_full_pages(self, req: Request) -> None:
+        full = min(req.computed, len(req.tokens)) // self.page_size
+        if full > len(req.keys):
+            parent = req.keys[-1] if req.keys else None
+            new = page_keys(req.tokens[len(req.keys) * self.page_size:], self.page_size, full - len(req.keys),
+                            *(() if parent is None else (parent,)))
+            for page, key in zip(req.pages[len(req.keys):full], new):
+                self.pool.register(page, key)
+            req.keys += new
+
+    # ------------------------------------------------------------------ prefill and decode
+    def _prefill(self, rows: list[Request], outputs: dict) -> None:
+        counts = {}
+        for req in rows:
+            counts[req.id] = min(self.prefill_chunk, req.prefill_target - req.computed)
+            self._ensure_pages(req, req.computed + counts[req.id])
+        rows = [r for r in rows if r.status == "running"]
+        if not rows:
+            return
+        n_rows, chunk = self.max_prefill_rows, self.prefill_chunk
+        tokens = np.zeros((n_rows, chunk), np.int32)
+        offset, new = np.zeros(n_rows, np.int32), np.zeros(n_rows, np.int32)
+        slots = np.zeros(n_rows, np.int32)
+        for b, req in enumerate(rows):
+            n = counts[req.id]
+            tokens[b, chunk - n:] = req.tokens[req.computed:req.computed + n]
+            offset[b], new[b], slots[b] = req.computed - (chunk - n), n, req.slot
+        finishing = [r.computed + counts[r.id] == r.prefill_target and not r.generated for r in rows]
+        spec = RowSpec.of([r.sampling for r, f in zip(rows, finishing) if f])
+        knobs = self._knobs(rows, n_rows)
+        sample_mask = np.zeros(n_rows, bool)
+        sample_mask[:len(rows)] = finishing
+        fn = self._program("prefill", spec)
+        tok, lp, top, self.cache, self.seen = fn(self.params, self.cache, self.seen, tokens, self._page_table(rows, n_rows),
+                                                 offset, new, slots, sample_mask, knobs)
+        tok, lp = np.asarray(tok), np.asarray(lp)
+        top = None if top is None else tuple(np.asarray(t) for t in top)
+        for b, req in enumerate(rows):
+            req.computed += counts[req.id]
+            self.counters["prompt_tokens"] += counts[req.id]
+            self._register_full_pages(req)
+            if finishing[b]:
+                self._append(req, int(tok[b]), float(lp[b]), None if top is None else (top[0][b], top[1][b]), outputs)
+
+    def _decode(self, rows: list[Request], outputs: dict) -> None:
+        for req in list(rows):
+            if req.status == "running":
+                self._ensure_pages(req, req.computed + 1)
+        rows = [r for r in rows if r.status == "running"]
+        if not rows:
+            return
+        n = self.max_num_seqs
+        tokens, offset, new = np.zeros((n, 1), np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        by_slot: list[Request | None] = [None] * n
+        for req in rows:
+            by_slot[req.slot] = req
+            tokens[req.slot, 0], offset[req.slot], new[req.slot] = req.tokens[req.computed], req.computed, 1
+        spec = RowSpec.of([r.sampling for r in rows])
+        fn = self._program("decode", spec)
+        tok, lp, top, self.cache, self.seen = fn(self.params, self.cache, self.seen, tokens,
+                                                 self._page_table(by_slot, n), offset, new, np.arange(n, dtype=np.int32),
+                                                 new.astype(bool), self._knobs(by_slot, n))
+        tok, lp = np.asarray(tok), np.asarray(lp)
+        top = None if top is None else tuple(np.asarray(t) for t in top)
+        for req in rows:
+            b = req.slot
+            req.computed += 1
+            self._register_full_pages(req)
+            self._append(req, int(tok[b]), float(lp[b]), None if top is None else (top[0][b], top[1][b]), outputs)
+
+    def _page_table(self, rows: Sequence[Request | None], n: int) -> np.ndarray:
+        table = np.zeros((n, self.max_pages), np.int32)
+        for b, req in enumerate(rows):
+            if req is not None:
+                table[b, :len(req.pages)] = req.pages
+        return table
+
+    def _knobs(self, rows: Sequence[Request | None], n: int) -> dict:
+        knobs = {"temperature": np.zeros(n, np.float32), "top_p": np.ones(n, np.float32),
+                 "top_k": np.zeros(n, np.int32), "repetition_penalty": np.ones(n, np.float32),
+                 "seed": np.zeros(n, np.int32), "count": np.zeros(n, np.int32)}
+        for b, req in enumerate(rows):
+            if req is not None:
+                p = req.sampling
+                knobs["temperature"][b], knobs["top_p"][b], knobs["top_k"][b] = p.temperature, p.top_p, p.top_k
+                knobs["repetition_penalty"][b], knobs["seed"][b] = p.repetition_penalty, req.seed
+                knobs["count"][b] = len(req.generated)
+        knobs["vocab_limit"] = np.int32(self.vocab_limit)
+        return knobs
+
+    def _program(self, kind: str, spec: RowSpec):
+        key = (kind, spec)
+        if key not in self._programs:
+            model = self.model
+
+            def run(params, cache, seen, tokens, pages, offset, new, slots, sampled, knobs):
+                TRACE_COUNTS[kind] += 1
+                index = PagedIndex(pages=pages, offset=offset, new=new)
+                logits, updated = model.apply({"params": params, "cache": cache}, tokens, paged=index,
+                                              mutable=["cache"], last_logits_only=True)
+                tok, lp, top = sample_rows(logits[:, 0], seen[slots], knobs, spec)
+                seen = seen.at[slots, tok].max(sampled)
+                return tok, lp, top, updated["cache"], seen
+
+            self._programs[key] = jax.jit(run, donate_argnums=(1, 2))
+        return self._programs[key]
+
+    # ------------------------------------------------------------------ results
+    def _append(self, req: Request, token: int, logprob: float, top, outputs: dict) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.generated.append(token)
+        self.counters["generation_tokens"] += 1
+        out = outputs.get(req.id)
+        if out is None:
+            out = outputs[req.id] = RequestOutput(req.id, req.prompt, [], [], num_cached_tokens=req.cached_tokens,
+                                                  logprobs=[] if req.sampling.logprobs is not None else None)
+        out.new_token_ids.append(token)
+        if out.logprobs is not None:
+            k = req.sampling.logprobs or 0
+            out.logprobs.append({"logprob": logprob, "top": [] if top is None else
+                                 [(int(i), float(v)) for i, v in zip(top[0][:k], top[1][:k])]})
+        reason = None
+        if token in req.stop_ids:
+            reason = "stop"
+        elif req.sampling.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(req.generated)
+            hit = next((s for s in req.sampling.stop if s in text), None)
+            if hit is not None:
+                reason, req.stop_text = "stop", hit
+        if reason is None and (len(req.generated) >= req.max_tokens or len(req.tokens) >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self._finish(req, reason)
+        out.token_ids = list(req.generated)
+        out.finished, out.finish_reason, out.stop_text = req.status == "finished", req.finish_reason, req.stop_text
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.status == "running":
+            self.pool.release(req.pages)
+            self.running.remove(req)
+            self.slots[req.slot] = None
+        req.pages, req.slot, req.status, req.finish_reason = [], None, "finished", reason
+        self.requests.pop(req.id, None)
+
+    # ------------------------------------------------------------------ state
+    def stats(self) -> dict[str, Any]:
+        """Counts for monitoring: requests running / waiting, KV pages used / total, prefix-cache tokens queried
+        and hit, and the totals in `counters`."""
+        return {"running": len(self.running), "waiting": len(self.waiting), "pages_used": self.pool.used,
+                "pages_total": self.pool.num_pages - 1, **self.pool.stats, **self.counters}
+
+
+@jax.jit
+def _reset_seen(seen, slot, tokens, n):
+    row = jnp.zeros(seen.shape[1], bool).at[tokens].max(jnp.arange(tokens.shape[0]) < n)
+    return seen.at[slot].set(row)
+
+
+def _padded(tokens: Sequence[int]) -> tuple[np.ndarray, np.int32]:
+    size = 1 << max(4, (len(tokens) - 1).bit_length())  # a few compiles: powers of two
+    out = np.zeros(size, np.int32)
+    out[:len(tokens)] = tokens
+    return out, np.int32(len(tokens))

@@ -1,0 +1,111 @@
+"""Per-request sampling for the serving engine: `SamplingParams` and the per-row sampler of its compiled steps.
+
+Each row of a decode step belongs to another request with its own settings, so here every knob is a [B] array
+and a row with temperature 0 is greedy. The processing order and the filters are `glm_jax.generation`'s
+(repetition penalty -> temperature -> top_k -> top_p, the same `apply_repetition_penalty` and the same top-p
+rule), so a request gives what `generate` gives with the same settings; only the random stream differs: a
+request draws from `fold_in(key(seed), n)` for its n-th token, whatever else runs beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from glm_jax.generation import apply_repetition_penalty, check_sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request is sampled and when it stops (the OpenAI fields of the same names).
+
+    temperature 0 is greedy; top_k 0 keeps every token; top_p 1 is off; repetition_penalty 1 is off. seed: the
+    request's random stream (None: a fresh seed per request). stop: strings that end the reply (not included in
+    the text); stop_token_ids: ids that end it besides the tokenizer's stop ids (ignore_eos drops those).
+    max_tokens: the most new tokens (None: up to the model's context). logprobs: also return the log-probability
+    of each chosen token and this many top alternatives (0: none, at most 20)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                       repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_tokens or 1)
+        object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids or ()))
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs: must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """What about a step's rows changes its compiled program: any sampled row, any row with top_k / top_p, any
+    repetition penalty, top logprobs wanted. At most 16 programs per shape, each compiled once."""
+
+    sample: bool = False
+    filter: bool = False
+    penalty: bool = False
+    top_logprobs: bool = False
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams]) -> "RowSpec":
+        sampled = [p for p in params if not p.greedy]
+        return cls(sample=bool(sampled), filter=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
+                   penalty=any(p.repetition_penalty != 1.0 for p in params),
+                   top_logprobs=any(p.logprobs for p in params))
+
+
+def sample_rows(logits, seen, knobs: dict, spec: RowSpec):
+    """Next token of each row from logits [B, V]; `knobs` holds [B] arrays temperature, top_p, top_k,
+    repetition_penalty, seed, count (tokens the request has generated) and the scalar vocab_limit. Returns
+    (tokens [B], logprob of each [B], (top ids, top logprobs) [B, MAX_LOGPROBS] or None), log-probabilities of the
+    model's distribution before any processing, as OpenAI reports them."""
+    raw = logits.astype(jnp.float32)
+    vocab = raw.shape[-1]
+    raw = jnp.where(jnp.arange(vocab) < knobs["vocab_limit"], raw, -jnp.inf)
+    logits = apply_repetition_penalty(raw, seen, knobs["repetition_penalty"][:, None]) if spec.penalty else raw
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if spec.sample:
+        temperature = knobs["temperature"]
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(knobs["seed"], knobs["count"])
+        if spec.filter:
+            values, ids = jax.lax.top_k(scaled, vocab)  # sorted; each row's own top_k / top_p below
+            k = knobs["top_k"][:, None]
+            values = jnp.where((k <= 0) | (jnp.arange(vocab)[None] < k), values, -jnp.inf)
+            probs = jax.nn.softmax(values, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs
+            keep = (before < knobs["top_p"][:, None]).at[:, 0].set(True)
+            values = jnp.where(keep, values, -jnp.inf)
+            pick = jax.vmap(jax.random.categorical)(keys, values)
+            drawn = jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+        else:
+            drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+        tokens = jnp.where(temperature > 0, drawn.astype(jnp.int32), tokens)
+    logp = jax.nn.log_softmax(raw, axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    top = None
+    if spec.top_logprobs:
+        top_lp, top_ids = jax.lax.top_k(logp, MAX_LOGPROBS)
+        top = (top_ids.astype(jnp.int32), top_lp)
+    return tokens, chosen, top
