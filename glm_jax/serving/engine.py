@@ -11,9 +11,10 @@ One `step()`: admit waiting requests into free decode slots (reusing cached page
 prefill chunk for up to `max_prefill_rows` requests that still have prompt tokens to compute (the last chunk
 samples the first token), then one decode step for every slot whose request is generating. Both are compiled
 programs of fixed shapes (slots x 1, rows x chunk), so requests come and go without recompiling. When a request
-needs a page and none is left, the most recently admitted other request is preempted: its pages are released
-(full ones stay cached) and it waits at the front of the queue, to be recomputed from its prompt and the tokens
-it already produced.
+needs a page and none is left, the latest-arrived running request that came after it is preempted (first come,
+first served: the oldest request always advances, so everything finishes), or, if none did, the request itself
+waits: its pages are released (full ones stay cached) and it goes back to the queue in arrival order, to be
+recomputed from its prompt and the tokens it already produced.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class RequestOutput:
     token_ids: list[int]
     finished: bool = False
     finish_reason: str | None = None
-    logprobs: list[dict] | None = None  # per new token: {"logprob", "top": [(id, logprob), ...]}
+    logprobs: list[dict] | None = None  # per token of token_ids: {"logprob", "top": [(id, logprob), ...]}
     num_cached_tokens: int = 0
     stop_text: str | None = None  # the stop string that ended it
 
@@ -66,8 +67,10 @@ class Request:
     seed: int
     max_tokens: int
     stop_ids: frozenset
+    order: int  # arrival order: an earlier request is never preempted for a later one
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     generated: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[dict] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
     keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its registered full pages
     computed: int = 0  # tokens whose keys / values are in its pages
@@ -149,12 +152,13 @@ class Engine:
                              f"({self.pool.num_pages - 1} of {self.page_size} tokens)")
         if len(self.waiting) >= self.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.max_waiting})")
-        rid = request_id or f"req-{next(self._ids)}"
+        order = next(self._ids)
+        rid = request_id or f"req-{order}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         stops = (frozenset() if sampling.ignore_eos else self.default_stop_ids) | frozenset(sampling.stop_token_ids)
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
-        req = Request(rid, prompt, sampling, seed % (1 << 31), max_tokens, stops)
+        req = Request(rid, prompt, sampling, seed % (1 << 31), max_tokens, stops, order)
         self.requests[rid] = req
         self.waiting.append(req)
         self.counters["requests"] += 1
@@ -221,14 +225,13 @@ class Engine:
                 self.seen = _reset_seen(self.seen, req.slot, *_padded(req.tokens))
 
     def _ensure_pages(self, req: Request, tokens: int) -> bool:
-        """Pages for `tokens` tokens of `req`, preempting later requests if needed; False if `req` itself was."""
-        while len(req.pages) * self.page_size < tokens:
+        """Pages for `tokens` tokens of `req`, preempting later requests if needed; False if `req` itself was (or
+        already is) preempted."""
+        while req.status == "running" and len(req.pages) * self.page_size < tokens:
             page = self.pool.allocate()
-            if page is None:
-                victim = next((r for r in reversed(self.running) if r is not req), None)
-                self._preempt(victim or req)
-                if victim is None:
-                    return False
+            if page is None:  # first come, first served: only a later request gives way, else this one waits
+                later = [r for r in self.running if r.order > req.order]
+                self._preempt(max(later, key=lambda r: r.order) if later else req)
                 continue
             req.pages.append(page)
         return req.status == "running"
@@ -238,7 +241,9 @@ class Engine:
         self.running.remove(req)
         self.slots[req.slot] = None
         req.pages, req.keys, req.computed, req.slot, req.status = [], [], 0, None, "waiting"
-        self.waiting.appendleft(req)
+        # back into the queue in arrival order (ahead of everything that arrived later)
+        later = next((i for i, r in enumerate(self.waiting) if r.order > req.order), len(self.waiting))
+        self.waiting.insert(later, req)
         self.counters["preemptions"] += 1
 
     def _register_full_pages(self, req: Request) -> None:
@@ -286,9 +291,8 @@ class Engine:
                 self._append(req, int(tok[b]), float(lp[b]), None if top is None else (top[0][b], top[1][b]), outputs)
 
     def _decode(self, rows: list[Request], outputs: dict) -> None:
-        for req in list(rows):
-            if req.status == "running":
-                self._ensure_pages(req, req.computed + 1)
+        for req in rows:
+            self._ensure_pages(req, req.computed + 1)
         rows = [r for r in rows if r.status == "running"]
         if not rows:
             return
@@ -356,13 +360,13 @@ class Engine:
         self.counters["generation_tokens"] += 1
         out = outputs.get(req.id)
         if out is None:
-            out = outputs[req.id] = RequestOutput(req.id, req.prompt, [], [], num_cached_tokens=req.cached_tokens,
-                                                  logprobs=[] if req.sampling.logprobs is not None else None)
+            out = outputs[req.id] = RequestOutput(req.id, req.prompt, [], [], num_cached_tokens=req.cached_tokens)
         out.new_token_ids.append(token)
-        if out.logprobs is not None:
-            k = req.sampling.logprobs or 0
-            out.logprobs.append({"logprob": logprob, "top": [] if top is None else
+        if req.sampling.logprobs is not None:
+            k = req.sampling.logprobs
+            req.logprobs.append({"logprob": logprob, "top": [] if top is None else
                                  [(int(i), float(v)) for i, v in zip(top[0][:k], top[1][:k])]})
+            out.logprobs = list(req.logprobs)
         reason = None
         if token in req.stop_ids:
             reason = "stop"

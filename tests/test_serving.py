@@ -1,0 +1,160 @@
+"""The serving engine (glm_jax/serving): greedy output equal to `glm_jax.generate` for every family, with and
+without the prefix cache and under preemption; one compiled program per step kind whatever comes and goes;
+per-request sampling, stops and aborts; bad requests refused with the field named."""
+
+import jax
+import numpy as np
+import pytest
+
+from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params
+from glm_jax.serving import Engine, QueueFull, SamplingParams
+from glm_jax.serving import engine as E
+from glm_jax.serving.pages import PagePool, page_keys
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10)
+
+
+def tiny(preset):
+    cfg = GLMConfig.from_preset(preset, dtype="float32", param_dtype="float32", max_seq_len=256)
+    model = GLMForCausalLM(cfg)
+    # scaled up so that random logits are far apart: greedy ties are not a coin toss between code paths
+    params = jax.jit(lambda k: jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x, init_params(model, k)))(
+        jax.random.key(1))
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return tiny("glm-test")
+
+
+def prompts_sharing_a_prefix(vocab, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    system = list(rng.integers(3, vocab, 40))
+    out = [system + list(rng.integers(3, vocab, int(k))) for k in rng.integers(1, 30, n)]
+    return out + [list(rng.integers(3, vocab, k)) for k in (5, 50, 3)]
+
+
+def reference(model, params, prompts, n):
+    return [generate(model, params, np.asarray(p, np.int32), max_new_tokens=n, temperature=0.0)[len(p):].tolist()
+            for p in prompts]
+
+
+@pytest.mark.parametrize("preset", ["glm-test", "glm-moe-test", "glm-mla-test", "glm-dsa-test"])
+def test_greedy_equals_generate_with_prefix_cache_and_preemption(preset):
+    """Dense GQA, MoE, MLA's latent cache and DSA's indexer keys: the same tokens as `generate`, with the prefix
+    cache on (its hits counted), off, and with a KV budget so small that requests are preempted and resumed."""
+    model, params = tiny(preset)
+    prompts = prompts_sharing_a_prefix(model.cfg.vocab_size)
+    expected = reference(model, params, prompts, GREEDY.max_tokens)
+    for options, check in [({}, lambda s: s["hit_tokens"] >= 40 and not s.get("preemptions")),
+                           ({"prefix_caching": False}, lambda s: s["hit_tokens"] == 0),
+                           ({"num_pages": 12}, lambda s: s.get("preemptions", 0) > 0)]:
+        engine = Engine(model, params, max_num_seqs=4, page_size=8, prefill_chunk=16, max_model_len=128, **options)
+        outs = engine.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == expected, options
+        stats = engine.stats()
+        assert check(stats), (options, stats)
+        assert stats["pages_used"] == 0 and stats["running"] == stats["waiting"] == 0  # everything released
+
+
+def test_one_program_per_step_kind_as_requests_come_and_go(dense):
+    """Requests of every length join and leave a running batch: the decode and prefill programs are traced once
+    per sampling kind (greedy here), never per request or length."""
+    model, params = dense
+    engine = Engine(model, params, max_num_seqs=3, page_size=4, prefill_chunk=8, max_model_len=96)
+    before = dict(E.TRACE_COUNTS)
+    rng = np.random.default_rng(1)
+    pending = [list(rng.integers(3, 500, int(k))) for k in rng.integers(1, 40, 10)]
+    finished = 0
+    while pending or engine.has_unfinished():
+        if pending and engine.stats()["waiting"] < 2:
+            engine.add_request(pending.pop(), SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 8))))
+        finished += sum(o.finished for o in engine.step())
+    assert finished == 10
+    assert E.TRACE_COUNTS["decode"] - before.get("decode", 0) == 1
+    assert E.TRACE_COUNTS["prefill"] - before.get("prefill", 0) == 1
+
+
+def test_sampling_is_per_request_and_reproducible(dense):
+    """A seeded request draws the same tokens alone or beside others; greedy rows stay greedy in a mixed batch;
+    top_k=1 is greedy; a different seed gives another stream."""
+    model, params = dense
+    prompt = [5, 17, 42, 7]
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7, max_tokens=12)
+    alone = Engine(model, params, max_num_seqs=4, page_size=4).generate([prompt], seeded)[0].token_ids
+    engine = Engine(model, params, max_num_seqs=4, page_size=4)
+    outs = engine.generate([prompt, [9, 9, 9], prompt, prompt],
+                           [seeded, SamplingParams(temperature=0.7, seed=1, max_tokens=12), GREEDY,
+                            SamplingParams(temperature=1.0, top_k=1, seed=3, max_tokens=10)])
+    greedy = reference(model, params, [prompt], 10)[0]
+    assert outs[0].token_ids == alone
+    assert outs[2].token_ids == greedy and outs[3].token_ids == greedy
+    other = Engine(model, params, page_size=4).generate([prompt], SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=50, seed=8, max_tokens=12))[0].token_ids
+    assert other != alone
+
+
+def test_stops_logprobs_and_abort(dense):
+    model, params = dense
+    prompt = [5, 17, 42, 7]
+    greedy = reference(model, params, [prompt], 10)[0]
+    engine = Engine(model, params, max_num_seqs=2, page_size=4)
+    stop_at = greedy[3]
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=(stop_at,),
+                                                   logprobs=3))[0]
+    assert out.token_ids == greedy[:greedy.index(stop_at) + 1] and out.finish_reason == "stop"
+    assert len(out.logprobs) == len(out.token_ids) and all(len(lp["top"]) == 3 for lp in out.logprobs)
+    assert all(lp["top"][0][0] == t and lp["logprob"] <= 0 for lp, t in zip(out.logprobs, out.token_ids))
+    assert engine.generate([prompt], SamplingParams(temperature=0, max_tokens=4))[0].finish_reason == "length"
+    # abort: slot and pages come back at once
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=50))
+    engine.step()
+    assert engine.stats()["running"] == 1 and engine.stats()["pages_used"] > 0
+    assert engine.abort(rid) and not engine.abort(rid)
+    assert engine.stats()["running"] == 0 and engine.stats()["pages_used"] == 0 and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("prompt,sampling,match", [
+    ([], GREEDY, "^prompt: must hold at least one token"),
+    ([1, 10 ** 6], GREEDY, "^prompt: token id 1000000 is outside the vocabulary"),
+    ([1] * 64, GREEDY, "^prompt: 64 tokens leave no room in the context of 64"),
+    ([1] * 60, SamplingParams(max_tokens=10), "^max_tokens: 60 prompt tokens \\+ max_tokens 10 exceed"),
+])
+def test_bad_requests_are_refused_naming_the_field(dense, prompt, sampling, match):
+    model, params = dense
+    engine = Engine(model, params, max_model_len=64, page_size=8)
+    with pytest.raises(ValueError, match=match):
+        engine.add_request(prompt, sampling)
+    assert engine.generate([[1, 2]], SamplingParams(temperature=0, max_tokens=2))[0].finished  # still serving
+
+
+def test_sampling_params_and_queue_limits(dense):
+    with pytest.raises(ValueError, match="^top_p: must be in"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="^logprobs: must be in"):
+        SamplingParams(logprobs=21)
+    assert SamplingParams(stop="x").stop == ("x",)
+    model, params = dense
+    engine = Engine(model, params, max_waiting=1, page_size=8, num_pages=4)
+    with pytest.raises(ValueError, match="need more KV pages than the cache has"):
+        engine.add_request([1] * 20, SamplingParams(max_tokens=10))
+    engine.add_request([1, 2], GREEDY)
+    with pytest.raises(QueueFull):
+        engine.add_request([1, 2], GREEDY)
+
+
+def test_page_pool_reference_counts_and_prefix_keys():
+    pool = PagePool(5, 2)
+    a, b = pool.allocate(), pool.allocate()
+    keys = page_keys([1, 2, 3, 4, 5], 2, 2)
+    assert keys == page_keys([1, 2, 3, 4, 9], 2, 2) and keys[1] != page_keys([0, 2, 3, 4], 2, 2)[1]
+    pool.register(a, keys[0])
+    pool.register(b, keys[1])
+    assert pool.match(keys) == [a, b] and pool.refs[a] == 2
+    pool.release([a, b])
+    pool.release([a, b])
+    assert pool.used == 0 and pool.available == 4 and pool.match(keys[:1]) == [a]  # cached, not freed
+    pool.release([a])
+    taken = [pool.allocate() for _ in range(4)]  # the two free pages, then the cached ones (evicted)
+    assert sorted(taken) == [1, 2, 3, 4] and pool.allocate() is None and pool.match(keys) == []
