@@ -1,4 +1,4 @@
-"""The serving engine (glm_jax/serving): greedy output equal to `glm_jax.generate` for every family, with and
+"""The serving engine (glm_jax/serve): greedy output equal to `glm_jax.generate` for every family, with and
 without the prefix cache and under preemption; one compiled program per step kind whatever comes and goes;
 per-request sampling, stops and aborts; bad requests refused with the field named."""
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params
-from glm_jax.serving import Engine, QueueFull, SamplingParams
-from glm_jax.serving import engine as E
-from glm_jax.serving.pages import PagePool, page_keys
+from glm_jax.serve import Engine, QueueFull, SamplingParams
+from glm_jax.serve import engine as E
+from glm_jax.serve.pages import PagePool, page_keys
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
 

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.model import PagedIndex, init_paged_cache
-from glm_jax.serving.pages import PagePool, page_keys
-from glm_jax.serving.sampling import RowSpec, SamplingParams, sample_rows
+from glm_jax.serve.pages import PagePool, page_keys
+from glm_jax.serve.sampling import RowSpec, SamplingParams, sample_rows
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # "prefill" / "decode" traces: tests count recompiles
 
@@ -129,12 +129,9 @@ class Engine:
         self._programs: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queues a request; returns its id. ValueError (naming the problem) for a prompt the engine can never
-        run; QueueFull when `max_waiting` requests already wait."""
-        sampling = sampling or SamplingParams()
-        prompt = [int(i) for i in prompt_ids]
+    def check_request(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> int:
+        """ValueError naming the problem for a request the engine can never run; else its max new tokens."""
+        prompt = list(prompt_ids)
         if not prompt:
             raise ValueError("prompt: must hold at least one token")
         bad = [i for i in prompt if not 0 <= i < self.model.cfg.vocab_size]
@@ -150,6 +147,15 @@ class Engine:
         if math.ceil((len(prompt) + max_tokens) / self.page_size) > self.pool.num_pages - 1:
             raise ValueError(f"prompt: {len(prompt)} + {max_tokens} tokens need more KV pages than the cache has "
                              f"({self.pool.num_pages - 1} of {self.page_size} tokens)")
+        return max_tokens
+
+    def add_request(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queues a request; returns its id. ValueError (`check_request`) for a request the engine can never run;
+        QueueFull when `max_waiting` requests already wait."""
+        sampling = sampling or SamplingParams()
+        prompt = [int(i) for i in prompt_ids]
+        max_tokens = self.check_request(prompt, sampling)
         if len(self.waiting) >= self.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.max_waiting})")
         order = next(self._ids)

@@ -1,0 +1,189 @@
+"""`python -m glm_jax.serve` driven by the official `openai` client: a random glm4 checkpoint with a GLM-4.5
+tokenizer.json and chat template, served on localhost. Greedy text equals `glm_jax.generate`'s, streamed equals
+non-streamed, concurrent clients all finish, a shared prompt prefix hits the cache, bad requests get their 4xx
+and the server answers the next one, SIGTERM drains and exits 0."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params, load_tokenizer, save_hf
+
+openai = pytest.importorskip("openai")
+import tokenizer_fixtures as fx  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tok_dir = fx.write_hf(fx.train_bpe(600), tmp_path_factory.mktemp("tok"), "glm45.jinja", in_config=False)
+    cfg = GLMConfig.from_preset("glm-test", vocab_size=640, sandwich_norm=True, max_seq_len=512)
+    params = jax.jit(lambda k: jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x,
+                                            init_params(GLMForCausalLM(cfg), k)))(jax.random.key(0))
+    ckpt = save_hf(cfg, params, tmp_path_factory.mktemp("ckpt") / "tiny-glm", format="transformers")
+    for f in tok_dir.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    return ckpt
+
+
+def start(checkpoint, *extra):
+    port = free_port()
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(ROOT)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
+    proc = subprocess.Popen([sys.executable, "-m", "glm_jax.serve", "--checkpoint", str(checkpoint), "--port",
+                             str(port), "--max-num-seqs", "4", "--page-size", "8", "--prefill-chunk", "32",
+                             "--log-level", "warning", *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.25)
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    proc, url = start(checkpoint, "--served-model-name", "tiny")
+    yield url
+    proc.kill()
+    proc.wait()
+
+
+def client(url, **kw):
+    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def metric(url, name) -> float:
+    text = urllib.request.urlopen(url + "/metrics").read().decode()
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_greedy_completion_equals_generate_and_stream_equals_whole(server, checkpoint):
+    tok = load_tokenizer(checkpoint)
+    from glm_jax.chat import load_checkpoint
+
+    cfg, params = load_checkpoint(checkpoint)
+    prompt = tok.encode("In the beginning God created", add_special_tokens=False)
+    expected = generate(GLMForCausalLM(cfg), params, np.asarray(prompt, np.int32), max_new_tokens=12,
+                        temperature=0.0, stop_ids=tuple(tok.stop_ids))[len(prompt):].tolist()
+    c = client(server)
+    models = c.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    done = c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    want = expected[:next((i for i, t in enumerate(expected) if t in tok.stop_ids), len(expected))]
+    assert done.choices[0].text == tok.decode(want)
+    assert done.usage.prompt_tokens == len(prompt) and done.usage.completion_tokens == len(
+        expected[:len(want) + (len(want) < 12)])
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who made the heaven?"}]
+    whole = c.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    reasoning = "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks if ch.choices)
+    msg = whole.choices[0].message
+    assert content == (msg.content or "")
+    assert reasoning == (getattr(msg, "reasoning_content", None) or "")
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert whole.usage.prompt_tokens == len(ids)
+
+
+def test_concurrent_clients_and_the_prefix_cache(server):
+    c = client(server)
+    system = "You answer questions about the verses of Genesis, in one short sentence, politely. " * 3
+    asks = [f"Question number {i}: what is said in verse {i}?" for i in range(16)]
+
+    def ask(q):
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "system", "content": system},
+                                                              {"role": "user", "content": q}],
+                                      max_tokens=8, temperature=0.7, seed=1)
+        return r.choices[0].finish_reason
+
+    hits_before = metric(server, "glm_jax_prefix_cache_hit_tokens")
+    with ThreadPoolExecutor(16) as pool:
+        reasons = list(pool.map(ask, asks))
+    assert len(reasons) == 16 and set(reasons) <= {"stop", "length"}
+    assert metric(server, "glm_jax_prefix_cache_hit_tokens") > hits_before
+    assert metric(server, "glm_jax_requests_running") == 0 and metric(server, "glm_jax_kv_pages_used") == 0
+    again = [c.chat.completions.create(model="tiny", messages=[{"role": "system", "content": system},
+                                                               {"role": "user", "content": asks[0]}],
+                                       max_tokens=8, temperature=0).choices[0].message.content for _ in range(2)]
+    assert again[0] == again[1]  # with the prefix cached and without (first call), the same greedy text
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "tiny", "messages": []}, 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "retrieval"}]}, 400,
+     "tools"),
+    ({"model": "tiny", "prompt": [1, 10 ** 7]}, 400, "messages"),
+])
+def test_bad_requests_get_their_4xx_and_the_server_goes_on(server, body, status, param):
+    route = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    req = urllib.request.Request(server + route, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    err = json.loads(e.value.read())["error"]
+    assert e.value.code == status and err["param"] == param and err["message"], err
+    bad_json = urllib.request.Request(server + route, data=b"{not json", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(bad_json)
+    assert e.value.code == 400
+    assert client(server).completions.create(model="tiny", prompt="Hi", max_tokens=2).choices[0].finish_reason
+
+
+def test_api_key_disconnect_and_sigterm(checkpoint):
+    proc, url = start(checkpoint, "--api-key", "sekret", "--served-model-name", "tiny")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            client(url, api_key="wrong").models.list()
+        c = client(url, api_key="sekret")
+        stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell a story"}],
+                                           max_tokens=200, stream=True, temperature=1.0)
+        next(iter(stream))
+        stream.close()  # the client goes away: its request is aborted
+        for _ in range(100):
+            if metric(url, "glm_jax_requests_running") == 0:
+                break
+            time.sleep(0.1)
+        assert metric(url, "glm_jax_requests_running") == 0 and metric(url, "glm_jax_kv_pages_used") == 0
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(lambda: c.completions.create(model="tiny", prompt="Once", max_tokens=40,
+                                                               temperature=0))
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)  # stop admitting, finish what runs, exit 0
+            assert running.result(timeout=120).choices[0].finish_reason
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
