@@ -10,7 +10,9 @@
 One `step()`: admit waiting requests into free decode slots (reusing cached pages of their prefix), run one
 prefill chunk for up to `max_prefill_rows` requests that still have prompt tokens to compute (the last chunk
 samples the first token), then one decode step for every slot whose request is generating. Both are compiled
-programs of fixed shapes (slots x 1, rows x chunk), so requests come and go without recompiling. When a request
+programs of fixed shapes (slots x 1, rows x chunk; the page tables' width is the longest row's pages rounded up to
+a power of two, so that a step reads what its rows hold rather than max_model_len), so requests come and go
+without recompiling: a handful of programs per kind, each compiled once. When a request
 needs a page and none is left, the latest-arrived running request that came after it is preempted (first come,
 first served: the oldest request always advances, so everything finishes), or, if none did, the request itself
 waits: its pages are released (full ones stay cached) and it goes back to the queue in arrival order, to be
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import math
 import random
@@ -126,7 +129,6 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.counters = collections.Counter()
         self._ids = itertools.count()
-        self._programs: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ requests
     def check_request(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> int:
@@ -322,7 +324,11 @@ class Engine:
             self._append(req, int(tok[b]), float(lp[b]), None if top is None else (top[0][b], top[1][b]), outputs)
 
     def _page_table(self, rows: Sequence[Request | None], n: int) -> np.ndarray:
-        table = np.zeros((n, self.max_pages), np.int32)
+        """[n, width] page tables; width = the longest row's pages rounded up to a power of two (at most
+        max_pages), so a step attends over what its rows hold, not over max_model_len, with a handful of shapes."""
+        longest = max((len(r.pages) for r in rows if r is not None), default=1)
+        width = min(self.max_pages, 1 << max(2, (longest - 1).bit_length()))
+        table = np.zeros((n, width), np.int32)
         for b, req in enumerate(rows):
             if req is not None:
                 table[b, :len(req.pages)] = req.pages
@@ -342,21 +348,7 @@ class Engine:
         return knobs
 
     def _program(self, kind: str, spec: RowSpec):
-        key = (kind, spec)
-        if key not in self._programs:
-            model = self.model
-
-            def run(params, cache, seen, tokens, pages, offset, new, slots, sampled, knobs):
-                TRACE_COUNTS[kind] += 1
-                index = PagedIndex(pages=pages, offset=offset, new=new)
-                logits, updated = model.apply({"params": params, "cache": cache}, tokens, paged=index,
-                                              mutable=["cache"], last_logits_only=True)
-                tok, lp, top = sample_rows(logits[:, 0], seen[slots], knobs, spec)
-                seen = seen.at[slots, tok].max(sampled)
-                return tok, lp, top, updated["cache"], seen
-
-            self._programs[key] = jax.jit(run, donate_argnums=(1, 2))
-        return self._programs[key]
+        return _step_program(self.model, kind, spec)
 
     # ------------------------------------------------------------------ results
     def _append(self, req: Request, token: int, logprob: float, top, outputs: dict) -> None:
@@ -402,6 +394,23 @@ class Engine:
         and hit, and the totals in `counters`."""
         return {"running": len(self.running), "waiting": len(self.waiting), "pages_used": self.pool.used,
                 "pages_total": self.pool.num_pages - 1, **self.pool.stats, **self.counters}
+
+
+@functools.lru_cache(maxsize=64)
+def _step_program(model, kind: str, spec: RowSpec):
+    """The compiled prefill / decode step of `model` for rows of kind `spec`: one per (model, kind, spec), shared by
+    every engine of that model (jax compiles it once per shape)."""
+
+    def run(params, cache, seen, tokens, pages, offset, new, slots, sampled, knobs):
+        TRACE_COUNTS[kind] += 1
+        index = PagedIndex(pages=pages, offset=offset, new=new)
+        logits, updated = model.apply({"params": params, "cache": cache}, tokens, paged=index, mutable=["cache"],
+                                      last_logits_only=True)
+        tok, lp, top = sample_rows(logits[:, 0], seen[slots], knobs, spec)
+        seen = seen.at[slots, tok].max(sampled)
+        return tok, lp, top, updated["cache"], seen
+
+    return jax.jit(run, donate_argnums=(1, 2))
 
 
 @jax.jit

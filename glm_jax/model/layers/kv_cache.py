@@ -62,10 +62,9 @@ def write(buffer, layer, index, new):
 
 def read(buffer, layer, index):
     """[B, T, ...]: each row's keys of `layer` by logical position."""
-    own = jax.lax.dynamic_index_in_dim(buffer, layer, 0, keepdims=False)
     if not is_paged(index):
-        return own
-    gathered = own[index.pages]  # [B, max_pages, page_size, ...]
+        return jax.lax.dynamic_index_in_dim(buffer, layer, 0, keepdims=False)
+    gathered = buffer[layer, index.pages]  # [B, max_pages, page_size, ...], one gather: no copy of the layer's pool
     return gathered.reshape(gathered.shape[0], -1, *gathered.shape[3:])
 
 
