@@ -6,7 +6,7 @@ same workload, one run.
     python benchmarks/serve.py --tiny               # smoke test: 2-layer model, few requests
     python benchmarks/serve.py --concurrency 1 8 16 32 --requests 64 --max-tokens 64 --json out.json
 
-Each server runs alone (started, measured, stopped, then the next), so they never share the CPU / GPU. The
+The peer needs `pip install accelerate` besides transformers. Each server runs alone (started, measured, stopped, then the next), so they never share the CPU / GPU. The
 workload for each concurrency c: `--requests` chat completions sent by c client threads (each sends its next one
 when the previous finishes), the same fixed prompt text for all, greedy, `max_tokens` new tokens, streamed with
 `stream_options.include_usage`. Reported per server and c: output tokens/s (completion tokens / wall time), time to
@@ -72,7 +72,7 @@ def start(name: str, checkpoint: Path, port: int, args) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if name == "glm_jax":
         cmd = [sys.executable, "-m", "glm_jax.serve", "--checkpoint", str(checkpoint), "--port", str(port),
-               "--served-model-name", "model", "--max-num-seqs", str(max(args.concurrency)), "--log-level", "warning"]
+               "--served-model-name", str(checkpoint), "--max-num-seqs", str(max(args.concurrency)), "--log-level", "warning"]
     else:
         cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(checkpoint), "--port", str(port),
                "--continuous-batching", "--device", args.torch_device, "--log-level", "warning"]
@@ -133,6 +133,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import openai
 
+    from glm_jax.platforms import skip_absent_tpu
+
+    skip_absent_tpu()
+
     args.concurrency = args.concurrency or ([1, 4] if args.tiny else [1, 8, 16, 32])
     max_tokens = args.max_tokens or (8 if args.tiny else 64)
     ckpt = args.checkpoint or build_checkpoint(args.workdir, args.tiny)
@@ -142,9 +146,10 @@ def main(argv=None) -> int:
         proc = start(name, ckpt, port, args)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
-            one_request(client, "model", max_tokens)  # warm-up: compilation
+            model = str(ckpt)  # transformers serve, pinned to a checkpoint, answers to its path only
+            one_request(client, model, max_tokens)  # warm-up: compilation
             for c in args.concurrency:
-                row = {"server": name, **run_load(client, "model", c, args.requests or max(8, 2 * c), max_tokens)}
+                row = {"server": name, **run_load(client, model, c, args.requests or max(8, 2 * c), max_tokens)}
                 rows.append(row)
                 print(f"| {name:12s} | c={c:3d} | {row['tok_s']:8.1f} tok/s | TTFT p50 {row['ttft_p50_ms']:8.1f} ms "
                       f"p99 {row['ttft_p99_ms']:8.1f} ms | ITL p50 {row['itl_p50_ms']:7.1f} ms "

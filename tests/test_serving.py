@@ -59,26 +59,27 @@ def test_greedy_equals_generate_with_prefix_cache_and_preemption(preset):
 
 
 def test_a_few_programs_per_step_kind_whatever_comes_and_goes(dense):
-    """Requests of every length join and leave a running batch: the decode and prefill programs are traced once
-    per page-table width (powers of two up to max_model_len / page_size: here 4, 8, 16, 24 pages), never per
-    request; a second wave of requests traces nothing new."""
+    """Requests of many lengths join and leave a running batch: the decode and prefill programs are traced once
+    per shape bucket (rows 1, 2, 3; chunk 8; page-table width 4, 8, 10), never per request; the same traffic
+    again traces nothing new."""
     model, params = dense
-    engine = Engine(model, params, max_num_seqs=3, page_size=4, prefill_chunk=8, max_model_len=96)
+    engine = Engine(model, params, max_num_seqs=3, page_size=4, prefill_chunk=8, max_model_len=40)
     rng = np.random.default_rng(1)
+    traffic = [(list(rng.integers(3, 500, int(k))), int(rng.integers(1, 8))) for k in rng.integers(1, 30, 12)]
 
     def wave():
         before = dict(E.TRACE_COUNTS)
-        pending = [list(rng.integers(3, 500, int(k))) for k in rng.integers(1, 80, 12)]
-        finished = 0
+        pending, finished = list(traffic), 0
         while pending or engine.has_unfinished():
             if pending and engine.stats()["waiting"] < 2:
-                engine.add_request(pending.pop(), SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 12))))
+                prompt, n = pending.pop()
+                engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=n))
             finished += sum(o.finished for o in engine.step())
-        assert finished == 12
+        assert finished == len(traffic)
         return {k: E.TRACE_COUNTS[k] - before.get(k, 0) for k in ("decode", "prefill")}
 
     first = wave()
-    assert 1 <= first["decode"] <= 4 and 1 <= first["prefill"] <= 4, first
+    assert 1 <= first["decode"] <= 3 * 3 and 1 <= first["prefill"] <= 2 * 3, first
     assert wave() == {"decode": 0, "prefill": 0}
 
 

@@ -10,9 +10,10 @@
 One `step()`: admit waiting requests into free decode slots (reusing cached pages of their prefix), run one
 prefill chunk for up to `max_prefill_rows` requests that still have prompt tokens to compute (the last chunk
 samples the first token), then one decode step for every slot whose request is generating. Both are compiled
-programs of fixed shapes (slots x 1, rows x chunk; the page tables' width is the longest row's pages rounded up to
-a power of two, so that a step reads what its rows hold rather than max_model_len), so requests come and go
-without recompiling: a handful of programs per kind, each compiled once. When a request
+programs whose shapes are powers of two (the rows: the generating requests packed, or the prefilling ones; the
+chunk: the longest row's tokens; the page tables: the longest row's pages), so that a step computes what its rows
+hold rather than every slot at max_model_len, and requests come and go without recompiling: a bounded set of
+programs, each compiled once. When a request
 needs a page and none is left, the latest-arrived running request that came after it is preempted (first come,
 first served: the oldest request always advances, so everything finishes), or, if none did, the request itself
 waits: its pages are released (full ones stay cached) and it goes back to the queue in arrival order, to be
@@ -273,7 +274,8 @@ class Engine:
         rows = [r for r in rows if r.status == "running"]
         if not rows:
             return
-        n_rows, chunk = self.max_prefill_rows, self.prefill_chunk
+        n_rows = _bucket(len(rows), 1, self.max_prefill_rows)
+        chunk = _bucket(max(counts[r.id] for r in rows), 16, self.prefill_chunk)
         tokens = np.zeros((n_rows, chunk), np.int32)
         offset, new = np.zeros(n_rows, np.int32), np.zeros(n_rows, np.int32)
         slots = np.zeros(n_rows, np.int32)
@@ -304,21 +306,18 @@ class Engine:
         rows = [r for r in rows if r.status == "running"]
         if not rows:
             return
-        n = self.max_num_seqs
+        n = _bucket(len(rows), 1, self.max_num_seqs)  # rows are the generating requests, packed: not the slots
         tokens, offset, new = np.zeros((n, 1), np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
-        by_slot: list[Request | None] = [None] * n
-        for req in rows:
-            by_slot[req.slot] = req
-            tokens[req.slot, 0], offset[req.slot], new[req.slot] = req.tokens[req.computed], req.computed, 1
+        slots = np.zeros(n, np.int32)
+        for b, req in enumerate(rows):
+            tokens[b, 0], offset[b], new[b], slots[b] = req.tokens[req.computed], req.computed, 1, req.slot
         spec = RowSpec.of([r.sampling for r in rows])
         fn = self._program("decode", spec)
-        tok, lp, top, self.cache, self.seen = fn(self.params, self.cache, self.seen, tokens,
-                                                 self._page_table(by_slot, n), offset, new, np.arange(n, dtype=np.int32),
-                                                 new.astype(bool), self._knobs(by_slot, n))
+        tok, lp, top, self.cache, self.seen = fn(self.params, self.cache, self.seen, tokens, self._page_table(rows, n),
+                                                 offset, new, slots, new.astype(bool), self._knobs(rows, n))
         tok, lp = np.asarray(tok), np.asarray(lp)
         top = None if top is None else tuple(np.asarray(t) for t in top)
-        for req in rows:
-            b = req.slot
+        for b, req in enumerate(rows):
             req.computed += 1
             self._register_full_pages(req)
             self._append(req, int(tok[b]), float(lp[b]), None if top is None else (top[0][b], top[1][b]), outputs)
@@ -326,8 +325,7 @@ class Engine:
     def _page_table(self, rows: Sequence[Request | None], n: int) -> np.ndarray:
         """[n, width] page tables; width = the longest row's pages rounded up to a power of two (at most
         max_pages), so a step attends over what its rows hold, not over max_model_len, with a handful of shapes."""
-        longest = max((len(r.pages) for r in rows if r is not None), default=1)
-        width = min(self.max_pages, 1 << max(2, (longest - 1).bit_length()))
+        width = _bucket(max((len(r.pages) for r in rows if r is not None), default=1), 4, self.max_pages)
         table = np.zeros((n, width), np.int32)
         for b, req in enumerate(rows):
             if req is not None:
@@ -411,6 +409,11 @@ def _step_program(model, kind: str, spec: RowSpec):
         return tok, lp, top, updated["cache"], seen
 
     return jax.jit(run, donate_argnums=(1, 2))
+
+
+def _bucket(n: int, low: int, high: int) -> int:
+    """`n` rounded up to a power of two, within [low, high]: the few shapes a step program is compiled for."""
+    return min(high, max(low, 1 << max(0, (n - 1).bit_length())))
 
 
 @jax.jit
