@@ -10,8 +10,9 @@ The peer needs `pip install accelerate` besides transformers. Each server runs a
 workload for each concurrency c: `--requests` chat completions sent by c client threads (each sends its next one
 when the previous finishes), the same fixed prompt text for all, greedy, `max_tokens` new tokens, streamed with
 `stream_options.include_usage`. Reported per server and c: output tokens/s (completion tokens / wall time), time to
-first token and inter-token latency (time between streamed content chunks) p50 / p99. A warm-up request per
-server is not measured (compilation).
+first token and inter-token latency (time between streamed content chunks) p50 / p99. Before each measured level,
+one unmeasured wave of c requests at that concurrency warms both servers up (glm_jax compiles each new step shape
+once, on first use).
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
             model = str(ckpt)  # transformers serve, pinned to a checkpoint, answers to its path only
             one_request(client, model, max_tokens)  # warm-up: compilation
             for c in args.concurrency:
+                run_load(client, model, c, c, max_tokens)  # warm-up at this concurrency (glm_jax: its shapes compile)
                 row = {"server": name, **run_load(client, model, c, args.requests or max(8, 2 * c), max_tokens)}
                 rows.append(row)
                 print(f"| {name:12s} | c={c:3d} | {row['tok_s']:8.1f} tok/s | TTFT p50 {row['ttft_p50_ms']:8.1f} ms "

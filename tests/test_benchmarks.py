@@ -78,3 +78,11 @@ def test_moe_benchmark_compares_with_transformers_and_finds_dense_expert_matmuls
             assert shlo["ragged"][platform]["dense_dots"] == 0 and shlo["ragged"][platform]["ragged_ops"] >= 2
         if shlo["ragged"]["cpu"]["ragged_ops"] == 0:  # JAX expanded ragged_dot for the CPU: XLA's HLO shows it
             assert ragged[f"hlo {mode}"]["dense_dots"] > 0, ragged
+
+
+def test_serve_benchmark_runs_in_tiny_mode(tmp_path):
+    """benchmarks/serve.py against glm_jax.serve only (the transformers peer needs `accelerate`, not a test extra)."""
+    out = tmp_path / "serve.json"
+    run("serve.py", "--json", str(out), "--servers", "glm_jax", "--concurrency", "2", "--workdir", str(tmp_path))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["server"], r["concurrency"]) for r in rows] == [("glm_jax", 2)] and rows[0]["output_tokens"] > 0
