@@ -46,6 +46,7 @@ import yaml
 
 from glm_jax import GLMForCausalLM, load_hf
 from glm_jax.config import DTYPES, read_json
+from glm_jax.generation import SamplingParams
 from glm_jax.platforms import skip_absent_tpu
 from glm_jax.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from glm_jax.tokenizers.formats import check_tools
@@ -62,7 +63,8 @@ class ChatSession:
     the chat template's default; settable between turns.
 
     Sampling keywords go to `glm_jax.generation.stream_generate`: max_new_tokens, temperature, top_k, top_p,
-    repetition_penalty, seed (advanced by one each turn so turns differ), mesh, chunk. `reuse_cache`: keep the
+    repetition_penalty, seed (advanced by one each turn so turns differ), mesh, chunk; or `sampling=` a
+    `SamplingParams` whole (its stop_token_ids join the tokenizer's stop ids). `reuse_cache`: keep the
     decode cache between turns (`glm_jax.generation.ConversationCache`), so a turn runs only the tokens that
     differ from what the cache holds instead of the whole conversation.
     """
@@ -70,7 +72,16 @@ class ChatSession:
     def __init__(self, model, params, tokenizer, system: str | None = None, tools: Sequence[dict] | None = None,
                  *, enable_thinking: bool | None = None, max_new_tokens: int = 512, temperature: float = 0.8,
                  top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0, mesh=None,
-                 chunk: int = 1, reuse_cache: bool = True):
+                 chunk: int = 1, reuse_cache: bool = True, sampling: SamplingParams | None = None):
+        if sampling is not None:  # passed whole, in place of the loose keywords
+            if sampling.stop:
+                raise ValueError("stop: a chat session stops on the tokenizer's stop ids and stop_token_ids, not on "
+                                 "strings")
+            max_new_tokens = sampling.max_tokens or max_new_tokens
+            temperature, top_p, top_k = sampling.temperature, sampling.top_p, sampling.top_k
+            repetition_penalty, seed = sampling.repetition_penalty, sampling.seed or 0
+        self.stop_ids = tuple(dict.fromkeys([*tokenizer.stop_ids, *(sampling.stop_token_ids if sampling else ())])) \
+            if isinstance(tokenizer, Tokenizer) else ()
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"ChatSession needs a glm_jax.Tokenizer (glm_jax.load_tokenizer), got "
                             f"{type(tokenizer).__name__}")
@@ -170,9 +181,9 @@ class ChatSession:
         if cfg is not None and len(prompt) + self.sampling["max_new_tokens"] > cfg.max_seq_len:
             log.warning("conversation (%d tokens) + max_new_tokens exceeds the model's max_seq_len %d; "
                         "consider /reset", len(prompt), cfg.max_seq_len)
-        stops = set(tok.stop_ids)
+        stops = set(self.stop_ids)
         for token in _generate.stream_generate(
-                self.model, self.params, np.asarray(prompt, np.int32), stop_ids=tuple(tok.stop_ids),
+                self.model, self.params, np.asarray(prompt, np.int32), stop_ids=self.stop_ids,
                 pad_id=tok.pad_token_id, seed=self.seed + self.turns, vocab_limit=tok.vocab_size,
                 conversation=self.conversation, **self.sampling):
             if int(token) in stops:
@@ -454,10 +465,10 @@ def _cli_session(args) -> ChatSession:
     if cfg.vocab_size < tokenizer.vocab_size:
         raise _CliError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
                         f"({tokenizer.vocab_size})")
+    sampling = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     return ChatSession(GLMForCausalLM(cfg), params, tokenizer, system=args.system, tools=tools,
-                       enable_thinking=args.enable_thinking, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                       repetition_penalty=args.repetition_penalty, seed=args.seed)
+                       enable_thinking=args.enable_thinking, sampling=sampling)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -95,6 +95,64 @@ class SamplingSpec:
     num_stop: int
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request is sampled and when it stops (the OpenAI fields of the same names).
+
+    temperature 0 is greedy; top_k 0 keeps every token; top_p 1 is off; repetition_penalty 1 is off. seed: the
+    request's random stream (None: a fresh seed per request). stop: strings that end the reply (not included in
+    the text); stop_token_ids: ids that end it besides the tokenizer's stop ids (ignore_eos drops those).
+    max_tokens: the most new tokens (None: up to the model's context). logprobs: also return the log-probability
+    of each chosen token and this many top alternatives (0: none, at most 20)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                       repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_tokens or 1)
+        object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids or ()))
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs: must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generate_keywords(self, stop_ids=None) -> dict[str, Any]:
+        """`generate` / `stream_generate`'s sampling keywords for these settings; `stop_ids` are the caller's
+        default stop ids, which `stop_token_ids` extend and `ignore_eos` drops. Stop strings need a tokenizer:
+        a ValueError here (the serving engine and ChatSession check them)."""
+        if self.stop:
+            raise ValueError("stop: stop strings need a tokenizer (glm_jax.Engine, ChatSession); generate stops on "
+                             "token ids: use stop_token_ids")
+        if self.max_tokens is None:
+            raise ValueError("max_tokens: generate needs a number of new tokens")
+        if isinstance(stop_ids, int):
+            stop_ids = (stop_ids,)
+        stops = () if self.ignore_eos or stop_ids is None else tuple(stop_ids)
+        stops += tuple(i for i in self.stop_token_ids if i not in stops)
+        if not stops and not self.ignore_eos and stop_ids is None:
+            stops = None  # the model config's eos ids, as generate's default
+        return dict(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
+                    top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed or 0,
+                    stop_ids=stops)
+
+
+MAX_LOGPROBS = 20
+
+
 def check_sampling(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                    repetition_penalty: float = 1.0, max_new_tokens: int | None = 1) -> None:
     """ValueError ("name: must be ..., got value") for a sampling setting out of range; NaN is out of range."""
@@ -488,8 +546,11 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] | int | None = None, pad_id: int | None = None, seed: int = 0, mesh=None,
              rules=None, prompt_bucket=None, new_bucket=None, vocab_limit: int | None = None,
-             return_num_steps: bool = False):
+             return_num_steps: bool = False, sampling: SamplingParams | None = None):
     """Generates up to `max_new_tokens` tokens after each (left padded) prompt row.
+
+    `sampling`: a `SamplingParams` passed whole, in place of max_new_tokens, temperature, top_k, top_p,
+    repetition_penalty, seed and stop_ids (its stop_token_ids extend `stop_ids`; `SamplingParams.generate_keywords`).
 
     input_ids [batch, len] (or [len]); attention_mask likewise, 1 = token, 0 = LEFT pad. stop_ids default to the
     model config's eos_token_ids (pass () for none); pad_id defaults to its pad_token_id (else 0).
@@ -500,10 +561,12 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     See the module docstring for sampling and padding semantics.
     """
     rules = LOGICAL_RULES if rules is None else tuple(rules)
-    prep = _prepare(model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=stop_ids, pad_id=pad_id,
-                    seed=seed, mesh=mesh, rules=rules, prompt_bucket=prompt_bucket, new_bucket=new_bucket,
-                    vocab_limit=vocab_limit)
+    knobs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, seed=seed, stop_ids=stop_ids)
+    knobs = sampling.generate_keywords(stop_ids) if sampling is not None else knobs
+    max_new_tokens = knobs["max_new_tokens"]
+    prep = _prepare(model, params, input_ids, attention_mask, pad_id=pad_id, mesh=mesh, rules=rules,
+                    prompt_bucket=prompt_bucket, new_bucket=new_bucket, vocab_limit=vocab_limit, **knobs)
     fn = _generate_fn(model, prep.ids.shape[0], prep.prompt_bucket, prep.out_bucket, prep.spec, mesh, rules)
     out, steps = _run_sharded(mesh, rules, fn, prep.params, prep.ids, prep.mask, prep.knobs)
     new = np.asarray(jax.device_get(out))[:, :max_new_tokens]
@@ -517,20 +580,24 @@ def stream_generate(model, params, input_ids, attention_mask=None, *, max_new_to
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                     stop_ids: Sequence[int] | int | None = None, pad_id: int | None = None, seed: int = 0,
                     mesh=None, rules=None, chunk: int = 1, prompt_bucket=None, new_bucket=None,
-                    vocab_limit: int | None = None, conversation: ConversationCache | None = None) -> Iterator:
+                    vocab_limit: int | None = None, conversation: ConversationCache | None = None,
+                    sampling: SamplingParams | None = None) -> Iterator:
     """Like `generate`, but yields the new tokens as they are produced: np.int32 [batch] per step (an int for a
     1-D prompt). Rows that stopped yield `pad_id`; iteration ends after `max_new_tokens` steps or when every row
     has produced a stop id (the stop id itself is yielded). `chunk` tokens are decoded per device call; with
     the same seed, the tokens equal `generate`'s whatever the chunk size. `conversation`: a `ConversationCache`
     that keeps the cache for the next call of a batch-1 conversation, which then runs only the new tokens.
+    `sampling`: a `SamplingParams` passed whole, as for `generate`.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     rules = LOGICAL_RULES if rules is None else tuple(rules)
-    prep = _prepare(model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=stop_ids, pad_id=pad_id,
-                    seed=seed, mesh=mesh, rules=rules, prompt_bucket=prompt_bucket, new_bucket=new_bucket,
-                    vocab_limit=vocab_limit)
+    knobs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, seed=seed, stop_ids=stop_ids)
+    knobs = sampling.generate_keywords(stop_ids) if sampling is not None else knobs
+    max_new_tokens = knobs["max_new_tokens"]
+    prep = _prepare(model, params, input_ids, attention_mask, pad_id=pad_id, mesh=mesh, rules=rules,
+                    prompt_bucket=prompt_bucket, new_bucket=new_bucket, vocab_limit=vocab_limit, **knobs)
     prompt = prep.orig_ids[0].tolist()
     if conversation is not None and (prep.ids.shape[0] != 1 or prep.spec.use_penalty
                                      or not np.asarray(prep.mask)[0, -len(prompt):].all()):

@@ -234,6 +234,27 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(pair):
     np.testing.assert_array_equal(G.generate(model, params, ids, seed=3, top_k=1, top_p=0.5, **kw), greedy)
 
 
+def test_sampling_params_passed_whole_equal_the_keywords(pair):
+    """`sampling=SamplingParams(...)` is the loose keywords under one name: same tokens from generate and
+    stream_generate; stop_token_ids join the stop ids, ignore_eos drops them; stop strings need a tokenizer."""
+    _, model, params = pair
+    ids = np.random.RandomState(8).randint(3, VOCAB, (2, 6))
+    sp = G.SamplingParams(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=5, max_tokens=10,
+                          ignore_eos=True)
+    loose = G.generate(model, params, ids, max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9,
+                       repetition_penalty=1.3, seed=5, stop_ids=())
+    np.testing.assert_array_equal(G.generate(model, params, ids, stop_ids=(1, 2), sampling=sp), loose)
+    steps = list(G.stream_generate(model, params, ids, sampling=sp))
+    np.testing.assert_array_equal(np.stack(steps, 1), loose[:, 6:])
+    stop = int(loose[0, 6 + 2])
+    stopped = G.generate(model, params, ids, stop_ids=(), sampling=G.SamplingParams(
+        temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=5, max_tokens=10, stop_token_ids=(stop,)))
+    k = loose[0, 6:].tolist().index(stop)
+    assert stopped[0, 6:6 + k + 1].tolist() == loose[0, 6:6 + k + 1].tolist()
+    with pytest.raises(ValueError, match="^stop: stop strings need a tokenizer"):
+        G.generate(model, params, ids, sampling=G.SamplingParams(stop=["x"]))
+
+
 # ------------------------------------------------------------------------------------------------- streaming
 @pytest.mark.parametrize("chunk,sampling", [(1, {}), (3, dict(temperature=0.9, top_k=20, top_p=0.9,
                                                                repetition_penalty=1.3, seed=5))])

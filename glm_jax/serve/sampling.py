@@ -1,4 +1,5 @@
-"""Per-request sampling for the serving engine: `SamplingParams` and the per-row sampler of its compiled steps.
+"""Per-request sampling for the serving engine: the per-row sampler of its compiled steps (`SamplingParams`,
+shared with `generate`, lives in glm_jax/generation.py).
 
 Each row of a decode step belongs to another request with its own settings, so here every knob is a [B] array
 and a row with temperature 0 is greedy. The processing order and the filters are `glm_jax.generation`'s
@@ -15,46 +16,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from glm_jax.generation import apply_repetition_penalty, check_sampling
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How one request is sampled and when it stops (the OpenAI fields of the same names).
-
-    temperature 0 is greedy; top_k 0 keeps every token; top_p 1 is off; repetition_penalty 1 is off. seed: the
-    request's random stream (None: a fresh seed per request). stop: strings that end the reply (not included in
-    the text); stop_token_ids: ids that end it besides the tokenizer's stop ids (ignore_eos drops those).
-    max_tokens: the most new tokens (None: up to the model's context). logprobs: also return the log-probability
-    of each chosen token and this many top alternatives (0: none, at most 20)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-
-    def __post_init__(self):
-        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                       repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_tokens or 1)
-        object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop or ()))
-        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids or ()))
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs: must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed: must be an integer, got {self.seed!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-MAX_LOGPROBS = 20
+from glm_jax.generation import MAX_LOGPROBS, SamplingParams, apply_repetition_penalty
 
 
 @dataclasses.dataclass(frozen=True)
