@@ -475,6 +475,7 @@ class _Prepared:
     out_bucket: int
     orig_ids: np.ndarray
     squeeze: bool
+    max_new_tokens: int
 
 
 @functools.lru_cache(maxsize=16)
@@ -496,6 +497,11 @@ def _placed(mesh, *trees):
     if mesh is None:
         return [jax.tree.map(jnp.asarray, t) for t in trees]
     return [jax.device_put(t, NamedSharding(mesh, P())) for t in trees]
+
+
+def _sampling_keywords(sampling: SamplingParams | None, loose: dict[str, Any]) -> dict[str, Any]:
+    """The sampling keywords of a generate call: `sampling`'s when given (whole), else the loose ones."""
+    return loose if sampling is None else sampling.generate_keywords(loose["stop_ids"])
 
 
 def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, temperature, top_k, top_p,
@@ -539,7 +545,7 @@ def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, temper
         params = shard_params(model, params, mesh, rules)
         knobs = _placed(mesh, knobs)[0]
     ids_j, mask_j = _placed(mesh, ids_b, mask_b)
-    return _Prepared(params, ids_j, mask_j, knobs, spec, pb, nb, ids, squeeze)
+    return _Prepared(params, ids_j, mask_j, knobs, spec, pb, nb, ids, squeeze, max_new_tokens)
 
 
 def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -561,12 +567,12 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     See the module docstring for sampling and padding semantics.
     """
     rules = LOGICAL_RULES if rules is None else tuple(rules)
-    knobs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+    loose = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, seed=seed, stop_ids=stop_ids)
-    knobs = sampling.generate_keywords(stop_ids) if sampling is not None else knobs
-    max_new_tokens = knobs["max_new_tokens"]
     prep = _prepare(model, params, input_ids, attention_mask, pad_id=pad_id, mesh=mesh, rules=rules,
-                    prompt_bucket=prompt_bucket, new_bucket=new_bucket, vocab_limit=vocab_limit, **knobs)
+                    prompt_bucket=prompt_bucket, new_bucket=new_bucket, vocab_limit=vocab_limit,
+                    **_sampling_keywords(sampling, loose))
+    max_new_tokens = prep.max_new_tokens
     fn = _generate_fn(model, prep.ids.shape[0], prep.prompt_bucket, prep.out_bucket, prep.spec, mesh, rules)
     out, steps = _run_sharded(mesh, rules, fn, prep.params, prep.ids, prep.mask, prep.knobs)
     new = np.asarray(jax.device_get(out))[:, :max_new_tokens]
@@ -592,12 +598,12 @@ def stream_generate(model, params, input_ids, attention_mask=None, *, max_new_to
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     rules = LOGICAL_RULES if rules is None else tuple(rules)
-    knobs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+    loose = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, seed=seed, stop_ids=stop_ids)
-    knobs = sampling.generate_keywords(stop_ids) if sampling is not None else knobs
-    max_new_tokens = knobs["max_new_tokens"]
     prep = _prepare(model, params, input_ids, attention_mask, pad_id=pad_id, mesh=mesh, rules=rules,
-                    prompt_bucket=prompt_bucket, new_bucket=new_bucket, vocab_limit=vocab_limit, **knobs)
+                    prompt_bucket=prompt_bucket, new_bucket=new_bucket, vocab_limit=vocab_limit,
+                    **_sampling_keywords(sampling, loose))
+    max_new_tokens = prep.max_new_tokens
     prompt = prep.orig_ids[0].tolist()
     if conversation is not None and (prep.ids.shape[0] != 1 or prep.spec.use_penalty
                                      or not np.asarray(prep.mask)[0, -len(prompt):].all()):
