@@ -313,6 +313,13 @@ class _TextStream:
         return delta
 
 
+def _final_text(tokenizer, out: RequestOutput) -> str:
+    """A finished request's text: without its stop id, cut before the stop string that ended it."""
+    ids = out.token_ids[:-1] if out.finish_reason == "stop" and out.stop_text is None else out.token_ids
+    text = tokenizer.decode(ids)
+    return text[:text.index(out.stop_text)] if out.stop_text is not None and out.stop_text in text else text
+
+
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
@@ -423,11 +430,7 @@ class ChatStream:
         results = await asyncio.gather(*(self._collect(runner, rid, q) for rid, q in streams))
         choices, completion_tokens = [], 0
         for i, out in enumerate(results):
-            ids = out.token_ids[:-1] if out.finish_reason == "stop" and out.stop_text is None else out.token_ids
-            text = self.tokenizer.decode(ids)
-            if out.stop_text is not None and out.stop_text in text:
-                text = text[:text.index(out.stop_text)]
-            parsed = self.tokenizer.parse_reply(text, tools=self.tools)
+            parsed = self.tokenizer.parse_reply(_final_text(self.tokenizer, out), tools=self.tools)
             message = {"role": "assistant", "content": parsed["content"]}
             if parsed["reasoning_content"] is not None:
                 message["reasoning_content"] = parsed["reasoning_content"]
@@ -462,11 +465,7 @@ class Completion:
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def _text(self, prompt, out: RequestOutput) -> str:
-        ids = out.token_ids[:-1] if out.finish_reason == "stop" and out.stop_text is None else out.token_ids
-        text = self.tokenizer.decode(ids)
-        if out.stop_text is not None and out.stop_text in text:
-            text = text[:text.index(out.stop_text)]
-        return (self.tokenizer.decode(prompt) if self.echo else "") + text
+        return (self.tokenizer.decode(prompt) if self.echo else "") + _final_text(self.tokenizer, out)
 
     def _logprobs(self, out: RequestOutput, start: int = 0) -> dict | None:
         if out.logprobs is None:
