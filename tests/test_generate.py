@@ -365,6 +365,12 @@ SHARDED_SCRIPT = textwrap.dedent("""
                                                   chunk=4, **kw)]
         assert kept == one and (conv.reused > 0) == (turn > 0), (turn, kept, one, conv.reused)
         prompt = prompt + kept + rng.randint(3, cfg.vocab_size, 12 * (turn + 1)).tolist()
+    # the serving engine over the mesh (KV heads of its page pool over "tensor") gives the same greedy tokens
+    from glm_jax import Engine, SamplingParams
+    engine = Engine(model, params, max_num_seqs=2, page_size=4, mesh=mesh)
+    assert "tensor" in tuple(engine.cache["model"]["cached_key"].sharding.spec), engine.cache["model"]["cached_key"].sharding
+    outs = engine.generate([ids[0].tolist(), ids[1, 4:].tolist()], SamplingParams(temperature=0, max_tokens=16))
+    assert [o.token_ids for o in outs] == single[:, 10:].tolist(), (outs, single)
     print("SHARDED_OK")
 """)
 

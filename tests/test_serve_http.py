@@ -27,6 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+TOOLS = [{"type": "function", "function": {"name": "search", "description": "Search the verses",
+                                           "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "count", "parameters": {"type": "object", "properties": {}}}}]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -147,6 +152,10 @@ def test_concurrent_clients_and_the_prefix_cache(server):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "retrieval"}]}, 400,
      "tools"),
     ({"model": "tiny", "prompt": [1, 10 ** 7]}, 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice.function.name"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400,
+     "tool_choice"),
 ])
 def test_bad_requests_get_their_4xx_and_the_server_goes_on(server, body, status, param):
     route = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
@@ -161,6 +170,45 @@ def test_bad_requests_get_their_4xx_and_the_server_goes_on(server, body, status,
         urllib.request.urlopen(bad_json)
     assert e.value.code == 400
     assert client(server).completions.create(model="tiny", prompt="Hi", max_tokens=2).choices[0].finish_reason
+
+
+def test_forced_tool_calls_append_the_opening_of_a_call(server, checkpoint):
+    """tool_choice "required" / named: the prompt ends with the start of a call in the model's format
+    (`Tokenizer.tool_call_opening`), so the model can only go on writing that call."""
+    tok = load_tokenizer(checkpoint)
+    c = client(server)
+    messages = [{"role": "user", "content": "Find psalm 23"}]
+    base = len(tok.apply_chat_template(messages, tools=TOOLS))
+    for choice, opening in [("required", "<tool_call>"), ({"type": "function", "function": {"name": "search"}},
+                                                          "<tool_call>search\n")]:
+        assert tok.tool_call_opening(messages, TOOLS, None if choice == "required" else "search").endswith(opening)
+        r = c.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice=choice,
+                                      max_tokens=3, temperature=0)
+        forced = tok.tool_call_opening(messages, TOOLS, None if choice == "required" else "search")
+        assert r.usage.prompt_tokens == base + len(tok.encode(forced, add_special_tokens=False))
+        assert r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("preset", ["glm-moe-test", "glm-mla-test"])
+def test_moe_and_mla_servers_answer_as_generate(checkpoint, tmp_path, preset):
+    cfg = GLMConfig.from_preset(preset, vocab_size=load_tokenizer(checkpoint).vocab_size, max_seq_len=512)
+    params = init_params(GLMForCausalLM(cfg), jax.random.key(1))
+    ckpt = save_hf(cfg, params, tmp_path / preset, format="transformers")
+    for f in checkpoint.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            (ckpt / f.name).write_bytes(f.read_bytes())
+    prompt = load_tokenizer(ckpt).encode("In the beginning God created", add_special_tokens=False)
+    expected = generate(GLMForCausalLM(cfg), params, np.asarray(prompt, np.int32), max_new_tokens=10,
+                        temperature=0.0)[len(prompt):].tolist()
+    proc, url = start(ckpt, "--served-model-name", "tiny")
+    try:
+        done = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
+                                              extra_body={"ignore_eos": True})
+        assert done.usage.completion_tokens == 10
+        assert done.choices[0].text == load_tokenizer(ckpt).decode(expected)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_api_key_disconnect_and_sigterm(checkpoint):

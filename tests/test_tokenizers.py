@@ -543,3 +543,35 @@ def test_chatglm2_checkpoints_chat_in_their_round_format(tmp_path):
     assert sp.decode([i for i, t in zip(ids, targets) if t and i != sp.eos_id()]) == sp.decode(
         sp.encode("Hello, how can I help?\n\n")) + sp.decode(sp.encode("4\n\n"))  # (decode drops a lead space)
     assert targets[-1] and encode_sft_record(v2, {"conversations": record}) == (ids, targets)
+
+
+@pytest.mark.parametrize("name,thinking,named,required", [
+    ("glm45", None, "\n<think></think>\n<tool_call>search\n", "\n<think></think>\n<tool_call>"),
+    ("glm45", False, "\n<tool_call>search\n", "\n<tool_call>"),
+    ("glm47", False, "<tool_call>search", "<tool_call>"),
+    ("glm4_9b", None, "search\n", None),
+])
+def test_tool_call_opening_is_what_the_template_writes_for_a_call(built, name, thinking, named, required):
+    """Forcing a call (tool_choice) appends the start of the template's own rendering of that call to the
+    generation prompt; the reply parses as the call once the model completes it in its format."""
+    tok = load_tokenizer(built[name])
+    messages = CONVERSATIONS["after_tool"][:2]
+    assert tok.tool_call_opening(messages, TOOLS, "search", enable_thinking=thinking) == named
+    if required is None:  # GLM-4 names the tool first: "required" must say which when there are several
+        with pytest.raises(ValueError, match="name the function"):
+            tok.tool_call_opening(messages, TOOLS, None, enable_thinking=thinking)
+        assert tok.tool_call_opening(messages, TOOLS[1:], None) == named  # one tool: that one
+    else:
+        assert tok.tool_call_opening(messages, TOOLS, None, enable_thinking=thinking) == required
+    turn = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "search", "arguments": {"q": "Psalms"}}}]}
+    prompt = tok.apply_chat_template(messages, tools=TOOLS, tokenize=False, enable_thinking=thinking)
+    whole = tok.apply_chat_template([*messages, turn], tools=TOOLS, tokenize=False, add_generation_prompt=False,
+                                    enable_thinking=thinking)
+    assert whole.startswith(prompt + named)
+    assert tok.parse_reply(whole[len(prompt):], tools=TOOLS)["tool_calls"] == [turn["tool_calls"][0]]
+
+
+def test_chatglm3_tool_call_opening_is_the_metadata_line():
+    tok = load_tokenizer(DEFAULT_MODEL_FILE)
+    assert tok.tool_call_opening(CONVERSATIONS["after_tool"][:2], TOOLS[1:], "search") == "search\n"

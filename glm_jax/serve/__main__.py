@@ -15,7 +15,7 @@ from typing import Sequence
 
 import uvicorn
 
-from glm_jax import GLMForCausalLM, quantize_params
+from glm_jax import GLMForCausalLM, make_mesh, quantize_params
 from glm_jax.chat import load_checkpoint, default_tokenizer
 from glm_jax.config import DTYPES
 from glm_jax.platforms import skip_absent_tpu
@@ -43,6 +43,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
     p.add_argument("--quantization-bit", type=int, choices=(8, 4), default=None, help="weight-only int8 / int4")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="compute and parameter dtype")
+    p.add_argument("--mesh", default=None, metavar="tensor=N[,expert=M]",
+                   help="shard the model over this many devices: tensor parallel (KV heads, MLP) and, for MoE, "
+                        "expert parallel (default: one device)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -58,9 +61,26 @@ def _check(args) -> None:
         raise ValueError(f"--port: must be in 1..65535, got {args.port}")
 
 
+def parse_mesh(text: str | None):
+    """`--mesh tensor=N[,expert=M]` -> a `glm_jax.make_mesh` mesh (None without the option)."""
+    if text is None:
+        return None
+    sizes = {}
+    for part in text.replace(" ", "").split(","):
+        axis, _, value = part.partition("=")
+        if axis not in ("tensor", "expert") or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh: expected tensor=N[,expert=M] with N, M >= 1, got {text!r}")
+        sizes[axis] = int(value)
+    try:
+        return make_mesh(**sizes)
+    except ValueError as e:
+        raise ValueError(f"--mesh: {e}") from None
+
+
 def build(args):
     """(app, engine) for parsed arguments; ValueError / OSError naming the option for bad ones."""
     _check(args)
+    mesh = parse_mesh(args.mesh)
     source = args.tokenizer if args.tokenizer is not None else default_tokenizer(args.checkpoint)
     if source is None:
         raise ValueError(f"--tokenizer: {args.checkpoint} has no tokenizer.json or tokenizer.model; pass --tokenizer")
@@ -75,7 +95,7 @@ def build(args):
     engine = Engine(GLMForCausalLM(cfg), params, tokenizer, max_num_seqs=args.max_num_seqs,
                     max_model_len=args.max_model_len, page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
                     prefill_chunk=args.prefill_chunk, prefix_caching=args.prefix_caching,
-                    max_waiting=args.max_waiting)
+                    max_waiting=args.max_waiting, mesh=mesh)
     name = args.served_model_name or Path(args.checkpoint).resolve().name
     return build_app(engine, tokenizer, served_model_name=name, api_key=args.api_key), engine
 

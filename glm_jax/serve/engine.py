@@ -34,10 +34,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from glm_jax.generation import shard_params
 from glm_jax.model import PagedIndex, init_paged_cache
 from glm_jax.serve.pages import PagePool, page_keys
 from glm_jax.serve.sampling import RowSpec, SamplingParams, sample_rows
+from glm_jax.sharding import LOGICAL_RULES, axis_rules, logical_sharding, use_mesh
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # "prefill" / "decode" traces: tests count recompiles
 
@@ -104,14 +107,17 @@ class Engine:
     """Continuous batching for one model (see the module docstring). `model`: a `GLMForCausalLM` of any family;
     `tokenizer` (optional): its stop ids end requests, its vocabulary bounds the sampled ids, and it checks stop
     strings. KV budget: `num_pages` pages of `page_size` tokens, or `kv_cache_tokens` tokens, default enough for
-    every slot at `max_model_len`."""
+    every slot at `max_model_len`. `mesh` (a `glm_jax.make_mesh`): the parameters are placed with the logical
+    rules (tensor parallel over "tensor", experts over "expert") and the page pool's KV heads over "tensor"."""
 
     def __init__(self, model, params, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, kv_cache_tokens: int | None = None,
                  prefill_chunk: int = 128, max_prefill_rows: int = 2, prefix_caching: bool = True,
-                 max_waiting: int = 1024):
+                 max_waiting: int = 1024, mesh: Mesh | None = None, rules: Sequence | None = None):
         cfg = model.cfg
-        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.mesh, self.rules = mesh, LOGICAL_RULES if rules is None else tuple(rules)
+        self.model, self.tokenizer = model, tokenizer
+        self.params = params if mesh is None else shard_params(model, params, mesh, self.rules)
         self.max_model_len = min(max_model_len or cfg.max_seq_len, cfg.max_seq_len)
         self.page_size, self.max_num_seqs = int(page_size), int(max_num_seqs)
         self.max_pages = math.ceil(self.max_model_len / self.page_size)
@@ -120,10 +126,14 @@ class Engine:
                          else self.max_pages * self.max_num_seqs) + 1
         self.pool = PagePool(int(num_pages), self.page_size, prefix_caching=prefix_caching)
         self.cache = init_paged_cache(cfg, int(num_pages), self.page_size)
+        if mesh is not None:
+            self.cache = jax.device_put(self.cache, pool_shardings(self.cache, mesh, self.rules))
         self.prefill_chunk, self.max_prefill_rows, self.max_waiting = prefill_chunk, max_prefill_rows, max_waiting
         self.vocab_limit = tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size
         self.default_stop_ids = frozenset(tokenizer.stop_ids) if tokenizer is not None else frozenset()
         self.seen = jnp.zeros((self.max_num_seqs, cfg.vocab_size), bool)
+        if mesh is not None:
+            self.seen = jax.device_put(self.seen, NamedSharding(mesh, P()))
         self.slots: list[Request | None] = [None] * self.max_num_seqs
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -346,7 +356,15 @@ class Engine:
         return knobs
 
     def _program(self, kind: str, spec: RowSpec):
-        return _step_program(self.model, kind, spec)
+        fn = _step_program(self.model, kind, spec, self.mesh, self.rules)
+        if self.mesh is None:
+            return fn
+
+        def under_mesh(*args):  # traced with the rules active, so the model's activation constraints apply
+            with use_mesh(self.mesh), axis_rules(self.rules):
+                return fn(*args)
+
+        return under_mesh
 
     # ------------------------------------------------------------------ results
     def _append(self, req: Request, token: int, logprob: float, top, outputs: dict) -> None:
@@ -394,10 +412,20 @@ class Engine:
                 "pages_total": self.pool.num_pages - 1, **self.pool.stats, **self.counters}
 
 
+def pool_shardings(pool, mesh: Mesh, rules=LOGICAL_RULES):
+    """Shardings of a page pool (`init_paged_cache`): GQA's KV heads over "tensor" where they divide; the pages,
+    MLA's latent and DSA's index keys replicated (every row of a step may read any page)."""
+    def one(path, x):
+        axes = ("layers", None, None, "kv_heads", "head_dim") if x.ndim == 5 else (None,) * x.ndim
+        return logical_sharding(mesh, axes, x.shape, rules)
+
+    return jax.tree_util.tree_map_with_path(one, pool)
+
+
 @functools.lru_cache(maxsize=64)
-def _step_program(model, kind: str, spec: RowSpec):
-    """The compiled prefill / decode step of `model` for rows of kind `spec`: one per (model, kind, spec), shared by
-    every engine of that model (jax compiles it once per shape)."""
+def _step_program(model, kind: str, spec: RowSpec, mesh: Mesh | None = None, rules=LOGICAL_RULES):
+    """The compiled prefill / decode step of `model` for rows of kind `spec`: one per (model, kind, spec, mesh),
+    shared by every engine of that model (jax compiles it once per shape)."""
 
     def run(params, cache, seen, tokens, pages, offset, new, slots, sampled, knobs):
         TRACE_COUNTS[kind] += 1
@@ -406,7 +434,10 @@ def _step_program(model, kind: str, spec: RowSpec):
                                       last_logits_only=True)
         tok, lp, top = sample_rows(logits[:, 0], seen[slots], knobs, spec)
         seen = seen.at[slots, tok].max(sampled)
-        return tok, lp, top, updated["cache"], seen
+        cache = updated["cache"]
+        if mesh is not None:  # the pool keeps its layout from step to step
+            cache = jax.lax.with_sharding_constraint(cache, pool_shardings(cache, mesh, rules))
+        return tok, lp, top, cache, seen
 
     return jax.jit(run, donate_argnums=(1, 2))
 

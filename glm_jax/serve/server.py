@@ -174,9 +174,6 @@ def build_app(engine: Engine, tokenizer, *, served_model_name: str = "glm", api_
         body = await _parse(request, ChatBody)
         _check_model(body.model, served_model_name)
         tools = None if body.tool_choice == "none" else body.tools
-        if body.tool_choice not in (None, "auto", "none"):
-            raise ApiError(400, "tool_choice: only \"auto\" and \"none\" are supported (forcing a call needs "
-                                "constrained decoding)", "tool_choice")
         try:
             check_tools(tools)
         except ValueError as e:
@@ -190,10 +187,12 @@ def build_app(engine: Engine, tokenizer, *, served_model_name: str = "glm", api_
                                                    **(body.chat_template_kwargs or {}))
         except Exception as e:  # noqa: BLE001 - a template's own error (raise_exception) or a bad message
             raise ApiError(400, f"messages: cannot be formatted by the chat template ({e})", "messages") from None
+        opening = _forced_opening(tokenizer, messages, tools, body)
+        prompt = list(prompt) + tokenizer.encode(opening, add_special_tokens=False) if opening else prompt
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         samplings = [_sampling(body, body.max_completion_tokens or body.max_tokens, logprobs, i) for i in range(body.n)]
         streams = [_submit(runner, prompt, s) for s in samplings]
-        chat = ChatStream(tokenizer, tools, prompt, served_model_name, metrics, samplings[0].stop)
+        chat = ChatStream(tokenizer, tools, prompt, served_model_name, metrics, samplings[0].stop, opening)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(chat.sse(runner, streams, include_usage), media_type="text/event-stream")
@@ -242,6 +241,30 @@ def _check_model(name: str | None, served: str) -> None:
     if name is not None and name != served:
         raise ApiError(404, f"model: {name!r} is not served here (this server serves {served!r})", "model",
                        "model_not_found")
+
+
+def _forced_opening(tokenizer, messages, tools, body) -> str:
+    """The reply text that `tool_choice` "required" / {"type": "function", "function": {"name"}} forces, written
+    after the generation prompt ("" for "auto" / "none"; `Tokenizer.tool_call_opening`)."""
+    choice = body.tool_choice
+    if choice in (None, "auto", "none"):
+        return ""
+    if choice == "required":
+        name = None
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in [t["function"]["name"] for t in tools or ()]:
+            raise ApiError(400, f"tool_choice.function.name: {name!r} is not one of the request's tools",
+                           "tool_choice.function.name")
+    else:
+        raise ApiError(400, "tool_choice: expected \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}}", "tool_choice")
+    if not tools:
+        raise ApiError(400, f"tool_choice: {choice!r} needs tools", "tool_choice")
+    try:
+        return tokenizer.tool_call_opening(messages, tools, name, **(body.chat_template_kwargs or {}))
+    except ValueError as e:
+        raise ApiError(400, str(e), "tool_choice") from None
 
 
 def _sampling(body: _Body, max_tokens, logprobs, index) -> SamplingParams:
@@ -343,9 +366,11 @@ def _chat_logprobs(tokenizer, out: RequestOutput, start: int = 0) -> dict | None
 
 
 class ChatStream:
-    def __init__(self, tokenizer, tools, prompt, model_name: str, metrics: Metrics, stops: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, tools, prompt, model_name: str, metrics: Metrics, stops: tuple[str, ...] = (),
+                 opening: str = ""):
+        """`opening`: reply text the prompt already ends with (a forced tool call), parsed before the output."""
         self.tokenizer, self.tools, self.prompt, self.model, self.metrics = tokenizer, tools, prompt, model_name, metrics
-        self.stops = stops
+        self.stops, self.opening = stops, opening
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def _chunk(self, choices, usage=None) -> str:
@@ -368,6 +393,7 @@ class ChatStream:
         tasks = [asyncio.create_task(pump(i, rid, q)) for i, (rid, q) in enumerate(streams)]
         texts = [_TextStream(self.tokenizer, self.stops) for _ in streams]
         parsers = [self.tokenizer.stream_parser(self.tools, prompt=self.prompt) for _ in streams]
+        pending = [self.opening] * len(streams)  # fed with each stream's first output
         calls = [0] * len(streams)
         last_time = [runner.submitted_at.get(rid) for rid, _ in streams]
         done, completion_tokens, cached = 0, 0, 0
@@ -382,7 +408,8 @@ class ChatStream:
                     done += 1
                     continue
                 self._time(last_time, i, out)
-                events = parsers[i].feed(texts[i].feed(out))
+                events = parsers[i].feed(pending[i] + texts[i].feed(out))
+                pending[i] = ""
                 if out.finished:
                     events += parsers[i].finish()
                 for delta in self._deltas(events, calls, i):
@@ -430,7 +457,7 @@ class ChatStream:
         results = await asyncio.gather(*(self._collect(runner, rid, q) for rid, q in streams))
         choices, completion_tokens = [], 0
         for i, out in enumerate(results):
-            parsed = self.tokenizer.parse_reply(_final_text(self.tokenizer, out), tools=self.tools)
+            parsed = self.tokenizer.parse_reply(self.opening + _final_text(self.tokenizer, out), tools=self.tools)
             message = {"role": "assistant", "content": parsed["content"]}
             if parsed["reasoning_content"] is not None:
                 message["reasoning_content"] = parsed["reasoning_content"]

@@ -113,6 +113,40 @@ class Tokenizer:
             return parse_arguments(messages)
         return openai_to_glm4(messages, tools, tools_on_message="item['tools']" in source)
 
+    def tool_call_opening(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict], name: str | None = None,
+                          enable_thinking: bool | None = None, **kwargs: Any) -> str:
+        """The text a reply to `messages` must begin with to call the tool `name` (None: some tool, the model
+        picks which), as this format writes an assistant tool call there: appended to the generation prompt it
+        forces the call, and the model writes the rest in its trained format (OpenAI's `tool_choice`
+        "required" / a named function; docs/serving.md). Read from the template's own rendering of such a
+        call, so GLM-4.5's `\\n<tool_call>name\\n`, GLM-4.7's `<tool_call>name` and GLM-4's `name\\n` all
+        come out right. ValueError when the format cannot be forced that way."""
+        names = [t["function"]["name"] for t in tools or ()]
+        if name is None and len(names) == 1:
+            name = names[0]
+        probe = name if name is not None else names[0] if names else None
+        if probe is None:
+            raise ValueError("tool_choice: forcing a tool call needs tools")
+        call = {"role": "assistant", "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": probe, "arguments": {}}}]}
+        prompt = self.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
+                                          enable_thinking=enable_thinking, **kwargs)
+        full = self.apply_chat_template([*messages, call], tools=tools, add_generation_prompt=False,
+                                        tokenize=False, enable_thinking=enable_thinking, **kwargs)
+        rest = full[len(prompt):]
+        at = rest.find(probe)
+        if not full.startswith(prompt) or at < 0:
+            raise ValueError("tool_choice: this chat template's generation prompt is not where it writes a tool "
+                             "call, so a call cannot be forced; use \"auto\"")
+        if name is None:
+            if not rest[:at].strip():
+                raise ValueError("tool_choice: \"required\" with several tools needs a format that opens a call "
+                                 "before naming the tool (GLM-4.5 and later); this one starts with the name, so "
+                                 "name the function")
+            return rest[:at]
+        end = at + len(name)
+        return rest[:end + 1] if rest[end:end + 1] == "\n" else rest[:end]
+
     def _builtin_chat(self, messages, tools, add_generation_prompt, enable_thinking, tokenize):
         raise ValueError(f"{getattr(self, 'path', type(self).__name__)}: the checkpoint ships no chat template "
                          "(chat_template.jinja or tokenizer_config.json's chat_template) and has no built-in format")
