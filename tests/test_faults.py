@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_train_run import NAN, ROOT, SMALL, compilation_cache, env_for, losses, train  # noqa: F401
+from test_train_run import NAN, ROOT, SMALL, env_for, losses, train
 
 RUN8 = ["train.steps=8", "checkpoint.every=4", "train.eval_every=0"]
 

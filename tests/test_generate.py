@@ -333,7 +333,7 @@ def test_input_validation(pair):
 # -------------------------------------------------------------------------------------------------- sharding
 SHARDED_SCRIPT = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, numpy as np
     jax.config.update("jax_platforms", "cpu")
     from glm_jax import GLMConfig, GLMForCausalLM, init_params, make_mesh
@@ -379,6 +379,5 @@ SHARDED_SCRIPT = textwrap.dedent("""
 def test_sharded_generation_matches_single_device():
     path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(ROOT)]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
-    env.pop("XLA_FLAGS", None)
     r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "SHARDED_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]

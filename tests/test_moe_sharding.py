@@ -91,7 +91,7 @@ def test_mesh_expert_config_checks():
 
 SCRIPT = textwrap.dedent("""
     import os, sys, json, tempfile
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, sys.argv[1])
     import jax, jax.numpy as jnp, numpy as np
@@ -186,7 +186,7 @@ def test_expert_parallel_forward_decode_and_train_steps_match_single_device():
     local-gather path equal one device's (rel < 1e-5, fp32); batch-of-2 generation on expert=4 x tensor=2 equals
     one device's tokens and a batch-1 decode step there multiplies only the chosen experts' weights; train.py's
     first two train-step losses on expert=2 x fsdp=2 x tensor=2 equal one device's (rtol 1e-5)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT)], capture_output=True, text=True, env=env,
                        timeout=600, cwd=str(ROOT))
     assert r.returncode == 0 and "EXPERT_PARALLEL_OK" in r.stdout, r.stdout[-4000:] + r.stderr[-6000:]

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(*args, devices=1, env=None):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / "train.py"), "--compile-only", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -21,19 +21,13 @@ SMALL = ["model.preset=glm-test", "model.overrides.vocab_size=8192", "data.seq_l
 STEPS = ["train.steps=12"]
 
 
-CACHE = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One persistent XLA cache for all the runs of this module: the same programs compile once."""
-    CACHE.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-    yield
+# train.py runs share the suite's persistent XLA cache (tests/conftest.py), keeping every program: the runs of
+# this module and of the fault tests build the same few programs, which then compile once.
+CACHE = dict(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 
 def env_for(devices=1, **extra):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    return dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                 **CACHE, **extra)
 
 
