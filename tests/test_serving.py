@@ -85,6 +85,24 @@ def test_a_few_programs_per_step_kind_whatever_comes_and_goes(dense):
     assert wave() == {"decode": 0, "prefill": 0}
 
 
+def test_warm_up_compiles_everything_traffic_needs(dense):
+    """After `warm_up`, requests of every length and both default kinds of rows trace no new program; the warm-up
+    leaves no trace in the pool or the outputs."""
+    model, params = dense
+    engine = Engine(model, params, max_num_seqs=2, page_size=8, prefill_chunk=32, max_model_len=48)
+    before = dict(E.TRACE_COUNTS)
+    # 2 kinds of rows x (decode: rows 1, 2 x widths 4, 6 + prefill: rows 1, 2 x chunks 16, 32 x widths 4, 6)
+    assert engine.warm_up() == 2 * (2 * 2 + 2 * 2 * 2)
+    assert E.TRACE_COUNTS["decode"] > before.get("decode", 0) and engine.stats()["pages_used"] == 0
+    warmed = dict(E.TRACE_COUNTS)
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(3, 500, int(k))) for k in (1, 9, 17, 30, 36)]
+    outs = engine.generate(prompts, [GREEDY, SamplingParams(max_tokens=6, seed=1)] * 2 + [GREEDY])
+    assert dict(E.TRACE_COUNTS) == warmed
+    greedy = [0, 2, 4]
+    assert [outs[i].token_ids for i in greedy] == reference(model, params, [prompts[i] for i in greedy], 10)
+
+
 def test_sampling_is_per_request_and_reproducible(dense):
     """A seeded request draws the same tokens alone or beside others; greedy rows stay greedy in a mixed batch;
     top_k=1 is greedy; a different seed gives another stream."""

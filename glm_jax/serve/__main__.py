@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,8 @@ from glm_jax.platforms import skip_absent_tpu
 from glm_jax.serve.engine import Engine
 from glm_jax.serve.server import build_app
 from glm_jax.tokenizers import load_tokenizer
+
+log = logging.getLogger("glm_jax.serve")
 
 
 def _arg_parser() -> argparse.ArgumentParser:
@@ -46,6 +49,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, metavar="tensor=N[,expert=M]",
                    help="shard the model over this many devices: tensor parallel (KV heads, MLP) and, for MoE, "
                         "expert parallel (default: one device)")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every step program before serving: a longer start, and no request waits for a "
+                        "compile (Engine.warm_up)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -96,6 +102,10 @@ def build(args):
                     max_model_len=args.max_model_len, page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
                     prefill_chunk=args.prefill_chunk, prefix_caching=args.prefix_caching,
                     max_waiting=args.max_waiting, mesh=mesh)
+    if args.warmup:
+        start = time.monotonic()
+        count = engine.warm_up()
+        log.info("warm-up: %d step programs in %.1f s", count, time.monotonic() - start)
     name = args.served_model_name or Path(args.checkpoint).resolve().name
     return build_app(engine, tokenizer, served_model_name=name, api_key=args.api_key), engine
 

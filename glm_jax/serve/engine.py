@@ -209,6 +209,28 @@ class Engine:
                     final[out.request_id] = out
         return [final[i] for i in ids]
 
+    def warm_up(self, samplings: Sequence[SamplingParams] = (SamplingParams(temperature=0), SamplingParams())) -> int:
+        """Compiles every step program that traffic of these kinds of rows can need (each rows x chunk x page-table
+        bucket of prefill and decode; default: greedy rows and `SamplingParams()`'s) by running each once on
+        nothing (every write goes to the null page), so that no request waits for a compile. Returns the number
+        of programs run; call it before serving (`--warmup`)."""
+        if self.has_unfinished():
+            raise RuntimeError("warm_up: call it before adding requests")
+        widths = _buckets(4, self.max_pages)
+        shapes = [("decode", rows, 1, width) for rows in _buckets(1, self.max_num_seqs) for width in widths]
+        shapes += [("prefill", rows, chunk, width) for rows in _buckets(1, self.max_prefill_rows)
+                   for chunk in _buckets(16, self.prefill_chunk) for width in widths]
+        specs = list(dict.fromkeys(RowSpec.of([s]) for s in samplings))
+        for spec in specs:
+            for kind, rows, chunk, width in shapes:
+                zeros = np.zeros(rows, np.int32)
+                out = self._program(kind, spec)(self.params, self.cache, self.seen, np.zeros((rows, chunk), np.int32),
+                                                np.zeros((rows, width), np.int32), zeros, zeros, zeros,
+                                                np.zeros(rows, bool), self._knobs([], rows))
+                self.cache, self.seen = out[3], out[4]
+        jax.block_until_ready(self.cache)
+        return len(specs) * len(shapes)
+
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
         """Admits, prefills one chunk, decodes one token; the outputs of every request that advanced or ended."""
@@ -445,6 +467,11 @@ def _step_program(model, kind: str, spec: RowSpec, mesh: Mesh | None = None, rul
 def _bucket(n: int, low: int, high: int) -> int:
     """`n` rounded up to a power of two, within [low, high]: the few shapes a step program is compiled for."""
     return min(high, max(low, 1 << max(0, (n - 1).bit_length())))
+
+
+def _buckets(low: int, high: int) -> list[int]:
+    """Every value `_bucket(n, low, high)` takes."""
+    return sorted({_bucket(n, low, high) for n in range(1, high + 1)})
 
 
 @jax.jit
