@@ -80,11 +80,10 @@ class ChatSession:
             max_new_tokens = sampling.max_tokens or max_new_tokens
             temperature, top_p, top_k = sampling.temperature, sampling.top_p, sampling.top_k
             repetition_penalty, seed = sampling.repetition_penalty, sampling.seed or 0
-        self.stop_ids = tuple(dict.fromkeys([*tokenizer.stop_ids, *(sampling.stop_token_ids if sampling else ())])) \
-            if isinstance(tokenizer, Tokenizer) else ()
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"ChatSession needs a glm_jax.Tokenizer (glm_jax.load_tokenizer), got "
                             f"{type(tokenizer).__name__}")
+        self.stop_ids = tuple(dict.fromkeys([*tokenizer.stop_ids, *(sampling.stop_token_ids if sampling else ())]))
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.conversation = _generate.ConversationCache() if reuse_cache else None
         check_tools(tools)

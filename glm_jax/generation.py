@@ -53,7 +53,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm_jax.model import cache_specs, param_specs
-from glm_jax.sharding import LOGICAL_RULES, axis_rules, logical_sharding, param_shardings, use_mesh
+from glm_jax.sharding import LOGICAL_RULES, logical_sharding, param_shardings, run_sharded
 
 log = logging.getLogger(__name__)
 
@@ -307,14 +307,6 @@ def _decode_loop(model, params, state, limit, *, spec: SamplingSpec, mesh, rules
                     done=s["done"] | _is_stop(tok, knobs["stop_ids"]), i=s["i"] + 1)
 
     return jax.lax.while_loop(cond, body, state)
-
-
-def _run_sharded(mesh, rules, fn, *args):
-    """fn(*args) under the mesh and the logical axis rules, so the model's activation constraints apply."""
-    if mesh is None:
-        return fn(*args)
-    with use_mesh(mesh), axis_rules(rules):
-        return fn(*args)
 
 
 def _compiled(kind: str, key: tuple, build):
@@ -574,7 +566,7 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
                     **_sampling_keywords(sampling, loose))
     max_new_tokens = prep.max_new_tokens
     fn = _generate_fn(model, prep.ids.shape[0], prep.prompt_bucket, prep.out_bucket, prep.spec, mesh, rules)
-    out, steps = _run_sharded(mesh, rules, fn, prep.params, prep.ids, prep.mask, prep.knobs)
+    out, steps = run_sharded(mesh, rules, fn, prep.params, prep.ids, prep.mask, prep.knobs)
     new = np.asarray(jax.device_get(out))[:, :max_new_tokens]
     result = np.concatenate([prep.orig_ids, new], axis=1)
     if prep.squeeze:
@@ -618,7 +610,7 @@ def stream_generate(model, params, input_ids, attention_mask=None, *, max_new_to
         slots = list(range(prep.prompt_bucket - len(prompt), prep.prompt_bucket))
     prefill, decode = _stream_fns(model, prep.ids.shape[0], prefill_len, prep.out_bucket, prep.spec, mesh, rules)
     if not reuse:
-        state = _run_sharded(mesh, rules, prefill, prep.params, prep.ids, prep.mask, prep.knobs)
+        state = run_sharded(mesh, rules, prefill, prep.params, prep.ids, prep.mask, prep.knobs)
     if conversation is not None:
         conversation.reused = reuse
     yield from _stream_tokens(model, params, prep, state, decode, np.int32(chunk), max_new_tokens, mesh, rules,
@@ -638,7 +630,7 @@ def _extend_conversation(model, prep, conversation, prompt, reuse, mesh, rules):
     ids[0, chunk_len - len(rest):], mask[0, chunk_len - len(rest):] = rest, 1
     cache_len = cache["model"]["segment_ids"].shape[1]
     extend = _extend_fn(model, chunk_len, cache_len, prep.out_bucket, prep.spec, mesh, rules)
-    state = _run_sharded(mesh, rules, extend, prep.params, cache, *_placed(mesh, ids, mask), prep.knobs)
+    state = run_sharded(mesh, rules, extend, prep.params, cache, *_placed(mesh, ids, mask), prep.knobs)
     slots = conversation.slots[:reuse] + list(range(index + chunk_len - len(rest), index + chunk_len))
     return state, slots, cache_len
 
@@ -661,4 +653,4 @@ def _stream_tokens(model, params, prep, state, decode, chunk, max_new_tokens, me
         produced = i
         if done or produced >= max_new_tokens:
             return
-        state = _run_sharded(mesh, rules, decode, prep.params, state, chunk)
+        state = run_sharded(mesh, rules, decode, prep.params, state, chunk)

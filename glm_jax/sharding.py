@@ -152,3 +152,12 @@ def axis_rules(rules=LOGICAL_RULES):
 def use_mesh(mesh: Mesh):
     """Context manager making `mesh` the current one (jax.set_mesh on new jax, the Mesh context on older)."""
     return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
+
+
+def run_sharded(mesh: Mesh | None, rules, fn, *args):
+    """fn(*args) under `mesh` and the logical axis `rules`, so that the model's activation constraints apply while
+    a jitted fn traces (just fn(*args) without a mesh)."""
+    if mesh is None:
+        return fn(*args)
+    with use_mesh(mesh), axis_rules(rules):
+        return fn(*args)

@@ -40,7 +40,7 @@ from glm_jax.generation import shard_params
 from glm_jax.model import PagedIndex, init_paged_cache
 from glm_jax.serve.pages import PagePool, page_keys
 from glm_jax.serve.sampling import RowSpec, SamplingParams, sample_rows
-from glm_jax.sharding import LOGICAL_RULES, axis_rules, logical_sharding, use_mesh
+from glm_jax.sharding import LOGICAL_RULES, logical_sharding, run_sharded
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # "prefill" / "decode" traces: tests count recompiles
 
@@ -378,15 +378,8 @@ class Engine:
         return knobs
 
     def _program(self, kind: str, spec: RowSpec):
-        fn = _step_program(self.model, kind, spec, self.mesh, self.rules)
-        if self.mesh is None:
-            return fn
-
-        def under_mesh(*args):  # traced with the rules active, so the model's activation constraints apply
-            with use_mesh(self.mesh), axis_rules(self.rules):
-                return fn(*args)
-
-        return under_mesh
+        return functools.partial(run_sharded, self.mesh, self.rules,
+                                 _step_program(self.model, kind, spec, self.mesh, self.rules))
 
     # ------------------------------------------------------------------ results
     def _append(self, req: Request, token: int, logprob: float, top, outputs: dict) -> None:
@@ -437,11 +430,11 @@ class Engine:
 def pool_shardings(pool, mesh: Mesh, rules=LOGICAL_RULES):
     """Shardings of a page pool (`init_paged_cache`): GQA's KV heads over "tensor" where they divide; the pages,
     MLA's latent and DSA's index keys replicated (every row of a step may read any page)."""
-    def one(path, x):
+    def one(x):
         axes = ("layers", None, None, "kv_heads", "head_dim") if x.ndim == 5 else (None,) * x.ndim
         return logical_sharding(mesh, axes, x.shape, rules)
 
-    return jax.tree_util.tree_map_with_path(one, pool)
+    return jax.tree.map(one, pool)
 
 
 @functools.lru_cache(maxsize=64)

@@ -259,9 +259,7 @@ def _forced_opening(tokenizer, messages, tools, body) -> str:
     else:
         raise ApiError(400, "tool_choice: expected \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
                             "\"function\": {\"name\": ...}}", "tool_choice")
-    if not tools:
-        raise ApiError(400, f"tool_choice: {choice!r} needs tools", "tool_choice")
-    try:
+    try:  # "required" without tools: the tokenizer's ValueError
         return tokenizer.tool_call_opening(messages, tools, name, **(body.chat_template_kwargs or {}))
     except ValueError as e:
         raise ApiError(400, str(e), "tool_choice") from None
