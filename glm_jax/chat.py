@@ -437,15 +437,29 @@ def _check_sampling_args(args) -> None:
         raise _CliError(f"--{name.replace('_', '-')}: {why}") from None
 
 
-def _cli_tokenizer(source: str | Path | None):
-    """The tokenizer at `source` (--tokenizer, else the checkpoint's), else the small SentencePiece model shipped
-    with glm_jax."""
+def tokenizer_or_shipped(source: str | Path | None):
+    """The tokenizer at `source` (--tokenizer, else `default_tokenizer` of the checkpoint), else (None) the small
+    SentencePiece model shipped with glm_jax: the chat CLI's and the server's choice. ValueError naming
+    --tokenizer when it cannot be loaded."""
     if source is not None and not Path(source).exists():
-        raise _CliError(f"--tokenizer: {source}: no such file")
+        raise ValueError(f"--tokenizer: {source}: no such file")
     try:
         return SentencePieceTokenizer() if source is None else load_tokenizer(source)
     except (OSError, RuntimeError, ValueError) as e:
-        raise _CliError(f"--tokenizer: {source}: cannot load the tokenizer ({e})") from None
+        raise ValueError(f"--tokenizer: {source}: cannot load the tokenizer ({e})") from None
+
+
+def shipped_tokenizer_warning(checkpoint) -> str:
+    """The one line said when the shipped tokenizer stands in for a checkpoint's own."""
+    return (f"warning: {checkpoint} has no tokenizer.json or tokenizer.model: using the small SentencePiece "
+            f"tokenizer shipped with glm_jax (pass --tokenizer for the model's own)")
+
+
+def _cli_tokenizer(source: str | Path | None):
+    try:
+        return tokenizer_or_shipped(source)
+    except ValueError as e:
+        raise _CliError(str(e)) from None
 
 
 def _cli_session(args) -> ChatSession:
@@ -459,8 +473,7 @@ def _cli_session(args) -> ChatSession:
     except (OSError, ValueError, KeyError) as e:
         raise _CliError(str(e)) from None
     if source is None:  # a real model's ids mean nothing in this vocabulary: say so
-        print(f"warning: {args.checkpoint} has no tokenizer.json or tokenizer.model: using the small SentencePiece "
-              f"tokenizer shipped with glm_jax (pass --tokenizer for the model's own)", file=sys.stderr, flush=True)
+        print(shipped_tokenizer_warning(args.checkpoint), file=sys.stderr, flush=True)
     if cfg.vocab_size < tokenizer.vocab_size:
         raise _CliError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
                         f"({tokenizer.vocab_size})")

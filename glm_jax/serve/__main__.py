@@ -1,7 +1,8 @@
 """`python -m glm_jax.serve --checkpoint DIR` (console script `glm-serve`): the OpenAI-compatible server.
 
 DIR is anything `glm_jax.chat` loads (THUDM or transformers checkpoint, train.py run directory); the tokenizer is
-`--tokenizer`, else the checkpoint's own. Exit status: 0 after SIGTERM / Ctrl-C (running requests are finished
+`--tokenizer`, else the checkpoint's own, else (with a warning) the small one shipped with glm_jax, as
+for the chat CLI. Exit status: 0 after SIGTERM / Ctrl-C (running requests are finished
 first), 2 for bad arguments or files, reported as one `error: ...` line on stderr.
 """
 
@@ -17,12 +18,11 @@ from typing import Sequence
 import uvicorn
 
 from glm_jax import GLMForCausalLM, make_mesh, quantize_params
-from glm_jax.chat import load_checkpoint, default_tokenizer
+from glm_jax.chat import default_tokenizer, load_checkpoint, shipped_tokenizer_warning, tokenizer_or_shipped
 from glm_jax.config import DTYPES
 from glm_jax.platforms import skip_absent_tpu
 from glm_jax.serve.engine import Engine
 from glm_jax.serve.server import build_app
-from glm_jax.tokenizers import load_tokenizer
 
 log = logging.getLogger("glm_jax.serve")
 
@@ -88,14 +88,14 @@ def build(args):
     _check(args)
     mesh = parse_mesh(args.mesh)
     source = args.tokenizer if args.tokenizer is not None else default_tokenizer(args.checkpoint)
-    if source is None:
-        raise ValueError(f"--tokenizer: {args.checkpoint} has no tokenizer.json or tokenizer.model; pass --tokenizer")
-    try:
-        tokenizer = load_tokenizer(source)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--tokenizer: {source}: cannot load the tokenizer ({e})") from None
+    tokenizer = tokenizer_or_shipped(source)  # the chat CLI's choice, shipped tokenizer included
     overrides = dict(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else {}
     cfg, params = load_checkpoint(args.checkpoint, **overrides)
+    if source is None:
+        print(shipped_tokenizer_warning(args.checkpoint), file=sys.stderr, flush=True)
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
+                         f"({tokenizer.vocab_size})")
     if args.quantization_bit:
         cfg, params = quantize_params(cfg, params, args.quantization_bit)
     engine = Engine(GLMForCausalLM(cfg), params, tokenizer, max_num_seqs=args.max_num_seqs,
