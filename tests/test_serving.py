@@ -6,10 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params
+from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params, save_hf
 from glm_jax.serve import Engine, QueueFull, SamplingParams
 from glm_jax.serve import engine as E
+from glm_jax.serve.__main__ import _arg_parser, build
 from glm_jax.serve.pages import PagePool, page_keys
+from glm_jax.tokenizers import SentencePieceTokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
 
@@ -185,3 +187,14 @@ def test_page_pool_reference_counts_and_prefix_keys():
     pool.release([a])
     taken = [pool.allocate() for _ in range(4)]  # the two free pages, then the cached ones (evicted)
     assert sorted(taken) == [1, 2, 3, 4] and pool.allocate() is None and pool.match(keys) == []
+
+
+def test_a_checkpoint_without_tokenizer_files_is_served_with_the_shipped_one(tmp_path, capsys):
+    """As in the chat CLI: the small SentencePiece tokenizer stands in, with one warning line."""
+    cfg = GLMConfig.from_preset("glm-test", vocab_size=SentencePieceTokenizer().vocab_size + 8, max_seq_len=64)
+    ckpt = save_hf(cfg, init_params(GLMForCausalLM(cfg), jax.random.key(0)), tmp_path / "ckpt", format="transformers")
+    _, engine = build(_arg_parser().parse_args(["--checkpoint", str(ckpt), "--max-num-seqs", "1"]))
+    assert isinstance(engine.tokenizer, SentencePieceTokenizer)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"warning: {ckpt} has no tokenizer.json or tokenizer.model: using the small SentencePiece tokenizer shipped "
+        f"with glm_jax (pass --tokenizer for the model's own)"]
