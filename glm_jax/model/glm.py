@@ -27,7 +27,7 @@ all L layers; each block writes its global layer index. Then a final RMSNorm and
     model/moe_layers/...                          [L_moe, ...] as model/layers, with mlp = the MoE layer:
         mlp/router/kernel, mlp/router/e_score_correction_bias, mlp/experts/{wi,wo}, mlp/shared_experts/{wi,wo}
     model/mtp/{enorm,hnorm,shared_head_norm}/scale, model/mtp/eh_proj/kernel, model/mtp/block/...
-                                                  [num_mtp_layers, ...]   the checkpoint's MTP layers (unused)
+                                                  [num_mtp_layers, ...]   the MTP layers (MTPHead runs them)
     model/final_norm/scale                        [embed]
     model/prefix                                  [L, 2, pre_seq_len, kv_heads, head_dim]   (P-tuning v2 only)
     lm_head/kernel                                [embed, vocab]
@@ -162,17 +162,20 @@ def cache_shapes(cfg: GLMConfig, batch: int, max_len: int) -> dict[str, tuple[in
 
 
 class MTPLayer(nn.Module, kw_only=True):
-    """One multi-token-prediction layer of a glm4_moe checkpoint (DeepSeek-V3's MTP module, as vLLM / SGLang run
-    GLM-4.5's): h' = block(eh_proj([enorm(embed(t + 1)); hnorm(h)])), logits' = head(shared_head_norm(h')). Its
-    embedding and output head are the model's own. Not used by the forward pass or generation yet: GLMModel runs
-    it only at init, so that the checkpoint's MTP weights have their place (model/mtp) in the parameter tree."""
+    """One multi-token-prediction layer of a glm4_moe / glm4_moe_lite / glm_moe_dsa checkpoint (DeepSeek-V3's MTP
+    module, as vLLM / SGLang run GLM-4.5's; docs/mtp.md): h' = block(eh_proj([enorm(embed(x[t+1])) ; hnorm(h[t])])),
+    logits' = lm_head(shared_head_norm(h')). Its embedding and output head are the model's own (`MTPHead`)."""
 
     cfg: GLMConfig
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, hidden, embeds, ctx: dict):
-        """hidden: the previous depth's hidden states (pre final norm), embeds: embeddings of the tokens one step
-        ahead, both [batch, seq, embed]. Returns (new hidden, its shared-head-normalised form)."""
+    def __call__(self, carry, ctx: dict, embeds):
+        """carry: (hidden [batch, seq, embed]: the previous depth's hidden states (the main model's output after
+        its final norm, or the previous MTP depth's block output), kv_cache: this depth's (keys, values) / latent
+        buffers while decoding, else None); embeds: embeddings of the tokens one step ahead. Returns ((new hidden,
+        kv_cache), new hidden after shared_head_norm)."""
+        hidden, kv_cache = carry
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
@@ -182,8 +185,72 @@ class MTPLayer(nn.Module, kw_only=True):
         both = jnp.stack([norm("enorm")(embeds), norm("hnorm")(hidden)], axis=-2)  # [B, S, 2, embed]
         h = Linear(features=(cfg.hidden_size,), kernel_axes=(None, "embed", None), n_in=2, dtype=dtype,
                    param_dtype=param_dtype, name="eh_proj")(both)
-        (h, _), _ = DecoderBlock(cfg=cfg, moe=True, name="block")((h, None), ctx, {"layer": jnp.int32(0), "prefix": None})
-        return h, norm("shared_head_norm")(h)
+        (h, kv_cache), _ = DecoderBlock(cfg=cfg, decode=self.decode, moe=True, name="block")(
+            (h, kv_cache), ctx, {"layer": jnp.int32(0), "prefix": None})
+        return (h, kv_cache), norm("shared_head_norm")(h)
+
+
+class MTPStack(nn.Module):
+    """The model's embedding and its MTP layers, chained: depth d reads depth d-1's hidden states and the
+    embeddings of the tokens d+1 steps ahead (`ahead` [depths, batch, seq]). Named "model" inside `MTPHead`, so
+    that its parameters are GLMForCausalLM's model/embed and model/mtp."""
+
+    cfg: GLMConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, hidden, ahead, ctx: dict, kv_cache=None):
+        cfg = self.cfg
+        embeds = Embed(vocab_size=cfg.vocab_size, features=cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+                       param_dtype=jnp.dtype(cfg.param_dtype), name="embed")(ahead)
+        layers = nn.scan(MTPLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, 0), length=cfg.num_mtp_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        (_, kv_cache), normed = layers(cfg=cfg, decode=self.decode, name="mtp")((hidden, kv_cache), ctx, embeds)
+        return normed, kv_cache
+
+
+class MTPHead(nn.Module):
+    """Multi-token prediction with a GLMForCausalLM's parameters (apply it with the same params tree: it reads
+    model/embed, model/mtp and lm_head). For each position t, depth d (d = 0 .. num_mtp_layers - 1) predicts token
+    t + d + 2 from the main model's final hidden state at t (`GLMForCausalLM(..., return_hidden=True)`) and the
+    tokens t + 1 .. t + d + 1 (docs/mtp.md).
+
+    Training: `apply(params, hidden, input_ids, segment_ids=...)` -> (logits [depths, batch, seq, vocab], None);
+    the positions whose tokens ahead run past the row (or its document) are to be masked by the caller.
+    Decoding (`decode=True`, speculative decoding): `ahead` [1, batch, seq] are the next tokens themselves and
+    `paged` / `kv_cache` the MTP layer's own paged cache (`init_paged_mtp_cache`), one depth
+    (num_mtp_layers=1): -> (logits, kv_cache)."""
+
+    cfg: GLMConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, hidden, tokens, segment_ids=None, paged: PagedIndex | None = None, kv_cache=None,
+                 return_hidden: bool = False):
+        cfg = self.cfg
+        batch, seq = tokens.shape[-2:]
+        if paged is not None:
+            q_segments = paged.query_valid(seq).astype(jnp.int32)
+            ctx_segments = (q_segments, paged.key_segments(kv_cache[0].shape[2], seq))
+            positions, ahead = paged.positions(seq), tokens.reshape(1, batch, seq)
+        else:
+            q_segments = None if segment_ids is None else segment_ids.astype(jnp.int32)
+            ctx_segments = (q_segments, q_segments)
+            positions = (positions_from_segments(q_segments) if q_segments is not None
+                         else jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)))
+            # depth d reads token t + d + 1 (0 past the row's end: those positions are masked by the caller)
+            ahead = jnp.stack([jnp.pad(tokens[:, d + 1:], ((0, 0), (0, d + 1)))
+                               for d in range(cfg.num_mtp_layers)])
+        cos, sin = rope_cos_sin(cfg, positions, jnp.dtype(cfg.dtype))
+        ctx = {"cos": cos, "sin": sin, "q_segments": ctx_segments[0], "kv_segments": ctx_segments[1],
+               "cache_index": paged}
+        normed, kv_cache = MTPStack(cfg, decode=paged is not None, name="model")(hidden, ahead, ctx, kv_cache)
+        if return_hidden:
+            return normed, kv_cache
+        logits = Linear(features=(cfg.vocab_size,), kernel_axes=("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
+                        param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head")(normed)
+        return logits, kv_cache
 
 
 class GLMModel(nn.Module):
@@ -219,11 +286,11 @@ class GLMModel(nn.Module):
         kv_cache = None if cache is None else tuple(var.value for var in cache["kv"])
         x, kv_cache = self.blocks(embeds, kv_cache, ctx, decode, prefill)
         if cfg.num_mtp_layers and self.is_initializing():
-            # Creates model/mtp (stacked over the MTP layers); the output is not used.
+            # Creates model/mtp (stacked over the MTP layers) for MTPHead, which runs them; the output is not used.
             mtp = nn.scan(MTPLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_mtp_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-            mtp(cfg=cfg, name="mtp")(x, embeds, dict(ctx, kv_segments=ctx["q_segments"], cache_index=None))
+            mtp(cfg=cfg, name="mtp")((x, None), dict(ctx, kv_segments=ctx["q_segments"], cache_index=None), embeds)
         if decode and not self.is_initializing():
             for var, value in zip(cache["kv"], kv_cache):
                 var.value = value
@@ -460,3 +527,10 @@ def paged_cache_specs(cfg: GLMConfig, num_pages: int, page_size: int) -> dict:
 def init_paged_cache(cfg: GLMConfig, num_pages: int, page_size: int) -> dict:
     """A zeroed pool for `paged_cache_specs`."""
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), paged_cache_specs(cfg, num_pages, page_size))
+
+
+def init_paged_mtp_cache(cfg: GLMConfig, num_pages: int, page_size: int) -> tuple:
+    """A zeroed pool for one MTP layer (`MTPHead(decode=True)`'s kv_cache): the buffers of `cache_shapes` for one
+    layer, in their order, sharing the page tables of the model's own pool."""
+    return tuple(jnp.zeros((1,) + shape[1:], jnp.dtype(cfg.dtype))
+                 for shape in cache_shapes(cfg, num_pages, page_size).values())
