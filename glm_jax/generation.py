@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from glm_jax import speculative as speculative_lib
 from glm_jax.model import cache_specs, param_specs
 from glm_jax.sharding import LOGICAL_RULES, logical_sharding, param_shardings, run_sharded
 
@@ -544,8 +545,13 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] | int | None = None, pad_id: int | None = None, seed: int = 0, mesh=None,
              rules=None, prompt_bucket=None, new_bucket=None, vocab_limit: int | None = None,
-             return_num_steps: bool = False, sampling: SamplingParams | None = None):
+             return_num_steps: bool = False, sampling: SamplingParams | None = None, speculative: str | None = None,
+             num_speculative_tokens: int | None = None):
     """Generates up to `max_new_tokens` tokens after each (left padded) prompt row.
+
+    `speculative`: "mtp" (the model's MTP layer drafts) or "ngram" (prompt lookup) with `num_speculative_tokens`
+    drafts per verify step (glm_jax.speculative, docs/speculative.md): greedy output is identical, sampled output
+    has the same distribution; `return_num_steps` then counts verify steps (the most of any row).
 
     `sampling`: a `SamplingParams` passed whole, in place of max_new_tokens, temperature, top_k, top_p,
     repetition_penalty, seed and stop_ids (its stop_token_ids extend `stop_ids`; `SamplingParams.generate_keywords`).
@@ -561,6 +567,12 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     rules = LOGICAL_RULES if rules is None else tuple(rules)
     loose = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, seed=seed, stop_ids=stop_ids)
+    if speculative is not None:
+        res = speculative_lib.generate_speculative(
+            model, params, input_ids, attention_mask, speculative=speculative,
+            num_speculative_tokens=num_speculative_tokens, pad_id=pad_id, mesh=mesh, rules=rules,
+            prompt_bucket=prompt_bucket, new_bucket=new_bucket, vocab_limit=vocab_limit, sampling=sampling, **loose)
+        return (res.tokens, int(np.max(res.verify_steps))) if return_num_steps else res.tokens
     prep = _prepare(model, params, input_ids, attention_mask, pad_id=pad_id, mesh=mesh, rules=rules,
                     prompt_bucket=prompt_bucket, new_bucket=new_bucket, vocab_limit=vocab_limit,
                     **_sampling_keywords(sampling, loose))

@@ -160,6 +160,36 @@ def add_mtp_layer(d, ref, seed=0):
     return mtp
 
 
+def mtp_checkpoint(family, d, seed=0, layers=3, **kw):
+    """A transformers checkpoint of `layers - 1` layers plus one MTP layer at model.layers.{layers - 1}, whose
+    decoder block is transformers' own layer of a `layers`-layer model: (main oracle, MTP block oracle, the MTP
+    layer's other tensors by name)."""
+    big = tiny_oracle(family, seed=seed, confident=True, num_hidden_layers=layers, **kw)
+    big.save_pretrained(d)
+    n = layers - 1
+    def fewer_layers(config):  # per-layer lists (layer_types, mlp_layer_types, indexer_types) lose the last layer
+        return {**{k: (v[:n] if isinstance(v, list) and len(v) == layers else v) for k, v in config.items()},
+                "num_hidden_layers": n}
+
+    config = fewer_layers(json.loads((d / "config.json").read_text()))
+    (d / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    sd = np_load_file(str(d / "model.safetensors"))
+    h = big.config.hidden_size
+    rng = np.random.RandomState(seed + 1)
+    extra = {f"model.layers.{n}.{k}": (rng.randn(*s) * 0.2 + ("norm" in k)).astype(np.float32) for k, s in
+             (("enorm.weight", (h,)), ("hnorm.weight", (h,)), ("eh_proj.weight", (h, 2 * h)),
+              ("shared_head.norm.weight", (h,)))}
+    extra[f"model.layers.{n}.eh_proj.weight"] *= 2.0 / np.sqrt(2 * h)
+    copies = {f"model.layers.{n}.embed_tokens.weight": sd["model.embed_tokens.weight"],
+              f"model.layers.{n}.shared_head.head.weight": sd["lm_head.weight"]}
+    np_save_file({**sd, **extra, **copies}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    config_cls, model_cls = ORACLES[family]
+    main = model_cls(config_cls(**fewer_layers(big.config.to_diff_dict()))).eval()
+    main.load_state_dict({k: v for k, v in big.state_dict().items() if not k.startswith(f"model.layers.{n}.")})
+    main.config._attn_implementation = big.config._attn_implementation
+    return main, big.model.layers[n], {k.split(f"layers.{n}.")[1]: torch.tensor(v) for k, v in extra.items()}
+
+
 def torch_logits(model, ids, mask=None, pos=None):
     """The oracle's fp32 logits; with a mask, the position ids restart after left padding (left_padded_batch)."""
     with torch.no_grad():

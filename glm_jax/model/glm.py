@@ -206,8 +206,8 @@ class MTPStack(nn.Module):
         layers = nn.scan(MTPLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, 0), length=cfg.num_mtp_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        (_, kv_cache), normed = layers(cfg=cfg, decode=self.decode, name="mtp")((hidden, kv_cache), ctx, embeds)
-        return normed, kv_cache
+        (hidden, kv_cache), normed = layers(cfg=cfg, decode=self.decode, name="mtp")((hidden, kv_cache), ctx, embeds)
+        return normed, hidden, kv_cache
 
 
 class MTPHead(nn.Module):
@@ -216,14 +216,16 @@ class MTPHead(nn.Module):
     t + d + 2 from the main model's final hidden state at t (`GLMForCausalLM(..., return_hidden=True)`) and the
     tokens t + 1 .. t + d + 1 (docs/mtp.md).
 
-    Training: `apply(params, hidden, input_ids, segment_ids=...)` -> (logits [depths, batch, seq, vocab], None);
-    the positions whose tokens ahead run past the row (or its document) are to be masked by the caller.
-    Decoding (`decode=True`, speculative decoding): `ahead` [1, batch, seq] are the next tokens themselves and
-    `paged` / `kv_cache` the MTP layer's own paged cache (`init_paged_mtp_cache`), one depth
-    (num_mtp_layers=1): -> (logits, kv_cache)."""
+    Returns (logits, the last depth's block output (before shared_head_norm: what a next draft step reads),
+    kv_cache); with `return_hidden=True` the shared_head_norm'd states [depths, batch, seq, embed] in place of the
+    logits (for a loss that projects onto the vocabulary itself).
+    Training: `apply(params, hidden, input_ids, segment_ids=...)`: logits [depths, batch, seq, vocab]; positions
+    whose tokens ahead run past the row (or its document) are for the caller to mask.
+    Speculative decoding: `tokens` [batch, seq] are the next tokens themselves and `paged` / `kv_cache` the MTP
+    layer's own paged cache (`init_paged_mtp_cache`), one depth (num_mtp_layers=1): logits [1, batch, seq, vocab].
+    """
 
     cfg: GLMConfig
-    decode: bool = False
 
     @nn.compact
     def __call__(self, hidden, tokens, segment_ids=None, paged: PagedIndex | None = None, kv_cache=None,
@@ -245,12 +247,11 @@ class MTPHead(nn.Module):
         cos, sin = rope_cos_sin(cfg, positions, jnp.dtype(cfg.dtype))
         ctx = {"cos": cos, "sin": sin, "q_segments": ctx_segments[0], "kv_segments": ctx_segments[1],
                "cache_index": paged}
-        normed, kv_cache = MTPStack(cfg, decode=paged is not None, name="model")(hidden, ahead, ctx, kv_cache)
+        normed, hidden, kv_cache = MTPStack(cfg, decode=paged is not None, name="model")(hidden, ahead, ctx,
+                                                                                         kv_cache)
         if return_hidden:
-            return normed, kv_cache
-        logits = Linear(features=(cfg.vocab_size,), kernel_axes=("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
-                        param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head")(normed)
-        return logits, kv_cache
+            return normed, hidden, kv_cache
+        return output_head(cfg)(normed), hidden, kv_cache
 
 
 class GLMModel(nn.Module):
@@ -420,9 +421,15 @@ class GLMForCausalLM(nn.Module):
             return hidden
         if last_logits_only:
             hidden = hidden[:, -1:]
-        logits = Linear(features=(self.cfg.vocab_size,), kernel_axes=("embed", "vocab"), dtype=jnp.dtype(self.cfg.dtype),
-                        param_dtype=jnp.dtype(self.cfg.param_dtype), name="lm_head")(hidden)
+        logits = output_head(self.cfg)(hidden)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def output_head(cfg: GLMConfig) -> Linear:
+    """The untied vocabulary projection "lm_head" of GLMForCausalLM and MTPHead; alone:
+    `output_head(cfg).apply({"params": params["lm_head"]}, hidden)`."""
+    return Linear(features=(cfg.vocab_size,), kernel_axes=("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
+                  param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head")
 
 
 class GLMForSequenceClassification(nn.Module):
@@ -530,7 +537,7 @@ def init_paged_cache(cfg: GLMConfig, num_pages: int, page_size: int) -> dict:
 
 
 def init_paged_mtp_cache(cfg: GLMConfig, num_pages: int, page_size: int) -> tuple:
-    """A zeroed pool for one MTP layer (`MTPHead(decode=True)`'s kv_cache): the buffers of `cache_shapes` for one
-    layer, in their order, sharing the page tables of the model's own pool."""
+    """A zeroed pool for one MTP layer (`MTPHead`'s kv_cache while decoding): the buffers of `cache_shapes` for
+    one layer, in their order; it shares the page tables of the model's own pool."""
     return tuple(jnp.zeros((1,) + shape[1:], jnp.dtype(cfg.dtype))
                  for shape in cache_shapes(cfg, num_pages, page_size).values())
