@@ -81,16 +81,20 @@ def task_model(cfg: Config, model_cfg):
 def step_builder(cfg: Config, model, task: str):
     """The configured optimizer and train/eval steps (train.mode, z-loss, on_nan, loss_chunk)."""
     t = cfg.train
+    if t.mtp_loss_weight and not (task == "lm" and model.cfg.num_mtp_layers):
+        raise ConfigError(f"train.mtp_loss_weight: {t.mtp_loss_weight} needs a language model with MTP layers "
+                          f"(model.overrides.num_mtp_layers, or a checkpoint with num_nextn_predict_layers); this "
+                          f"one has {model.cfg.num_mtp_layers}")
     # a MoE router's correction bias is set by the step (load balancing), never by the optimizer; the MTP
-    # layers are kept for export but no loss trains them (weight decay alone would shrink them)
+    # layers, when no loss trains them, are kept for export unchanged (weight decay alone would shrink them)
     frozen = (("e_score_correction_bias",) if model.cfg.n_routed_experts else ()) + \
-        (("mtp",) if model.cfg.num_mtp_layers else ())
+        (("mtp",) if model.cfg.num_mtp_layers and not t.mtp_loss_weight else ())
     tx, schedule = make_optimizer(t, frozen=frozen)
     lora = ({"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout}
             if t.mode == "lora" else None)
     return StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora, ptuning=t.mode == "ptuning",
                        loss_chunk=t.loss_chunk, moe_bias_update_rate=t.moe_bias_update_rate,
-                       moe_balance_loss=t.moe_balance_loss)
+                       moe_balance_loss=t.moe_balance_loss, mtp_loss_weight=t.mtp_loss_weight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +352,9 @@ class TrainRun:
         res = {"eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 50.0)))}
         if self.task == "classification":
             res["eval_accuracy"] = float(sums["correct"] / max(sums["count"], 1.0))
+        if "mtp_count" in sums:
+            res["eval_mtp_loss"] = float(sums["mtp_loss_sum"] / max(sums["mtp_count"], 1.0))
+            res["eval_mtp_accuracy"] = float(sums["mtp_hits"] / max(sums["mtp_count"], 1.0))
         return res
 
     def open_progress(self) -> None:

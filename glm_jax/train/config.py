@@ -96,6 +96,10 @@ class TrainSection:
     # expert); 0 = off. moe_balance_loss: weight of DeepSeek-V3's sequence-wise balance loss; 0 = off.
     moe_bias_update_rate: float = 1e-3
     moe_balance_loss: float = 0.0
+    # MTP layers (docs/mtp.md): weight of their next-next-token loss; 0 = they are not trained (kept as loaded).
+    # GLM-4.5 trained its MTP layer with 0.3 (NVIDIA Megatron-Bridge's GLM 4.5 page: "MTP with 1 layer, 0.3
+    # scaling factor"), the value configs/moe-tiny.yaml uses.
+    mtp_loss_weight: float = 0.0
 
 
 @dataclasses.dataclass
@@ -347,7 +351,7 @@ def _check_sizes(cfg: Config) -> None:
     for k, v in {"train.warmup_steps": t.warmup_steps, "train.eval_every": t.eval_every, "train.z_loss": t.z_loss,
                  "train.weight_decay": t.weight_decay, "train.lr": t.lr, "train.max_skips": t.max_skips,
                  "train.moe_bias_update_rate": t.moe_bias_update_rate,
-                 "train.moe_balance_loss": t.moe_balance_loss}.items():
+                 "train.moe_balance_loss": t.moe_balance_loss, "train.mtp_loss_weight": t.mtp_loss_weight}.items():
         if v < 0:
             raise ConfigError(f"{k}: must be >= 0, got {v}")
     if t.global_batch_size % t.grad_accum:

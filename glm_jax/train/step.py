@@ -18,6 +18,10 @@ sequence-wise balance terms (layers/moe.py, load_stats). The step adds train.moe
 batch's sequences of the summed balance terms), then, after the optimizer update, moves every router's
 e_score_correction_bias by rate * sign(mean load - load) (auxiliary-loss-free balancing; the optimizer leaves
 the bias alone), and reports per-layer min / max / coefficient of variation of the load.
+
+MTP layers (docs/mtp.md): with mtp_loss_weight > 0 the objective adds weight * (the MTP layers' nll, averaged over
+the depths, over the same token count as the main loss: DeepSeek-V3's lambda / D * sum of the depth losses), and
+the step reports mtp_loss and mtp_accuracy (next-next-token argmax hits) over the MTP layers' own targets.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from glm_jax.model import MTPHead
 from glm_jax.sharding import axis_rules
 from glm_jax.train import lora as lora_lib
 
@@ -51,7 +56,8 @@ def batch_shardings(mesh, example: dict, microbatched: bool = True) -> dict:
 
 
 def chunked_lm_sums(hidden, kernel, targets, mask, z_loss: float, chunk: int, dtype):
-    """sum(nll + z) and sum(nll) over masked tokens, projecting onto the vocabulary `chunk` positions at a time.
+    """sum(nll + z), sum(nll) and the number of argmax hits over masked tokens, projecting onto the vocabulary
+    `chunk` positions at a time.
 
     The fp32 logits [batch, seq, vocab] (1 GiB for 4 x 2048 x 65024 in fp32) never exist at once: each chunk's
     logits are recomputed in the backward pass (jax.checkpoint) instead of being stored.
@@ -67,12 +73,24 @@ def chunked_lm_sums(hidden, kernel, targets, mask, z_loss: float, chunk: int, dt
         logits = jnp.einsum("bsh,hv->bsv", hc.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
         nll, z = lm_token_losses(logits, tc, z_loss)
         mc = mc.astype(jnp.float32)
-        return (carry[0] + jnp.sum((nll + z) * mc), carry[1] + jnp.sum(nll * mc)), None
+        hits = jnp.sum((jnp.argmax(logits, axis=-1) == tc) * mc)
+        return (carry[0] + jnp.sum((nll + z) * mc), carry[1] + jnp.sum(nll * mc), carry[2] + hits), None
 
     split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
     zero = jnp.zeros((), jnp.float32)
-    (obj, nll_sum), _ = jax.lax.scan(one, (zero, zero), (split(hidden), split(targets), split(mask)))
-    return obj, nll_sum
+    (obj, nll_sum, hits), _ = jax.lax.scan(one, (zero, zero, zero), (split(hidden), split(targets), split(mask)))
+    return obj, nll_sum, hits
+
+
+def mtp_targets(targets, mask, segment_ids, depth: int):
+    """Targets and mask of MTP depth `depth` (0-based): position t predicts token t + depth + 2 = targets[t + depth
+    + 1], trained where that target is and tokens t .. t + depth + 1 are one document (docs/mtp.md)."""
+    shift = depth + 1
+    pad = lambda x: jnp.pad(x[:, shift:], ((0, 0), (0, shift)))  # noqa: E731
+    mask = pad(mask).astype(jnp.float32)
+    if segment_ids is not None:
+        mask = mask * (pad(segment_ids) == segment_ids)
+    return pad(targets), mask
 
 
 def lm_token_losses(logits, targets, z_loss: float):
@@ -91,9 +109,11 @@ class StepBuilder:
 
     def __init__(self, model, tx: optax.GradientTransformation, schedule: Callable, task: str, z_loss: float = 0.0,
                  on_nan: str = "stop", lora: dict | None = None, ptuning: bool = False, loss_chunk: int = 0,
-                 moe_bias_update_rate: float = 0.0, moe_balance_loss: float = 0.0):
+                 moe_bias_update_rate: float = 0.0, moe_balance_loss: float = 0.0, mtp_loss_weight: float = 0.0):
         self.model, self.tx, self.schedule, self.task = model, tx, schedule, task
         self.loss_chunk = loss_chunk
+        # the MTP layers' loss (docs/mtp.md): added with this weight; 0 = they are not run
+        self.mtp_loss_weight = mtp_loss_weight if task == "lm" and getattr(model.cfg, "num_mtp_layers", 0) else 0.0
         self.ptuning = ptuning
         self.z_loss, self.on_nan, self.lora = z_loss, on_nan, lora
         # MoE load statistics are sown only for a model with MoE layers: a dense model's step is unchanged
@@ -135,11 +155,16 @@ class StepBuilder:
         return obj, ({**aux, "moe": stats[0]} if moe_stats else aux)
 
     def _sums(self, params, batch, forward):
-        if self.task != "classification" and self.loss_chunk:
+        if self.task != "classification" and (self.loss_chunk or self.mtp_loss_weight):
             hidden = forward(params, batch, return_hidden=True)
-            obj, nll_sum = chunked_lm_sums(hidden, params["lm_head"]["kernel"], batch["targets"], batch["loss_mask"],
-                                           self.z_loss, self.loss_chunk, jnp.dtype(self.model.cfg.dtype))
-            return obj, {"loss_sum": nll_sum, "count": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
+            chunk = self.loss_chunk or hidden.shape[1]
+            obj, nll_sum, _ = chunked_lm_sums(hidden, params["lm_head"]["kernel"], batch["targets"],
+                                              batch["loss_mask"], self.z_loss, chunk, jnp.dtype(self.model.cfg.dtype))
+            aux = {"loss_sum": nll_sum, "count": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
+            if self.mtp_loss_weight:
+                mtp_obj, mtp_aux = self.mtp_sums(params, batch, hidden, chunk)
+                obj, aux = obj + self.mtp_loss_weight * mtp_obj, {**aux, **mtp_aux}
+            return obj, aux
         logits = forward(params, batch)
         if self.task == "classification":
             logits = logits.astype(jnp.float32)
@@ -152,6 +177,21 @@ class StepBuilder:
         nll, z = lm_token_losses(logits, batch["targets"], self.z_loss)
         mask = batch["loss_mask"].astype(jnp.float32)
         return jnp.sum((nll + z) * mask), {"loss_sum": jnp.sum(nll * mask), "count": jnp.sum(mask)}
+
+    def mtp_sums(self, params, batch, hidden, chunk: int):
+        """(mean over depths of each depth's nll sum, {"mtp_loss_sum", "mtp_hits", "mtp_count"} summed over
+        depths) of the MTP layers over the main model's final hidden states."""
+        cfg = self.model.cfg
+        with axis_rules():
+            normed, _, _ = MTPHead(cfg).apply({"params": params}, hidden, batch["input_ids"],
+                                              segment_ids=batch.get("segment_ids"), return_hidden=True)
+        obj = loss = hits = count = jnp.zeros((), jnp.float32)
+        for d in range(cfg.num_mtp_layers):
+            targets, mask = mtp_targets(batch["targets"], batch["loss_mask"], batch.get("segment_ids"), d)
+            o, nll, h = chunked_lm_sums(normed[d], params["lm_head"]["kernel"], targets, mask, self.z_loss, chunk,
+                                        jnp.dtype(cfg.dtype))
+            obj, loss, hits, count = obj + o, loss + nll, hits + h, count + jnp.sum(mask)
+        return obj / cfg.num_mtp_layers, {"mtp_loss_sum": loss, "mtp_hits": hits, "mtp_count": count}
 
     @staticmethod
     def count(batch, task):
@@ -200,6 +240,9 @@ class StepBuilder:
                    "skipped": new_state["skipped"]}
         if self.task == "classification":
             metrics["accuracy"] = aux["correct"] / total
+        if self.mtp_loss_weight:
+            mtp_count = jnp.maximum(aux["mtp_count"], 1.0)
+            metrics["mtp_loss"], metrics["mtp_accuracy"] = aux["mtp_loss_sum"] / mtp_count, aux["mtp_hits"] / mtp_count
         if self.moe:
             metrics.update(load_metrics(aux["moe"]))
             if self.moe_balance_loss:

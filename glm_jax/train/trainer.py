@@ -62,6 +62,8 @@ class MetricsReader:
                   "mfu": mfu(tps, self.flops_per_token, self.device_kind, jax.device_count()) if tps else None}
         if self.task == "classification":
             record["accuracy"] = float(m["accuracy"])
+        if "mtp_loss" in m:
+            record["mtp_loss"], record["mtp_accuracy"] = float(m["mtp_loss"]), float(m["mtp_accuracy"])
         if self.on_nan == "skip":
             record["skipped"] = int(m["skipped"])
         if "moe_load_cv" in m:
