@@ -54,6 +54,7 @@ from glm_jax.train.build import load_run
 
 # The module, even if the package re-exports a `generate` function under the same name.
 from glm_jax import generation as _generate
+from glm_jax import speculative as _speculative
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,15 @@ class ChatSession:
     repetition_penalty, seed (advanced by one each turn so turns differ), mesh, chunk; or `sampling=` a
     `SamplingParams` whole (its stop_token_ids join the tokenizer's stop ids). `reuse_cache`: keep the
     decode cache between turns (`glm_jax.generation.ConversationCache`), so a turn runs only the tokens that
-    differ from what the cache holds instead of the whole conversation.
+    differ from what the cache holds instead of the whole conversation. `speculative` ("mtp" | "ngram") and
+    `num_speculative_tokens`: speculative decoding (glm_jax.speculative; every turn then runs its whole prompt).
     """
 
     def __init__(self, model, params, tokenizer, system: str | None = None, tools: Sequence[dict] | None = None,
                  *, enable_thinking: bool | None = None, max_new_tokens: int = 512, temperature: float = 0.8,
                  top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0, mesh=None,
-                 chunk: int = 1, reuse_cache: bool = True, sampling: SamplingParams | None = None):
+                 chunk: int = 1, reuse_cache: bool = True, sampling: SamplingParams | None = None,
+                 speculative: str | None = None, num_speculative_tokens: int | None = None):
         if sampling is not None:  # passed whole, in place of the loose keywords
             if sampling.stop:
                 raise ValueError("stop: a chat session stops on the tokenizer's stop ids and stop_token_ids, not on "
@@ -91,7 +94,12 @@ class ChatSession:
         self.tools = self._tools(tools)
         self.enable_thinking = enable_thinking
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                             repetition_penalty=repetition_penalty, mesh=mesh, chunk=chunk)
+                             repetition_penalty=repetition_penalty, mesh=mesh, chunk=chunk, speculative=speculative,
+                             num_speculative_tokens=num_speculative_tokens)
+        if speculative is not None:  # bad settings fail here, not at the first reply
+            _speculative.check(model, speculative, num_speculative_tokens, _generate.make_spec(
+                temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, num_stop=0,
+                vocab_size=model.cfg.vocab_size))
         self.seed = int(seed)
         self.turns = 0
         self.last_reply: dict[str, Any] | None = None
@@ -402,6 +410,10 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", choices=_speculative.METHODS, default=None,
+                   help="speculative decoding: drafts from the model's MTP layer or from the context (n-gram)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="drafts per verify step (default: 1 for mtp, 3 for ngram)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="compute and parameter dtype (default: the checkpoint's)")
     return p
@@ -479,8 +491,13 @@ def _cli_session(args) -> ChatSession:
                         f"({tokenizer.vocab_size})")
     sampling = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    return ChatSession(GLMForCausalLM(cfg), params, tokenizer, system=args.system, tools=tools,
-                       enable_thinking=args.enable_thinking, sampling=sampling)
+    try:
+        return ChatSession(GLMForCausalLM(cfg), params, tokenizer, system=args.system, tools=tools,
+                           enable_thinking=args.enable_thinking, sampling=sampling, speculative=args.speculative,
+                           num_speculative_tokens=args.num_speculative_tokens)
+    except ValueError as e:
+        name, _, why = str(e).partition(": ")
+        raise _CliError(f"--{name.replace('_', '-')}: {why}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -591,13 +591,16 @@ def stream_generate(model, params, input_ids, attention_mask=None, *, max_new_to
                     stop_ids: Sequence[int] | int | None = None, pad_id: int | None = None, seed: int = 0,
                     mesh=None, rules=None, chunk: int = 1, prompt_bucket=None, new_bucket=None,
                     vocab_limit: int | None = None, conversation: ConversationCache | None = None,
-                    sampling: SamplingParams | None = None) -> Iterator:
+                    sampling: SamplingParams | None = None, speculative: str | None = None,
+                    num_speculative_tokens: int | None = None) -> Iterator:
     """Like `generate`, but yields the new tokens as they are produced: np.int32 [batch] per step (an int for a
     1-D prompt). Rows that stopped yield `pad_id`; iteration ends after `max_new_tokens` steps or when every row
     has produced a stop id (the stop id itself is yielded). `chunk` tokens are decoded per device call; with
     the same seed, the tokens equal `generate`'s whatever the chunk size. `conversation`: a `ConversationCache`
     that keeps the cache for the next call of a batch-1 conversation, which then runs only the new tokens.
-    `sampling`: a `SamplingParams` passed whole, as for `generate`.
+    `sampling`: a `SamplingParams` passed whole, as for `generate`. `speculative` / `num_speculative_tokens`: as
+    for `generate` (the same tokens); `chunk` then counts verify steps per call, and a column is yielded once
+    every unfinished row has it. The cache is then not kept between calls (`conversation` is cleared).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -608,6 +611,12 @@ def stream_generate(model, params, input_ids, attention_mask=None, *, max_new_to
                     prompt_bucket=prompt_bucket, new_bucket=new_bucket, vocab_limit=vocab_limit,
                     **_sampling_keywords(sampling, loose))
     max_new_tokens = prep.max_new_tokens
+    if speculative is not None:
+        if conversation is not None:
+            conversation.clear()
+        yield from speculative_lib.stream_speculative(model, prep, speculative, num_speculative_tokens,
+                                                      chunk=chunk, mesh=mesh, rules=rules)
+        return
     prompt = prep.orig_ids[0].tolist()
     if conversation is not None and (prep.ids.shape[0] != 1 or prep.spec.use_penalty
                                      or not np.asarray(prep.mask)[0, -len(prompt):].all()):

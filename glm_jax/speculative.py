@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -189,45 +190,54 @@ class _Runner:
         return jnp.stack(drafts, 1), None if self.spec.greedy else jnp.stack(logqs, 1), mtp_pool
 
 
-def _speculative_fn(model, batch: int, prompt_len: int, out_len: int, spec, method: str, k: int, mesh, rules):
-    def build():
-        cfg = model.cfg
-        pages_per_row = math.ceil((prompt_len + out_len + k + 1) / PAGE_SIZE)
-        num_pages = batch * pages_per_row + 1  # page 0: the null page padding writes into
-        ctx_len = prompt_len + out_len + k
+def _speculative_fns(model, batch: int, prompt_len: int, out_len: int, spec, method: str, k: int, mesh, rules):
+    """(prefill, loop): prefill(params, ids, mask, knobs) -> the loop state after the prompt and the first token;
+    loop(params, state, knobs, steps) -> the state after up to `steps` more verify steps (or all rows done)."""
+    cfg = model.cfg
+    pages_per_row = math.ceil((prompt_len + out_len + k + 1) / PAGE_SIZE)
+    num_pages = batch * pages_per_row + 1  # page 0: the null page padding writes into
+    ctx_len = prompt_len + out_len + k
 
-        def run(params, ids, mask, knobs):
-            G.TRACE_COUNTS["speculative"] += 1
-            pages = 1 + jnp.arange(batch * pages_per_row, dtype=jnp.int32).reshape(batch, pages_per_row)
-            r = _Runner(model, params, spec, knobs, pages, k)
-            rows = jnp.arange(batch)
-            length = jnp.sum(mask, axis=1).astype(jnp.int32)
-            # prefill: the left padded prompt at positions 0 .. length - 1
-            prefill = r.index(length - prompt_len, prompt_len, new=length)
-            logits, hidden, pool = r.forward(init_paged_cache(cfg, num_pages, PAGE_SIZE), ids, prefill)
-            first = G.choose_tokens(logits[:, -1], None, jax.random.fold_in(knobs["rng"], 0), spec, knobs)
-            # context by position (n-gram drafts): the prompt moved to the left, then the generated tokens
-            shift = (jnp.arange(prompt_len)[None] + (prompt_len - length)[:, None]) % prompt_len
-            context = jnp.zeros((batch, ctx_len), jnp.int32).at[:, :prompt_len].set(
-                jnp.take_along_axis(ids, shift, axis=1)).at[rows, length].set(first)
-            state = dict(pool=pool, tok=first, pos=length, context=context, count=jnp.ones((batch,), jnp.int32),
-                         done=G._is_stop(first, knobs["stop_ids"]) | (knobs["max_new"] <= 1),
-                         out=jnp.full((batch, out_len), knobs["pad_id"], jnp.int32).at[:, 0].set(first),
-                         steps=jnp.zeros((batch,), jnp.int32), emitted=jnp.zeros((batch,), jnp.int32),
-                         i=jnp.int32(1), logq=None)
-            if method == "mtp":
-                ahead = jnp.concatenate([ids[:, 1:], first[:, None]], axis=1)
-                state["drafts"], state["logq"], state["mtp_pool"] = r.mtp_drafts(
-                    init_paged_mtp_cache(cfg, num_pages, PAGE_SIZE), hidden, ahead, prefill,
-                    jnp.full((batch,), prompt_len - 1), length, jax.random.fold_in(knobs["rng"], 1))
-            else:
-                state["drafts"] = ngram_drafts(context, length + 1, k)
-            state = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), lambda s: _verify(r, s, method), state)
-            return state["out"], state["steps"], state["emitted"]
+    def runner(params, knobs):
+        pages = 1 + jnp.arange(batch * pages_per_row, dtype=jnp.int32).reshape(batch, pages_per_row)
+        return _Runner(model, params, spec, knobs, pages, k)
 
-        return jax.jit(run)
+    def prefill(params, ids, mask, knobs):
+        G.TRACE_COUNTS["speculative"] += 1
+        r = runner(params, knobs)
+        rows = jnp.arange(batch)
+        length = jnp.sum(mask, axis=1).astype(jnp.int32)
+        index = r.index(length - prompt_len, prompt_len, new=length)  # the left padded prompt at 0 .. length - 1
+        logits, hidden, pool = r.forward(init_paged_cache(cfg, num_pages, PAGE_SIZE), ids, index)
+        first = G.choose_tokens(logits[:, -1], None, jax.random.fold_in(knobs["rng"], 0), spec, knobs)
+        # context by position (n-gram drafts): the prompt moved to the left, then the generated tokens
+        shift = (jnp.arange(prompt_len)[None] + (prompt_len - length)[:, None]) % prompt_len
+        context = jnp.zeros((batch, ctx_len), jnp.int32).at[:, :prompt_len].set(
+            jnp.take_along_axis(ids, shift, axis=1)).at[rows, length].set(first)
+        state = dict(pool=pool, tok=first, pos=length, context=context, count=jnp.ones((batch,), jnp.int32),
+                     done=G._is_stop(first, knobs["stop_ids"]) | (knobs["max_new"] <= 1),
+                     out=jnp.full((batch, out_len), knobs["pad_id"], jnp.int32).at[:, 0].set(first),
+                     steps=jnp.zeros((batch,), jnp.int32), emitted=jnp.zeros((batch,), jnp.int32),
+                     i=jnp.int32(1), logq=None)
+        if method == "mtp":
+            ahead = jnp.concatenate([ids[:, 1:], first[:, None]], axis=1)
+            state["drafts"], state["logq"], state["mtp_pool"] = r.mtp_drafts(
+                init_paged_mtp_cache(cfg, num_pages, PAGE_SIZE), hidden, ahead, index,
+                jnp.full((batch,), prompt_len - 1), length, jax.random.fold_in(knobs["rng"], 1))
+        else:
+            state["drafts"] = ngram_drafts(context, length + 1, k)
+        return state
 
-    return G._compiled("speculative", (model, batch, prompt_len, out_len, spec, method, k, mesh, rules), build)
+    def loop(params, state, knobs, steps):
+        G.TRACE_COUNTS["speculative"] += 1
+        r = runner(params, knobs)
+        limit = state["i"] + steps
+        return jax.lax.while_loop(lambda s: ~jnp.all(s["done"]) & (s["i"] < limit),
+                                  lambda s: _verify(r, s, method), state)
+
+    key = (model, batch, prompt_len, out_len, spec, method, k, mesh, rules)
+    return (G._compiled("speculative_prefill", key, lambda: jax.jit(prefill)),
+            G._compiled("speculative_loop", key, lambda: jax.jit(loop, donate_argnums=(1,))))
 
 
 def _verify(r: _Runner, s: dict, method: str) -> dict:
@@ -282,13 +292,38 @@ def generate_speculative(model, params, input_ids, attention_mask=None, *, specu
     prep = G._prepare(model, params, input_ids, attention_mask, pad_id=pad_id, mesh=mesh, rules=rules,
                       prompt_bucket=prompt_bucket, new_bucket=new_bucket, vocab_limit=vocab_limit,
                       **G._sampling_keywords(sampling, loose))
-    k = check(model, speculative, num_speculative_tokens, prep.spec)
-    fn = _speculative_fn(model, prep.ids.shape[0], prep.prompt_bucket, prep.out_bucket, prep.spec, speculative, k,
-                         mesh, rules)
-    out, steps, emitted = run_sharded(mesh, rules, fn, prep.params, prep.ids, prep.mask, prep.knobs)
-    new = np.asarray(jax.device_get(out))[:, :prep.max_new_tokens]
+    prefill, loop = _prepared_fns(model, prep, speculative, num_speculative_tokens, mesh, rules)
+    state = run_sharded(mesh, rules, prefill, prep.params, prep.ids, prep.mask, prep.knobs)
+    state = run_sharded(mesh, rules, loop, prep.params, state, prep.knobs, np.int32(prep.out_bucket))
+    new = np.asarray(jax.device_get(state["out"]))[:, :prep.max_new_tokens]
     tokens = np.concatenate([prep.orig_ids, new], axis=1)
-    steps, emitted = np.asarray(steps), np.asarray(emitted)
+    steps, emitted = np.asarray(state["steps"]), np.asarray(state["emitted"])
     if prep.squeeze:
         tokens, steps, emitted = tokens[0], steps[0], emitted[0]
     return SpeculativeResult(tokens, steps, emitted)
+
+
+def _prepared_fns(model, prep, method, num_tokens, mesh, rules):
+    k = check(model, method, num_tokens, prep.spec)
+    return _speculative_fns(model, prep.ids.shape[0], prep.prompt_bucket, prep.out_bucket, prep.spec, method, k,
+                            mesh, rules)
+
+
+def stream_speculative(model, prep, method: str, num_tokens: int | None, *, chunk: int = 1, mesh=None,
+                       rules=LOGICAL_RULES) -> Iterator:
+    """`stream_generate`'s loop with speculative decoding (`prep`: its prepared inputs): `chunk` verify steps per
+    device call; yields each token column ([batch], an int for a 1-D prompt) once every row has it (a finished
+    row's columns are `pad_id`)."""
+    prefill, loop = _prepared_fns(model, prep, method, num_tokens, mesh, rules)
+    state = run_sharded(mesh, rules, prefill, prep.params, prep.ids, prep.mask, prep.knobs)
+    produced = 0
+    while True:
+        count, done, out = jax.device_get((state["count"], state["done"], state["out"]))
+        # a column is out once every unfinished row has it; all finished: up to the last row's stop
+        ready = int(np.max(count) if done.all() else np.min(np.where(done, prep.max_new_tokens, count)))
+        for j in range(produced, min(ready, prep.max_new_tokens)):
+            yield int(out[0, j]) if prep.squeeze else np.asarray(out[:, j]).copy()
+        produced = max(produced, ready)
+        if done.all() or produced >= prep.max_new_tokens:
+            return
+        state = run_sharded(mesh, rules, loop, prep.params, state, prep.knobs, np.int32(chunk))

@@ -302,3 +302,25 @@ def test_default_tokenizer_of_a_run_directory(glm45_dir, tmp_path):
     assert C.default_tokenizer(run) == glm45_dir
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"init_from": str(tmp_path)}}))
     assert C.default_tokenizer(run) is None and C.default_tokenizer(tmp_path / "nowhere") is None
+
+
+def test_speculative_sessions_reply_as_plain_ones(glm45_dir, tmp_path, capsys):
+    """Greedy replies with n-gram speculative decoding equal a plain session's, turn after turn; the CLI's
+    --speculative errors are one line naming the flag."""
+    tok = load_tokenizer(glm45_dir)
+    cfg = GLMConfig.from_preset("glm-test", vocab_size=640)
+    model = GLMForCausalLM(cfg)
+    params = init_params(model, jax.random.key(1))
+    plain, spec = (C.ChatSession(model, params, tok, system="Be brief.", max_new_tokens=8, temperature=0.0, **kw)
+                   for kw in ({}, {"speculative": "ngram", "num_speculative_tokens": 2}))
+    for text in ("Hello", "And now?"):
+        assert spec.send(text) == plain.send(text)
+        assert spec.last_ids == plain.last_ids and spec.last_ids
+    with pytest.raises(ValueError, match="'mtp' needs a model with MTP layers"):
+        C.ChatSession(model, params, tok, speculative="mtp")
+    ckpt = save_hf(cfg, params, tmp_path / "ckpt", format="transformers")
+    cli = ["--checkpoint", str(ckpt), "--tokenizer", str(glm45_dir)]
+    assert C.main([*cli, "--speculative", "mtp"]) == 2
+    assert "error: --speculative: 'mtp' needs a model with MTP layers" in capsys.readouterr().err
+    assert C.main([*cli, "--speculative", "ngram", "--num-speculative-tokens", "40"]) == 2
+    assert "error: --num-speculative-tokens: must be in [1, 16], got 40" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 for MTP and n-gram drafts on glm4_moe, MLA and DSA models, batched with left padding; the MTP drafts are the MTP
 layer's predictions over the whole sequence (the accepted counts replayed from them); sampled output keeps the
 model's distribution (a chi-square test of the first two tokens' joint distribution against the model's own
-probabilities); bad settings are clear errors."""
+probabilities); streaming yields generate's columns; bad settings are clear errors."""
 
 import math
 
@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params, load_hf
+from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params, load_hf, stream_generate
 from glm_jax.model import MTPHead
 from glm_jax.speculative import generate_speculative, ngram_drafts
 from hf_models import left_padded_batch, mtp_checkpoint
@@ -44,12 +44,17 @@ def test_greedy_output_is_greedy_decoding(checkpoints, method, k, family, stop):
     np.testing.assert_array_equal(res.tokens, expected)
     assert (res.emitted == 15).all()  # the first token comes from the prefill
     assert ((res.verify_steps >= math.ceil(15 / (k + 1))) & (res.verify_steps <= 15)).all()
-    if stop:  # a stop id ends a row where generate ends it (and pads the rest)
+    if stop:  # a stop id ends a row where generate ends it (and pads the rest); streamed: the same columns
         stop_id = int(expected[0, 13 + 6])
+        kw = dict(max_new_tokens=16, stop_ids=(stop_id,), pad_id=0)
+        plain = generate(model, params, ids, mask, **kw)
         np.testing.assert_array_equal(
-            generate(model, params, ids, mask, speculative=method, num_speculative_tokens=k, max_new_tokens=16,
-                     stop_ids=(stop_id,), pad_id=0),
-            generate(model, params, ids, mask, max_new_tokens=16, stop_ids=(stop_id,), pad_id=0))
+            generate(model, params, ids, mask, speculative=method, num_speculative_tokens=k, **kw), plain)
+        columns = list(stream_generate(model, params, ids, mask, speculative=method, num_speculative_tokens=k,
+                                       chunk=2, **kw))
+        assert 7 <= len(columns) <= 16
+        np.testing.assert_array_equal(np.stack(columns, 1), plain[:, 13:13 + len(columns)])
+        assert (plain[:, 13 + len(columns):] == 0).all()
 
 
 def test_mtp_drafts_are_the_mtp_layers_predictions(tmp_path):
