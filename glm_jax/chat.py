@@ -97,9 +97,7 @@ class ChatSession:
                              repetition_penalty=repetition_penalty, mesh=mesh, chunk=chunk, speculative=speculative,
                              num_speculative_tokens=num_speculative_tokens)
         if speculative is not None:  # bad settings fail here, not at the first reply
-            _speculative.check(model, speculative, num_speculative_tokens, _generate.make_spec(
-                temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, num_stop=0,
-                vocab_size=model.cfg.vocab_size))
+            _speculative.check(model, speculative, num_speculative_tokens, penalty=repetition_penalty != 1.0)
         self.seed = int(seed)
         self.turns = 0
         self.last_reply: dict[str, Any] | None = None

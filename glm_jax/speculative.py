@@ -58,8 +58,9 @@ class SpeculativeResult:
         return self.emitted / np.maximum(self.verify_steps, 1)
 
 
-def check(model, method: str, num_tokens: int | None, spec: G.SamplingSpec) -> int:
-    """ValueError naming the problem for a speculative setting this model cannot run; else k."""
+def check(model, method: str, num_tokens: int | None, *, penalty: bool = False) -> int:
+    """ValueError naming the problem for a speculative setting this model cannot run (`penalty`: a repetition
+    penalty is asked for); else k."""
     if method not in METHODS:
         raise ValueError(f"speculative: must be one of {', '.join(METHODS)}, got {method!r}")
     k = DEFAULT_TOKENS[method] if num_tokens is None else num_tokens
@@ -68,7 +69,7 @@ def check(model, method: str, num_tokens: int | None, spec: G.SamplingSpec) -> i
     if method == "mtp" and not model.cfg.num_mtp_layers:
         raise ValueError("speculative: 'mtp' needs a model with MTP layers (config num_nextn_predict_layers > 0); "
                          "'ngram' works for every model")
-    if spec.use_penalty:
+    if penalty:
         raise ValueError("repetition_penalty: speculative decoding keeps the model's distribution only without a "
                          "repetition penalty (it depends on the drafts being accepted)")
     return int(k)
@@ -100,23 +101,24 @@ def accept_greedy(drafts, logits, knobs):
     return n, targets
 
 
-def accept_sampled(drafts, draft_logq, target_logp, rng):
+def accept_sampled(drafts, draft_logq, target_logp, keys):
     """Speculative sampling. drafts [B, k]; draft_logq [B, k, V] (None: n-gram drafts, q one-hot); target_logp
-    [B, k+1, V]. Returns (n [B], emitted [B, k+1]): emitted[:n] = the accepted drafts, emitted[n] the corrected
-    (or, after k acceptances, the extra) token."""
+    [B, k+1, V]; keys [B]: each row's random key. Returns (n [B], emitted [B, k+1]): emitted[:n] = the accepted
+    drafts, emitted[n] the corrected (or, after k acceptances, the extra) token. With one-hot p and q (greedy rows
+    and greedy drafts) this is exactly greedy acceptance."""
     b, k = drafts.shape
-    accept_rng, final_rng = jax.random.split(rng)
+    accept_keys, final_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     p = jnp.exp(target_logp)
     p_draft = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
     q = jax.nn.one_hot(drafts, p.shape[-1], dtype=p.dtype) if draft_logq is None else jnp.exp(draft_logq)
     q_draft = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-    accepted = jax.random.uniform(accept_rng, (b, k)) * q_draft < p_draft
+    accepted = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(accept_keys) * q_draft < p_draft
     n = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1)
     rows = jnp.arange(b)
     q_pad = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # after k acceptances: draw from p itself
     residual = jnp.maximum(p[rows, n] - q_pad[rows, n], 0.0)
     residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p[rows, n])  # p == q: any draw of p
-    final = jax.random.categorical(final_rng, jnp.log(residual), axis=-1).astype(jnp.int32)
+    final = jax.vmap(jax.random.categorical)(final_keys, jnp.log(residual)).astype(jnp.int32)
     emitted = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
     return n, emitted.at[rows, n].set(final)
 
@@ -140,11 +142,14 @@ def ngram_drafts(context, length, k: int):
     return jnp.take_along_axis(context, jnp.clip(idx, 0, jnp.maximum(length[:, None] - 1, 0)), axis=1)
 
 
-class _Runner:
-    """The model calls of one compiled program: the verify / prefill forward and the MTP drafter."""
+class Drafter:
+    """The model calls of a speculative program over a paged cache with page tables `pages`: the verify / prefill
+    forward and the MTP layer's drafts. `draw(logits [B, V], j) -> (tokens [B], log q [B, V] or None)` picks draft
+    j from the MTP layer's logits (greedy or sampled, as the caller's rows are). Used by `generate` here and by the
+    serving engine."""
 
-    def __init__(self, model, params, spec, knobs, pages, k: int):
-        self.model, self.params, self.spec, self.knobs, self.pages, self.k = model, params, spec, knobs, pages, k
+    def __init__(self, model, params, pages, k: int, draw=None):
+        self.model, self.params, self.pages, self.k, self.draw = model, params, pages, k, draw
         cfg = model.cfg
         if cfg.num_mtp_layers:  # drafts come from the first MTP layer (GLM checkpoints have one)
             self.mtp = MTPHead(cfg.replace(num_mtp_layers=1))
@@ -165,17 +170,10 @@ class _Runner:
                                                   kv_cache=mtp_pool)
         return logits[0], hidden, mtp_pool
 
-    def draw(self, logits, rng):
-        """A draft token [B] and its log q [B, V] (None when greedy) from MTP logits [B, V]."""
-        if self.spec.greedy:
-            return jnp.argmax(_limit_vocab(logits, self.knobs), axis=-1).astype(jnp.int32), None
-        logq = processed_log_probs(logits, self.spec, self.knobs)
-        return jax.random.categorical(rng, logq, axis=-1).astype(jnp.int32), logq
-
-    def mtp_drafts(self, mtp_pool, hidden, ahead, index, pick, pos, rng):
-        """MTP over the positions of `index` (main hidden states and the tokens after them), then a chain of
-        k - 1 steps from row position `pick` (whose next token is at `pos` [B]). Returns drafts [B, k], their
-        log q [B, k, V] (None when greedy) and the MTP pool."""
+    def mtp_drafts(self, mtp_pool, hidden, ahead, index, pick, pos):
+        """The MTP layer over the positions of `index` (main hidden states and the tokens after them: its cache),
+        then a chain of k - 1 steps from row position `pick` (whose next token sits at position `pos` [B]).
+        Returns drafts [B, k], their log q [B, k, V] (None when `draw` gives none) and the MTP pool."""
         logits, h, mtp_pool = self.mtp_step(mtp_pool, hidden, ahead, index)
         rows = jnp.arange(pick.shape[0])
         drafts, logqs = [], []
@@ -184,10 +182,21 @@ class _Runner:
             if j:  # the MTP at position pos + j - 1 reads its own last output and the previous draft
                 logits, h, mtp_pool = self.mtp_step(mtp_pool, h, drafts[-1][:, None], self.index(pos + j - 1, 1))
                 logits = logits[:, 0]
-            tok, logq = self.draw(logits, jax.random.fold_in(rng, j))
+            tok, logq = self.draw(logits, j)
             drafts.append(tok)
             logqs.append(logq)
-        return jnp.stack(drafts, 1), None if self.spec.greedy else jnp.stack(logqs, 1), mtp_pool
+        return jnp.stack(drafts, 1), None if logqs[0] is None else jnp.stack(logqs, 1), mtp_pool
+
+
+def _draw_fn(spec: G.SamplingSpec, knobs, rng):
+    """`generate`'s draft picker: the argmax (greedy), else a draw from the processed distribution."""
+    def draw(logits, j):
+        if spec.greedy:
+            return jnp.argmax(_limit_vocab(logits, knobs), axis=-1).astype(jnp.int32), None
+        logq = processed_log_probs(logits, spec, knobs)
+        return jax.random.categorical(jax.random.fold_in(rng, j), logq, axis=-1).astype(jnp.int32), logq
+
+    return draw
 
 
 def _speculative_fns(model, batch: int, prompt_len: int, out_len: int, spec, method: str, k: int, mesh, rules):
@@ -198,13 +207,13 @@ def _speculative_fns(model, batch: int, prompt_len: int, out_len: int, spec, met
     num_pages = batch * pages_per_row + 1  # page 0: the null page padding writes into
     ctx_len = prompt_len + out_len + k
 
-    def runner(params, knobs):
+    def runner(params, knobs, rng):
         pages = 1 + jnp.arange(batch * pages_per_row, dtype=jnp.int32).reshape(batch, pages_per_row)
-        return _Runner(model, params, spec, knobs, pages, k)
+        return Drafter(model, params, pages, k, _draw_fn(spec, knobs, rng))
 
     def prefill(params, ids, mask, knobs):
         G.TRACE_COUNTS["speculative"] += 1
-        r = runner(params, knobs)
+        r = runner(params, knobs, jax.random.fold_in(knobs["rng"], 1))
         rows = jnp.arange(batch)
         length = jnp.sum(mask, axis=1).astype(jnp.int32)
         index = r.index(length - prompt_len, prompt_len, new=length)  # the left padded prompt at 0 .. length - 1
@@ -223,36 +232,38 @@ def _speculative_fns(model, batch: int, prompt_len: int, out_len: int, spec, met
             ahead = jnp.concatenate([ids[:, 1:], first[:, None]], axis=1)
             state["drafts"], state["logq"], state["mtp_pool"] = r.mtp_drafts(
                 init_paged_mtp_cache(cfg, num_pages, PAGE_SIZE), hidden, ahead, index,
-                jnp.full((batch,), prompt_len - 1), length, jax.random.fold_in(knobs["rng"], 1))
+                jnp.full((batch,), prompt_len - 1), length)
         else:
             state["drafts"] = ngram_drafts(context, length + 1, k)
         return state
 
     def loop(params, state, knobs, steps):
         G.TRACE_COUNTS["speculative"] += 1
-        r = runner(params, knobs)
         limit = state["i"] + steps
-        return jax.lax.while_loop(lambda s: ~jnp.all(s["done"]) & (s["i"] < limit),
-                                  lambda s: _verify(r, s, method), state)
+
+        def step(s):
+            rng = jax.random.fold_in(knobs["rng"], 2 + s["i"])
+            return _verify(runner(params, knobs, jax.random.fold_in(rng, 1)), s, method, spec, knobs, rng)
+
+        return jax.lax.while_loop(lambda s: ~jnp.all(s["done"]) & (s["i"] < limit), step, state)
 
     key = (model, batch, prompt_len, out_len, spec, method, k, mesh, rules)
     return (G._compiled("speculative_prefill", key, lambda: jax.jit(prefill)),
             G._compiled("speculative_loop", key, lambda: jax.jit(loop, donate_argnums=(1,))))
 
 
-def _verify(r: _Runner, s: dict, method: str) -> dict:
+def _verify(r: Drafter, s: dict, method: str, spec: G.SamplingSpec, knobs, rng) -> dict:
     """One verify step: the model over [token, drafts], the accepted tokens appended, the next drafts."""
-    knobs, k = r.knobs, r.k
+    k = r.k
     batch = s["tok"].shape[0]
     rows, cols = jnp.arange(batch), jnp.arange(k + 1)
-    rng = jax.random.fold_in(knobs["rng"], 2 + s["i"])
     verify = r.index(s["pos"], k + 1)
     logits, hidden, pool = r.forward(s["pool"], jnp.concatenate([s["tok"][:, None], s["drafts"]], axis=1), verify)
-    if r.spec.greedy:
+    if spec.greedy:
         n, emitted = accept_greedy(s["drafts"], logits, knobs)
     else:
-        n, emitted = accept_sampled(s["drafts"], s["logq"], processed_log_probs(logits, r.spec, knobs),
-                                    jax.random.fold_in(rng, 0))
+        n, emitted = accept_sampled(s["drafts"], s["logq"], processed_log_probs(logits, spec, knobs),
+                                    jax.random.split(jax.random.fold_in(rng, 0), batch))
     # what each row keeps: n + 1 tokens, fewer at a stop id or at max_new; nothing once done
     stop = G._is_stop(emitted.reshape(-1), knobs["stop_ids"]).reshape(batch, k + 1) & (cols[None] <= n[:, None])
     first_stop = jnp.argmax(stop, axis=1)
@@ -270,7 +281,7 @@ def _verify(r: _Runner, s: dict, method: str) -> dict:
                steps=s["steps"] + active, emitted=s["emitted"] + take, i=s["i"] + 1)
     if method == "mtp":  # the MTP layer over the verified positions (the tokens after them: emitted), then drafts
         new["drafts"], new["logq"], new["mtp_pool"] = r.mtp_drafts(s["mtp_pool"], hidden, emitted, verify, n,
-                                                                   new["pos"], jax.random.fold_in(rng, 1))
+                                                                   new["pos"])
     else:
         new["drafts"] = ngram_drafts(new["context"], new["pos"] + 1, k)
     return new
@@ -304,7 +315,7 @@ def generate_speculative(model, params, input_ids, attention_mask=None, *, specu
 
 
 def _prepared_fns(model, prep, method, num_tokens, mesh, rules):
-    k = check(model, method, num_tokens, prep.spec)
+    k = check(model, method, num_tokens, penalty=prep.spec.use_penalty)
     return _speculative_fns(model, prep.ids.shape[0], prep.prompt_bucket, prep.out_bucket, prep.spec, method, k,
                             mesh, rules)
 

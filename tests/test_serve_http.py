@@ -189,9 +189,12 @@ def test_forced_tool_calls_append_the_opening_of_a_call(server, checkpoint):
         assert r.choices[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize("preset", ["glm-moe-test", "glm-mla-test"])
-def test_moe_and_mla_servers_answer_as_generate(checkpoint, tmp_path, preset):
-    cfg = GLMConfig.from_preset(preset, vocab_size=load_tokenizer(checkpoint).vocab_size, max_seq_len=512)
+# and with speculative decoding: the MoE model with an MTP layer drafting, the MLA model with n-gram drafts
+@pytest.mark.parametrize("preset,speculative", [("glm-moe-test", ["--speculative", "mtp", "--num-speculative-tokens", "2"]),
+                                                ("glm-mla-test", ["--speculative", "ngram"])])
+def test_moe_and_mla_servers_answer_as_generate(checkpoint, tmp_path, preset, speculative):
+    cfg = GLMConfig.from_preset(preset, vocab_size=load_tokenizer(checkpoint).vocab_size, max_seq_len=512,
+                                num_mtp_layers=int("mtp" in speculative))
     params = init_params(GLMForCausalLM(cfg), jax.random.key(1))
     ckpt = save_hf(cfg, params, tmp_path / preset, format="transformers")
     for f in checkpoint.iterdir():
@@ -200,12 +203,14 @@ def test_moe_and_mla_servers_answer_as_generate(checkpoint, tmp_path, preset):
     prompt = load_tokenizer(ckpt).encode("In the beginning God created", add_special_tokens=False)
     expected = generate(GLMForCausalLM(cfg), params, np.asarray(prompt, np.int32), max_new_tokens=10,
                         temperature=0.0)[len(prompt):].tolist()
-    proc, url = start(ckpt, "--served-model-name", "tiny")
+    proc, url = start(ckpt, "--served-model-name", "tiny", *speculative)
     try:
         done = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
                                               extra_body={"ignore_eos": True})
         assert done.usage.completion_tokens == 10
         assert done.choices[0].text == load_tokenizer(ckpt).decode(expected)
+        steps = metric(url, "glm_jax_spec_verify_steps")
+        assert 3 <= steps <= 9 and 1 <= metric(url, "glm_jax_spec_accept_length") <= 4
     finally:
         proc.kill()
         proc.wait()

@@ -1,17 +1,19 @@
 """The serving engine (glm_jax/serve): greedy output equal to `glm_jax.generate` for every family, with and
 without the prefix cache and under preemption; one compiled program per step kind whatever comes and goes;
-per-request sampling, stops and aborts; bad requests refused with the field named."""
+per-request sampling, stops and aborts; bad requests refused with the field named; speculative decoding."""
 
 import jax
 import numpy as np
 import pytest
 
-from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params, save_hf
+from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params, load_hf, save_hf
 from glm_jax.serve import Engine, QueueFull, SamplingParams
 from glm_jax.serve import engine as E
 from glm_jax.serve.__main__ import _arg_parser, build
 from glm_jax.serve.pages import PagePool, page_keys
+from glm_jax.speculative import generate_speculative
 from glm_jax.tokenizers import SentencePieceTokenizer
+from hf_models import mtp_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
 
@@ -198,3 +200,42 @@ def test_a_checkpoint_without_tokenizer_files_is_served_with_the_shipped_one(tmp
     assert capsys.readouterr().err.strip().splitlines() == [
         f"warning: {ckpt} has no tokenizer.json or tokenizer.model: using the small SentencePiece tokenizer shipped "
         f"with glm_jax (pass --tokenizer for the model's own)"]
+
+
+@pytest.mark.parametrize("method,k", [("mtp", 2), ("ngram", 3)])
+def test_speculative_engine_gives_generate_tokens_and_speculative_steps(tmp_path, method, k):
+    """An engine with speculative decoding: greedy requests give `generate`'s tokens, also when preempted and
+    resumed; its verify steps and accepted drafts are exactly `generate_speculative`'s for the same prompts (whose
+    MTP drafts tests/test_speculative.py replays against the MTP layer's whole-sequence predictions); a sampled
+    request with top logprobs runs to its end; a repetition penalty is refused."""
+    mtp_checkpoint("glm4_moe", tmp_path, seed=7, vocab_size=10)  # few words: many drafts accepted
+    cfg, params = load_hf(tmp_path)
+    model, new = GLMForCausalLM(cfg), 16
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 10, n).tolist() for n in (5, 11, 8, 13)]
+    ids, mask = np.zeros((4, 13), np.int32), np.zeros((4, 13), np.int32)
+    for b, p in enumerate(prompts):
+        ids[b, 13 - len(p):], mask[b, 13 - len(p):] = p, 1
+    res = generate_speculative(model, params, ids, mask, speculative=method, num_speculative_tokens=k,
+                               max_new_tokens=new, stop_ids=())
+    greedy = SamplingParams(temperature=0, max_tokens=new)
+    for options in ({}, {"num_pages": 7})[:2 if method == "mtp" else 1]:  # n-gram drafts keep no state to resume
+        engine = Engine(model, params, max_num_seqs=4, max_model_len=48, speculative=method,
+                        num_speculative_tokens=k, **options)
+        outs = engine.generate(prompts, greedy)
+        assert [o.token_ids for o in outs] == res.tokens[:, 13:].tolist(), options
+        stats = engine.stats()
+        if options:
+            assert stats.get("preemptions", 0) > 0
+        else:
+            assert stats["spec_steps"] == res.verify_steps.sum()
+            assert stats["spec_emitted"] == res.emitted.sum() and stats["spec_accepted"] > 0
+            assert engine.accept_length() == pytest.approx(res.emitted.sum() / res.verify_steps.sum())
+    if method != "mtp":
+        return
+    outs = engine.generate(prompts[:2], [SamplingParams(temperature=0.8, top_k=4, max_tokens=new, seed=3),
+                                         SamplingParams(temperature=0, max_tokens=new, logprobs=2)])
+    assert len(outs[0].token_ids) == new and outs[1].token_ids == res.tokens[1, 13:].tolist()
+    assert len(outs[1].logprobs) == new and all(len(lp["top"]) == 2 for lp in outs[1].logprobs)
+    with pytest.raises(ValueError, match="repetition_penalty: not with speculative decoding"):
+        engine.add_request(prompts[0], SamplingParams(repetition_penalty=1.1))

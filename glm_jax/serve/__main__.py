@@ -49,6 +49,10 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, metavar="tensor=N[,expert=M]",
                    help="shard the model over this many devices: tensor parallel (KV heads, MLP) and, for MoE, "
                         "expert parallel (default: one device)")
+    p.add_argument("--speculative", choices=("mtp", "ngram"), default=None,
+                   help="speculative decoding: drafts from the model's MTP layer or from the context (n-gram)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="drafts per verify step (default: 1 for mtp, 3 for ngram)")
     p.add_argument("--warmup", action="store_true",
                    help="compile every step program before serving: a longer start, and no request waits for a "
                         "compile (Engine.warm_up)")
@@ -83,6 +87,14 @@ def parse_mesh(text: str | None):
         raise ValueError(f"--mesh: {e}") from None
 
 
+def _speculative_options(args) -> dict:
+    if args.speculative is None:
+        return {}
+    if args.mesh is not None:
+        raise ValueError("--speculative: runs on one device (not with --mesh)")
+    return dict(speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+
+
 def build(args):
     """(app, engine) for parsed arguments; ValueError / OSError naming the option for bad ones."""
     _check(args)
@@ -101,7 +113,7 @@ def build(args):
     engine = Engine(GLMForCausalLM(cfg), params, tokenizer, max_num_seqs=args.max_num_seqs,
                     max_model_len=args.max_model_len, page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
                     prefill_chunk=args.prefill_chunk, prefix_caching=args.prefix_caching,
-                    max_waiting=args.max_waiting, mesh=mesh)
+                    max_waiting=args.max_waiting, mesh=mesh, **_speculative_options(args))
     if args.warmup:
         start = time.monotonic()
         count = engine.warm_up()

@@ -36,8 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from glm_jax import speculative as speculative_lib
 from glm_jax.generation import shard_params
-from glm_jax.model import PagedIndex, init_paged_cache
+from glm_jax.model import PagedIndex, init_paged_cache, init_paged_mtp_cache
+from glm_jax.serve import drafts as drafts_lib
 from glm_jax.serve.pages import PagePool, page_keys
 from glm_jax.serve.sampling import RowSpec, SamplingParams, sample_rows
 from glm_jax.sharding import LOGICAL_RULES, logical_sharding, run_sharded
@@ -87,6 +89,7 @@ class Request:
     stop_text: str | None = None
     cached_tokens: int = 0
     first_token_time: float | None = None
+    drafts: list[int] = dataclasses.field(default_factory=list)  # speculative "mtp": the next step's drafts
 
     @property
     def tokens(self) -> list[int]:
@@ -108,13 +111,19 @@ class Engine:
     `tokenizer` (optional): its stop ids end requests, its vocabulary bounds the sampled ids, and it checks stop
     strings. KV budget: `num_pages` pages of `page_size` tokens, or `kv_cache_tokens` tokens, default enough for
     every slot at `max_model_len`. `mesh` (a `glm_jax.make_mesh`): the parameters are placed with the logical
-    rules (tensor parallel over "tensor", experts over "expert") and the page pool's KV heads over "tensor"."""
+    rules (tensor parallel over "tensor", experts over "expert") and the page pool's KV heads over "tensor".
+    `speculative` ("mtp" | "ngram") and `num_speculative_tokens`: speculative decoding, each decode step a verify
+    step of 1 .. k+1 tokens per request (glm_jax/serve/drafts.py; one device)."""
 
     def __init__(self, model, params, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, kv_cache_tokens: int | None = None,
                  prefill_chunk: int = 128, max_prefill_rows: int = 2, prefix_caching: bool = True,
-                 max_waiting: int = 1024, mesh: Mesh | None = None, rules: Sequence | None = None):
+                 max_waiting: int = 1024, mesh: Mesh | None = None, rules: Sequence | None = None,
+                 speculative: str | None = None, num_speculative_tokens: int | None = None):
         cfg = model.cfg
+        # speculative decoding (glm_jax/serve/drafts.py): k drafts per generating request and step
+        self.speculative = speculative
+        self.spec_k = 0 if speculative is None else speculative_lib.check(model, speculative, num_speculative_tokens)
         self.mesh, self.rules = mesh, LOGICAL_RULES if rules is None else tuple(rules)
         self.model, self.tokenizer = model, tokenizer
         self.params = params if mesh is None else shard_params(model, params, mesh, self.rules)
@@ -134,6 +143,10 @@ class Engine:
         self.seen = jnp.zeros((self.max_num_seqs, cfg.vocab_size), bool)
         if mesh is not None:
             self.seen = jax.device_put(self.seen, NamedSharding(mesh, P()))
+        self.mtp_cache = self.draft_logq = None
+        if speculative == "mtp":  # the MTP layer's pool on the same pages, each slot's draft distributions
+            self.mtp_cache = init_paged_mtp_cache(cfg, int(num_pages), self.page_size)
+            self.draft_logq = jnp.zeros((self.max_num_seqs, self.spec_k, cfg.vocab_size), jnp.float32)
         self.slots: list[Request | None] = [None] * self.max_num_seqs
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -156,6 +169,8 @@ class Engine:
         if sampling.max_tokens is not None and sampling.max_tokens > room:
             raise ValueError(f"max_tokens: {len(prompt)} prompt tokens + max_tokens {sampling.max_tokens} exceed "
                              f"the context of {self.max_model_len} tokens")
+        if self.spec_k and sampling.repetition_penalty != 1.0:
+            raise ValueError("repetition_penalty: not with speculative decoding (the server runs with --speculative)")
         max_tokens = sampling.max_tokens or room
         if math.ceil((len(prompt) + max_tokens) / self.page_size) > self.pool.num_pages - 1:
             raise ValueError(f"prompt: {len(prompt)} + {max_tokens} tokens need more KV pages than the cache has "
@@ -223,13 +238,30 @@ class Engine:
         specs = list(dict.fromkeys(RowSpec.of([s]) for s in samplings))
         for spec in specs:
             for kind, rows, chunk, width in shapes:
-                zeros = np.zeros(rows, np.int32)
-                out = self._program(kind, spec)(self.params, self.cache, self.seen, np.zeros((rows, chunk), np.int32),
-                                                np.zeros((rows, width), np.int32), zeros, zeros, zeros,
-                                                np.zeros(rows, bool), self._knobs([], rows))
-                self.cache, self.seen = out[3], out[4]
+                self._warm(kind, spec, rows, chunk, width)
         jax.block_until_ready(self.cache)
         return len(specs) * len(shapes)
+
+    def _warm(self, kind: str, spec: RowSpec, rows: int, chunk: int, width: int) -> None:
+        """Runs the step program of this kind and shape once on nothing (page tables of the null page)."""
+        zeros, pages, knobs = np.zeros(rows, np.int32), np.zeros((rows, width), np.int32), self._knobs([], rows)
+        if kind == "decode" and self.spec_k:
+            fn = drafts_lib.verify_program(self.model, dataclasses.replace(spec, penalty=False, top_logprobs=False),
+                                           self.speculative, self.spec_k, spec.top_logprobs)
+            context = np.zeros((rows, width * self.page_size if self.speculative == "ngram" else 1), np.int32)
+            out = run_sharded(self.mesh, self.rules, fn, self.params, self.cache, self.mtp_cache, self.draft_logq,
+                              np.zeros((rows, self.spec_k + 1), np.int32), context, zeros + 1, pages, zeros, knobs)
+            self.cache, self.mtp_cache, self.draft_logq = out[5:]
+            return
+        inputs = (np.zeros((rows, chunk), np.int32), pages, zeros, zeros, zeros, np.zeros(rows, bool), knobs)
+        if kind == "prefill" and self.speculative == "mtp":
+            out = run_sharded(self.mesh, self.rules, drafts_lib.mtp_prefill_program(self.model, spec, self.spec_k),
+                              self.params, self.cache, self.mtp_cache, self.draft_logq, self.seen, *inputs,
+                              np.zeros((rows, chunk), np.int32))
+            self.cache, self.seen, self.mtp_cache, self.draft_logq = out[3], out[4], out[6], out[7]
+            return
+        out = self._program(kind, spec)(self.params, self.cache, self.seen, *inputs)
+        self.cache, self.seen = out[3], out[4]
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
@@ -241,7 +273,7 @@ class Engine:
             self._prefill(rows, outputs)
         rows = [r for r in self.running if not r.needs_prefill and r.generated]
         if rows:
-            self._decode(rows, outputs)
+            (self._verify if self.spec_k else self._decode)(rows, outputs)
         self.counters["steps"] += 1
         return list(outputs.values())
 
@@ -320,9 +352,25 @@ class Engine:
         knobs = self._knobs(rows, n_rows)
         sample_mask = np.zeros(n_rows, bool)
         sample_mask[:len(rows)] = finishing
-        fn = self._program("prefill", spec)
-        tok, lp, top, self.cache, self.seen = fn(self.params, self.cache, self.seen, tokens, self._page_table(rows, n_rows),
-                                                 offset, new, slots, sample_mask, knobs)
+        if self.speculative == "mtp":  # the MTP layer runs over the chunk too (its cache), drafting at its end
+            ahead = np.zeros((n_rows, chunk), np.int32)
+            for b, req in enumerate(rows):
+                n, after = counts[req.id], req.tokens[req.computed + 1:req.computed + counts[req.id] + 1]
+                ahead[b, chunk - n:chunk - n + len(after)] = after
+                ahead[b, chunk - n + len(after):] = -1  # the token this chunk samples
+            fn = functools.partial(run_sharded, self.mesh, self.rules,
+                                   drafts_lib.mtp_prefill_program(self.model, spec, self.spec_k))
+            tok, lp, top, self.cache, self.seen, drafts, self.mtp_cache, self.draft_logq = fn(
+                self.params, self.cache, self.mtp_cache, self.draft_logq, self.seen, tokens,
+                self._page_table(rows, n_rows), offset, new, slots, sample_mask, knobs, ahead)
+            drafts = np.asarray(drafts)
+            for b, req in enumerate(rows):
+                req.drafts = drafts[b].tolist()
+        else:
+            fn = self._program("prefill", spec)
+            tok, lp, top, self.cache, self.seen = fn(self.params, self.cache, self.seen, tokens,
+                                                     self._page_table(rows, n_rows), offset, new, slots, sample_mask,
+                                                     knobs)
         tok, lp = np.asarray(tok), np.asarray(lp)
         top = None if top is None else tuple(np.asarray(t) for t in top)
         for b, req in enumerate(rows):
@@ -353,6 +401,49 @@ class Engine:
             req.computed += 1
             self._register_full_pages(req)
             self._append(req, int(tok[b]), float(lp[b]), None if top is None else (top[0][b], top[1][b]), outputs)
+
+    def _verify(self, rows: list[Request], outputs: dict) -> None:
+        """Speculative decode step: each row's last token and k drafts verified at once; 1 .. k+1 tokens each."""
+        k = self.spec_k
+        for req in rows:  # the k+1 verified positions, and the MTP chain's k-1 beyond the accepted ones
+            self._ensure_pages(req, req.computed + k + 1 + (k - 1 if self.speculative == "mtp" else 0))
+        rows = [r for r in rows if r.status == "running"]
+        if not rows:
+            return
+        n = _bucket(len(rows), 1, self.max_num_seqs)
+        pages = self._page_table(rows, n)
+        tokens, length = np.zeros((n, k + 1), np.int32), np.ones(n, np.int32)
+        context = np.zeros((n, pages.shape[1] * self.page_size if self.speculative == "ngram" else 1), np.int32)
+        slots = np.zeros(n, np.int32)
+        for b, req in enumerate(rows):
+            tokens[b, 0], length[b], slots[b] = req.tokens[req.computed], req.computed + 1, req.slot
+            if self.speculative == "mtp":
+                tokens[b, 1:] = req.drafts
+            else:
+                context[b, :req.computed + 1] = req.tokens[:req.computed + 1]
+        spec = RowSpec.of([r.sampling for r in rows])
+        fn = functools.partial(run_sharded, self.mesh, self.rules, drafts_lib.verify_program(
+            self.model, dataclasses.replace(spec, penalty=False, top_logprobs=False), self.speculative, k,
+            spec.top_logprobs))
+        accepted, emitted, lps, top, drafts, self.cache, self.mtp_cache, self.draft_logq = fn(
+            self.params, self.cache, self.mtp_cache, self.draft_logq, tokens, context, length, pages, slots,
+            self._knobs(rows, n))
+        accepted, emitted, lps = np.asarray(accepted), np.asarray(emitted), np.asarray(lps)
+        top = None if top is None else tuple(np.asarray(t) for t in top)
+        drafts = None if drafts is None else np.asarray(drafts)
+        for b, req in enumerate(rows):
+            self.counters["spec_steps"] += 1
+            self.counters["spec_accepted"] += int(accepted[b])
+            req.computed += int(accepted[b]) + 1  # its last token and the accepted drafts are in the pages
+            self._register_full_pages(req)
+            if drafts is not None:
+                req.drafts = drafts[b].tolist()
+            for j in range(int(accepted[b]) + 1):
+                if req.status != "running":
+                    break
+                self._append(req, int(emitted[b, j]), float(lps[b, j]),
+                             None if top is None else (top[0][b, j], top[1][b, j]), outputs)
+                self.counters["spec_emitted"] += 1
 
     def _page_table(self, rows: Sequence[Request | None], n: int) -> np.ndarray:
         """[n, width] page tables; width = the longest row's pages rounded up to a power of two (at most
@@ -425,6 +516,11 @@ class Engine:
         and hit, and the totals in `counters`."""
         return {"running": len(self.running), "waiting": len(self.waiting), "pages_used": self.pool.used,
                 "pages_total": self.pool.num_pages - 1, **self.pool.stats, **self.counters}
+
+    def accept_length(self) -> float | None:
+        """Speculative decoding: tokens emitted per verify step and request, over the engine's life (1 .. k+1)."""
+        steps = self.counters["spec_steps"]
+        return self.counters["spec_emitted"] / steps if steps else None
 
 
 def pool_shardings(pool, mesh: Mesh, rules=LOGICAL_RULES):

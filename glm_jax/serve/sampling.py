@@ -68,6 +68,29 @@ def sample_rows(logits, seen, knobs: dict, spec: RowSpec):
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
     top = None
     if spec.top_logprobs:
-        top_lp, top_ids = jax.lax.top_k(logp, MAX_LOGPROBS)
+        top_lp, top_ids = jax.lax.top_k(logp, min(MAX_LOGPROBS, logp.shape[-1]))
         top = (top_ids.astype(jnp.int32), top_lp)
     return tokens, chosen, top
+
+
+def row_log_probs(logits, knobs: dict, spec: RowSpec):
+    """log p of the distribution each row samples from (`sample_rows`' processing: vocabulary limit, repetition
+    penalty is not applied, temperature, top_k, top_p), -inf outside it, for logits [B, S, V] and [B] knobs; a
+    greedy row (temperature 0) gets the one-hot of its argmax. Speculative decoding's acceptance reads it."""
+    b, s, vocab = logits.shape
+    raw = jnp.where(jnp.arange(vocab) < knobs["vocab_limit"], logits.astype(jnp.float32), -jnp.inf)
+    greedy = jax.nn.one_hot(jnp.argmax(raw, axis=-1), vocab, dtype=jnp.float32)
+    if not spec.sample:
+        return jnp.log(greedy)
+    temperature = knobs["temperature"][:, None, None]
+    scaled = raw / jnp.where(temperature > 0, temperature, 1.0)
+    if spec.filter:
+        flat = scaled.reshape(b * s, vocab)
+        values, ids = jax.lax.top_k(flat, vocab)  # sorted; each row's own top_k / top_p, as sample_rows
+        k = jnp.repeat(knobs["top_k"], s)[:, None]
+        values = jnp.where((k <= 0) | (jnp.arange(vocab)[None] < k), values, -jnp.inf)
+        probs = jax.nn.softmax(values, axis=-1)
+        keep = ((jnp.cumsum(probs, axis=-1) - probs) < jnp.repeat(knobs["top_p"], s)[:, None]).at[:, 0].set(True)
+        values = jnp.where(keep, values, -jnp.inf)
+        scaled = jnp.full_like(flat, -jnp.inf).at[jnp.arange(b * s)[:, None], ids].set(values).reshape(b, s, vocab)
+    return jnp.where(temperature > 0, jax.nn.log_softmax(scaled, axis=-1), jnp.log(greedy))

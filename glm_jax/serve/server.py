@@ -114,6 +114,12 @@ class Metrics:
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
         self.itl = Histogram("glm_jax_inter_token_latency_seconds", "Time between tokens of a request", registry=r,
                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.spec_steps = Gauge("glm_jax_spec_verify_steps", "Speculative decoding: verify steps (per request)",
+                                registry=r)
+        self.spec_accepted = Gauge("glm_jax_spec_accepted_drafts", "Speculative decoding: drafts accepted",
+                                   registry=r)
+        self.accept_length = Gauge("glm_jax_spec_accept_length", "Speculative decoding: tokens per verify step "
+                                   "and request (1 .. k+1), mean over the server's life", registry=r)
 
     def render(self) -> bytes:
         s = self.runner.engine.stats()
@@ -124,6 +130,9 @@ class Metrics:
         self.hit_rate.set(s["hit_tokens"] / s["query_tokens"] if s["query_tokens"] else 0.0)
         self.prefix_hit_tokens.set(s["hit_tokens"])
         self.preemptions.set(s.get("preemptions", 0))
+        self.spec_steps.set(s.get("spec_steps", 0))
+        self.spec_accepted.set(s.get("spec_accepted", 0))
+        self.accept_length.set(self.runner.engine.accept_length() or 0.0)
         return generate_latest(self.registry)
 
 
