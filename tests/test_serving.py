@@ -8,6 +8,7 @@ import pytest
 
 from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params, load_hf, save_hf
 from glm_jax.serve import Engine, QueueFull, SamplingParams
+from glm_jax.serve import drafts as drafts_lib
 from glm_jax.serve import engine as E
 from glm_jax.serve.__main__ import _arg_parser, build
 from glm_jax.serve.pages import PagePool, page_keys
@@ -239,3 +240,10 @@ def test_speculative_engine_gives_generate_tokens_and_speculative_steps(tmp_path
     assert len(outs[1].logprobs) == new and all(len(lp["top"]) == 2 for lp in outs[1].logprobs)
     with pytest.raises(ValueError, match="repetition_penalty: not with speculative decoding"):
         engine.add_request(prompts[0], SamplingParams(repetition_penalty=1.1))
+    # warm-up compiles the MTP prefill and verify programs that traffic then uses (one row, one chunk, one width)
+    small = Engine(model, params, max_num_seqs=1, max_prefill_rows=1, max_model_len=32, prefill_chunk=16,
+                   speculative=method, num_speculative_tokens=k)
+    assert small.warm_up([greedy]) == 2
+    traced = dict(drafts_lib.TRACE_COUNTS)
+    assert small.generate(prompts[1:2], greedy)[0].token_ids == res.tokens[1, 13:].tolist()
+    assert dict(drafts_lib.TRACE_COUNTS) == traced
