@@ -159,7 +159,7 @@ SCRIPT = textwrap.dedent("""
 
     def losses(mesh_over):
         over = ["model.preset=glm-moe-tiny", "model.overrides={hidden_size: 64, num_layers: 2, num_heads: 4, "
-                "head_dim: 16, moe_intermediate_size: 32, ffn_hidden_size: 96}", "data.seq_len=32",
+                "head_dim: 16, moe_intermediate_size: 32, ffn_hidden_size: 96, num_mtp_layers: 1}", "data.seq_len=32",
                 "data.max_tokens=8000", "data.eval_fraction=0", "train.steps=2", "train.global_batch_size=8",
                 "train.warmup_steps=0", "checkpoint.enabled=false", "run_dir=" + tempfile.mkdtemp(), *mesh_over]
         run = set_up(load_config(str(sys.argv[1]) + "/configs/moe-tiny.yaml", over))
@@ -167,7 +167,7 @@ SCRIPT = textwrap.dedent("""
         with use_mesh(run.mesh):
             for step in range(2):
                 state, m = run.train_step(state, run.frozen, run.next_batch(), run.hyper(step))
-                out.append(float(m["loss"]))
+                out += [float(m["loss"]), float(m["mtp_loss"])]  # the config trains its MTP layer
         run.close()
         return np.asarray(out)
 
@@ -185,7 +185,7 @@ def test_expert_parallel_forward_decode_and_train_steps_match_single_device():
     """Mesh expert=2 x fsdp=2 x tensor=2: logits of the all-to-all path and of the
     local-gather path equal one device's (rel < 1e-5, fp32); batch-of-2 generation on expert=4 x tensor=2 equals
     one device's tokens and a batch-1 decode step there multiplies only the chosen experts' weights; train.py's
-    first two train-step losses on expert=2 x fsdp=2 x tensor=2 equal one device's (rtol 1e-5)."""
+    first two train-step losses (and MTP losses) on expert=2 x fsdp=2 x tensor=2 equal one device's (rtol 1e-5)."""
     env = dict(os.environ)
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT)], capture_output=True, text=True, env=env,
                        timeout=600, cwd=str(ROOT))

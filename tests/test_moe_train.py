@@ -143,24 +143,59 @@ def test_lora_on_attention_and_experts_exports_to_transformers(moe, tmp_path):
     assert rel_err(forward(cfg, merged, rows), torch_logits(hf, rows)) < 1e-4
 
 
-def test_train_py_moe_run_logs_load_and_moves_the_bias(tmp_path):
+def test_train_py_moe_run_logs_load_moves_the_bias_and_trains_the_mtp_layer(tmp_path):
+    """A glm4_moe model with an MTP layer (train.mtp_loss_weight 0.3): the expert load and the MTP loss and
+    accuracy are logged per step, the bias moves by +-rate per step; a run resumed from step 3 repeats steps 4-6
+    exactly, MTP loss included; the MTP layer changes between the checkpoints and the transformers export holds
+    the trained layer (docs/mtp.md)."""
+    import shutil
+
     import orbax.checkpoint as ocp
 
+    from glm_jax import load_hf
+    from glm_jax.chat import load_checkpoint
     from test_train_run import train
 
-    train(tmp_path, "model.preset=glm-moe-test", "train.steps=3", "data.eval_fraction=0", "train.eval_every=0",
-          "checkpoint.every=3", f"train.moe_bias_update_rate={RATE}", "train.moe_balance_loss=0.01")
-    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in recs if "loss" in r]
-    assert len(steps) == 3
-    for r in steps:  # glm-moe-test: 2 MoE layers of 8 experts; 8 rows x 32 tokens x top-2 per layer
+    export = tmp_path / "export"
+    options = ["model.preset=glm-moe-test", "model.overrides.num_mtp_layers=1", "train.mtp_loss_weight=0.3",
+               "train.steps=6", "data.eval_fraction=0", "train.eval_every=0", "checkpoint.every=3",
+               f"train.moe_bias_update_rate={RATE}", "train.moe_balance_loss=0.01"]
+    train(tmp_path / "run", *options, f"export.path={export}", "export.format=transformers")
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in recs if "loss" in r}
+    assert sorted(steps) == list(range(1, 7))
+    for r in steps.values():  # glm-moe-test: 2 MoE layers of 8 experts; 8 rows x 32 tokens x top-2 per layer
         assert len(r["moe/load_cv_layers"]) == 2 and r["moe/load_cv"] >= 0 and r["moe/balance_loss"] > 0
         assert all(lo <= 8 * 32 * 2 / 8 <= hi for lo, hi in zip(r["moe/load_min"], r["moe/load_max"]))
-    state = ocp.StandardCheckpointer().restore((tmp_path / "checkpoints" / "3" / "state").absolute())
-    bias = np.asarray(get_path(state["params"], BIAS))  # initialised at 0, then 3 steps of +-RATE or 0
+        assert 0 <= r["mtp_accuracy"] <= 1 and np.isfinite(r["mtp_loss"])
+    assert steps[6]["mtp_loss"] < steps[1]["mtp_loss"] - 0.5, steps
+    restore = lambda step: ocp.StandardCheckpointer().restore(  # noqa: E731
+        (tmp_path / "run" / "checkpoints" / str(step) / "state").absolute())["params"]
+    at_3, at_6 = restore(3), restore(6)
+    bias = np.asarray(get_path(at_3, BIAS))  # initialised at 0, then 3 steps of +-RATE or 0
     steps_taken = bias / RATE
     np.testing.assert_allclose(steps_taken, np.round(steps_taken), atol=1e-4)
     assert np.abs(bias).max() > 0 and np.abs(bias).max() <= 3 * RATE + 1e-7
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run" / "checkpoints", resumed / "checkpoints")
+    shutil.rmtree(resumed / "checkpoints" / "6")
+    train(resumed, *options)
+    again = {r["step"]: r for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r}
+    assert sorted(again) == [4, 5, 6]
+    for s in again:
+        assert abs(again[s]["loss"] - steps[s]["loss"]) <= 1e-6
+        assert abs(again[s]["mtp_loss"] - steps[s]["mtp_loss"]) <= 1e-6
+
+    cfg, exported = load_hf(export)
+    _, final = load_checkpoint(tmp_path / "run")
+    assert cfg.num_mtp_layers == 1
+    for path in (("eh_proj", "kernel"), ("block", "mlp", "experts", "wi")):
+        get = lambda t: np.asarray(get_path(t["model"]["mtp"], path))  # noqa: E731
+        np.testing.assert_allclose(get(exported), get(final), atol=1e-6)
+        np.testing.assert_allclose(get(final), get(at_6), atol=1e-6)
+        assert np.abs(get(at_6) - get(at_3)).max() > 1e-4, path
 
 
 def test_dense_model_sows_nothing_and_its_step_is_unchanged():

@@ -2,30 +2,21 @@
 in torch around transformers' own decoder layer (transformers does not run MTP layers; the definition is vLLM's
 glm4_moe_mtp.py / DeepSeek-V3's: eh_proj([enorm(embed(x[t+1])) ; hnorm(h[t])]) -> decoder block ->
 shared_head.norm -> lm_head, h = the main model's output after its final norm), for glm4_moe, glm4_moe_lite (MLA)
-and glm_moe_dsa (DSA) checkpoints."""
-
-import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+and glm_moe_dsa (DSA) checkpoints; the training loss against its definition. A train.py run that trains, resumes
+and exports the MTP layer: tests/test_moe_train.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 import torch
 
 from glm_jax import GLMConfig, GLMForCausalLM, init_params, load_hf
-from glm_jax.chat import load_checkpoint
-from glm_jax.convert.hf import get_path
 from glm_jax.model import MTPHead
 from glm_jax.train.data import lm_examples
 from glm_jax.train.step import StepBuilder
 from hf_models import mtp_checkpoint, rel_err
-from test_train_run import ROOT, env_for
 
 
 def torch_mtp_logits(main, block, extra, ids):
@@ -95,47 +86,3 @@ def test_mtp_loss_is_the_next_next_token_loss():
     np.testing.assert_allclose(float(aux["mtp_loss_sum"]), nll, rtol=1e-5)
     np.testing.assert_allclose(float(aux["loss_sum"]), float(main_aux["loss_sum"]), rtol=1e-6)
     np.testing.assert_allclose(float(obj), float(main_obj) + 0.3 * nll, rtol=1e-5)
-
-
-MTP_RUN = ["model.overrides={num_mtp_layers: 1, hidden_size: 64, num_layers: 2, num_heads: 4, head_dim: 16, "
-           "moe_intermediate_size: 32, ffn_hidden_size: 96}", "data.seq_len=32", "data.max_tokens=20000",
-           "train.steps=8", "train.global_batch_size=8", "train.warmup_steps=1", "train.eval_every=4",
-           "train.eval_batches=2", "checkpoint.every=4", "checkpoint.keep=3"]
-
-
-def run_train(run_dir, *overrides):
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "moe-tiny.yaml"),
-                        *MTP_RUN, *overrides, f"run_dir={run_dir}"], cwd=ROOT, env=env_for(1), capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_train_py_trains_the_mtp_layer_resumes_exactly_and_exports_it(tmp_path):
-    """configs/moe-tiny.yaml (train.mtp_loss_weight 0.3) shrunk: metrics.jsonl has the MTP loss and accuracy (and
-    their eval values); a run resumed from step 4 repeats steps 5-8 exactly, MTP loss included; the MTP layer
-    changes between the checkpoints, and the transformers export holds the trained layer."""
-    export = tmp_path / "export"
-    recs = run_train(tmp_path / "run", f"export.path={export}", "export.format=transformers")
-    steps = {r["step"]: r for r in recs if "mtp_loss" in r}
-    assert sorted(steps) == list(range(1, 9))
-    assert all(0 <= r["mtp_accuracy"] <= 1 and np.isfinite(r["mtp_loss"]) for r in steps.values())
-    assert steps[8]["mtp_loss"] < steps[1]["mtp_loss"] - 0.5, steps
-    assert sum("eval_mtp_loss" in r and "eval_mtp_accuracy" in r for r in recs) >= 2
-
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "run" / "checkpoints", resumed / "checkpoints")
-    shutil.rmtree(resumed / "checkpoints" / "8")
-    again = {r["step"]: r for r in run_train(resumed) if "mtp_loss" in r}
-    assert sorted(again) == [5, 6, 7, 8]
-    for s in again:
-        assert abs(again[s]["loss"] - steps[s]["loss"]) <= 1e-6 and abs(again[s]["mtp_loss"] - steps[s]["mtp_loss"]) <= 1e-6
-
-    at_4 = ocp.StandardCheckpointer().restore((tmp_path / "run" / "checkpoints" / "4" / "state").absolute())["params"]
-    cfg, exported = load_hf(export)
-    assert cfg.num_mtp_layers == 1
-    _, final = load_checkpoint(tmp_path / "run")
-    for path in (("eh_proj", "kernel"), ("block", "mlp", "experts", "wi")):
-        get = lambda t: np.asarray(get_path(t["model"]["mtp"], path))  # noqa: E731
-        np.testing.assert_allclose(get(exported), get(final), atol=1e-6)
-        assert np.abs(get(final) - get(at_4)).max() > 1e-4, path

@@ -4,6 +4,7 @@ layer's predictions over the whole sequence (the accepted counts replayed from t
 model's distribution (a chi-square test of the first two tokens' joint distribution against the model's own
 probabilities); streaming yields generate's columns; bad settings are clear errors."""
 
+import functools
 import math
 
 import jax
@@ -68,8 +69,9 @@ def test_mtp_drafts_are_the_mtp_layers_predictions(tmp_path):
     res = generate_speculative(model, params, ids, mask, speculative="mtp", num_speculative_tokens=1,
                                max_new_tokens=new, stop_ids=())
     full_mask = np.concatenate([mask, np.ones((4, new), mask.dtype)], axis=1)
-    hidden = model.apply({"params": params}, res.tokens, attention_mask=full_mask, return_hidden=True)
-    logits, _, _ = MTPHead(cfg).apply({"params": params}, hidden, res.tokens, segment_ids=full_mask)
+    hidden = jax.jit(functools.partial(model.apply, return_hidden=True))({"params": params}, res.tokens,
+                                                                         attention_mask=full_mask)
+    logits, _, _ = jax.jit(MTPHead(cfg).apply)({"params": params}, hidden, res.tokens, segment_ids=full_mask)
     mtp_next_next = np.argmax(np.asarray(logits[0]), axis=-1)  # [B, S]: at slot j, the guess for slot j + 2
     expected_steps = []
     for b in range(4):
@@ -96,7 +98,7 @@ def test_sampled_tokens_keep_the_models_distribution(tmp_path, method, k, sampli
     the model's logits with the same processing."""
     mtp_checkpoint("glm4_moe", tmp_path, seed=2, vocab_size=8)
     cfg, params = load_hf(tmp_path)
-    model, n_rows, vocab = GLMForCausalLM(cfg), 4000, cfg.vocab_size
+    model, n_rows, vocab = GLMForCausalLM(cfg), 3000, cfg.vocab_size
     # a prompt that ends in a repeated token, so that n-gram drafts find a match
     prompt = np.array([3, 5, 4, 7, 3, 5, 4, 6, 3, 5], np.int32)
     res = generate_speculative(model, params, np.tile(prompt, (n_rows, 1)), speculative=method,
