@@ -14,6 +14,7 @@ import torch
 
 from glm_jax import GLMConfig, GLMForCausalLM, init_params, load_hf
 from glm_jax.model import MTPHead
+from glm_jax.train import lora as lora_lib
 from glm_jax.train.data import lm_examples
 from glm_jax.train.step import StepBuilder
 from hf_models import mtp_checkpoint, rel_err
@@ -68,11 +69,11 @@ def test_mtp_loss_is_the_next_next_token_loss():
     batch = {k: jnp.asarray(v) for k, v in lm_examples(tokens, segments).items()}
     plain = StepBuilder(model, optax.sgd(0.0), lambda s: 0.0, "lm")
     with_mtp = StepBuilder(model, optax.sgd(0.0), lambda s: 0.0, "lm", mtp_loss_weight=0.3)
-    main_obj, main_aux = plain.sums(params, batch)
-    obj, aux = with_mtp.sums(params, batch)
+    main_obj, main_aux = jax.jit(plain.sums)(params, batch)
+    obj, aux = jax.jit(with_mtp.sums)(params, batch)
 
     hidden = model.apply({"params": params}, tokens, segment_ids=segments, return_hidden=True)
-    logits, _, _ = MTPHead(cfg).apply({"params": params}, hidden, tokens, segment_ids=segments)
+    logits, _, _ = jax.jit(MTPHead(cfg).apply)({"params": params}, hidden, tokens, segment_ids=segments)
     logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
     nll, hits, count = 0.0, 0, 0
     for b in range(2):
@@ -86,3 +87,25 @@ def test_mtp_loss_is_the_next_next_token_loss():
     np.testing.assert_allclose(float(aux["mtp_loss_sum"]), nll, rtol=1e-5)
     np.testing.assert_allclose(float(aux["loss_sum"]), float(main_aux["loss_sum"]), rtol=1e-6)
     np.testing.assert_allclose(float(obj), float(main_obj) + 0.3 * nll, rtol=1e-5)
+
+
+def test_mtp_loss_trains_lora_adapters_of_the_main_layers():
+    """train.mode lora: the MTP loss reaches the main layers' adapters (their gradient changes with its weight);
+    the MTP layer itself, a frozen base parameter, is only read."""
+    cfg = GLMConfig.from_preset("glm-moe-test", num_mtp_layers=1)
+    model = GLMForCausalLM(cfg)
+    base = init_params(model, jax.random.key(3))
+    adapters = lora_lib.init_lora(jax.random.key(4), base, ["query", "value"], rank=2)
+    adapters = jax.tree.map(lambda x: x + 0.05, adapters)  # B != 0: the adapters change the model
+    tokens = np.random.RandomState(1).randint(3, cfg.vocab_size, size=(2, 16))
+    batch = {k: jnp.asarray(v) for k, v in lm_examples(tokens, np.ones_like(tokens)).items()}
+    lora = {"rank": 2, "alpha": 4.0, "dropout": 0.0}
+
+    def grads(weight):
+        builder = StepBuilder(model, optax.sgd(0.0), lambda s: 0.0, "lm", lora=lora, mtp_loss_weight=weight)
+        loss = lambda p: builder.sums(builder.effective_params(p, base), batch)[0]  # noqa: E731
+        return jax.jit(jax.grad(loss))(adapters)
+
+    plain, with_mtp = grads(0.0), grads(0.3)
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(with_mtp)))
+    assert diff > 1e-6
