@@ -4,6 +4,7 @@ model, same prompts, one run.
     python train.py --config configs/moe-tiny.yaml            # a small glm4_moe with a trained MTP layer
     python benchmarks/speculative.py --checkpoint runs/moe-tiny
     python benchmarks/speculative.py --checkpoint DIR --batch-sizes 1 8 --new-tokens 128 --k 1 2 3 --json out.json
+    python benchmarks/speculative.py --tiny         # smoke test: a random glm-moe-test with an MTP layer, few tokens
 
 `--checkpoint`: a train.py run directory or a THUDM / transformers checkpoint (MTP rows need MTP layers; n-gram
 rows run for any model). Prompts: the first `--prompt-tokens` tokens of paragraphs of the shipped corpus
@@ -30,7 +31,7 @@ except ImportError:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from glm_jax import GLMForCausalLM, generate  # noqa: E402
+from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params  # noqa: E402
 from glm_jax.chat import default_tokenizer, load_checkpoint, tokenizer_or_shipped  # noqa: E402
 from glm_jax.speculative import generate_speculative  # noqa: E402
 
@@ -61,7 +62,8 @@ def best_time(fn, repeats: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", help="a train.py run directory or a THUDM / transformers checkpoint")
+    ap.add_argument("--tiny", action="store_true", help="smoke test: a random small model, batch 1, 8 tokens, k 1")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -70,10 +72,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
-
-    cfg, params = load_checkpoint(args.checkpoint)
+    if args.tiny:
+        args.checkpoint, args.batch_sizes, args.new_tokens, args.k, args.ngram_k, args.repeats = "tiny", [1], 8, [1], 2, 1
+        cfg = GLMConfig.from_preset("glm-moe-test", vocab_size=8192, num_mtp_layers=1)
+        params = init_params(GLMForCausalLM(cfg), jax.random.key(0))
+        tokenizer = tokenizer_or_shipped(None)
+    elif args.checkpoint is None:
+        ap.error("--checkpoint is required (or --tiny)")
+    else:
+        cfg, params = load_checkpoint(args.checkpoint)
+        tokenizer = tokenizer_or_shipped(default_tokenizer(args.checkpoint))
     model = GLMForCausalLM(cfg)
-    tokenizer = tokenizer_or_shipped(default_tokenizer(args.checkpoint))
     print(f"{args.checkpoint}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_mtp_layers} MTP layer(s); "
           f"{jax.devices()[0].device_kind}; prompts of {args.prompt_tokens} tokens, {args.new_tokens} new, greedy")
     methods = [("mtp", k) for k in args.k if cfg.num_mtp_layers] + [("ngram", args.ngram_k)]

@@ -86,3 +86,11 @@ def test_serve_benchmark_runs_in_tiny_mode(tmp_path):
     run("serve.py", "--json", str(out), "--servers", "glm_jax", "--concurrency", "2", "--workdir", str(tmp_path))
     rows = json.loads(out.read_text())["rows"]
     assert [(r["server"], r["concurrency"]) for r in rows] == [("glm_jax", 2)] and rows[0]["output_tokens"] > 0
+
+
+def test_speculative_benchmark_runs_in_tiny_mode(tmp_path):
+    out = tmp_path / "rows.json"
+    run("speculative.py", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["k"]) for r in rows] == [("plain", 0), ("mtp", 1), ("ngram", 2)]
+    assert all(r["same_tokens"] and r["tokens_per_s"] > 0 and 1 <= r["accept_length"] for r in rows)
