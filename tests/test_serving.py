@@ -229,6 +229,8 @@ def test_speculative_engine_gives_generate_tokens_and_speculative_steps(tmp_path
                         num_speculative_tokens=k, **options)
         outs = engine.generate(prompts, greedy)
         assert [o.token_ids for o in outs] == res.tokens[:, 13:].tolist(), options
+        if not options:  # per request, as generate_speculative's rows
+            np.testing.assert_allclose([o.accept_length for o in outs], res.accept_length)
         stats = engine.stats()
         if options:
             assert stats.get("preemptions", 0) > 0

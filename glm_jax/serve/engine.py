@@ -66,6 +66,7 @@ class RequestOutput:
     logprobs: list[dict] | None = None  # per token of token_ids: {"logprob", "top": [(id, logprob), ...]}
     num_cached_tokens: int = 0
     stop_text: str | None = None  # the stop string that ended it
+    accept_length: float | None = None  # speculative decoding: its tokens per verify step so far (1 .. k+1)
 
 
 @dataclasses.dataclass(eq=False)
@@ -90,6 +91,8 @@ class Request:
     cached_tokens: int = 0
     first_token_time: float | None = None
     drafts: list[int] = dataclasses.field(default_factory=list)  # speculative "mtp": the next step's drafts
+    verify_steps: int = 0  # speculative decoding: its verify steps and the tokens they gave it
+    verified_tokens: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -434,6 +437,7 @@ class Engine:
         for b, req in enumerate(rows):
             self.counters["spec_steps"] += 1
             self.counters["spec_accepted"] += int(accepted[b])
+            req.verify_steps += 1
             req.computed += int(accepted[b]) + 1  # its last token and the accepted drafts are in the pages
             self._register_full_pages(req)
             if drafts is not None:
@@ -441,9 +445,10 @@ class Engine:
             for j in range(int(accepted[b]) + 1):
                 if req.status != "running":
                     break
+                req.verified_tokens += 1
+                self.counters["spec_emitted"] += 1
                 self._append(req, int(emitted[b, j]), float(lps[b, j]),
                              None if top is None else (top[0][b, j], top[1][b, j]), outputs)
-                self.counters["spec_emitted"] += 1
 
     def _page_table(self, rows: Sequence[Request | None], n: int) -> np.ndarray:
         """[n, width] page tables; width = the longest row's pages rounded up to a power of two (at most
@@ -501,6 +506,8 @@ class Engine:
             self._finish(req, reason)
         out.token_ids = list(req.generated)
         out.finished, out.finish_reason, out.stop_text = req.status == "finished", req.finish_reason, req.stop_text
+        if req.verify_steps:
+            out.accept_length = req.verified_tokens / req.verify_steps
 
     def _finish(self, req: Request, reason: str) -> None:
         if req.status == "running":
