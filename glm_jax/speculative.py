@@ -76,7 +76,8 @@ def check(model, method: str, num_tokens: int | None, *, penalty: bool = False) 
 
 
 # ------------------------------------------------------------------------------------------------- distributions
-def _limit_vocab(logits, knobs):
+def limit_vocab(logits, knobs):
+    """Logits in float32 with the ids past knobs["vocab_limit"] (padded embedding rows) at -inf."""
     logits = logits.astype(jnp.float32)
     return jnp.where(jnp.arange(logits.shape[-1]) < knobs["vocab_limit"], logits, -jnp.inf)
 
@@ -84,7 +85,7 @@ def _limit_vocab(logits, knobs):
 def processed_log_probs(logits, spec: G.SamplingSpec, knobs):
     """log p of the distribution sampling draws from (vocab limit, temperature, top_k, top_p), -inf outside it;
     logits [..., V]."""
-    logits = _limit_vocab(logits, knobs) / knobs["temperature"]
+    logits = limit_vocab(logits, knobs) / knobs["temperature"]
     if spec.top_k > 0 or spec.use_top_p:
         flat = logits.reshape(-1, logits.shape[-1])
         values, ids = G.top_k_top_p_candidates(flat, spec.top_k, knobs["top_p"], spec.use_top_p)
@@ -96,7 +97,7 @@ def processed_log_probs(logits, spec: G.SamplingSpec, knobs):
 def accept_greedy(drafts, logits, knobs):
     """(accepted count n [B], emitted [B, k+1]): drafts kept while they equal the argmax; emitted[:n+1] are the
     tokens to append (the accepted drafts are the argmax too, then the model's own token)."""
-    targets = jnp.argmax(_limit_vocab(logits, knobs), axis=-1).astype(jnp.int32)
+    targets = jnp.argmax(limit_vocab(logits, knobs), axis=-1).astype(jnp.int32)
     n = jnp.sum(jnp.cumprod(drafts == targets[:, :-1], axis=1), axis=1)
     return n, targets
 
@@ -192,7 +193,7 @@ def _draw_fn(spec: G.SamplingSpec, knobs, rng):
     """`generate`'s draft picker: the argmax (greedy), else a draw from the processed distribution."""
     def draw(logits, j):
         if spec.greedy:
-            return jnp.argmax(_limit_vocab(logits, knobs), axis=-1).astype(jnp.int32), None
+            return jnp.argmax(limit_vocab(logits, knobs), axis=-1).astype(jnp.int32), None
         logq = processed_log_probs(logits, spec, knobs)
         return jax.random.categorical(jax.random.fold_in(rng, j), logq, axis=-1).astype(jnp.int32), logq
 

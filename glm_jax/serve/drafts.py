@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from glm_jax.model import PagedIndex
 from glm_jax.generation import MAX_LOGPROBS
 from glm_jax.serve.sampling import RowSpec, row_log_probs, sample_rows
-from glm_jax.speculative import Drafter, accept_sampled, ngram_drafts
+from glm_jax.speculative import Drafter, accept_sampled, limit_vocab, ngram_drafts
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # "verify" / "prefill" traces of these programs
 
@@ -43,13 +43,6 @@ def _draw(knobs, spec: RowSpec):
     return draw
 
 
-def _raw_log_probs(logits, knobs):
-    """The model's own log-probabilities (vocabulary limit only), what OpenAI logprobs report."""
-    vocab = logits.shape[-1]
-    return jax.nn.log_softmax(jnp.where(jnp.arange(vocab) < knobs["vocab_limit"], logits.astype(jnp.float32),
-                                        -jnp.inf), axis=-1)
-
-
 @functools.lru_cache(maxsize=64)
 def verify_program(model, spec: RowSpec, method: str, k: int, top_logprobs: bool):
     """verify(params, cache, mtp_cache, logq, tokens [B, k+1], context [B, C], length [B], pages, slots, knobs) ->
@@ -66,7 +59,7 @@ def verify_program(model, spec: RowSpec, method: str, k: int, top_logprobs: bool
         target = row_log_probs(logits, knobs, spec)
         draft_logq = logq[slots] if method == "mtp" else None
         n, emitted = accept_sampled(tokens[:, 1:], draft_logq, target, row_keys(knobs, 1))
-        raw = _raw_log_probs(logits, knobs)
+        raw = jax.nn.log_softmax(limit_vocab(logits, knobs), axis=-1)  # the model's own, as OpenAI reports
         chosen = jnp.take_along_axis(raw, emitted[..., None], axis=-1)[..., 0]
         top = None
         if top_logprobs:

@@ -55,9 +55,9 @@ def batch_shardings(mesh, example: dict, microbatched: bool = True) -> dict:
     return {k: NamedSharding(mesh, batch_spec(k, v.ndim, microbatched)) for k, v in example.items()}
 
 
-def chunked_lm_sums(hidden, kernel, targets, mask, z_loss: float, chunk: int, dtype):
-    """sum(nll + z), sum(nll) and the number of argmax hits over masked tokens, projecting onto the vocabulary
-    `chunk` positions at a time.
+def chunked_lm_sums(hidden, kernel, targets, mask, z_loss: float, chunk: int, dtype, with_hits: bool = False):
+    """sum(nll + z) and sum(nll) over masked tokens (with_hits: and the number of argmax hits), projecting onto the
+    vocabulary `chunk` positions at a time.
 
     The fp32 logits [batch, seq, vocab] (1 GiB for 4 x 2048 x 65024 in fp32) never exist at once: each chunk's
     logits are recomputed in the backward pass (jax.checkpoint) instead of being stored.
@@ -73,13 +73,15 @@ def chunked_lm_sums(hidden, kernel, targets, mask, z_loss: float, chunk: int, dt
         logits = jnp.einsum("bsh,hv->bsv", hc.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
         nll, z = lm_token_losses(logits, tc, z_loss)
         mc = mc.astype(jnp.float32)
-        hits = jnp.sum((jnp.argmax(logits, axis=-1) == tc) * mc)
-        return (carry[0] + jnp.sum((nll + z) * mc), carry[1] + jnp.sum(nll * mc), carry[2] + hits), None
+        sums = (jnp.sum((nll + z) * mc), jnp.sum(nll * mc))
+        if with_hits:  # only the MTP metrics ask: the main loss's scan stays free of the argmax
+            sums += (jnp.sum((jnp.argmax(logits, axis=-1) == tc) * mc),)
+        return tuple(c + x for c, x in zip(carry, sums)), None
 
     split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
-    zero = jnp.zeros((), jnp.float32)
-    (obj, nll_sum, hits), _ = jax.lax.scan(one, (zero, zero, zero), (split(hidden), split(targets), split(mask)))
-    return obj, nll_sum, hits
+    zeros = (jnp.zeros((), jnp.float32),) * (3 if with_hits else 2)
+    sums, _ = jax.lax.scan(one, zeros, (split(hidden), split(targets), split(mask)))
+    return sums
 
 
 def mtp_targets(targets, mask, segment_ids, depth: int):
@@ -158,8 +160,8 @@ class StepBuilder:
         if self.task != "classification" and (self.loss_chunk or self.mtp_loss_weight):
             hidden = forward(params, batch, return_hidden=True)
             chunk = self.loss_chunk or hidden.shape[1]
-            obj, nll_sum, _ = chunked_lm_sums(hidden, params["lm_head"]["kernel"], batch["targets"],
-                                              batch["loss_mask"], self.z_loss, chunk, jnp.dtype(self.model.cfg.dtype))
+            obj, nll_sum = chunked_lm_sums(hidden, params["lm_head"]["kernel"], batch["targets"], batch["loss_mask"],
+                                           self.z_loss, chunk, jnp.dtype(self.model.cfg.dtype))
             aux = {"loss_sum": nll_sum, "count": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
             if self.mtp_loss_weight:
                 mtp_obj, mtp_aux = self.mtp_sums(params, batch, hidden, chunk)
@@ -189,7 +191,7 @@ class StepBuilder:
         for d in range(cfg.num_mtp_layers):
             targets, mask = mtp_targets(batch["targets"], batch["loss_mask"], batch.get("segment_ids"), d)
             o, nll, h = chunked_lm_sums(normed[d], params["lm_head"]["kernel"], targets, mask, self.z_loss, chunk,
-                                        jnp.dtype(cfg.dtype))
+                                        jnp.dtype(cfg.dtype), with_hits=True)
             obj, loss, hits, count = obj + o, loss + nll, hits + h, count + jnp.sum(mask)
         return obj / cfg.num_mtp_layers, {"mtp_loss_sum": loss, "mtp_hits": hits, "mtp_count": count}
 
