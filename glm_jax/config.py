@@ -133,6 +133,27 @@ class GLMConfig:
     index_head_dim: int = 0
     indexer_types: tuple[str, ...] = ()
     dsa_block: int = 128
+    # GLM-5.3-Flash (glm5_next; docs/glm5-next.md): layer_types names each layer "linear_attention" (Kimi delta
+    # attention, glm_jax/model/layers/kda.py: linear_num_heads heads of linear_head_dim, a causal depthwise
+    # convolution of linear_conv_kernel taps, a forget gate bounded below by linear_lower_bound (None: the
+    # softplus gate), chunked in kda_chunk_size tokens) or "indexed_attention" (MLA + DSA without rope); () = every
+    # layer is attention_type's (the other families). hc_mult >= 1: that many hyper-connection residual streams
+    # (glm_jax/model/layers/hyper.py; 0 = the plain residual of the other families), mixed by weights Sinkhorn-
+    # normalised in hc_sinkhorn_iters steps with floor hc_eps. index_kpool > 1: the DSA indexer scores pools of that
+    # many keys (index_kpool_tail: the incomplete last pool is always attended). swiglu_limit > 0 clamps the
+    # SwiGLU gate (above) and up (both sides) projections of every MLP and expert.
+    layer_types: tuple[str, ...] = ()
+    linear_num_heads: int = 0
+    linear_head_dim: int = 0
+    linear_conv_kernel: int = 4
+    linear_lower_bound: float | None = -5.0
+    kda_chunk_size: int = 64
+    hc_mult: int = 0
+    hc_eps: float = 1e-6
+    hc_sinkhorn_iters: int = 20
+    index_kpool: int = 1
+    index_kpool_tail: bool = True
+    swiglu_limit: float = 0.0
     num_labels: int = 2
     pad_token_id: int | None = 0
     eos_token_ids: tuple[int, ...] = (2,)
@@ -161,10 +182,13 @@ class GLMConfig:
         # The checks run in this order: the first failure is the message a user sees.
         if self.attention_type not in ATTENTION_TYPES:
             _fail(f"attention_type={self.attention_type!r}, expected one of {ATTENTION_TYPES}")
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.is_mla:
             self._check_mla()
         if self.is_dsa:
             self._check_dsa()
+        if self.is_glm5_next:
+            self._check_glm5_next()
         self._check_shapes()
         self._check_options()
         if self.rope_scaling and not self.is_mla:
@@ -180,7 +204,7 @@ class GLMConfig:
                 _fail(f"{f} must be positive, got {getattr(self, f)}")
         if self.num_heads % self.num_kv_heads:
             _fail(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim and not self.is_glm5_next:
             _fail(f"rotary_fraction={self.rotary_fraction} gives an invalid rotary dim for head_dim={self.head_dim}")
 
     def _check_options(self):
@@ -234,7 +258,7 @@ class GLMConfig:
     def _check_mla(self):
         """MLA fields; derives head_dim (the query/key head) and num_kv_heads (every head has its own keys)."""
         for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            if int(getattr(self, f)) <= 0:
+            if int(getattr(self, f)) <= 0 and not (f == "qk_rope_head_dim" and self.is_glm5_next):  # NoPE
                 _fail(f"attention_type='mla' needs {f} > 0, got {getattr(self, f)}")
         if self.q_lora_rank < 0:
             _fail(f"q_lora_rank={self.q_lora_rank}, expected >= 0 (0 = a plain query projection)")
@@ -261,6 +285,49 @@ class GLMConfig:
     def is_dsa(self) -> bool:
         return self.index_topk > 0
 
+    @property
+    def is_glm5_next(self) -> bool:
+        """GLM-5.3-Flash's hybrid: per-layer KDA / MLA+DSA attention, hyper-connections (docs/glm5-next.md)."""
+        return bool(self.layer_types)
+
+    def is_kda_layer(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    @property
+    def num_kda_layers(self) -> int:
+        return sum(t == "linear_attention" for t in self.layer_types)
+
+    def _check_glm5_next(self):
+        """glm5_next fields (transformers' Glm5NextTextConfig): layer types, KDA sizes, hyper-connections, the pooled
+        indexer; a "shared" indexer layer must directly follow a "full" indexed layer (transformers hands the
+        selection on to the next layer only)."""
+        types, kinds = self.layer_types, ("linear_attention", "indexed_attention")
+        if len(types) != self.num_layers or set(types) - set(kinds):
+            _fail(f"layer_types must name one of {kinds} for each of the {self.num_layers} layers, got {types}")
+        if not self.is_dsa:
+            _fail("glm5_next's indexed_attention layers are MLA + DSA: index_topk must be > 0")
+        if self.num_kda_layers and (self.linear_num_heads <= 0 or self.linear_head_dim <= 0
+                                    or self.linear_conv_kernel < 1 or self.kda_chunk_size < 1):
+            _fail("linear_attention layers need linear_num_heads, linear_head_dim, linear_conv_kernel and "
+                  "kda_chunk_size > 0")
+        if self.hc_mult < 1 or self.hc_sinkhorn_iters < 1:
+            _fail(f"glm5_next needs hc_mult >= 1 and hc_sinkhorn_iters >= 1, got {self.hc_mult}, "
+                  f"{self.hc_sinkhorn_iters}")
+        if self.index_kpool < 1 or self.index_topk % self.index_kpool:
+            _fail(f"index_topk={self.index_topk} must be a multiple of index_kpool={self.index_kpool} (>= 1)")
+        if self.qk_rope_head_dim:
+            _fail("glm5_next's MLA has no rope: qk_rope_head_dim must be 0")
+        if self.num_mtp_layers:
+            _fail("glm5_next's MTP layer is not implemented: num_mtp_layers must be 0")
+        # a linear_attention layer has no indexer: its entry is irrelevant (transformers ignores it) and kept "full"
+        full = [t == "full" or k != "indexed_attention" for t, k in zip(self.indexer_types or ["full"] * len(types),
+                                                                          types)]
+        object.__setattr__(self, "indexer_types", () if all(full) else tuple("full" if f else "shared" for f in full))
+        for i, t in enumerate(types):
+            if t == "indexed_attention" and not full[i] and not (i and types[i - 1] == t and full[i - 1]):
+                _fail(f"indexer_types: layer {i} is 'shared' but layer {i - 1} is not a 'full' indexed_attention "
+                      "layer whose selection it could reuse")
+
     def _check_dsa(self):
         """DSA fields (transformers' glm_moe_dsa: MLA with a query bottleneck, interleaved rotary over the whole
         qk_rope_head_dim, which the indexer's first dims share)."""
@@ -275,7 +342,7 @@ class GLMConfig:
         types = tuple(self.indexer_types)
         if types and (len(types) != self.num_layers or set(types) - {"full", "shared"}):
             _fail(f"indexer_types must name 'full' / 'shared' for each of the {self.num_layers} layers, got {types}")
-        if types and types[0] != "full":  # transformers: "Shared DSA layers require top-k indices from a previous..."
+        if types and types[0] != "full" and not self.layer_types:  # transformers: "Shared DSA layers require top-k indices from a previous..."
             _fail(f"indexer_types: layer 0 is {types[0]!r}, but a 'shared' layer reuses the previous layer's top-k: "
                   "the first layer must be 'full'")
         object.__setattr__(self, "indexer_types", () if set(types) <= {"full"} else types)
@@ -307,6 +374,8 @@ class GLMConfig:
     @property
     def model_type(self) -> str:
         """transformers' model_type of this architecture."""
+        if self.is_glm5_next:
+            return "glm5_next"
         if self.is_dsa:
             return "glm_moe_dsa"
         if self.is_mla:
@@ -488,6 +557,40 @@ PRESETS: dict[str, dict[str, Any]] = {
                   norm_topk_prob=True, routed_scaling_factor=2.5, num_mtp_layers=1, index_topk=2048,
                   index_n_heads=32, index_head_dim=128, pad_token_id=154820, eos_token_ids=(154820, 154827, 154829),
                   dtype="bfloat16", param_dtype="bfloat16"),
+    # glm-5.3-flash: zai-org/GLM-5.3-Flash's language model (transformers glm5_next; KDA / MLA + pooled DSA, mHC,
+    #   MoE; 313B total / ~17B active). Values of the published config.json's text_config as two public test
+    #   fixtures transcribe it (hidden 4096, 45 layers of which 3 dense, 64 MLA heads, q_lora_rank 1536, kv_lora_rank
+    #   512, qk_nope 256, qk_rope 0 (mla_use_nope), v 256, 288 experts top-8 + 1 shared of 2048, intermediate 12288,
+    #   scaling 2.5, n_group 1, vocab 154880, max_position_embeddings 1048576, eps 1e-5, index_n_heads 32,
+    #   index_head_dim 128, index_topk 2048, index_kpool 4 with the tail, indexer_types all "full", KDA 64 heads of
+    #   128 with a 4-tap convolution and gate_lower_bound -5, hc_mult 4, 20 Sinkhorn steps, hc_eps 1e-6,
+    #   swiglu_limit 10, one MTP layer), which are also transformers' Glm5NextTextConfig defaults except
+    #   index_kpool (16 there); layer_types: KDA except every 4th layer from layer 3 (34 KDA, 11 MLA). Token ids as
+    #   GLM-5's (the same tokenizer). The MTP layer is not modelled for glm5_next (num_mtp_layers 0).
+    "glm-5.3-flash": dict(vocab_size=154880, hidden_size=4096, ffn_hidden_size=12288, num_layers=45, num_heads=64,
+                          num_kv_heads=64, attention_type="mla", q_lora_rank=1536, kv_lora_rank=512,
+                          qk_nope_head_dim=256, qk_rope_head_dim=0, v_head_dim=256, rotary_fraction=1.0,
+                          norm_eps=1e-5, max_seq_len=1048576, qkv_bias=False, n_routed_experts=288,
+                          num_experts_per_tok=8, n_shared_experts=1, moe_intermediate_size=2048,
+                          first_k_dense_replace=3, n_group=1, topk_group=1, norm_topk_prob=True,
+                          routed_scaling_factor=2.5, index_topk=2048, index_n_heads=32, index_head_dim=128,
+                          index_kpool=4, layer_types=tuple("indexed_attention" if i % 4 == 3 else "linear_attention"
+                                                           for i in range(45)),
+                          linear_num_heads=64, linear_head_dim=128, linear_conv_kernel=4, linear_lower_bound=-5.0,
+                          hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, swiglu_limit=10.0, pad_token_id=154820,
+                          eos_token_ids=(154820, 154827, 154829), dtype="bfloat16", param_dtype="bfloat16"),
+    # A small glm5_next for tests: every layer kind (dense and MoE KDA, full and "shared" indexed MLA), pooled
+    # indexer keeping 4 pools of 2 keys, 4 hyper-connection streams, KDA chunks of 8 tokens.
+    "glm5-next-test": dict(vocab_size=512, hidden_size=64, ffn_hidden_size=160, num_layers=5, num_heads=4,
+                           attention_type="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                           qk_rope_head_dim=0, v_head_dim=16, rotary_fraction=1.0, max_seq_len=256, qkv_bias=False,
+                           n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                           first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.5,
+                           index_topk=8, index_n_heads=4, index_head_dim=16, index_kpool=2, dsa_block=16,
+                           layer_types=("linear_attention", "indexed_attention", "indexed_attention",
+                                        "linear_attention", "indexed_attention"),
+                           indexer_types=("full", "full", "shared", "full", "full"),
+                           linear_num_heads=2, linear_head_dim=16, kda_chunk_size=8, hc_mult=4, swiglu_limit=10.0),
     # A small DSA model for tests: glm-mla-test's layout plus an indexer that keeps 8 keys per query.
     "glm-dsa-test": dict(vocab_size=512, hidden_size=64, ffn_hidden_size=160, num_layers=3, num_heads=4,
                          attention_type="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,

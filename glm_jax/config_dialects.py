@@ -9,6 +9,8 @@ file); a writer turns a GLMConfig into the config.json that library reads. A new
                    num_nextn_predict_layers) and transformers 5's (rope_parameters)
     glm4_moe_lite  GLM-4.7-Flash (MLA): both layouts, YaRN scaling, mlp_layer_types
     glm_moe_dsa    GLM-5 (MLA + DSA indexer): glm4_moe_lite's keys plus the indexer's
+    glm5_next      GLM-5.3-Flash (KDA / MLA + pooled DSA, hyper-connections): the text fields nested under
+                   text_config (a full checkpoint) or at the top level (a flat one); also glm5_next_text
 
 docs/checkpoints.md, "config.json dialects", lists the keys.
 """
@@ -254,6 +256,73 @@ def read_glm_moe_dsa(raw: dict[str, Any], source: str, need=None) -> dict[str, A
     return kw
 
 
+# transformers' Glm5NextTextConfig defaults (its docstring checkpoint is zai-org/GLM-5.3-Flash): what a glm5_next
+# config.json that lacks a key means.
+GLM5_NEXT_DEFAULTS = dict(vocab_size=154880, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=2048,
+                          num_hidden_layers=45, num_attention_heads=64, n_shared_experts=1, n_routed_experts=288,
+                          routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=0,
+                          v_head_dim=256, qk_nope_head_dim=256, num_experts_per_tok=8, max_position_embeddings=1048576,
+                          index_topk=2048, index_head_dim=128, index_n_heads=32, index_kpool=16,
+                          index_kpool_always_select_tail=True, swiglu_limit=10.0, linear_head_dim=128,
+                          linear_num_heads=64, linear_conv_kernel_dim=4, linear_lower_bound=-5.0, hc_mult=4,
+                          hc_eps=1e-6, hc_sinkhorn_iters=20)
+# layer_types spellings of an MLA + DSA layer (transformers maps full_attention; released files say
+# deepseek_sparse_attention)
+INDEXED_LAYER_NAMES = ("indexed_attention", "full_attention", "deepseek_sparse_attention")
+
+
+def read_glm5_next(raw: dict[str, Any], source: str, need=None) -> dict[str, Any]:
+    """GLMConfig fields of a glm5_next / glm5_next_text config.json (GLM-5.3-Flash): the text config (nested under
+    text_config, or the file itself) with Glm5NextTextConfig's defaults. layer_types, else linear_attn_config's
+    kda_layers (0-based), else transformers' default (every 4th layer, from layer 3, is MLA). The checkpoint's MTP
+    layer is not loaded (num_mtp_layers 0: glm5_next's MTP is not implemented)."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    linear = text.get("linear_attn_config") or {}
+    text = {**GLM5_NEXT_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k == "linear_lower_bound"}}
+    layers = int(text["num_hidden_layers"])
+    types = text.get("layer_types")
+    if types is None and linear.get("kda_layers") is not None:
+        kda = set(linear["kda_layers"])
+        types = ["linear_attention" if i in kda else "indexed_attention" for i in range(layers)]
+    elif types is None:
+        types = ["linear_attention" if i % 4 != 3 else "indexed_attention" for i in range(layers)]
+    unknown = set(types) - {"linear_attention", *INDEXED_LAYER_NAMES}
+    if unknown:
+        raise ValueError(f"{source}: layer_types {sorted(unknown)} unknown (expected linear_attention or "
+                         f"{' / '.join(INDEXED_LAYER_NAMES)})")
+    dsa = {**text, "model_type": "glm_moe_dsa", "num_nextn_predict_layers": 0, "index_topk_freq": 1,
+           "rope_interleave": True}
+    dsa.setdefault("first_k_dense_replace", 3)
+    if "mlp_layer_types" not in text and "first_k_dense_replace" not in text:
+        dsa["mlp_layer_types"] = ["dense"] * min(3, layers) + ["sparse"] * (layers - 3)
+    kw = read_glm_moe_dsa(dsa, source)
+    lower = linear.get("gate_lower_bound", text["linear_lower_bound"])
+    if lower is None and linear.get("safe_gate", True) and linear:
+        lower = -5.0  # transformers: a linear_attn_config with safe_gate and no bound means -5
+    kw.update(
+        rotary_fraction=1.0,
+        layer_types=tuple("linear_attention" if t == "linear_attention" else "indexed_attention" for t in types),
+        linear_num_heads=int(linear.get("num_heads", text["linear_num_heads"])),
+        linear_head_dim=int(linear.get("head_dim", text["linear_head_dim"])),
+        linear_conv_kernel=int(linear.get("short_conv_kernel_size", text["linear_conv_kernel_dim"])),
+        linear_lower_bound=None if lower is None else float(lower),
+        hc_mult=int(text["hc_mult"]), hc_eps=float(text["hc_eps"]), hc_sinkhorn_iters=int(text["hc_sinkhorn_iters"]),
+        index_kpool=int(text["index_kpool"]), index_kpool_tail=bool(text["index_kpool_always_select_tail"]),
+        swiglu_limit=float(text["swiglu_limit"] or 0.0),
+        pad_token_id=text.get("pad_token_id", 154820),
+    )
+    if text.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act={text['hidden_act']!r} is not supported (glm5_next uses silu)")
+    eos = text.get("eos_token_id", raw.get("eos_token_id"))
+    if eos is not None:
+        kw["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    dtype = {"float16": "float16", "bfloat16": "bfloat16"}.get(text.get("torch_dtype") or text.get("dtype")
+                                                               or raw.get("torch_dtype") or raw.get("dtype"))
+    if dtype:
+        kw.update(dtype=dtype, param_dtype=dtype)
+    return kw
+
+
 # ---------------------------------------------------------------------------------------------- writers
 
 def write_chatglm(cfg) -> dict[str, Any]:
@@ -426,6 +495,24 @@ def write_glm_moe_dsa(cfg) -> dict[str, Any]:
     return d
 
 
+def write_glm5_next(cfg) -> dict[str, Any]:
+    """config.json of transformers' glm5_next as Glm5NextForConditionalGeneration saves it: the text fields under
+    text_config (model_type glm5_next_text). No vision_config: glm_jax holds the text model only (transformers
+    then builds its default vision tower, which this checkpoint does not fill)."""
+    d = write_glm_moe_dsa(cfg)
+    for key in ("architectures", "rope_parameters", "rope_theta", "rope_interleave", "indexer_rope_interleave",
+                "num_nextn_predict_layers", "first_k_dense_replace"):
+        d.pop(key, None)
+    d.update(model_type="glm5_next_text", qk_rope_head_dim=0, layer_types=list(cfg.layer_types),
+             linear_num_heads=cfg.linear_num_heads, linear_head_dim=cfg.linear_head_dim,
+             linear_conv_kernel_dim=cfg.linear_conv_kernel, linear_lower_bound=cfg.linear_lower_bound,
+             hc_mult=cfg.hc_mult, hc_eps=cfg.hc_eps, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters,
+             index_kpool=cfg.index_kpool, index_kpool_always_select_tail=cfg.index_kpool_tail,
+             swiglu_limit=cfg.swiglu_limit)
+    return {"model_type": "glm5_next", "architectures": ["Glm5NextForConditionalGeneration"], "text_config": d,
+            "tie_word_embeddings": False, "torch_dtype": cfg.param_dtype}
+
+
 # ---------------------------------------------------------------------------------------------- the registry
 
 @dataclasses.dataclass(frozen=True)
@@ -442,6 +529,8 @@ DIALECTS: dict[str, Dialect] = {
     "glm4_moe": Dialect(read_glm4_moe, write_glm4_moe),
     "glm4_moe_lite": Dialect(read_glm4_moe_lite, write_glm4_moe_lite),
     "glm_moe_dsa": Dialect(read_glm_moe_dsa, write_glm_moe_dsa),
+    "glm5_next": Dialect(read_glm5_next, write_glm5_next),
+    "glm5_next_text": Dialect(read_glm5_next, write_glm5_next),
 }
 
 

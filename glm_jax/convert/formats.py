@@ -34,6 +34,7 @@ class Entry:
     part: tuple[int, int] | None = None  # (axis, index) of our per-layer (per-expert) array this tensor fills
     experts: bool = False  # torch_name has {e}: one torch tensor per routed expert
     offset: int = 0  # torch layer index of the stack's first block
+    stride: int = 1  # torch layers between consecutive slices of the stack (glm5_next's repeating units)
     dtype: str | None = None  # kept and written in this dtype whatever the model's (the fp32 router bias)
     # torch layers that lack this tensor (the indexer of glm_moe_dsa's "shared" layers): our slice is zeros on load
     # and is not written on save
@@ -42,6 +43,10 @@ class Entry:
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.torch_name
+
+    def torch_layer(self, j: int) -> int:
+        """The torch layer index of slice j of our stack."""
+        return self.offset + j * self.stride
 
     def index(self, e: int | None) -> tuple:
         """Index of the piece of our per-layer array that the torch tensor of expert `e` (None: the only one) fills."""
@@ -68,12 +73,16 @@ class Entry:
             w = w.T
         if self.kind == "stacked_linear":
             w = w.transpose(0, 2, 1)
+        if self.kind == "conv":  # torch Conv1d depthwise [C, 1, K] -> [K, ...]
+            return w.reshape(w.shape[0], -1).T.reshape(shape)
         if self.kind == "prefix":  # [P, L*2*G*D] -> [L, 2, P, G, D] (THUDM: view(P, L*2, G, D), layer i = rows 2i, 2i+1)
             l, two, p, g, d = shape
             return w.reshape(p, l, two, g, d).transpose(1, 2, 0, 3, 4)
         return w.reshape(shape)
 
     def to_torch(self, x: np.ndarray) -> np.ndarray:
+        if self.kind == "conv":
+            return x.reshape(x.shape[0], -1).T[:, None, :]
         if self.kind == "linear":
             n_in = math.prod(x.shape[: self.n_in])
             return x.reshape(n_in, -1).T
@@ -88,6 +97,8 @@ class Entry:
 
     def torch_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Expected torch shape (of the row block, if any) for our per-layer `shape`."""
+        if self.kind == "conv":
+            return (math.prod(shape[1:]), 1, shape[0])
         if self.kind == "linear":
             return (math.prod(shape[self.n_in:]), math.prod(shape[: self.n_in]))
         if self.kind == "bias":
@@ -132,6 +143,8 @@ def thudm_entries(cfg: GLMConfig) -> list[Entry]:
 
 
 def transformers_entries(cfg: GLMConfig) -> list[Entry]:
+    if cfg.is_glm5_next:
+        return glm5_next_entries(cfg)
     if cfg.is_moe:
         return glm4_moe_entries(cfg)
     layer = "model.layers.{i}."
@@ -160,12 +173,13 @@ def transformers_entries(cfg: GLMConfig) -> list[Entry]:
     return e
 
 
-def _glm4_moe_block(cfg: GLMConfig, path: tuple[str, ...], moe: bool, offset: int) -> list[Entry]:
-    """One stack of glm4_moe decoder blocks at our `path` (model/layers, model/moe_layers, model/mtp/block)."""
-    layer = "model.layers.{i}."
+def _glm4_moe_block(cfg: GLMConfig, path: tuple[str, ...], moe: bool, offset: int,
+                    layer: str = "model.layers.{i}.") -> list[Entry]:
+    """One stack of glm4_moe decoder blocks at our `path` (model/layers, model/moe_layers, model/mtp/block);
+    `layer` = the torch name prefix of a layer's tensors."""
     e = [Entry(path + ("input_norm", "scale"), layer + "input_layernorm.weight", offset=offset)]
     if cfg.is_mla:
-        e += _mla_entries(cfg, path + ("attention",), offset)
+        e += _mla_entries(cfg, path + ("attention",), offset, layer)
     for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")) if not cfg.is_mla else ():
         e.append(Entry(path + ("attention", ours, "kernel"), layer + f"self_attn.{theirs}_proj.weight", "linear",
                        offset=offset))
@@ -204,11 +218,11 @@ def _glm4_moe_block(cfg: GLMConfig, path: tuple[str, ...], moe: bool, offset: in
     return e
 
 
-def _mla_entries(cfg: GLMConfig, attn: tuple[str, ...], offset: int) -> list[Entry]:
+def _mla_entries(cfg: GLMConfig, attn: tuple[str, ...], offset: int, layer: str = "model.layers.{i}.") -> list[Entry]:
     """glm4_moe_lite's attention (glm_jax/model/layers/mla.py) at our `attn` path: transformers'
     Glm4MoeLiteAttention names. kv_a_proj_with_mqa [kv_lora + rope, H] keeps its fused rows (latent, then the
     rotary key), kv_b_proj [N * (nope + v), kv_lora] its per-head interleaving (keys then values of head 0, ...)."""
-    sa = "model.layers.{i}.self_attn."
+    sa = layer + "self_attn."
     linears = [("kv_a", "kv_a_proj_with_mqa", 1, cfg.qkv_bias), ("kv_b", "kv_b_proj", 1, False),
                ("out", "o_proj", 2, cfg.qkv_bias)]
     if cfg.q_lora_rank:
@@ -228,6 +242,10 @@ def _mla_entries(cfg: GLMConfig, attn: tuple[str, ...], offset: int) -> list[Ent
               for ours in ("wq_b", "wk", "weights_proj")]
         e += [Entry(ix + ("k_norm", "scale"), ixs + "k_norm.weight", offset=offset, absent=no),
               Entry(ix + ("k_norm", "bias"), ixs + "k_norm.bias", offset=offset, absent=no)]
+        if cfg.index_kpool > 1:  # glm5_next's pooled indexer (layers/dsa.py `pool_keys`)
+            e += [Entry(ix + ("compress_gate", "kernel"), ixs + "index_kpool_compress_gate", "linear", offset=offset,
+                        absent=no),
+                  Entry(ix + ("compress_ape",), ixs + "index_kpool_compress_ape", offset=offset, absent=no)]
     return e + [Entry(attn + (ours, "scale"), sa + theirs + ".weight", offset=offset) for ours, theirs in norms]
 
 
@@ -249,6 +267,48 @@ def glm4_moe_entries(cfg: GLMConfig) -> list[Entry]:
     e += [Entry(("model", "final_norm", "scale"), "model.norm.weight"),
           Entry(("lm_head", "kernel"), "lm_head.weight", "linear")]
     return e
+
+
+GLM5_NEXT_PREFIX = "model.language_model."  # Glm5NextForConditionalGeneration's language model
+
+
+def _kda_entries(cfg: GLMConfig, attn: tuple[str, ...], layer: str) -> list[Entry]:
+    """glm5_next's KDA attention (glm_jax/model/layers/kda.py) as the checkpoint stores it: q/k/v convolutions
+    apart (transformers fuses them in memory), the forget gate's f_a / f_b / dt_bias / A_log under self_attn."""
+    sa = layer + "self_attn."
+    e = [Entry(attn + (ours, "kernel"), sa + f"{theirs}.weight", "linear", n_in)
+         for ours, theirs, n_in in (("q", "q_proj", 1), ("k", "k_proj", 1), ("v", "v_proj", 1), ("f_a", "f_a_proj", 1),
+                                    ("f_b", "f_b_proj", 1), ("b", "b_proj", 1), ("g_a", "g_a_proj", 1),
+                                    ("g_b", "g_b_proj", 1), ("o", "o_proj", 2))]
+    e += [Entry(attn + (f"{x}_conv",), sa + f"{x}_conv1d.weight", "conv", dtype="float32") for x in "qkv"]
+    return e + [Entry(attn + ("dt_bias",), sa + "dt_bias", "bias", dtype="float32"),
+                Entry(attn + ("A_log",), sa + "A_log", dtype="float32"),
+                Entry(attn + ("o_norm",), sa + "o_norm.weight")]
+
+
+def glm5_next_entries(cfg: GLMConfig, prefix: str = GLM5_NEXT_PREFIX) -> list[Entry]:
+    """transformers' glm5_next (GLM-5.3-Flash) as published: the language model under `prefix`, each layer's
+    hyper-connections (hc_{attn,ffn}_{fn,base,scale}), KDA or MLA + pooled DSA attention, and glm4_moe's MLP /
+    MoE tensors; our blocks live in the repeating units of glm_jax.model.glm.hybrid_stacks (slice u of unit block
+    j = torch layer first + u * len(unit) + j)."""
+    from glm_jax.model.glm import hybrid_stacks  # formats <- model: the unit layout is the model's
+
+    layer = prefix + "layers.{i}."
+    e = [Entry(("model", "embed", "embedding"), prefix + "embed_tokens.weight")]
+    for name, kinds, first, _ in hybrid_stacks(cfg):
+        for j, (linear, moe, _) in enumerate(kinds):
+            path = ("model", name, f"block_{j}")
+            block = _glm4_moe_block(cfg, path, moe, 0, layer)
+            if linear:
+                block = [x for x in block if x.path[3] != "attention"] + _kda_entries(cfg, path + ("attention",), layer)
+            for hc in ("attn", "ffn"):
+                block += [Entry(path + (f"{hc}_hc", "fn"),
+                                layer + f"hc_{hc}_fn", "linear"),
+                          Entry(path + (f"{hc}_hc", "base"), layer + f"hc_{hc}_base", dtype="float32"),
+                          Entry(path + (f"{hc}_hc", "scale"), layer + f"hc_{hc}_scale", dtype="float32")]
+            e += [dataclasses.replace(x, offset=first + j, stride=len(kinds)) for x in block]
+    return e + [Entry(("model", "final_norm", "scale"), prefix + "norm.weight"),
+                Entry(("lm_head", "kernel"), "lm_head.weight", "linear")]
 
 
 # A transformers 5 state dict holds each layer's routed experts fused (Glm4MoeExperts: gate_up_proj [E, 2*I, H],

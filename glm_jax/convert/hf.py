@@ -18,8 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 from tqdm import tqdm
 
 from glm_jax.config import GLMConfig, read_json_object
-from glm_jax.convert.formats import (ENTRIES, FUSED_EXPERTS, HEADS, IGNORED_TORCH_NAMES, MTP_SHARED, QUANTIZABLE,
-                                    Entry, fused_experts_entry)
+from glm_jax.convert.formats import (ENTRIES, FUSED_EXPERTS, GLM5_NEXT_PREFIX, HEADS, IGNORED_TORCH_NAMES, MTP_SHARED,
+                                    QUANTIZABLE, Entry, fused_experts_entry, glm5_next_entries)
 from glm_jax.convert.quant import QUANTIZED_KERNELS, dequantize_kernel, dequantize_rows, quantize_kernel, quantize_rows
 from glm_jax.convert.tensors import CheckpointReader, write_safetensors
 from glm_jax.model import GLMForCausalLM, GLMForSequenceClassification, param_specs, stack_layers, unstack_layers
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 PREFIX = ("model", "prefix")
 FORMAT_OF_MODEL_TYPE = {"chatglm": "thudm", "glm": "transformers", "glm4": "transformers", "glm4_moe": "transformers",
-                        "glm4_moe_lite": "transformers", "glm_moe_dsa": "transformers"}
+                        "glm4_moe_lite": "transformers", "glm_moe_dsa": "transformers", "glm5_next": "transformers",
+                        "glm5_next_text": "transformers"}
 # A stacked parameter larger than this is assembled on its device(s) one layer at a time (the host holds one
 # layer's slice, never the stack: a MoE layer's experts are most of the model).
 STREAM_MIN_BYTES = 256 * 2**20
@@ -137,7 +138,10 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
     if shardings is None and mesh is not None:
         shardings = param_shardings(boxed, mesh, rules)
     bits = int(raw.get("quantization_bit") or 0) if fmt == "thudm" else 0
-    loader = _ParamLoader(cfg, reader, ENTRIES[fmt](cfg), bits)
+    entries = ENTRIES[fmt](cfg)
+    if cfg.is_glm5_next and f"{GLM5_NEXT_PREFIX}embed_tokens.weight" not in reader:  # a flat text-only checkpoint
+        entries = glm5_next_entries(cfg, prefix="model.")
+    loader = _ParamLoader(cfg, reader, entries, bits)
     shapes, params = nn.unbox(boxed), {}
     groups = loader.groups()
     nbytes = {path: get_path(shapes, path).size * get_path(shapes, path).dtype.itemsize for path in groups}
@@ -196,11 +200,11 @@ class _ParamLoader:
     def fill(self, out: np.ndarray, group: list[Entry], layer: int | None) -> None:
         """Our array `out` (one layer's slice of a stacked parameter, or a global one) from its torch tensors."""
         for entry in group:
-            if layer is not None and entry.offset + layer in entry.absent:  # a "shared" DSA layer's indexer
+            if layer is not None and entry.torch_layer(layer) in entry.absent:  # a "shared" DSA layer's indexer
                 out[...] = 0
                 continue
             for e, index, piece in entry.pieces(out.shape):
-                name = entry.torch_name.format(i=None if layer is None else entry.offset + layer, e=e)
+                name = entry.torch_name.format(i=None if layer is None else entry.torch_layer(layer), e=e)
                 out[index] = self.read(entry, name, piece, out.dtype)
 
     def resolve(self, path: tuple, group: list[Entry]) -> list[Entry] | None:
@@ -258,11 +262,18 @@ class _ParamLoader:
         cfg = self.cfg
         unused = sorted(set(self.reader.keys()) - self.used - set(IGNORED_TORCH_NAMES))
         if cfg.is_moe and not cfg.num_mtp_layers:  # MTP layers left out on purpose (num_mtp_layers=0)
-            mtp = [n for n in unused if n.startswith("model.layers.") and n.split(".")[2].isdigit()
-                   and int(n.split(".")[2]) >= cfg.num_layers]
+            def layer_of(name):  # model.layers.N.* or (glm5_next) model.language_model.layers.N.*
+                parts = name.removeprefix("model.language_model.").removeprefix("model.").split(".")
+                return int(parts[1]) if parts[0] == "layers" and parts[1].isdigit() else -1
+            mtp = [n for n in unused if layer_of(n) >= cfg.num_layers]
             if mtp:
                 log.info("%s: %d MTP layer tensors not loaded (num_mtp_layers=0)", ckpt_dir, len(mtp))
                 unused = sorted(set(unused) - set(mtp))
+        vision = [n for n in unused if n.startswith(("model.visual.", "visual."))]
+        if vision:  # GLM-5.3-Flash's vision tower: glm_jax runs the language model only
+            log.warning("%s: %d vision-tower tensors (model.visual.*) not loaded: glm_jax runs the text model only",
+                        ckpt_dir, len(vision))
+            unused = sorted(set(unused) - set(vision))
         if unused:
             log.warning("%s: %d tensors not loaded, e.g. %s", ckpt_dir, len(unused), ", ".join(unused[:5]))
 
@@ -385,8 +396,9 @@ class _TensorWriter:
     def layer(self, i: int):
         """The tensors of torch layer i (an MTP layer when i >= num_layers), quantized if asked."""
         for key in (k for k in self.by_name if "{i}" in k[0]):
-            entry, j = self.by_name[key][0], i - key[1]
-            if not 0 <= j < get_path(self.params, entry.path).shape[0] or i in entry.absent:
+            entry = self.by_name[key][0]
+            j, other = divmod(i - key[1], entry.stride)
+            if other or not 0 <= j < get_path(self.params, entry.path).shape[0] or i in entry.absent:
                 continue  # another stack's layer, or a tensor this layer lacks ("shared" DSA indexer)
             for e in range(get_path(self.params, entry.path).shape[1]) if entry.experts else [None]:
                 name, w = key[0].format(i=i, e=e), self.tensor(key, j, e)

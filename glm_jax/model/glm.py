@@ -47,8 +47,10 @@ from flax import linen as nn
 from glm_jax.config import REMAT_POLICIES, GLMConfig
 from glm_jax.model.layers import MLP, Attention, Embed, Linear, MoE, RMSNorm, rotary_cos_sin
 from glm_jax.model.layers import kv_cache as kv_cache_lib
+from glm_jax.model.layers.hyper import HyperConnection, merge as hc_merge
+from glm_jax.model.layers.kda import KDA
 from glm_jax.model.layers.kv_cache import PagedIndex
-from glm_jax.model.layers.mla import MLA, softmax_scale, yarn_cos_sin
+from glm_jax.model.layers.mla import LATENT_NORM_EPS, MLA, softmax_scale, yarn_cos_sin
 
 JAX_REMAT_POLICIES = {  # GLMConfig.remat_policy -> what each block keeps for the backward pass
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -58,6 +60,7 @@ JAX_REMAT_POLICIES = {  # GLMConfig.remat_policy -> what each block keeps for th
 assert set(JAX_REMAT_POLICIES) == set(REMAT_POLICIES) - {"none"}
 
 BATCH_SEQ_EMBED = ("activation_batch", "activation_length", "activation_embed")
+STREAMS_AXES = ("activation_batch", "activation_length", None, "activation_embed")  # hyper-connection streams
 
 
 def positions_from_segments(segment_ids):
@@ -83,14 +86,17 @@ class DecoderBlock(nn.Module, kw_only=True):
     decode: bool = False
     prefill: bool = False
     moe: bool = False  # the MoE layer instead of the dense MLP (glm4_moe's layers first_k_dense_replace..)
+    linear: bool = False  # glm5_next: Kimi delta attention (layers/kda.py) instead of MLA + DSA
+    full: bool | None = None  # glm5_next: this MLA layer runs its own indexer (False: reuses the previous layer's)
 
     @nn.compact
     def __call__(self, carry, ctx: dict, per_layer: dict):
         """carry: (x, kv_cache): all layers' (keys, values) while decoding, else None; a DSA model with "shared"
         indexer layers carries a third item, the previous layer's top-k selection (docs/dsa.md). ctx: what every
-        block shares (cos, sin, q_segments, kv_segments, cache_index); per_layer: this block's `layer` index,
-        P-tuning `prefix` (or None) and, with shared layers, `full` (whether it runs its own indexer). Two named
-        bundles, so the layer scan binds nothing by position."""
+        block shares (cos, sin, positions, q_segments, kv_segments, cache_index); per_layer: this block's `layer`
+        index, P-tuning `prefix` (or None) and, with shared layers, `full` (whether it runs its own indexer). Two
+        named bundles, so the layer scan binds nothing by position. With hyper-connections (cfg.hc_mult, glm5_next)
+        x is the residual streams [B, S, hc_mult, embed] (layers/hyper.py)."""
         x, kv_cache, *chosen = carry
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -98,42 +104,73 @@ class DecoderBlock(nn.Module, kw_only=True):
         def norm(name):
             return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
-        x = nn.with_logical_constraint(x, BATCH_SEQ_EMBED)
-        if cfg.is_mla:  # glm4_moe_lite: multi-head latent attention (layers/mla.py, docs/mla.md)
-            shared = {"full": per_layer["full"], "chosen": chosen[0]} if chosen else {}
-            h, kv_cache, *chosen = mla_attention(cfg, self.decode, self.prefill)(
-                norm("input_norm")(x), ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"],
-                ctx["cache_index"], kv_cache, per_layer["layer"], **shared)
-        else:
-            h, kv_cache = Attention(
-                num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                hidden_size=cfg.hidden_size, use_bias=cfg.qkv_bias, attention_impl=cfg.attention_impl,
-                decode=self.decode, prefill=self.prefill, dtype=dtype, param_dtype=param_dtype,
-                quantization_bit=cfg.quantization_bit, max_segments=cfg.max_segments,
-                rope_interleaved=cfg.rope_interleaved,
-                qk_norm=cfg.use_qk_norm, norm_eps=cfg.norm_eps, name="attention")(
-                norm("input_norm")(x), ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"],
-                ctx["cache_index"], per_layer["prefix"], kv_cache, per_layer["layer"])
+        def hyper(name):
+            return HyperConnection(hc_mult=cfg.hc_mult, sinkhorn_iters=cfg.hc_sinkhorn_iters, eps=cfg.hc_eps,
+                                   norm_eps=cfg.norm_eps, param_dtype=param_dtype, name=name)
+
+        x = nn.with_logical_constraint(x, STREAMS_AXES if cfg.hc_mult else BATCH_SEQ_EMBED)
+        h_in = x
+        if cfg.hc_mult:
+            post, comb, h_in = hyper("attn_hc")(x)
+        h, kv_cache, chosen = self.attention(norm("input_norm")(h_in), kv_cache, chosen, ctx, per_layer)
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)
-        x = x + h
+        x = hc_merge(post, comb, h, x) if cfg.hc_mult else x + h
         if self.moe:
             ffn = MoE(hidden_size=cfg.hidden_size, intermediate_size=cfg.moe_intermediate_size,
                       num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
                       n_shared_experts=cfg.n_shared_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
                       norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
-                      impl=cfg.moe_impl, dtype=dtype, param_dtype=param_dtype, name="mlp")
+                      impl=cfg.moe_impl, swiglu_limit=cfg.swiglu_limit, dtype=dtype, param_dtype=param_dtype,
+                      name="mlp")
         else:
-            ffn = MLP(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, dtype=dtype,
-                      param_dtype=param_dtype, quantization_bit=cfg.quantization_bit, name="mlp")
+            ffn = MLP(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, swiglu_limit=cfg.swiglu_limit,
+                      dtype=dtype, param_dtype=param_dtype, quantization_bit=cfg.quantization_bit, name="mlp")
+        h_in = x
+        if cfg.hc_mult:
+            post, comb, h_in = hyper("ffn_hc")(x)
         if self.moe:  # padding (segment 0) is routed like any token but not counted in the expert load
             seg = ctx["q_segments"]
-            h = ffn(norm("post_attention_norm")(x), token_mask=None if seg is None else seg > 0)
+            h = ffn(norm("post_attention_norm")(h_in), token_mask=None if seg is None else seg > 0)
         else:
-            h = ffn(norm("post_attention_norm")(x))
+            h = ffn(norm("post_attention_norm")(h_in))
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
-        return (nn.with_logical_constraint(x + h, BATCH_SEQ_EMBED), kv_cache, *chosen), None
+        x = hc_merge(post, comb, h, x) if cfg.hc_mult else x + h
+        return (nn.with_logical_constraint(x, STREAMS_AXES if cfg.hc_mult else BATCH_SEQ_EMBED), kv_cache,
+                *chosen), None
+
+    def attention(self, x, kv_cache, chosen, ctx: dict, per_layer: dict):
+        """The block's attention on its normed input: (output [B, S, embed], kv_cache, chosen)."""
+        cfg = self.cfg
+        if self.linear:  # glm5_next's KDA layers: their cache entries are the last two (cache_shapes)
+            out, kda_cache = KDA(
+                hidden_size=cfg.hidden_size, num_heads=cfg.linear_num_heads, head_dim=cfg.linear_head_dim,
+                conv_kernel=cfg.linear_conv_kernel, lower_bound=cfg.linear_lower_bound, chunk_size=cfg.kda_chunk_size,
+                norm_eps=cfg.norm_eps, decode=self.decode, dtype=jnp.dtype(cfg.dtype),
+                param_dtype=jnp.dtype(cfg.param_dtype), name="attention")(
+                x, ctx["q_segments"], None if kv_cache is None else kv_cache[-2:], per_layer["layer"])
+            return out, None if kv_cache is None else kv_cache[:-2] + kda_cache, chosen
+        if cfg.is_mla:  # glm4_moe_lite: multi-head latent attention (layers/mla.py, docs/mla.md)
+            mla_cache = kv_cache if kv_cache is None or not cfg.is_glm5_next else kv_cache[:-2]
+            full = per_layer.get("full") if self.full is None else self.full
+            shared = {"full": full, "chosen": chosen[0]} if chosen else {}
+            out, mla_cache, *chosen = mla_attention(cfg, self.decode, self.prefill)(
+                x, ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"], ctx["cache_index"], mla_cache,
+                per_layer["layer"], positions=ctx.get("positions"), **shared)
+            if kv_cache is not None and cfg.is_glm5_next:
+                mla_cache = mla_cache + kv_cache[-2:]
+            return out, mla_cache, chosen
+        out, kv_cache = Attention(
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            hidden_size=cfg.hidden_size, use_bias=cfg.qkv_bias, attention_impl=cfg.attention_impl,
+            decode=self.decode, prefill=self.prefill, dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype), quantization_bit=cfg.quantization_bit,
+            max_segments=cfg.max_segments, rope_interleaved=cfg.rope_interleaved, qk_norm=cfg.use_qk_norm,
+            norm_eps=cfg.norm_eps, name="attention")(
+            x, ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"], ctx["cache_index"], per_layer["prefix"],
+            kv_cache, per_layer["layer"])
+        return out, kv_cache, chosen
 
 
 def mla_attention(cfg: GLMConfig, decode: bool, prefill: bool) -> MLA:
@@ -144,14 +181,23 @@ def mla_attention(cfg: GLMConfig, decode: bool, prefill: bool) -> MLA:
                rope_interleaved=cfg.rope_interleaved, attention_impl=cfg.attention_impl,
                max_segments=cfg.max_segments, decode=decode, prefill=prefill, dtype=jnp.dtype(cfg.dtype),
                index_topk=cfg.index_topk, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
-               dsa_block=cfg.dsa_block,
+               dsa_block=cfg.dsa_block, index_kpool=cfg.index_kpool, index_kpool_tail=cfg.index_kpool_tail,
+               latent_norm_eps=cfg.norm_eps if cfg.is_glm5_next else LATENT_NORM_EPS,
                param_dtype=jnp.dtype(cfg.param_dtype), softmax_scale=softmax_scale(cfg.head_dim, cfg.rope_scaling_params),
                name="attention")
 
 
 def cache_shapes(cfg: GLMConfig, batch: int, max_len: int) -> dict[str, tuple[int, ...]]:
     """The per-layer key/value buffers of the decode cache, all layers stacked: GQA keeps keys and values of the
-    KV groups; MLA (docs/mla.md) one [latent ; rotary key] row of kv_lora_rank + qk_rope_head_dim per token."""
+    KV groups; MLA (docs/mla.md) one [latent ; rotary key] row of kv_lora_rank + qk_rope_head_dim per token;
+    glm5_next its MLA layers' rows and, for its KDA layers, a fixed-size state per row (docs/glm5-next.md)."""
+    if cfg.is_glm5_next:  # MLA + DSA layers as glm_moe_dsa (plus the pooling logits), then the KDA layers' state
+        mla, kda, h, d = cfg.num_layers - cfg.num_kda_layers, cfg.num_kda_layers, cfg.linear_num_heads, cfg.linear_head_dim
+        shapes = {"cached_latent": (mla, batch, max_len, cfg.kv_lora_rank),
+                  "cached_index_key": (mla, batch, max_len, cfg.index_head_dim)}
+        if cfg.index_kpool > 1:
+            shapes["cached_index_gate"] = (mla, batch, max_len, cfg.index_head_dim)
+        return {**shapes, "kda_state": (kda, batch, h, d, d), "kda_conv": (kda, batch, cfg.linear_conv_kernel - 1, 3, h, d)}
     if cfg.is_dsa:  # glm_moe_dsa: MLA's latent plus the DSA indexer's key of every token (docs/dsa.md)
         return {"cached_latent": (cfg.num_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
                 "cached_index_key": (cfg.num_layers, batch, max_len, cfg.index_head_dim)}
@@ -159,6 +205,11 @@ def cache_shapes(cfg: GLMConfig, batch: int, max_len: int) -> dict[str, tuple[in
         return {"cached_latent": (cfg.num_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)}
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return {"cached_key": shape, "cached_value": shape}
+
+
+def cache_dtype(cfg: GLMConfig, name: str):
+    """The dtype of decode-cache buffer `name`: KDA's recurrent state accumulates in fp32, the rest is cfg.dtype."""
+    return jnp.float32 if name == "kda_state" else jnp.dtype(cfg.dtype)
 
 
 class MTPLayer(nn.Module, kw_only=True):
@@ -282,10 +333,14 @@ class GLMModel(nn.Module):
         embeds = Embed(vocab_size=cfg.vocab_size, features=cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                        name="embed")(input_ids)
         cos, sin = rope_cos_sin(cfg, position_ids, dtype)
-        ctx = {"cos": cos, "sin": sin, "q_segments": q_segments, "kv_segments": kv_segments,
-               "cache_index": None if cache is None else cache["index"]}
+        ctx = {"cos": cos, "sin": sin, "positions": position_ids, "q_segments": q_segments,
+               "kv_segments": kv_segments, "cache_index": None if cache is None else cache["index"]}
         kv_cache = None if cache is None else tuple(var.value for var in cache["kv"])
+        if cfg.hc_mult:  # hyper-connections: every stream starts as the embedding (layers/hyper.py)
+            embeds = jnp.broadcast_to(embeds[:, :, None], (batch, seq, cfg.hc_mult, embeds.shape[-1]))
         x, kv_cache = self.blocks(embeds, kv_cache, ctx, decode, prefill)
+        if cfg.hc_mult:
+            x = jnp.mean(x.astype(jnp.float32), axis=2).astype(x.dtype)
         if cfg.num_mtp_layers and self.is_initializing():
             # Creates model/mtp (stacked over the MTP layers) for MTPHead, which runs them; the output is not used.
             mtp = nn.scan(MTPLayer, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -303,7 +358,7 @@ class GLMModel(nn.Module):
         with input of the cache length). Cache-wide state: the write slot, each slot's segment id (0 = pad /
         empty) and each row's next position. Returns ({"kv": variables, "index": write slot}, q_segments,
         kv_segments, position_ids)."""
-        kv_vars = [self.variable("cache", name, jnp.zeros, shape, jnp.dtype(self.cfg.dtype))
+        kv_vars = [self.variable("cache", name, jnp.zeros, shape, cache_dtype(self.cfg, name))
                    for name, shape in cache_shapes(self.cfg, batch, seq).items()]
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         slot_segments = self.variable("cache", "segment_ids", jnp.zeros, (batch, seq), jnp.int32)
@@ -343,10 +398,20 @@ class GLMModel(nn.Module):
         carry, full = (x, kv_cache), None
         if cfg.is_dsa and cfg.indexer_types:  # "shared" indexer layers: the selection travels with the carry
             batch, seq = x.shape[:2]
-            k = min(cfg.index_topk, kv_cache_lib.view_length(kv_cache[0], ctx["cache_index"]) if decode and not prefill
-                    else seq)
-            carry += ((jnp.zeros((batch, seq, k), jnp.int32), jnp.zeros((batch, seq, k), bool)),)
+            t = kv_cache_lib.view_length(kv_cache[0], ctx["cache_index"]) if decode and not prefill else seq
+            carry += ((jnp.zeros((batch, seq, selection_width(cfg, t)), jnp.int32),
+                       jnp.zeros((batch, seq, selection_width(cfg, t)), bool)),)
             full = jnp.asarray([t == "full" for t in cfg.indexer_types])
+        if cfg.is_glm5_next:
+            for name, kinds, first, count in hybrid_stacks(cfg):
+                unit = nn.scan(HybridUnit, variable_axes={"params": 0, "intermediates": 0},
+                               split_rngs={"params": True}, in_axes=(nn.broadcast, 0), length=count,
+                               metadata_params={nn.PARTITION_NAME: "layers"})
+                local = jnp.asarray([[kind_local_index(cfg, first + u * len(kinds) + j) for j in range(len(kinds))]
+                                     for u in range(count)], jnp.int32)
+                carry, _ = unit(cfg=cfg, kinds=kinds, repeats=count, decode=decode, prefill=prefill, name=name)(
+                    carry, ctx, local)
+            return carry[:2]
 
         def per_layer(first, count=None):  # a scanned stack's slices (count layers), or one block's values
             pick = first if count is None else slice(first, first + count)
@@ -371,6 +436,70 @@ class GLMModel(nn.Module):
                 carry, _ = block(cfg=cfg, decode=decode, prefill=prefill, moe=i >= cfg.num_dense_layers,
                                  name=f"layers_{i}")(carry, ctx, per_layer(i))
         return carry[:2]
+
+
+def selection_width(cfg: GLMConfig, kv_len: int) -> int:
+    """K, the keys a DSA query's selection names (layers/dsa.py): top-k keys, or top-k pools of keys plus the
+    incomplete tail (glm5_next)."""
+    if cfg.index_kpool == 1:
+        return min(cfg.index_topk, kv_len)
+    pools = min(cfg.index_topk // cfg.index_kpool, max(kv_len // cfg.index_kpool, 1))
+    return pools * cfg.index_kpool + (cfg.index_kpool - 1 if cfg.index_kpool_tail else 0)
+
+
+# glm5_next's block kinds: (KDA attention, MoE FFN, runs its own indexer)
+BlockKind = tuple[bool, bool, bool]
+
+
+def block_kind(cfg: GLMConfig, layer: int) -> BlockKind:
+    linear = cfg.is_kda_layer(layer)
+    full = linear or not cfg.indexer_types or cfg.indexer_types[layer] == "full"
+    return linear, layer >= cfg.num_dense_layers, full
+
+
+def kind_local_index(cfg: GLMConfig, layer: int) -> int:
+    """A glm5_next layer's index among the layers of its attention kind (KDA or MLA): its decode cache slot."""
+    return sum(cfg.is_kda_layer(i) == cfg.is_kda_layer(layer) for i in range(layer))
+
+
+def hybrid_stacks(cfg: GLMConfig, max_unit: int = 8) -> list[tuple[str, tuple[BlockKind, ...], int, int]]:
+    """glm5_next's layers as scans of a repeating unit: (name, unit's block kinds, first layer, repeats). Greedy from
+    the first layer: the unit of up to `max_unit` blocks that repeats over the most layers (a run of one kind when
+    nothing repeats). GLM-5.3-Flash: 3 dense KDA blocks, then (MLA, KDA, KDA, KDA) x 10, then MLA, then KDA: four
+    compiled bodies for 45 layers. Unit block j of repeat u is layer first + u * len(unit) + j."""
+    kinds = [block_kind(cfg, i) for i in range(cfg.num_layers)]
+    stacks, i = [], 0
+    while i < len(kinds):
+        best = (0, 1)  # (repeats, unit length)
+        for p in range(1, min(max_unit, len(kinds) - i) + 1):
+            n = 1
+            while kinds[i + n * p:i + (n + 1) * p] == kinds[i:i + p] and i + (n + 1) * p <= len(kinds):
+                n += 1
+            if (n >= 2 or p == 1) and n * p > best[0] * best[1]:
+                best = (n, p)
+        n, p = best
+        stacks.append((f"hybrid_{len(stacks)}", tuple(kinds[i:i + p]), i, n))
+        i += n * p
+    return stacks
+
+
+class HybridUnit(nn.Module, kw_only=True):
+    """One repeat of a glm5_next unit (`hybrid_stacks`): its blocks in order, block_0 .. block_{p-1}. per_layer:
+    each block's cache index among its attention kind [p]."""
+
+    cfg: GLMConfig
+    kinds: tuple[BlockKind, ...]
+    repeats: int = 1  # the scan's length (remat_block's CSE rule)
+    decode: bool = False
+    prefill: bool = False
+
+    @nn.compact
+    def __call__(self, carry, ctx: dict, local):
+        for j, (linear, moe, full) in enumerate(self.kinds):
+            block = remat_block(self.cfg, self.repeats)
+            carry, _ = block(cfg=self.cfg, decode=self.decode, prefill=self.prefill, moe=moe, linear=linear,
+                             full=full, name=f"block_{j}")(carry, ctx, {"layer": local[j], "prefix": None})
+        return carry, None
 
 
 def rope_cos_sin(cfg: GLMConfig, position_ids, dtype):

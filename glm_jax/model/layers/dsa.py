@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import struct
 
 from glm_jax.model.layers import kv_cache as kv_cache_lib
 from glm_jax.model.layers.attention import causal
@@ -65,11 +66,13 @@ class Indexer(nn.Module, kw_only=True):
 
     num_heads: int  # index_n_heads
     head_dim: int  # index_head_dim
+    kpool: int = 1  # > 1: keys are scored in pools of kpool (GLM-5.3-Flash, `pool_keys`)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, q_latent, cos, sin):
+        """With kpool > 1 also the pooling logits of every key [B, S, D] (fp32; what a pool mixes its keys by)."""
         h, d = self.num_heads, self.head_dim
         q = Linear(features=(h, d), kernel_axes=("q_lora", "index_heads", "index_head_dim"), dtype=self.dtype,
                    param_dtype=self.param_dtype, name="wq_b")(q_latent)
@@ -85,7 +88,61 @@ class Indexer(nn.Module, kw_only=True):
         w = Linear(features=(h,), kernel_axes=("embed", "index_heads"), dtype=jnp.float32,
                    param_dtype=self.param_dtype, name="weights_proj")(x.astype(jnp.float32))
         w = w * np.float32(h ** -0.5 * d ** -0.5)
-        return jax.lax.stop_gradient((q, k, w))
+        if self.kpool == 1:
+            return jax.lax.stop_gradient((q, k, w))
+        gate = Linear(features=(d,), kernel_axes=("embed", "index_head_dim"), dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="compress_gate")(x)
+        ape = self.param("compress_ape", nn.with_logical_partitioning(nn.initializers.zeros, (None, "index_head_dim")),
+                         (self.kpool, d), self.param_dtype)
+        return jax.lax.stop_gradient((q, k, w, (gate, ape)))
+
+
+def pool_keys(keys, gate, ape, kv_segments):
+    """GLM-5.3-Flash's pooled indexer keys. Pools are runs of kpool consecutive keys of one document counted from
+    its first token (left padding and packed rows alike); only complete pools exist. A pool's key is, per channel,
+    the softmax(gate logits + ape[position in pool]) mixture of its keys. keys / gate [B, T, D], ape [kpool, D],
+    kv_segments [B, T]. Returns (pool keys [B, P, D], last slot of each pool [B, P] int32, exists [B, P]),
+    P = T // kpool, the pools of a row first in slot order."""
+    kpool = ape.shape[0]
+    b, t, _ = keys.shape
+    p = max(t // kpool, 1)
+    seg = kv_segments.astype(jnp.int32)
+    idx = jnp.arange(t, dtype=jnp.int32)[None]
+    prev = jnp.concatenate([jnp.full_like(seg[:, :1], -1), seg[:, :-1]], axis=1)
+    doc_pos = idx - jax.lax.cummax(jnp.where(seg != prev, idx, 0), axis=1)
+    ends_here = (seg > 0) & (doc_pos % kpool == kpool - 1)
+    ends = jax.vmap(lambda e: jnp.nonzero(e, size=p, fill_value=t)[0])(ends_here).astype(jnp.int32)
+    exists = ends < t
+    members = jnp.clip(ends[..., None] - (kpool - 1) + jnp.arange(kpool), 0, t - 1)  # [B, P, kpool]
+    rows = jnp.arange(b)[:, None, None]
+    logits = gate[rows, members].astype(jnp.float32) + ape.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=2).astype(keys.dtype)
+    return jnp.sum(probs * keys[rows, members], axis=2), ends, exists
+
+
+def select_pools(scores, mask, ends, exists, topk: int, kpool: int, q_slots, q_positions, tail: bool):
+    """Token selection of the pooled indexer: the top topk // kpool visible pools by score (a pool is visible when
+    its last key is), expanded to their keys, then (`tail`) the query's own incomplete pool: the keys of its
+    document since the last complete pool. scores [B, S, P], mask [B, S, T], ends / exists [B, P], q_slots [B, S]
+    (each query's slot in the key axis), q_positions [B, S] (its position in its document). Returns (indices
+    [B, S, K] int32, visible [B, S, K]), K = min(topk // kpool, P) * kpool + (kpool - 1 if tail)."""
+    t = mask.shape[-1]
+    end_visible = jnp.take_along_axis(mask, jnp.clip(ends, 0, t - 1)[:, None, :].repeat(mask.shape[1], 1), axis=-1)
+    candidate = end_visible & exists[:, None, :]
+    k = min(topk // kpool, scores.shape[-1])
+    _, picked = jax.lax.top_k(jnp.where(candidate, scores, -jnp.inf), k)  # [B, S, k]
+    ok = jnp.take_along_axis(candidate, picked, axis=-1)
+    last = jnp.take_along_axis(ends[:, None, :].repeat(scores.shape[1], 1), picked, axis=-1)
+    idx = (last[..., None] - (kpool - 1) + jnp.arange(kpool)).reshape(*picked.shape[:2], -1)
+    visible = jnp.repeat(ok, kpool, axis=-1)
+    if tail and kpool > 1:
+        count = (q_positions + 1) % kpool  # keys of the query's pool up to and including itself, when incomplete
+        j = jnp.arange(kpool - 1)
+        tail_idx = q_slots[..., None] - count[..., None] + 1 + j
+        idx = jnp.concatenate([idx, tail_idx], axis=-1)
+        visible = jnp.concatenate([visible, j < count[..., None]], axis=-1)
+    idx = jnp.clip(idx, 0, t - 1).astype(jnp.int32)
+    return idx, visible & jnp.take_along_axis(mask, idx, axis=-1)
 
 
 def indexer_scores(q, k, w):
@@ -127,15 +184,48 @@ def latent_attention(q, kv, mask, scale: float, value_dim: int):
     return jnp.einsum(f"bsnt,{sub}->bsnc", probs, kv[..., :value_dim])
 
 
+@struct.dataclass
+class Pooling:
+    """A pooled indexer's key side (GLM-5.3-Flash, `pool_keys`) and what its selection needs of the queries."""
+
+    keys: jax.Array  # [B, P, D] pool keys
+    ends: jax.Array  # [B, P] last slot of each pool
+    exists: jax.Array  # [B, P]
+    q_positions: jax.Array  # [B, S] each query's position in its document
+    kpool: int = struct.field(pytree_node=False, default=1)
+    tail: bool = struct.field(pytree_node=False, default=True)
+
+
+def chooser(index, topk: int):
+    """The indexer's selection, split for blockwise use: (per-query inputs [B, S, ...], choose(per-query block,
+    mask [B, s, T], q_slots [B, s]) -> (indices, visible)). `index` = (iq, ik, iw) or (iq, ik, iw, Pooling)."""
+    iq, ik, iw = index[:3]
+    pooling = index[3] if len(index) > 3 else None
+    if pooling is None:
+        return (iq, iw), lambda given, mask, _: select_topk(indexer_scores(given[0], ik, given[1]), mask, topk)
+
+    def choose(given, mask, q_slots):
+        scores = indexer_scores(given[0], pooling.keys, given[1])
+        return select_pools(scores, mask, pooling.ends, pooling.exists, topk, pooling.kpool, q_slots, given[2],
+                            pooling.tail)
+    return (iq, iw, pooling.q_positions), choose
+
+
+def query_slots(q_offset, start, count: int):
+    """[B or 1, count] slots in the key axis of queries start .. start + count - 1 (q_offset: scalar or [B])."""
+    return (jnp.reshape(q_offset, (-1, 1)) + start + jnp.arange(count)[None]).astype(jnp.int32)
+
+
 def dsa_attention_reference(q, kv, index, q_segments, kv_segments, topk: int, scale: float, value_dim: int,
                             q_offset=0, chosen=None):
     """Exact DSA over full [S, T] matrices (tests only). q [B, S, N, C] absorbed queries, kv [B, T, C] latent
-    keys (values = kv[..., :value_dim]), `index` = (iq, ik, iw): the indexer's queries, keys [B, T, D] and
-    weights. `chosen` = (indices, visible) [B, S, K] from an earlier layer replaces the indexer (transformers'
-    "shared" layers). Returns (output [B, S, N, value_dim], chosen)."""
+    keys (values = kv[..., :value_dim]), `index` = (iq, ik, iw[, Pooling]): the indexer's queries, keys [B, T, D]
+    and weights (and the pooled key side). `chosen` = (indices, visible) [B, S, K] from an earlier layer replaces
+    the indexer (transformers' "shared" layers). Returns (output [B, S, N, value_dim], chosen)."""
     mask = visibility(q_segments, kv_segments, q.shape[1], kv.shape[1], q_offset)
     if chosen is None:
-        chosen = select_topk(indexer_scores(*index), mask, topk)
+        given, choose = chooser(index, topk)
+        chosen = choose(given, mask, query_slots(q_offset, 0, q.shape[1]))
     idx, visible = chosen
     sparse = topk_mask(idx, visible & jnp.take_along_axis(mask, idx, axis=-1), kv.shape[1])
     return latent_attention(q, kv, sparse[:, :, None, :], scale, value_dim), chosen
@@ -144,9 +234,9 @@ def dsa_attention_reference(q, kv, index, q_segments, kv_segments, topk: int, sc
 def dsa_attention(q, kv, index, q_segments, kv_segments, topk: int, scale: float, value_dim: int, q_offset=0,
                   chosen=None, block: int = 128):
     """Blockwise DSA, same arguments and results as `dsa_attention_reference`. Queries run in blocks of
-    `block` (a sequential loop): the indexer scores of a block [B, block, T], its top-k, the chosen keys
-    gathered [B, block, K, C], attention over them. Memory per block: [B, block, index_heads, T] for the
-    indexer and [B, block, heads, K] for the attention, never [S, T] per head."""
+    `block` (a sequential loop): the indexer scores of a block [B, block, T] (pooled: [B, block, P]), its top-k,
+    the chosen keys gathered [B, block, K, C], attention over them. Memory per block: [B, block, index_heads, T]
+    for the indexer and [B, block, heads, K] for the attention, never [S, T] per head."""
     b, s = q.shape[:2]
     block = min(block, s)
     n_blocks = -(-s // block)
@@ -159,23 +249,20 @@ def dsa_attention(q, kv, index, q_segments, kv_segments, topk: int, scale: float
     def unblock(x):
         return jnp.moveaxis(x, 0, 1).reshape(b, n_blocks * block, *x.shape[3:])[:, :s]
 
+    per_query, choose = chooser(index, topk) if chosen is None else (chosen, None)
+
     def one(args):
         i, qb, segb, given = args
         mask = visibility(segb, kv_segments, block, kv.shape[1], q_offset + i * block)
-        if chosen is None:
-            iq, iw = given
-            idx, visible = select_topk(indexer_scores(iq, index[1], iw), mask, topk)
-        else:
-            idx, visible = given
+        idx, visible = given if choose is None else choose(given, mask, query_slots(q_offset, i * block, block))
         gathered = jax.vmap(lambda rows, ids: rows[ids])(kv, idx)  # [B, block, K, C]
         seen = visible & jnp.take_along_axis(mask, idx, axis=-1)
         return latent_attention(qb, gathered, seen[:, :, None, :], scale, value_dim), (idx, visible)
 
-    given = (index[0], index[2]) if chosen is None else chosen
     # Each block is recomputed in the backward pass (jax.checkpoint): what a block keeps for it is its inputs, not
     # its gathered keys [B, block, K, C] and probabilities, which summed over blocks would be O(S * K) per layer.
     out, picked = jax.lax.map(jax.checkpoint(one), (jnp.arange(n_blocks), blocks(q), blocks(q_segments),
-                                    jax.tree.map(blocks, given)))
+                                                    jax.tree.map(blocks, per_query)))
     return unblock(out), jax.tree.map(unblock, picked)
 
 
@@ -200,41 +287,53 @@ def mla_sparse_attention(q_nope, q_rope, kv, kv_b, index, q_segments, kv_segment
 
 
 def mla_dsa(mla, x, q_lat, cos, sin, q_nope, q_rope, latent, k_rope, kv_b, scale: float, q_segments, kv_segments,
-            cache_index, cache, layer, full=True, chosen=None):
+            cache_index, cache, layer, full=True, chosen=None, positions=None):
     """The sparse branch of the MLA layer (`mla` is the calling MLA module: the indexer becomes its submodule
     "indexer"). Training / prefill: indexer and attention over this call's tokens. Decoding: cache = (cached
-    latent, cached indexer keys), both [L, B, max_len, ...]; the latent was written by the caller, the indexer key
-    is written here, and a step (not a prefill) attends over every cache slot.
+    latent, cached indexer keys[, cached pooling logits]), all [L, B, max_len, ...]; the latent was written by the
+    caller, the indexer's are written here, and a step (not a prefill) attends over every cache slot.
 
     "shared" layers (docs/dsa.md): `chosen` = (indices, visible) [B, S, K] is the selection of the previous layer
-    and `full` (a traced bool, per layer) says whether this layer runs its own indexer; when it does not, the
-    indexer (projections, scores, top-k) is skipped by `nn.cond` and `chosen` is attended instead (its indexer-key
-    cache slots are written with zeros, never read). chosen=None: every layer is full, no cond.
-    Returns ([B, S, N, v], cache, the selection used)."""
-    kv, q_offset, keys = jnp.concatenate([latent, k_rope.astype(latent.dtype)], -1), 0, None
+    and `full` says whether this layer runs its own indexer: a Python bool, or a traced one (per layer of a scan),
+    in which case the indexer (projections, scores, top-k) is skipped by `nn.cond` and `chosen` is attended instead
+    (its indexer cache slots are written with zeros, never read). chosen=None: every layer is full, no cond.
+    A pooled indexer (mla.index_kpool > 1, GLM-5.3-Flash) needs `positions` [B, S]: each query's position in its
+    document. Returns ([B, S, N, v], cache, the selection used)."""
+    kv, q_offset, cached = jnp.concatenate([latent, k_rope.astype(latent.dtype)], -1), 0, None
     if mla.decode and not mla.prefill:
-        kv, keys = (kv_cache_lib.read(c, layer, cache_index) for c in cache)
+        kv, *cached = (kv_cache_lib.read(c, layer, cache_index) for c in cache)
         q_offset = kv_cache_lib.query_offset(cache_index)
+    pooled = mla.index_kpool > 1
 
     def attend(picked, index):
         return mla_sparse_attention(q_nope, q_rope, kv, kv_b, index, q_segments, kv_segments, topk=mla.index_topk,
                                     scale=scale, q_offset=q_offset, chosen=picked, block=mla.dsa_block)
 
     def own(mdl):  # this layer's indexer: its keys join the cached ones (a decode step scores every slot)
-        iq, ik, iw = Indexer(num_heads=mdl.index_n_heads, head_dim=mdl.index_head_dim, dtype=mdl.dtype,
-                             param_dtype=mdl.param_dtype, name="indexer")(x, q_lat, cos, sin)
-        all_keys = ik if keys is None else kv_cache_lib.place(keys, cache_index, ik)
-        out, picked = attend(None, (iq, all_keys.astype(iq.dtype), iw))
-        return out, picked, ik.astype(mdl.dtype)
+        iq, ik, iw, *pool = Indexer(num_heads=mdl.index_n_heads, head_dim=mdl.index_head_dim, kpool=mdl.index_kpool,
+                                    dtype=mdl.dtype, param_dtype=mdl.param_dtype, name="indexer")(x, q_lat, cos, sin)
+        new = (ik,) + ((pool[0][0],) if pooled else ())  # what the cache keeps per token
+        seen = new if cached is None else tuple(kv_cache_lib.place(c, cache_index, n) for c, n in zip(cached, new))
+        index = (iq, seen[0].astype(iq.dtype), iw)
+        if pooled:
+            kv_seg = jnp.ones(kv.shape[:2], jnp.int32) if kv_segments is None else kv_segments
+            keys, ends, exists = pool_keys(seen[0].astype(iq.dtype), seen[1], pool[0][1], kv_seg)
+            pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]) if positions is None else positions
+            index += (Pooling(keys, ends, exists, pos, mdl.index_kpool, mdl.index_kpool_tail),)
+        out, picked = attend(None, index)
+        return out, picked, tuple(n.astype(c.dtype) for n, c in zip(new, cache[1:])) if mla.decode else ()
 
     def reuse(mdl):  # a "shared" layer: the previous layer's selection, no indexer
         out, _ = attend(chosen, None)
-        return out, chosen, jnp.zeros((*x.shape[:2], mdl.index_head_dim), mdl.dtype)
+        zeros = tuple(jnp.zeros((*x.shape[:2], c.shape[-1]), c.dtype) for c in cache[1:]) if mla.decode else ()
+        return out, chosen, zeros
 
-    if chosen is None or mla.is_initializing():  # init creates the indexer of every layer (shared ones: unused)
-        out, picked, ik = own(mla)
+    if chosen is None or mla.is_initializing() or full is True:  # init creates every layer's indexer
+        out, picked, new = own(mla)
+    elif full is False:
+        out, picked, new = reuse(mla)
     else:
-        out, picked, ik = nn.cond(full, own, reuse, mla, variables="params", rngs=False)
+        out, picked, new = nn.cond(full, own, reuse, mla, variables="params", rngs=False)
     if mla.decode:
-        cache = (cache[0], kv_cache_lib.write(cache[1], layer, cache_index, ik))
+        cache = (cache[0],) + tuple(kv_cache_lib.write(c, layer, cache_index, n) for c, n in zip(cache[1:], new))
     return out, cache, picked

@@ -86,3 +86,14 @@ def query_offset(index):
 def view_length(buffer, index) -> int:
     """T, the length of a read view."""
     return index.pages.shape[1] * buffer.shape[2] if is_paged(index) else buffer.shape[2]
+
+
+def layer_slice(buffer, layer):
+    """One layer's slice [B, ...] of a per-row state buffer [L, B, ...] (KDA's recurrent state and convolution inputs:
+    a fixed size per row whatever the sequence length, so the same in both layouts)."""
+    return jax.lax.dynamic_index_in_dim(buffer, layer, 0, keepdims=False)
+
+
+def layer_update(buffer, layer, value):
+    """`buffer` [L, B, ...] with layer `layer` replaced by `value` [B, ...]."""
+    return jax.lax.dynamic_update_index_in_dim(buffer, value.astype(buffer.dtype), layer, 0)

@@ -176,6 +176,9 @@ class MLA(nn.Module, kw_only=True):
     index_n_heads: int = 0
     index_head_dim: int = 0
     dsa_block: int = 128
+    index_kpool: int = 1  # > 1: the indexer scores pools of keys (GLM-5.3-Flash; layers/dsa.py `pool_keys`)
+    index_kpool_tail: bool = True
+    latent_norm_eps: float = LATENT_NORM_EPS  # glm5_next builds q_a / kv_a norms with rms_norm_eps
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -184,11 +187,11 @@ class MLA(nn.Module, kw_only=True):
                       bias_axes=axes[n_in:], dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def norm(self, name):
-        return RMSNorm(eps=LATENT_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return RMSNorm(eps=self.latent_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     @nn.compact
     def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None, cache=None, layer=None,
-                 full=True, chosen=None):
+                 full=True, chosen=None, positions=None):
         """Returns (output [B, S, embed], cache). Decoding writes this layer's new latents into `cache` at
         (layer, cache_index) and, unless prefilling, attends over every slot in the absorbed form. DSA with
         "shared" layers (docs/dsa.md): `chosen` is the previous layer's top-k selection, `full` whether this layer
@@ -216,7 +219,7 @@ class MLA(nn.Module, kw_only=True):
         picked = None
         if self.index_topk:
             out, cache, picked = mla_dsa(self, x, q_lat, cos, sin, q_nope, q_rope, latent, k_rope, kv_b, scale,
-                                         q_segments, kv_segments, cache_index, cache, layer, full, chosen)
+                                         q_segments, kv_segments, cache_index, cache, layer, full, chosen, positions)
         elif self.decode and not self.prefill:
             kv = kv_cache_lib.read(cache[0], layer, cache_index)  # [B, max_len, kv_lora + rope]
             mask = make_mask(q_segments, kv_segments, x.shape[1], kv.shape[1], kv_cache_lib.query_offset(cache_index))

@@ -7,9 +7,18 @@ from flax import linen as nn
 from glm_jax.model.layers.linear import Linear
 
 
+def swiglu(gate, up, limit: float = 0.0):
+    """silu(gate) * up; limit > 0 clamps gate above and up on both sides at limit first (GLM-5.3-Flash's
+    swiglu_limit, as transformers' Glm5NextTextMLP)."""
+    if limit:
+        gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
+    return nn.silu(gate) * up
+
+
 class MLP(nn.Module, kw_only=True):
     hidden_size: int
     ffn_hidden_size: int
+    swiglu_limit: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     quantization_bit: int = 0
@@ -20,6 +29,6 @@ class MLP(nn.Module, kw_only=True):
                          param_dtype=self.param_dtype,
                          quantization_bit=self.quantization_bit, name="wi")(x)
         gate_up = nn.with_logical_constraint(gate_up, ("activation_batch", "activation_length", None, "activation_mlp"))
-        h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+        h = swiglu(gate_up[..., 0, :], gate_up[..., 1, :], self.swiglu_limit)
         return Linear(features=(self.hidden_size,), kernel_axes=("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                       quantization_bit=self.quantization_bit, name="wo")(h)

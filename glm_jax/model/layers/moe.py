@@ -30,6 +30,7 @@ Parameters (logical axes in brackets; glm_jax/sharding.py maps them onto mesh ax
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from glm_jax.model.layers import expert_parallel
-from glm_jax.model.layers.mlp import MLP
+from glm_jax.model.layers.mlp import MLP, swiglu
 
 
 def route(logits, correction_bias, *, top_k: int, n_group: int = 1, topk_group: int = 1,
@@ -83,9 +84,10 @@ def load_stats(logits, experts, num_experts: int, num_sequences: int = 1, token_
     return per_seq.sum(0), jnp.sum(f * p)
 
 
-def _swiglu(gate_up):
-    """[..., 2, I] (gate, up) -> silu(gate) * up."""
-    return nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+def _swiglu(gate_up, limit: float = 0.0):
+    """[..., 2, I] (gate, up) -> silu(gate) * up; limit > 0 first clamps gate above and up on both sides at limit
+    (GLM-5.3-Flash's swiglu_limit)."""
+    return swiglu(gate_up[..., 0, :], gate_up[..., 1, :], limit)
 
 
 def _combine(y, weights, dtype):
@@ -93,7 +95,7 @@ def _combine(y, weights, dtype):
     return jnp.einsum("tkh,tk->th", y.astype(jnp.float32), weights).astype(dtype)
 
 
-def experts_ragged(x, weights, experts, wi, wo):
+def experts_ragged(x, weights, experts, wi, wo, limit: float = 0.0):
     """Dropless grouped matmul: the T*k (token, expert) assignments sorted by expert, each projection one
     `jax.lax.ragged_dot` whose groups are the experts' runs. x [T, H] -> [T, H]."""
     t, h = x.shape
@@ -103,20 +105,20 @@ def experts_ragged(x, weights, experts, wi, wo):
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # [T*k, H], grouped by expert
-    ys = ragged_ffn(xs, wi, wo, group_sizes)  # [T*k, H]
+    ys = ragged_ffn(xs, wi, wo, group_sizes, limit)  # [T*k, H]
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)  # back to (token, slot) order
     return _combine(y.reshape(t, k, h), weights, x.dtype)
 
 
-def ragged_ffn(xs, wi, wo, group_sizes):
+def ragged_ffn(xs, wi, wo, group_sizes, limit: float = 0.0):
     """The experts' SwiGLU on rows xs [N, H] sorted by expert (group_sizes [E] rows each; rows past their sum
     give 0): two `jax.lax.ragged_dot` grouped matmuls. -> [N, H]."""
     e, h, _, i = wi.shape
     gate_up = jax.lax.ragged_dot(xs, wi.reshape(e, h, 2 * i).astype(xs.dtype), group_sizes)
-    return jax.lax.ragged_dot(_swiglu(gate_up.reshape(-1, 2, i)), wo.astype(xs.dtype), group_sizes)
+    return jax.lax.ragged_dot(_swiglu(gate_up.reshape(-1, 2, i), limit), wo.astype(xs.dtype), group_sizes)
 
 
-def experts_gather(x, weights, experts, wi, wo):
+def experts_gather(x, weights, experts, wi, wo, limit: float = 0.0):
     """Each assignment multiplies its own expert's weights, gathered by expert id: reads top_k experts per token
     and never the others (decode steps). x [T, H] -> [T, H]."""
     t, h = x.shape
@@ -124,17 +126,17 @@ def experts_gather(x, weights, experts, wi, wo):
     flat = experts.reshape(-1)
     xs = jnp.repeat(x, k, axis=0)  # [T*k, H]
     gate_up = jnp.einsum("ah,ahgi->agi", xs, jnp.take(wi, flat, axis=0).astype(x.dtype))
-    ys = jnp.einsum("ai,aih->ah", _swiglu(gate_up), jnp.take(wo, flat, axis=0).astype(x.dtype))
+    ys = jnp.einsum("ai,aih->ah", _swiglu(gate_up, limit), jnp.take(wo, flat, axis=0).astype(x.dtype))
     return _combine(ys.reshape(t, k, h), weights, x.dtype)
 
 
-def experts_dense(x, weights, experts, wi, wo):
+def experts_dense(x, weights, experts, wi, wo, limit: float = 0.0):
     """Test reference: every expert on every token, combined with routing weights that are zero for the experts
     a token did not choose. x [T, H] -> [T, H]."""
     t = x.shape[0]
     e = wi.shape[0]
     gate_up = jnp.einsum("th,ehgi->tegi", x, wi.astype(x.dtype))
-    ys = jnp.einsum("tei,eih->teh", _swiglu(gate_up), wo.astype(x.dtype))
+    ys = jnp.einsum("tei,eih->teh", _swiglu(gate_up, limit), wo.astype(x.dtype))
     dense_weights = jnp.zeros((t, e), jnp.float32).at[jnp.arange(t)[:, None], experts].add(weights)
     return jnp.einsum("teh,te->th", ys.astype(jnp.float32), dense_weights).astype(x.dtype)
 
@@ -185,6 +187,7 @@ class Experts(nn.Module, kw_only=True):
     hidden_size: int
     intermediate_size: int
     impl: str = "auto"
+    swiglu_limit: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -202,9 +205,11 @@ class Experts(nn.Module, kw_only=True):
         impl = choose_impl(self.impl, tokens, experts.shape[-1], e)
         if x.ndim == 3 and impl != "dense" and expert_parallel.expert_shards() > 1:
             return expert_parallel.experts_expert_parallel(
-                x, weights, experts, wi, wo, mode="gather" if impl == "gather" else "all_to_all", ffn=ragged_ffn,
-                gather_fn=experts_gather)
-        y = EXPERT_IMPLS[impl](x.reshape(tokens, h), weights.reshape(tokens, -1), experts.reshape(tokens, -1), wi, wo)
+                x, weights, experts, wi, wo, mode="gather" if impl == "gather" else "all_to_all",
+                ffn=functools.partial(ragged_ffn, limit=self.swiglu_limit),
+                gather_fn=functools.partial(experts_gather, limit=self.swiglu_limit))
+        y = EXPERT_IMPLS[impl](x.reshape(tokens, h), weights.reshape(tokens, -1), experts.reshape(tokens, -1), wi, wo,
+                               self.swiglu_limit)
         return y.reshape(x.shape)
 
 
@@ -221,6 +226,7 @@ class MoE(nn.Module, kw_only=True):
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     impl: str = "auto"
+    swiglu_limit: float = 0.0  # > 0: clamped SwiGLU in the routed and shared experts (GLM-5.3-Flash)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -238,9 +244,10 @@ class MoE(nn.Module, kw_only=True):
         h, i = self.hidden_size, self.intermediate_size
         lead = (*shape[:-1], -1)  # [batch, seq, .]: the expert-parallel path keeps the activations' sharding
         y = Experts(num_experts=self.num_experts, hidden_size=h, intermediate_size=i, impl=self.impl,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="experts")(
+                    swiglu_limit=self.swiglu_limit, dtype=self.dtype, param_dtype=self.param_dtype, name="experts")(
             flat.reshape(lead), weights.reshape(lead), experts.reshape(lead))
         if self.n_shared_experts:
-            y = y + MLP(hidden_size=h, ffn_hidden_size=i * self.n_shared_experts, dtype=self.dtype,
+            y = y + MLP(hidden_size=h, ffn_hidden_size=i * self.n_shared_experts, swiglu_limit=self.swiglu_limit,
+                        dtype=self.dtype,
                         param_dtype=self.param_dtype, name="shared_experts")(x)
         return y
