@@ -388,6 +388,8 @@ class GLMConfig:
     def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
         """Parameters of the model. MoE: the MTP layers count (they are in the tree); `active=True` counts what one
         token uses instead: num_experts_per_tok of the routed experts (the router's scores cover them all), no MTP."""
+        if self.is_glm5_next:
+            return self._glm5_next_params(include_embedding, active)
         h, f, l = self.hidden_size, self.ffn_hidden_size, self.num_layers
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = h * (q + 2 * kv) + (q + 2 * kv) * self.qkv_bias + q * h
@@ -408,6 +410,24 @@ class GLMConfig:
         mtp = 0 if active else self.num_mtp_layers * (moe_block + 3 * h + 2 * h * h)
         return self.num_dense_layers * block + self.num_moe_layers * moe_block + mtp + h + emb
 
+    def _glm5_next_params(self, include_embedding: bool, active: bool) -> int:
+        """num_params of glm5_next: per layer its attention (KDA, or MLA with its indexer: every MLA layer holds one
+        in the tree, a "shared" layer's unused), two hyper-connections, two norms and its FFN."""
+        h, n, hd, nh = self.hidden_size, self.hc_mult, self.linear_head_dim, self.linear_num_heads
+        qkv = nh * hd
+        kda = 4 * h * qkv + 3 * self.linear_conv_kernel * qkv + 2 * (h * hd + hd * qkv) + qkv + nh + h * nh + hd
+        ih, d = self.index_n_heads, self.index_head_dim
+        mla = self._mla_attention_params() + self.q_lora_rank * ih * d + h * d + 2 * d + h * ih
+        if self.index_kpool > 1:
+            mla += h * d + self.index_kpool * d
+        hc = 2 * (n * h * (2 + n) * n + (2 + n) * n + 3)
+        e, i = self.n_routed_experts, self.moe_intermediate_size
+        moe = h * e + e + 3 * h * i * ((self.num_experts_per_tok if active else e) + self.n_shared_experts)
+        total = sum((kda if self.is_kda_layer(j) else mla) + hc + 2 * h
+                    + (3 * h * self.ffn_hidden_size if j < self.num_dense_layers else moe)
+                    for j in range(self.num_layers))
+        return total + h + (2 * self.vocab_size * h if include_embedding else 0)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM-style: 6*N plus attention.
 
@@ -417,6 +437,8 @@ class GLMConfig:
         counted like PaLM / MaxText do).
         """
         n = self.num_params(include_embedding=False, active=True) + self.vocab_size * self.hidden_size
+        if self.is_glm5_next:
+            return 6 * n + self._glm5_next_attention_flops(seq_len)
         attn = 12 * self.num_layers * seq_len * self.num_heads * self.head_dim
         if self.is_mla:  # q.k over the query/key head, p.v over the value head
             attn = 6 * self.num_layers * seq_len * self.num_heads * (self.head_dim + self.v_head_dim)
@@ -427,6 +449,20 @@ class GLMConfig:
             indexers = self.indexer_types.count("full") if self.indexer_types else self.num_layers  # "shared": none
             attn += 2 * indexers * seq_len * self.index_n_heads * self.index_head_dim
         return 6 * n + attn
+
+    def _glm5_next_attention_flops(self, seq_len: int) -> float:
+        """Training FLOPs per token of glm5_next's attention beyond its projections (docs/glm5-next.md): MLA layers
+        attend to at most index_topk (+ the pool tail) keys in the latent form, full indexers score seq / kpool
+        pools (forward only); a KDA head per token, chunked (C = min(chunk, seq)): the intra-chunk products
+        2 C Dk (keys) + C Dk (queries) + C Dv (values) and three [Dk, Dv] state products."""
+        mla_layers = self.num_layers - self.num_kda_layers
+        full = sum(t != "linear_attention" and (not self.indexer_types or self.indexer_types[i] == "full")
+                   for i, t in enumerate(self.layer_types))
+        keys = min(seq_len, self.index_topk + self.index_kpool - 1)
+        attn = 6 * mla_layers * keys * self.num_heads * 2 * self.kv_lora_rank
+        attn += 2 * full * seq_len / self.index_kpool * self.index_n_heads * self.index_head_dim
+        c, d = min(self.kda_chunk_size, seq_len), self.linear_head_dim
+        return attn + 6 * self.num_kda_layers * self.linear_num_heads * 2 * (3 * c * d + c * d + 3 * d * d)
 
     def _mla_attention_params(self) -> int:
         """Parameters of one MLA layer (glm_jax/model/layers/mla.py), biases when qkv_bias (attention_bias)."""

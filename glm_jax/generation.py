@@ -237,7 +237,11 @@ def _cache_constraint(cache, mesh, rules):
 
     # MLA's latent cache [L, B, T, kv_lora + rope] (docs/mla.md) is named, not told apart by its rank
     by_name = {"cached_latent": ("layers", "cache_batch", "cache_length", "cache_latent"),
-               "cached_index_key": ("layers", "cache_batch", "cache_length", None)}  # DSA, docs/dsa.md
+               "cached_index_key": ("layers", "cache_batch", "cache_length", None),  # DSA, docs/dsa.md
+               "cached_index_gate": ("layers", "cache_batch", "cache_length", None),
+               # glm5_next's KDA state [L, B, H, D, D] and convolution inputs [L, B, conv - 1, 3, H, D]
+               "kda_state": ("layers", "cache_batch", "kda_heads", None, None),
+               "kda_conv": ("layers", "cache_batch", None, None, "kda_heads", None)}
 
     def one(path, x):
         axes = by_name.get(getattr(path[-1], "key", None), names.get(x.ndim))

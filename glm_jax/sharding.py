@@ -50,6 +50,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # sum of its scores is then a reduction over tensor); its one key head stays whole.
     ("index_heads", "tensor"),
     ("index_head_dim", None),
+    # KDA (glm5_next, glm_jax/model/layers/kda.py): heads over tensor; each head's recurrent state stays whole
+    ("kda_heads", "tensor"),
+    ("kda_head_dim", None),
     ("layers", None),
     ("norm", None),
     ("labels", None),

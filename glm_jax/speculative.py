@@ -66,6 +66,9 @@ def check(model, method: str, num_tokens: int | None, *, penalty: bool = False) 
     k = DEFAULT_TOKENS[method] if num_tokens is None else num_tokens
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= 16:
         raise ValueError(f"num_speculative_tokens: must be in [1, 16], got {num_tokens!r}")
+    if getattr(model.cfg, "is_glm5_next", False):
+        raise ValueError("speculative: not implemented for glm5_next (a verify step would have to roll its KDA "
+                         "layers' recurrent state back to the last accepted draft)")
     if method == "mtp" and not model.cfg.num_mtp_layers:
         raise ValueError("speculative: 'mtp' needs a model with MTP layers (config num_nextn_predict_layers > 0); "
                          "'ngram' works for every model")

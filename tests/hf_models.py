@@ -118,9 +118,33 @@ def tiny_dsa_config(**kw):
     return cfg
 
 
+K, M = "linear_attention", "indexed_attention"  # glm5_next's layer kinds: KDA, MLA + pooled DSA
+GLM5_NEXT_TOPK = 8  # 4 pools of 2 keys: below the test sequences, so the pooled sparsity is active
+
+
+def tiny_glm5_next_config(**kw):
+    """glm5_next (GLM-5.3-Flash): KDA and MLA layers, a "shared" indexer layer after a full one, pools of 2 keys,
+    4 hyper-connection streams, clamped SwiGLU, one dense layer first; a one-block vision tower (unused by text).
+    16 indexer heads: a pool's score is exactly 0 (a top-k tie that torch and XLA break differently) only when all
+    heads' ReLU are 0."""
+    n = kw.get("num_hidden_layers", 5)
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=n,
+                num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                n_shared_experts=1, kv_lora_rank=12, q_lora_rank=16, qk_nope_head_dim=8, v_head_dim=10,
+                index_topk=GLM5_NEXT_TOPK, index_head_dim=8, index_n_heads=16, index_kpool=2, linear_head_dim=8,
+                linear_num_heads=2, hc_mult=4, swiglu_limit=1.5, mlp_layer_types=["dense"] + ["sparse"] * (n - 1),
+                layer_types=[K, M, M, K, M], indexer_types=["full", "full", "shared", "full", "full"],
+                routed_scaling_factor=1.5, pad_token_id=0, eos_token_id=None)
+    text.update(kw)
+    vision = dict(depth=1, hidden_size=16, num_heads=2, out_hidden_size=32, intermediate_size=16,
+                  projection_intermediate_size=16)
+    return transformers.Glm5NextConfig(text_config=text, vision_config=vision)
+
+
 ORACLES = {"glm4_moe": (tiny_moe_config, transformers.Glm4MoeForCausalLM),
            "glm4_moe_lite": (tiny_lite_config, transformers.Glm4MoeLiteForCausalLM),
-           "glm_moe_dsa": (tiny_dsa_config, transformers.GlmMoeDsaForCausalLM)}
+           "glm_moe_dsa": (tiny_dsa_config, transformers.GlmMoeDsaForCausalLM),
+           "glm5_next": (tiny_glm5_next_config, transformers.Glm5NextForConditionalGeneration)}
 
 
 def tiny_oracle(family, seed=0, confident=False, **kw):

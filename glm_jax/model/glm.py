@@ -149,17 +149,17 @@ class DecoderBlock(nn.Module, kw_only=True):
                 conv_kernel=cfg.linear_conv_kernel, lower_bound=cfg.linear_lower_bound, chunk_size=cfg.kda_chunk_size,
                 norm_eps=cfg.norm_eps, decode=self.decode, dtype=jnp.dtype(cfg.dtype),
                 param_dtype=jnp.dtype(cfg.param_dtype), name="attention")(
-                x, ctx["q_segments"], None if kv_cache is None else kv_cache[-2:], per_layer["layer"])
-            return out, None if kv_cache is None else kv_cache[:-2] + kda_cache, chosen
+                x, ctx["q_segments"], None if kv_cache is None else kv_cache[mla_buffers(cfg):], per_layer["layer"])
+            return out, None if kv_cache is None else kv_cache[:mla_buffers(cfg)] + kda_cache, chosen
         if cfg.is_mla:  # glm4_moe_lite: multi-head latent attention (layers/mla.py, docs/mla.md)
-            mla_cache = kv_cache if kv_cache is None or not cfg.is_glm5_next else kv_cache[:-2]
+            mla_cache = kv_cache if kv_cache is None or not cfg.is_glm5_next else kv_cache[:mla_buffers(cfg)]
             full = per_layer.get("full") if self.full is None else self.full
             shared = {"full": full, "chosen": chosen[0]} if chosen else {}
             out, mla_cache, *chosen = mla_attention(cfg, self.decode, self.prefill)(
                 x, ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"], ctx["cache_index"], mla_cache,
                 per_layer["layer"], positions=ctx.get("positions"), **shared)
             if kv_cache is not None and cfg.is_glm5_next:
-                mla_cache = mla_cache + kv_cache[-2:]
+                mla_cache = mla_cache + kv_cache[mla_buffers(cfg):]
             return out, mla_cache, chosen
         out, kv_cache = Attention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -193,11 +193,15 @@ def cache_shapes(cfg: GLMConfig, batch: int, max_len: int) -> dict[str, tuple[in
     glm5_next its MLA layers' rows and, for its KDA layers, a fixed-size state per row (docs/glm5-next.md)."""
     if cfg.is_glm5_next:  # MLA + DSA layers as glm_moe_dsa (plus the pooling logits), then the KDA layers' state
         mla, kda, h, d = cfg.num_layers - cfg.num_kda_layers, cfg.num_kda_layers, cfg.linear_num_heads, cfg.linear_head_dim
-        shapes = {"cached_latent": (mla, batch, max_len, cfg.kv_lora_rank),
-                  "cached_index_key": (mla, batch, max_len, cfg.index_head_dim)}
-        if cfg.index_kpool > 1:
-            shapes["cached_index_gate"] = (mla, batch, max_len, cfg.index_head_dim)
-        return {**shapes, "kda_state": (kda, batch, h, d, d), "kda_conv": (kda, batch, cfg.linear_conv_kernel - 1, 3, h, d)}
+        shapes = {}
+        if mla:
+            shapes = {"cached_latent": (mla, batch, max_len, cfg.kv_lora_rank),
+                      "cached_index_key": (mla, batch, max_len, cfg.index_head_dim)}
+            if cfg.index_kpool > 1:
+                shapes["cached_index_gate"] = (mla, batch, max_len, cfg.index_head_dim)
+        if kda:
+            shapes.update(kda_state=(kda, batch, h, d, d), kda_conv=(kda, batch, cfg.linear_conv_kernel - 1, 3, h, d))
+        return shapes
     if cfg.is_dsa:  # glm_moe_dsa: MLA's latent plus the DSA indexer's key of every token (docs/dsa.md)
         return {"cached_latent": (cfg.num_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
                 "cached_index_key": (cfg.num_layers, batch, max_len, cfg.index_head_dim)}
@@ -205,6 +209,14 @@ def cache_shapes(cfg: GLMConfig, batch: int, max_len: int) -> dict[str, tuple[in
         return {"cached_latent": (cfg.num_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)}
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return {"cached_key": shape, "cached_value": shape}
+
+
+def mla_buffers(cfg: GLMConfig) -> int:
+    """glm5_next: how many of the decode cache's buffers (in `cache_shapes` order) are its MLA layers'; the rest
+    are its KDA layers'."""
+    if cfg.num_kda_layers == cfg.num_layers:
+        return 0
+    return 3 if cfg.index_kpool > 1 else 2
 
 
 def cache_dtype(cfg: GLMConfig, name: str):

@@ -1,0 +1,207 @@
+"""GLM-5.3-Flash (transformers glm5_next) against transformers' Glm5NextForConditionalGeneration, fp32: KDA layers
+(chunked and recurrent), hyper-connections (4 streams and 1), MLA without rope with the pooled DSA indexer and a
+"shared" indexer layer, clamped SwiGLU; logits on left-padded and packed rows, cached greedy generation, the
+checkpoint both ways, and the structure (a chunked prefill, a decode step whose cost does not grow with the
+sequence)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.models.glm5_next import modeling_glm5_next as hf_next
+
+from hf_models import (K, M, assert_decode_matches_forward, assert_greedy_matches_oracle, assert_matches_oracle,
+                       forward, left_padded_batch, rel_err, saved_oracle, tiny_glm5_next_config, tiny_oracle,
+                       torch_logits)
+from jaxprs import out_shapes
+from glm_jax import GLMConfig, GLMForCausalLM, load_hf, save_hf
+from glm_jax import generation as G
+from glm_jax.model import cache_specs, init_params
+from glm_jax.model.glm import hybrid_stacks
+from glm_jax.model.layers import kda
+
+# Two oracles: "mixed" = every layer kind (KDA dense / MoE, full and shared indexed MLA) with 4 streams; "units" =
+# 8 layers (KDA, KDA, KDA, MLA) x 2 with one stream: one scanned unit repeated twice.
+VARIANTS = {"mixed": {}, "units": dict(num_hidden_layers=8, hc_mult=1, layer_types=[K, K, K, M] * 2,
+                                       indexer_types=["full"] * 8, mlp_layer_types=["sparse"] * 8)}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def oracle(request, tmp_path_factory):
+    ref, d = saved_oracle(tiny_oracle("glm5_next", seed=3, **VARIANTS[request.param]),
+                          tmp_path_factory.mktemp(request.param))
+    cfg, params = load_hf(d, kda_chunk_size=8)
+    return request.param, ref, d, cfg, params
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    ref, d = saved_oracle(tiny_oracle("glm5_next", seed=5, confident=True), tmp_path_factory.mktemp("confident"))
+    cfg, params = load_hf(d, kda_chunk_size=8)
+    return ref, d, cfg, params
+
+
+def test_config_reads_every_layout(oracle):
+    name, ref, d, cfg, _ = oracle
+    text = ref.config.text_config
+    assert cfg.model_type == "glm5_next" and cfg.layer_types == tuple(text.layer_types)
+    assert (cfg.hc_mult, cfg.index_kpool, cfg.swiglu_limit, cfg.qk_rope_head_dim) == (text.hc_mult, 2, 1.5, 0)
+    if name == "mixed":
+        assert cfg.indexer_types == ("full", "full", "shared", "full", "full")
+        assert [(kinds, first, n) for _, kinds, first, n in hybrid_stacks(cfg)][1] == (((False, True, True),), 1, 1)
+    else:  # (KDA, KDA, KDA, MLA) scanned twice
+        assert [(len(kinds), first, n) for _, kinds, first, n in hybrid_stacks(cfg)] == [(4, 0, 2)]
+    raw = json.loads((d / "config.json").read_text())
+    flat = {**raw["text_config"], "model_type": "glm5_next"}  # a text-only checkpoint's top-level layout
+    assert GLMConfig.from_hf_dict(flat) == GLMConfig.from_hf_dict(raw)
+    kimi = {k: v for k, v in raw["text_config"].items() if k not in ("layer_types", "linear_num_heads")}
+    kimi["linear_attn_config"] = {"num_heads": 2, "head_dim": 8, "short_conv_kernel_size": 4,
+                                  "gate_lower_bound": -5.0, "kda_layers": [i for i, t in enumerate(cfg.layer_types)
+                                                                          if t == K]}
+    kimi["layer_types"] = None
+    assert GLMConfig.from_hf_dict(kimi) == GLMConfig.from_hf_dict(raw["text_config"])
+    released = dict(raw["text_config"], layer_types=[t if t == K else "deepseek_sparse_attention"
+                                                     for t in cfg.layer_types])
+    assert GLMConfig.from_hf_dict(released).layer_types == cfg.layer_types
+    assert GLMConfig.from_hf_dict(cfg.to_hf_dict(), kda_chunk_size=8) == cfg  # the chunk is ours, not the file's
+
+
+def test_presets_count_the_published_parameters():
+    """glm-5.3-flash: 313.33B parameters, the count the published checkpoint's engines report; the formula equals
+    the parameter tree of the test preset."""
+    flash = GLMConfig.from_preset("glm-5.3-flash")
+    assert flash.num_params() == 313_326_811_966 and flash.num_kda_layers == 34
+    small = GLMConfig.from_preset("glm5-next-test")
+    from glm_jax.model import param_specs
+    from flax import linen as nn
+    tree = nn.unbox(param_specs(GLMForCausalLM(small)))
+    assert small.num_params() == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 64])
+def test_kda_chunked_and_recurrent_match_transformers(chunk):
+    rng = np.random.default_rng(chunk)
+    b, s, h, d = 2, 21, 2, 8
+    q, k, v = (rng.normal(size=(b, s, h, d)).astype(np.float32) for _ in range(3))
+    g = (-5 / (1 + np.exp(-rng.normal(size=(b, s, h, d))))).astype(np.float32)
+    beta = (1 / (1 + np.exp(-rng.normal(size=(b, s, h))))).astype(np.float32)
+    t = torch.tensor
+    ref, ref_state = hf_next.chunk_kimi_delta_attention(t(q), t(k), t(v), t(g), t(beta), chunk_size=16,
+                                                        output_final_state=True, use_qk_l2norm_in_kernel=True)
+    qn, kn = kda.l2norm(q) * d ** -0.5, kda.l2norm(k)
+    for out, state in (kda.kda_chunked(qn, kn, v, g, beta, chunk_size=chunk), kda.kda_recurrent(qn, kn, v, g, beta)):
+        np.testing.assert_allclose(np.asarray(out), ref.numpy(), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(state), ref_state.numpy(), atol=2e-5)
+    # a document starting at token 9 of row 0: the state resets, as if the row began there
+    starts = np.zeros((b, s), bool)
+    starts[0, 9] = True
+    out, _ = kda.kda_chunked(qn, kn, v, g, beta, starts=jnp.asarray(starts), chunk_size=chunk)
+    alone, _ = kda.kda_recurrent(qn[:1, 9:], kn[:1, 9:], v[:1, 9:], g[:1, 9:], beta[:1, 9:])
+    np.testing.assert_allclose(np.asarray(out)[0, 9:], np.asarray(alone)[0], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out)[1], ref.numpy()[1], atol=2e-5)
+
+
+def test_logits_match_transformers_left_padded(oracle):
+    _, ref, _, cfg, params = oracle
+    out = assert_matches_oracle(ref, cfg, params, [21, 14, 6], seed=1)
+    assert np.abs(out.theirs).max() > 0.1
+
+
+def test_packed_rows_match_separate_documents(oracle):
+    """Two documents in one row (segment ids): each one's logits are transformers' on that document alone (KDA
+    state, convolution, pools and attention all restart)."""
+    _, ref, _, cfg, params = oracle
+    rng = np.random.RandomState(7)
+    a, b = rng.randint(3, cfg.vocab_size, 13), rng.randint(3, cfg.vocab_size, 10)
+    packed = np.concatenate([a, b])[None]
+    seg = np.array([[1] * 13 + [2] * 10])
+    ours = forward(cfg, params, packed, segment_ids=seg)[0]
+    for doc, span in ((a, slice(0, 13)), (b, slice(13, 23))):
+        theirs = torch_logits(ref, doc[None])[0]
+        assert rel_err(ours[span], theirs) < 1e-4
+
+
+def test_greedy_generation_matches_transformers(mixed):
+    ref, _, cfg, params = mixed
+    assert_greedy_matches_oracle(ref, GLMForCausalLM(cfg), params, [9, 5], 12, np.random.RandomState(0))
+
+
+def test_cached_decoding_matches_the_forward_pass(oracle):
+    """One token per call (the recurrent KDA step) and several (the chunked form from the cached state)."""
+    _, _, _, cfg, params = oracle
+    ids, mask, _ = left_padded_batch([17, 11], 17, cfg.vocab_size, seed=4)
+    cache = assert_decode_matches_forward(cfg, params, ids, mask, prompt=9, cache_len=24, steps=[1, 3, 1, 3],
+                                          prefill=True)
+    assert cache["model"]["kda_state"].dtype == jnp.float32
+
+
+def test_checkpoint_round_trip_through_transformers(mixed, tmp_path, caplog):
+    ref, d, cfg, params = mixed
+    with caplog.at_level(logging.WARNING):
+        load_hf(d)
+    assert "vision-tower tensors" in caplog.text  # reported, not dropped silently
+    out = save_hf(cfg, params, tmp_path / "out")
+    config = transformers.AutoConfig.from_pretrained(out)
+    config.vision_config = ref.config.vision_config
+    back = transformers.Glm5NextForConditionalGeneration.from_pretrained(out, config=config).eval()
+    ids = np.random.RandomState(2).randint(3, cfg.vocab_size, (2, 15))
+    np.testing.assert_array_equal(torch_logits(back, ids), torch_logits(ref, ids))
+    cfg2, params2 = load_hf(out)
+    assert cfg2 == cfg.replace(kda_chunk_size=64)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_prefill_is_chunked_no_seq_by_seq_tensor():
+    """A 96-token forward (KDA chunks of 8, DSA blocks of 16) makes no array with two axes of the sequence length."""
+    cfg = GLMConfig.from_preset("glm5-next-test")
+    params = init_params(GLMForCausalLM(cfg), jax.random.key(0))
+    jaxpr = jax.make_jaxpr(lambda p, x: GLMForCausalLM(cfg).apply({"params": p}, x))(
+        params, jnp.zeros((1, 96), jnp.int32))
+    shapes = out_shapes(jaxpr.jaxpr)
+    assert any(8 in s and 96 not in s for s in shapes)  # chunk-sized blocks exist
+    assert not [s for s in shapes if list(s).count(96) >= 2]
+
+
+def test_kda_decoding_cost_does_not_grow_with_the_sequence():
+    """All-KDA layers: the decode cache is a fixed-size state per row, and one decode step costs the same FLOPs
+    whether the cache could hold 64 or 2048 tokens."""
+    cfg = GLMConfig.from_preset("glm5-next-test", layer_types=(K,) * 5, indexer_types=())
+    model = GLMForCausalLM(cfg)
+    params = init_params(model, jax.random.key(0))
+    small, big = cache_specs(model, 2, 64)["model"], cache_specs(model, 2, 2048)["model"]
+    assert small["kda_state"].shape == big["kda_state"].shape == (5, 2, 2, 16, 16)
+    assert small["kda_conv"].shape == big["kda_conv"].shape and "cached_latent" not in small
+
+    def step_flops(cache):
+        f = jax.jit(lambda p, c, x: model.apply({"params": p, "cache": c}, x, decode=True, mutable=["cache"]))
+        cost = f.lower(params, cache, jnp.zeros((2, 1), jnp.int32)).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    zeros = lambda specs: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), specs)  # noqa: E731
+    assert step_flops(zeros(cache_specs(model, 2, 64))) == pytest.approx(step_flops(zeros(cache_specs(model, 2, 2048))),
+                                                                         rel=0.02)
+
+
+def test_bad_configs_name_the_field():
+    with pytest.raises(ValueError, match="layer 4 is 'shared'"):  # transformers hands a selection on to the next
+        GLMConfig.from_preset("glm5-next-test", indexer_types=("full", "full", "full", "full", "shared"))  # layer only
+    with pytest.raises(ValueError, match="multiple of index_kpool"):
+        GLMConfig.from_preset("glm5-next-test", index_kpool=3)
+    with pytest.raises(ValueError, match="layer_types"):
+        GLMConfig.from_preset("glm5-next-test", layer_types=(K, M))
+    with pytest.raises(ValueError, match="layer_types .*unknown"):
+        GLMConfig.from_hf_dict({"model_type": "glm5_next", "num_hidden_layers": 2, "layer_types": [K, "sliding"]})
+
+
+def test_speculative_decoding_is_refused():
+    cfg = GLMConfig.from_preset("glm5-next-test")
+    with pytest.raises(ValueError, match="KDA"):
+        G.generate(GLMForCausalLM(cfg), None, np.ones((1, 4), np.int32), speculative="ngram")
