@@ -246,3 +246,27 @@ def test_train_py_run_learns_resumes_exactly_and_exports(tmp_path):
     # init score many pools exactly 0 on longer rows, top-k ties that torch and XLA break differently.
     ids = np.random.RandomState(0).randint(3, cfg.vocab_size, (2, 9))
     assert rel_err(forward(cfg, final, ids), torch_logits(theirs, ids)) < 1e-4
+
+
+def test_lora_targets_reach_every_unit_block_and_export(mixed, tmp_path):
+    """LoRA on KDA (kda_q, kda_o), MLA (q_b, kv_b) and routed experts: one pair per kernel of every unit block
+    that has it; the merged model exports to a checkpoint transformers runs with the same logits."""
+    from glm_jax.train import lora as lora_lib
+
+    ref, _, cfg, params = mixed
+    targets = ["kda_q", "kda_o", "q_b", "kv_b", "experts_wi"]
+    sites = lora_lib.sites(params, targets)
+    kda_blocks = {s[1][1:3] for s in sites if s[0][-1] == "kda_q"}
+    assert kda_blocks == {(name, f"block_{j}") for name, kinds, _, _ in hybrid_stacks(cfg)
+                          for j, kind in enumerate(kinds) if kind[0]}
+    tree = lora_lib.init_lora(jax.random.key(0), params, targets, rank=4)
+    tree = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), tree)
+    merged = lora_lib.merge(params, tree, alpha=8.0, rank=4)
+    ids = np.random.RandomState(3).randint(3, cfg.vocab_size, (2, 9))
+    ours = forward(cfg, merged, ids)
+    assert rel_err(ours, forward(cfg, params, ids)) > 1e-3  # the adapters change the model
+    out = save_hf(cfg, merged, tmp_path / "merged")
+    config = transformers.AutoConfig.from_pretrained(out)
+    config.vision_config = ref.config.vision_config
+    theirs = transformers.Glm5NextForConditionalGeneration.from_pretrained(out, config=config).eval()
+    assert rel_err(ours, torch_logits(theirs, ids)) < 1e-4

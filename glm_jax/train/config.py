@@ -179,7 +179,8 @@ CHOICES = {
     "export.format": ("transformers", "thudm"),
 }
 LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo", "experts_wi", "experts_wo",  # glm_jax/train/lora.py
-                "q_a", "q_b", "kv_a", "kv_b")  # latent attention (MLA)
+                "q_a", "q_b", "kv_a", "kv_b",  # latent attention (MLA)
+                "kda_q", "kda_k", "kda_v", "kda_o")  # Kimi delta attention (glm5_next)
 
 
 # ---------------------------------------------------------------------------------------------- parsing

@@ -18,6 +18,11 @@ each layer stack (model/layers = dense-MLP blocks, model/moe_layers = MoE blocks
     q_b                   <stack>/attention/q_b/kernel           [L, q_lora, heads, qk_dim]    in = q_lora
     kv_a                  <stack>/attention/kv_a/kernel          [L, embed, kv_lora + rope]    in = embed
     kv_b                  <stack>/attention/kv_b/kernel          [L, kv_lora, heads, nope + v] in = kv_lora
+  Kimi delta attention (glm5_next's KDA layers, glm_jax/model/layers/kda.py):
+    kda_q / kda_k / kda_v <stack>/attention/{q,k,v}/kernel       [L, embed, heads, head_dim]   in = embed
+    kda_o                 <stack>/attention/o/kernel             [L, heads, head_dim, embed]   in = heads*head_dim
+glm5_next's stacks are the blocks of its repeating units (glm_jax.model.glm.hybrid_stacks): hybrid_<k>/block_<j>,
+whose LoRA keys are {"hybrid_<k>": {"block_<j>": {target: {"a", "b"}}}}.
 
 A is [*lead, in, rank] (normal, std 1/sqrt(in)), B is [*lead, rank, out] (zeros), so training starts at the base
 model; lead = [L] for a stacked kernel and [L, E] for the routed experts (one low-rank pair per expert). The
@@ -51,6 +56,10 @@ BLOCK_TARGETS = {
     "q_b": [(("attention", "q_b", "kernel"), 1, 1)],
     "kv_a": [(("attention", "kv_a", "kernel"), 1, 1)],
     "kv_b": [(("attention", "kv_b", "kernel"), 1, 1)],
+    "kda_q": [(("attention", "q", "kernel"), 1, 1)],
+    "kda_k": [(("attention", "k", "kernel"), 1, 1)],
+    "kda_v": [(("attention", "v", "kernel"), 1, 1)],
+    "kda_o": [(("attention", "o", "kernel"), 1, 2)],
 }
 STACKS = ("layers", "moe_layers")  # glm_jax.model.glm.STACKS; the first keeps the flat {target: ...} keys
 
@@ -63,20 +72,28 @@ def _has(tree, path) -> bool:
     return True
 
 
+def stacks(base) -> list[tuple[str, ...]]:
+    """The block stacks of `base` (paths under model/): layers / moe_layers, or glm5_next's unit blocks."""
+    model = base.get("model", {})
+    hybrid = [(k, j) for k in sorted(model) if k.startswith("hybrid_") for j in sorted(model[k])]
+    return [(s,) for s in STACKS if s in model] + hybrid
+
+
 def sites(base, targets) -> list[tuple[tuple, tuple, int, int]]:
     """(key path in the LoRA tree, kernel path in `base`, leading dims, input dims) of every kernel `targets`
     name in `base` (arrays or shapes). A target that names no kernel of this model is an error."""
     out = []
     for t in targets:
         found = []
-        for stack in STACKS:
+        for stack in stacks(base):
             for sub, lead, n_in in BLOCK_TARGETS[t]:
-                path = ("model", stack) + sub
+                path = ("model",) + stack + sub
                 if _has(base, path):
-                    found.append(((t,) if stack == STACKS[0] else (stack, t), path, lead, n_in))
+                    found.append(((t,) if stack == STACKS[:1] else stack + (t,), path, lead, n_in))
         if not found:
             raise ConfigError(f"lora.targets: {t!r} names no weight of this model (experts_wi / experts_wo need a "
-                             f"MoE model, q_a / q_b / kv_a / kv_b latent attention, key / value a GQA one)")
+                             f"MoE model, q_a / q_b / kv_a / kv_b latent attention, key / value a GQA one, "
+                             f"kda_q / kda_k / kda_v / kda_o KDA layers)")
         out += found
     return out
 
@@ -116,7 +133,8 @@ def merge(base_params, lora_params, alpha: float, rank: int, dropout: float = 0.
     scale = alpha / rank
     merged = jax.tree.map(lambda x: x, base_params)  # shallow copy of the nested dicts
     every = [s for s in sites(base_params, [t for t in BLOCK_TARGETS if any(
-        _has(lora_params, (st, t) if st != STACKS[0] else (t,)) for st in STACKS)]) if _has(lora_params, s[0])]
+        _has(lora_params, (t,) if st == STACKS[:1] else st + (t,)) for st in stacks(base_params))])
+             if _has(lora_params, s[0])]
     for i, (key, path, _, _) in enumerate(sorted(every)):
         ab = get_path(lora_params, key)
         kernel = get_path(base_params, path)
