@@ -124,6 +124,9 @@ class Engine:
                  max_waiting: int = 1024, mesh: Mesh | None = None, rules: Sequence | None = None,
                  speculative: str | None = None, num_speculative_tokens: int | None = None):
         cfg = model.cfg
+        if cfg.is_glm5_next:  # docs/glm5-next.md, "Not yet"
+            raise ValueError("serving engine: glm5_next (GLM-5.3-Flash) is not supported yet: its KDA layers need a "
+                             "recurrent state per slot beside the paged cache; use glm_jax.generate / glm-chat")
         # speculative decoding (glm_jax/serve/drafts.py): k drafts per generating request and step
         self.speculative = speculative
         self.spec_k = 0 if speculative is None else speculative_lib.check(model, speculative, num_speculative_tokens)
