@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import linen as nn
 from transformers.models.glm5_next import modeling_glm5_next as hf_next
 
 from hf_models import (K, M, assert_decode_matches_forward, assert_greedy_matches_oracle, assert_matches_oracle,
@@ -23,7 +24,7 @@ from hf_models import (K, M, assert_decode_matches_forward, assert_greedy_matche
 from jaxprs import out_shapes
 from glm_jax import GLMConfig, GLMForCausalLM, load_hf, save_hf
 from glm_jax import generation as G
-from glm_jax.model import cache_specs, init_params
+from glm_jax.model import cache_specs, init_params, param_specs
 from glm_jax.model.glm import hybrid_stacks
 from glm_jax.model.layers import kda
 
@@ -79,8 +80,6 @@ def test_presets_count_the_published_parameters():
     flash = GLMConfig.from_preset("glm-5.3-flash")
     assert flash.num_params() == 313_326_811_966 and flash.num_kda_layers == 34
     small = GLMConfig.from_preset("glm5-next-test")
-    from glm_jax.model import param_specs
-    from flax import linen as nn
     tree = nn.unbox(param_specs(GLMForCausalLM(small)))
     assert small.num_params() == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -133,9 +132,10 @@ def test_greedy_generation_matches_transformers(mixed):
     assert_greedy_matches_oracle(ref, GLMForCausalLM(cfg), params, [9, 5], 12, np.random.RandomState(0))
 
 
-def test_cached_decoding_matches_the_forward_pass(oracle):
-    """One token per call (the recurrent KDA step) and several (the chunked form from the cached state)."""
-    _, _, _, cfg, params = oracle
+def test_cached_decoding_matches_the_forward_pass(mixed):
+    """One token per call (the recurrent KDA step) and several (the chunked form from the cached state), through
+    every block kind (the "shared" indexer layer's carried selection included)."""
+    _, _, cfg, params = mixed
     ids, mask, _ = left_padded_batch([17, 11], 17, cfg.vocab_size, seed=4)
     cache = assert_decode_matches_forward(cfg, params, ids, mask, prompt=9, cache_len=24, steps=[1, 3, 1, 3],
                                           prefill=True)
