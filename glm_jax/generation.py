@@ -397,7 +397,12 @@ class ConversationCache:
         self.reused = 0  # prompt tokens the last call took from the cache
 
     def common_prefix(self, model, params, mesh, prompt: list[int]) -> int:
-        """Leading prompt tokens the cache holds, at most len(prompt) - 1 (the last one runs for its logits)."""
+        """Leading prompt tokens the cache holds, at most len(prompt) - 1 (the last one runs for its logits).
+        Never for glm5_next (docs/glm5-next.md, "Not yet"): its KDA state cannot roll back, and the next turn's
+        tokens, left padded to a bucket, would leave a gap of empty slots that its pooled indexer counts pools
+        across."""
+        if getattr(model.cfg, "is_glm5_next", False):
+            return 0
         if self.cache is None or model is not self.model or params is not self.params or mesh is not self.mesh:
             return 0
         n = 0

@@ -327,3 +327,20 @@ def test_sharded_forward_equals_one_device(tmp_path):
     r = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=600,
                        cwd=root)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_conversation_cache_is_not_reused():
+    """Chat turns with a ConversationCache (glm_jax.generation): glm5_next prefills every turn (its KDA state cannot
+    roll back; docs/glm5-next.md) and samples exactly what a from-scratch generation samples."""
+    cfg = GLMConfig.from_preset("glm5-next-test")
+    model = GLMForCausalLM(cfg)
+    params = init_params(model, jax.random.key(0))
+    rng = np.random.RandomState(0)
+    conv, prompt = G.ConversationCache(), rng.randint(3, cfg.vocab_size, 12).tolist()
+    for turn in range(2):
+        kw = dict(max_new_tokens=6, stop_ids=(), temperature=0.9, top_p=0.9, seed=turn, prompt_bucket=64)
+        fresh = [int(t) for t in G.stream_generate(model, params, np.asarray(prompt, np.int32), **kw)]
+        ours = [int(t) for t in G.stream_generate(model, params, np.asarray(prompt, np.int32), conversation=conv,
+                                                  **kw)]
+        assert ours == fresh and conv.reused == 0, (turn, conv.reused)
+        prompt = prompt + ours + rng.randint(3, cfg.vocab_size, 5).tolist()

@@ -52,7 +52,7 @@ def l2norm(x):
 def causal_conv(x, weight, starts, state=None):
     """Depthwise causal convolution: out[t] = sum_j weight[j] * x[t - (K-1) + j], inputs of another document (before
     a `starts` token) read as 0. x [B, S, ...] , weight [K, ...] fp32, starts [B, S] bool, state [B, K-1, ...]: the
-    inputs before x (a decode cache; None = zeros). Returns (silu(out) fp32, the last K-1 inputs)."""
+    inputs before x (a decode cache; None = zeros). Returns (silu(out) fp32, [state ; x]: the inputs it read)."""
     k = weight.shape[0]
     b, s = x.shape[:2]
     if state is None:
@@ -64,7 +64,7 @@ def causal_conv(x, weight, starts, state=None):
     for j in range(k):  # tap j reads the input K-1-j steps back
         same = (doc_ext[:, j:j + s] == doc)[(...,) + (None,) * (x.ndim - 2)]
         out = out + jnp.where(same, ext[:, j:j + s].astype(jnp.float32), 0.0) * weight[j].astype(jnp.float32)
-    return jax.nn.silu(out), ext[:, s:] if k > 1 else state
+    return jax.nn.silu(out), ext
 
 
 def kda_recurrent(q, k, v, g, beta, state=None, starts=None):
@@ -179,17 +179,24 @@ class KDA(nn.Module, kw_only=True):
         if segments is None:
             segments = jnp.ones((b, s), jnp.int32)
         x = jnp.where((segments > 0)[..., None], x, 0)  # padding reads as zeros (transformers' masking)
+        gate_in = x
         prev = jnp.concatenate([jnp.full_like(segments[:, :1], -1), segments[:, :-1]], axis=1)
         starts = segments != prev
         state = conv_state = None
         if self.decode:
+            # Continuing the cached sequence, whose left padding (a conversation's next turn arrives padded to a
+            # bucket) must leave the state untouched: each row's real tokens are rotated to the front, so that they
+            # follow the cached state and inputs directly; the padding, now last, neither decays nor writes.
             state, conv_state = (kv_cache_lib.layer_slice(c, layer) for c in cache)
-            starts = starts.at[:, 0].set(False)  # the cached state is this row's document
+            n_real = jnp.sum(segments > 0, axis=1)
+            rotate = jax.vmap(lambda a, k: jnp.roll(a, k, axis=0))
+            x, real = rotate(x, n_real - s), jnp.arange(s)[None] < n_real[:, None]
+            starts = jnp.zeros((b, s), bool)
 
         proj = [self.linear((h, d), ("embed", *HEAD_AXES), name)(x) for name in ("q", "k", "v")]
         conv_w = jnp.stack([self.fp32_param(f"{name}_conv", nn.initializers.normal(0.5), (self.conv_kernel, h, d),
                                             (None, *HEAD_AXES)) for name in ("q", "k", "v")], axis=1)  # [K, 3, H, D]
-        qkv, new_conv = causal_conv(jnp.stack(proj, axis=2), conv_w, starts, conv_state)  # [B, S, 3, H, D]
+        qkv, seen = causal_conv(jnp.stack(proj, axis=2), conv_w, starts, conv_state)  # [B, S, 3, H, D]
         q, k, v = (qkv[:, :, i] for i in range(3))
         q, k = l2norm(q) * np.float32(d ** -0.5), l2norm(k)
 
@@ -204,15 +211,20 @@ class KDA(nn.Module, kw_only=True):
             g = -rate * jax.nn.softplus(g)
         beta = jax.nn.sigmoid(self.linear((h,), ("embed", "kda_heads"), "b")(x).astype(jnp.float32))
 
+        if self.decode:
+            g, beta = jnp.where(real[..., None, None], g, 0.0), jnp.where(real[..., None], beta, 0.0)
         if self.decode and s == 1:
             o, state = kda_recurrent(q, k, v, g, beta, state, starts)
         else:
             o, state = kda_chunked(q, k, v, g, beta, state, starts, self.chunk_size)
         if self.decode:
+            o = rotate(o, s - n_real)  # back to the call's slots
+            # the convolution's next inputs: the last K-1 real ones ([state ; x] read up to the last real token)
+            new_conv = jax.vmap(lambda e, n: jax.lax.dynamic_slice_in_dim(e, n, self.conv_kernel - 1))(seen, n_real)
             cache = (kv_cache_lib.layer_update(cache[0], layer, state),
                      kv_cache_lib.layer_update(cache[1], layer, new_conv.astype(cache[1].dtype)))
 
-        gate = self.linear((h, d), (None, *HEAD_AXES), "g_b")(self.linear((d,), ("embed", None), "g_a")(x))
+        gate = self.linear((h, d), (None, *HEAD_AXES), "g_b")(self.linear((d,), ("embed", None), "g_a")(gate_in))
         scale = self.param("o_norm", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,),
                            self.param_dtype)
         o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + self.norm_eps) * scale.astype(jnp.float32)
