@@ -290,17 +290,14 @@ def read_glm5_next(raw: dict[str, Any], source: str, need=None) -> dict[str, Any
     if unknown:
         raise ValueError(f"{source}: layer_types {sorted(unknown)} unknown (expected linear_attention or "
                          f"{' / '.join(INDEXED_LAYER_NAMES)})")
-    dsa = {**text, "model_type": "glm_moe_dsa", "num_nextn_predict_layers": 0, "index_topk_freq": 1,
-           "rope_interleave": True}
-    dsa.setdefault("first_k_dense_replace", 3)
-    if "mlp_layer_types" not in text and "first_k_dense_replace" not in text:
+    dsa = {**text, "model_type": "glm_moe_dsa", "num_nextn_predict_layers": 0, "rope_interleave": True}
+    if "mlp_layer_types" not in text and "first_k_dense_replace" not in text:  # transformers' default
         dsa["mlp_layer_types"] = ["dense"] * min(3, layers) + ["sparse"] * (layers - 3)
     kw = read_glm_moe_dsa(dsa, source)
     lower = linear.get("gate_lower_bound", text["linear_lower_bound"])
     if lower is None and linear.get("safe_gate", True) and linear:
         lower = -5.0  # transformers: a linear_attn_config with safe_gate and no bound means -5
     kw.update(
-        rotary_fraction=1.0,
         layer_types=tuple("linear_attention" if t == "linear_attention" else "indexed_attention" for t in types),
         linear_num_heads=int(linear.get("num_heads", text["linear_num_heads"])),
         linear_head_dim=int(linear.get("head_dim", text["linear_head_dim"])),

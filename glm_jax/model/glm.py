@@ -47,6 +47,7 @@ from flax import linen as nn
 from glm_jax.config import REMAT_POLICIES, GLMConfig
 from glm_jax.model.layers import MLP, Attention, Embed, Linear, MoE, RMSNorm, rotary_cos_sin
 from glm_jax.model.layers import kv_cache as kv_cache_lib
+from glm_jax.model.layers.embeddings import positions_from_segments
 from glm_jax.model.layers.hyper import HyperConnection, merge as hc_merge
 from glm_jax.model.layers.kda import KDA
 from glm_jax.model.layers.kv_cache import PagedIndex
@@ -61,14 +62,6 @@ assert set(JAX_REMAT_POLICIES) == set(REMAT_POLICIES) - {"none"}
 
 BATCH_SEQ_EMBED = ("activation_batch", "activation_length", "activation_embed")
 STREAMS_AXES = ("activation_batch", "activation_length", None, "activation_embed")  # hyper-connection streams
-
-
-def positions_from_segments(segment_ids):
-    """Per-token positions restarting at 0 wherever the segment id changes (packing, left padding)."""
-    idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None]
-    prev = jnp.concatenate([jnp.full_like(segment_ids[:, :1], -1), segment_ids[:, :-1]], axis=1)
-    run_start = jax.lax.cummax(jnp.where(segment_ids != prev, idx, 0), axis=1)
-    return idx - run_start
 
 
 def combine_segments(attention_mask, segment_ids):
@@ -143,24 +136,26 @@ class DecoderBlock(nn.Module, kw_only=True):
     def attention(self, x, kv_cache, chosen, ctx: dict, per_layer: dict):
         """The block's attention on its normed input: (output [B, S, embed], kv_cache, chosen)."""
         cfg = self.cfg
-        if self.linear:  # glm5_next's KDA layers: their cache entries are the last two (cache_shapes)
+        if cfg.is_glm5_next and kv_cache is not None:  # its MLA layers' buffers first, then its KDA layers'
+            n = mla_buffers(cfg)
+            mla_cache, kda_cache = kv_cache[:n], kv_cache[n:]
+        else:
+            mla_cache, kda_cache = kv_cache, None
+        if self.linear:  # glm5_next's KDA layers
             out, kda_cache = KDA(
                 hidden_size=cfg.hidden_size, num_heads=cfg.linear_num_heads, head_dim=cfg.linear_head_dim,
                 conv_kernel=cfg.linear_conv_kernel, lower_bound=cfg.linear_lower_bound, chunk_size=cfg.kda_chunk_size,
                 norm_eps=cfg.norm_eps, decode=self.decode, dtype=jnp.dtype(cfg.dtype),
                 param_dtype=jnp.dtype(cfg.param_dtype), name="attention")(
-                x, ctx["q_segments"], None if kv_cache is None else kv_cache[mla_buffers(cfg):], per_layer["layer"])
-            return out, None if kv_cache is None else kv_cache[:mla_buffers(cfg)] + kda_cache, chosen
+                x, ctx["q_segments"], kda_cache, per_layer["layer"])
+            return out, None if kv_cache is None else mla_cache + kda_cache, chosen
         if cfg.is_mla:  # glm4_moe_lite: multi-head latent attention (layers/mla.py, docs/mla.md)
-            mla_cache = kv_cache if kv_cache is None or not cfg.is_glm5_next else kv_cache[:mla_buffers(cfg)]
             full = per_layer.get("full") if self.full is None else self.full
             shared = {"full": full, "chosen": chosen[0]} if chosen else {}
             out, mla_cache, *chosen = mla_attention(cfg, self.decode, self.prefill)(
                 x, ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"], ctx["cache_index"], mla_cache,
                 per_layer["layer"], positions=ctx.get("positions"), **shared)
-            if kv_cache is not None and cfg.is_glm5_next:
-                mla_cache = mla_cache + kv_cache[mla_buffers(cfg):]
-            return out, mla_cache, chosen
+            return out, mla_cache if kda_cache is None else mla_cache + kda_cache, chosen
         out, kv_cache = Attention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             hidden_size=cfg.hidden_size, use_bias=cfg.qkv_bias, attention_impl=cfg.attention_impl,
@@ -414,7 +409,7 @@ class GLMModel(nn.Module):
             carry += ((jnp.zeros((batch, seq, selection_width(cfg, t)), jnp.int32),
                        jnp.zeros((batch, seq, selection_width(cfg, t)), bool)),)
             full = jnp.asarray([t == "full" for t in cfg.indexer_types])
-        if cfg.is_glm5_next:
+        if cfg.is_glm5_next:  # each unit block knows its own indexer kind (`full` is the layer stacks')
             for name, kinds, first, count in hybrid_stacks(cfg):
                 unit = nn.scan(HybridUnit, variable_axes={"params": 0, "intermediates": 0},
                                split_rngs={"params": True}, in_axes=(nn.broadcast, 0), length=count,
@@ -485,7 +480,7 @@ def hybrid_stacks(cfg: GLMConfig, max_unit: int = 8) -> list[tuple[str, tuple[Bl
         best = (0, 1)  # (repeats, unit length)
         for p in range(1, min(max_unit, len(kinds) - i) + 1):
             n = 1
-            while kinds[i + n * p:i + (n + 1) * p] == kinds[i:i + p] and i + (n + 1) * p <= len(kinds):
+            while kinds[i + n * p:i + (n + 1) * p] == kinds[i:i + p]:  # a short tail slice never equals
                 n += 1
             if (n >= 2 or p == 1) and n * p > best[0] * best[1]:
                 best = (n, p)

@@ -31,7 +31,7 @@ from flax import struct
 
 from glm_jax.model.layers import kv_cache as kv_cache_lib
 from glm_jax.model.layers.attention import causal
-from glm_jax.model.layers.embeddings import apply_rotary
+from glm_jax.model.layers.embeddings import apply_rotary, positions_from_segments
 from glm_jax.model.layers.linear import Linear
 
 NEG = float(jnp.finfo(jnp.float32).min)  # masked score: finite, so a row with nothing visible stays finite
@@ -107,10 +107,7 @@ def pool_keys(keys, gate, ape, kv_segments):
     b, t, _ = keys.shape
     p = max(t // kpool, 1)
     seg = kv_segments.astype(jnp.int32)
-    idx = jnp.arange(t, dtype=jnp.int32)[None]
-    prev = jnp.concatenate([jnp.full_like(seg[:, :1], -1), seg[:, :-1]], axis=1)
-    doc_pos = idx - jax.lax.cummax(jnp.where(seg != prev, idx, 0), axis=1)
-    ends_here = (seg > 0) & (doc_pos % kpool == kpool - 1)
+    ends_here = (seg > 0) & (positions_from_segments(seg) % kpool == kpool - 1)
     ends = jax.vmap(lambda e: jnp.nonzero(e, size=p, fill_value=t)[0])(ends_here).astype(jnp.int32)
     exists = ends < t
     members = jnp.clip(ends[..., None] - (kpool - 1) + jnp.arange(kpool), 0, t - 1)  # [B, P, kpool]

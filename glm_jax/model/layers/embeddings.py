@@ -1,9 +1,17 @@
-"""Token embedding and GLM's rotary position embedding."""
+"""Token embedding, token positions and GLM's rotary position embedding."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+
+def positions_from_segments(segment_ids):
+    """Per-token positions restarting at 0 wherever the segment id changes (packing, left padding)."""
+    idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None]
+    prev = jnp.concatenate([jnp.full_like(segment_ids[:, :1], -1), segment_ids[:, :-1]], axis=1)
+    run_start = jax.lax.cummax(jnp.where(segment_ids != prev, idx, 0), axis=1)
+    return idx - run_start
 
 
 def check_ids(ids, vocab_size: int) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 from flax import linen as nn
 
 from glm_jax.model.layers import kv_cache as kv_cache_lib
+from glm_jax.model.layers.embeddings import positions_from_segments
 from glm_jax.model.layers.linear import Linear
 
 L2_EPS = 1e-6  # transformers / FLA: x / sqrt(sum x^2 + eps)
@@ -180,13 +181,13 @@ class KDA(nn.Module, kw_only=True):
             segments = jnp.ones((b, s), jnp.int32)
         x = jnp.where((segments > 0)[..., None], x, 0)  # padding reads as zeros (transformers' masking)
         gate_in = x
-        prev = jnp.concatenate([jnp.full_like(segments[:, :1], -1), segments[:, :-1]], axis=1)
-        starts = segments != prev
         state = conv_state = None
-        if self.decode:
-            # Continuing the cached sequence, whose left padding (a conversation's next turn arrives padded to a
-            # bucket) must leave the state untouched: each row's real tokens are rotated to the front, so that they
-            # follow the cached state and inputs directly; the padding, now last, neither decays nor writes.
+        if not self.decode:
+            starts = positions_from_segments(segments) == 0  # document starts: the state and convolution restart
+        else:
+            # Continuing each row's cached sequence, whose left padding (a padded prompt) must leave the state
+            # untouched: each row's real tokens are rotated to the front, so that they follow the cached state and
+            # inputs directly; the padding, now last, neither decays nor writes.
             state, conv_state = (kv_cache_lib.layer_slice(c, layer) for c in cache)
             n_real = jnp.sum(segments > 0, axis=1)
             rotate = jax.vmap(lambda a, k: jnp.roll(a, k, axis=0))
