@@ -147,7 +147,7 @@ class DecoderBlock(nn.Module, kw_only=True):
                 conv_kernel=cfg.linear_conv_kernel, lower_bound=cfg.linear_lower_bound, chunk_size=cfg.kda_chunk_size,
                 norm_eps=cfg.norm_eps, decode=self.decode, dtype=jnp.dtype(cfg.dtype),
                 param_dtype=jnp.dtype(cfg.param_dtype), name="attention")(
-                x, ctx["q_segments"], kda_cache, per_layer["layer"])
+                x, ctx["q_segments"], kda_cache, per_layer["layer"], ctx["cache_index"])
             return out, None if kv_cache is None else mla_cache + kda_cache, chosen
         if cfg.is_mla:  # glm4_moe_lite: multi-head latent attention (layers/mla.py, docs/mla.md)
             full = per_layer.get("full") if self.full is None else self.full
@@ -204,6 +204,9 @@ def cache_shapes(cfg: GLMConfig, batch: int, max_len: int) -> dict[str, tuple[in
         return {"cached_latent": (cfg.num_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)}
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return {"cached_key": shape, "cached_value": shape}
+
+
+STATE_BUFFERS = ("kda_state", "kda_conv")  # a fixed size per sequence: per row / decode slot, never paged
 
 
 def mla_buffers(cfg: GLMConfig) -> int:
@@ -660,16 +663,18 @@ def init_cache(model: nn.Module, batch_size: int, max_len: int):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_specs(model, batch_size, max_len))
 
 
-def paged_cache_specs(cfg: GLMConfig, num_pages: int, page_size: int) -> dict:
+def paged_cache_specs(cfg: GLMConfig, num_pages: int, page_size: int, num_slots: int = 1) -> dict:
     """The paged decode cache's pool ("cache" collection, `paged=`): the buffers of `cache_shapes` with pages in
-    place of rows, [L, num_pages, page_size, ...] (GQA keys / values, MLA's latent, DSA's indexer keys)."""
-    return {"model": {name: jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype))
-                      for name, shape in cache_shapes(cfg, num_pages, page_size).items()}}
+    place of rows, [L, num_pages, page_size, ...] (GQA keys / values, MLA's latent, DSA's indexer keys), and
+    glm5_next's KDA state and convolution inputs with a row per decode slot, [L, num_slots, ...]."""
+    shapes = cache_shapes(cfg, num_pages, page_size)
+    shapes.update({name: shape for name, shape in cache_shapes(cfg, num_slots, 1).items() if name in STATE_BUFFERS})
+    return {"model": {name: jax.ShapeDtypeStruct(shape, cache_dtype(cfg, name)) for name, shape in shapes.items()}}
 
 
-def init_paged_cache(cfg: GLMConfig, num_pages: int, page_size: int) -> dict:
+def init_paged_cache(cfg: GLMConfig, num_pages: int, page_size: int, num_slots: int = 1) -> dict:
     """A zeroed pool for `paged_cache_specs`."""
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), paged_cache_specs(cfg, num_pages, page_size))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), paged_cache_specs(cfg, num_pages, page_size, num_slots))
 
 
 def init_paged_mtp_cache(cfg: GLMConfig, num_pages: int, page_size: int) -> tuple:

@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import logging
 import math
 import random
 import time
@@ -44,6 +45,7 @@ from glm_jax.serve.pages import PagePool, page_keys
 from glm_jax.serve.sampling import RowSpec, SamplingParams, sample_rows
 from glm_jax.sharding import LOGICAL_RULES, logical_sharding, run_sharded
 
+log = logging.getLogger(__name__)
 TRACE_COUNTS: collections.Counter = collections.Counter()  # "prefill" / "decode" traces: tests count recompiles
 
 
@@ -110,7 +112,8 @@ class Request:
 
 
 class Engine:
-    """Continuous batching for one model (see the module docstring). `model`: a `GLMForCausalLM` of any family;
+    """Continuous batching for one model (see the module docstring). `model`: a `GLMForCausalLM` of any family
+    (glm5_next: its KDA state is kept per decode slot and prefix caching is off, docs/serving.md);
     `tokenizer` (optional): its stop ids end requests, its vocabulary bounds the sampled ids, and it checks stop
     strings. KV budget: `num_pages` pages of `page_size` tokens, or `kv_cache_tokens` tokens, default enough for
     every slot at `max_model_len`. `mesh` (a `glm_jax.make_mesh`): the parameters are placed with the logical
@@ -124,9 +127,10 @@ class Engine:
                  max_waiting: int = 1024, mesh: Mesh | None = None, rules: Sequence | None = None,
                  speculative: str | None = None, num_speculative_tokens: int | None = None):
         cfg = model.cfg
-        if cfg.is_glm5_next:  # docs/glm5-next.md, "Not yet"
-            raise ValueError("serving engine: glm5_next (GLM-5.3-Flash) is not supported yet: its KDA layers need a "
-                             "recurrent state per slot beside the paged cache; use glm_jax.generate / glm-chat")
+        if cfg.is_glm5_next and prefix_caching:
+            # its KDA layers' state after a cached prefix is not kept (docs/serving.md, "Recurrent state")
+            log.info("serving engine: prefix caching is off for glm5_next (KDA state per slot, not per page)")
+            prefix_caching = False
         # speculative decoding (glm_jax/serve/drafts.py): k drafts per generating request and step
         self.speculative = speculative
         self.spec_k = 0 if speculative is None else speculative_lib.check(model, speculative, num_speculative_tokens)
@@ -140,7 +144,7 @@ class Engine:
             num_pages = (math.ceil(kv_cache_tokens / page_size) if kv_cache_tokens
                          else self.max_pages * self.max_num_seqs) + 1
         self.pool = PagePool(int(num_pages), self.page_size, prefix_caching=prefix_caching)
-        self.cache = init_paged_cache(cfg, int(num_pages), self.page_size)
+        self.cache = init_paged_cache(cfg, int(num_pages), self.page_size, self.max_num_seqs)
         if mesh is not None:
             self.cache = jax.device_put(self.cache, pool_shardings(self.cache, mesh, self.rules))
         self.prefill_chunk, self.max_prefill_rows, self.max_waiting = prefill_chunk, max_prefill_rows, max_waiting
@@ -534,13 +538,19 @@ class Engine:
 
 
 def pool_shardings(pool, mesh: Mesh, rules=LOGICAL_RULES):
-    """Shardings of a page pool (`init_paged_cache`): GQA's KV heads over "tensor" where they divide; the pages,
-    MLA's latent and DSA's index keys replicated (every row of a step may read any page)."""
-    def one(x):
-        axes = ("layers", None, None, "kv_heads", "head_dim") if x.ndim == 5 else (None,) * x.ndim
+    """Shardings of a page pool (`init_paged_cache`): GQA's KV heads over "tensor" where they divide, and the KDA
+    state's heads (glm5_next); the pages, MLA's latent and DSA's index keys replicated (every row of a step may read
+    any page)."""
+    axes_of = {"cached_key": ("layers", None, None, "kv_heads", "head_dim"),
+               "cached_value": ("layers", None, None, "kv_heads", "head_dim"),
+               "kda_state": ("layers", None, "kda_heads", None, None),
+               "kda_conv": ("layers", None, None, None, "kda_heads", None)}
+
+    def one(path, x):
+        axes = axes_of.get(getattr(path[-1], "key", None), (None,) * x.ndim)
         return logical_sharding(mesh, axes, x.shape, rules)
 
-    return jax.tree.map(one, pool)
+    return jax.tree_util.tree_map_with_path(one, pool)
 
 
 @functools.lru_cache(maxsize=64)
@@ -550,7 +560,7 @@ def _step_program(model, kind: str, spec: RowSpec, mesh: Mesh | None = None, rul
 
     def run(params, cache, seen, tokens, pages, offset, new, slots, sampled, knobs):
         TRACE_COUNTS[kind] += 1
-        index = PagedIndex(pages=pages, offset=offset, new=new)
+        index = PagedIndex(pages=pages, offset=offset, new=new, slots=slots)
         logits, updated = model.apply({"params": params, "cache": cache}, tokens, paged=index, mutable=["cache"],
                                       last_logits_only=True)
         tok, lp, top = sample_rows(logits[:, 0], seen[slots], knobs, spec)

@@ -51,9 +51,13 @@ class HyperConnection(nn.Module, kw_only=True):
         comb = raw[..., 2 * n:].reshape(b, s, n, n) * scale[2] + base[2 * n:].reshape(n, n)
         comb = jax.nn.softmax(comb, axis=-1) + self.eps
         comb = comb / (comb.sum(-2, keepdims=True) + self.eps)
-        for _ in range(self.sinkhorn_iters - 1):
-            comb = comb / (comb.sum(-1, keepdims=True) + self.eps)
-            comb = comb / (comb.sum(-2, keepdims=True) + self.eps)
+
+        def rows_then_columns(_, c):
+            c = c / (c.sum(-1, keepdims=True) + self.eps)
+            return c / (c.sum(-2, keepdims=True) + self.eps)
+
+        # a loop, not unrolled: 2 x 19 normalisations per block would otherwise be traced and compiled one by one
+        comb = jax.lax.fori_loop(0, self.sinkhorn_iters - 1, rows_then_columns, comb)
         collapsed = jnp.einsum("bsn,bsne->bse", pre, streams.astype(jnp.float32)).astype(streams.dtype)
         return post, comb, collapsed
 

@@ -172,9 +172,10 @@ class KDA(nn.Module, kw_only=True):
         return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
     @nn.compact
-    def __call__(self, x, segments=None, cache=None, layer=None):
+    def __call__(self, x, segments=None, cache=None, layer=None, index=None):
         """x [B, S, embed]; segments [B, S] (0 = padding; a change = a new document) or None. Returns (output
-        [B, S, embed], cache). Decoding reads and writes this layer's state and convolution inputs."""
+        [B, S, embed], cache). Decoding reads and writes this layer's state and convolution inputs: per row, or
+        (`index` a PagedIndex, the serving engine) per decode slot (layers/kv_cache.py)."""
         h, d = self.num_heads, self.head_dim
         b, s = x.shape[:2]
         if segments is None:
@@ -188,7 +189,7 @@ class KDA(nn.Module, kw_only=True):
             # Continuing each row's cached sequence, whose left padding (a padded prompt) must leave the state
             # untouched: each row's real tokens are rotated to the front, so that they follow the cached state and
             # inputs directly; the padding, now last, neither decays nor writes.
-            state, conv_state = (kv_cache_lib.layer_slice(c, layer) for c in cache)
+            state, conv_state = (kv_cache_lib.read_state(c, layer, index, s) for c in cache)
             n_real = jnp.sum(segments > 0, axis=1)
             rotate = jax.vmap(lambda a, k: jnp.roll(a, k, axis=0))
             x, real = rotate(x, n_real - s), jnp.arange(s)[None] < n_real[:, None]
@@ -222,8 +223,8 @@ class KDA(nn.Module, kw_only=True):
             o = rotate(o, s - n_real)  # back to the call's slots
             # the convolution's next inputs: the last K-1 real ones ([state ; x] read up to the last real token)
             new_conv = jax.vmap(lambda e, n: jax.lax.dynamic_slice_in_dim(e, n, self.conv_kernel - 1))(seen, n_real)
-            cache = (kv_cache_lib.layer_update(cache[0], layer, state),
-                     kv_cache_lib.layer_update(cache[1], layer, new_conv.astype(cache[1].dtype)))
+            cache = (kv_cache_lib.write_state(cache[0], layer, index, state),
+                     kv_cache_lib.write_state(cache[1], layer, index, new_conv))
 
         gate = self.linear((h, d), (None, *HEAD_AXES), "g_b")(self.linear((d,), ("embed", None), "g_a")(gate_in))
         scale = self.param("o_norm", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,),

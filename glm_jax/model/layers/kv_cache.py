@@ -6,6 +6,10 @@
   the index is a `PagedIndex`: each row's page table and where its new tokens go. A row reads its pages gathered
   into a [max_pages * page_size, ...] view, logical position j at page j // page_size, offset j % page_size.
 
+A recurrent state (glm5_next's KDA layers) has a fixed size per sequence: contiguous, a buffer [L, batch, ...]; paged,
+a pool [L, num_slots, ...] with one row per decode slot, which `read_state` / `write_state` reach through the
+index's `slots`.
+
 The attention modules (GQA keys and values, MLA's latent, DSA's indexer keys) call `write`, `read`, `place` and
 `query_offset` and never look at the layout, so every cache a model has is paged the same way.
 """
@@ -27,6 +31,11 @@ class PagedIndex:
     pages: jax.Array
     offset: jax.Array
     new: jax.Array
+    slots: jax.Array | None = None  # [B] each row's decode slot: its row of a recurrent-state pool
+
+    def fresh(self, seq: int):
+        """[B] bool: rows whose first real token is position 0 (a new or recomputed sequence: zero state)."""
+        return self.offset + seq - self.new == 0
 
     def query_valid(self, seq: int):
         """[B, S] bool: the real (not padding) query slots."""
@@ -88,12 +97,21 @@ def view_length(buffer, index) -> int:
     return index.pages.shape[1] * buffer.shape[2] if is_paged(index) else buffer.shape[2]
 
 
-def layer_slice(buffer, layer):
-    """One layer's slice [B, ...] of a per-row state buffer [L, B, ...] (KDA's recurrent state and convolution inputs:
-    a fixed size per row whatever the sequence length, so the same in both layouts)."""
-    return jax.lax.dynamic_index_in_dim(buffer, layer, 0, keepdims=False)
+def read_state(buffer, layer, index, seq: int):
+    """One layer's recurrent state [B, ...] (KDA's state and convolution inputs) from a per-row buffer [L, B, ...]
+    (contiguous) or, paged, from the slot pool [L, num_slots, ...] at each row's slot, zero for a fresh row."""
+    rows = jax.lax.dynamic_index_in_dim(buffer, layer, 0, keepdims=False)
+    if not is_paged(index):
+        return rows
+    state = rows[index.slots]
+    return jnp.where(index.fresh(seq).reshape((-1,) + (1,) * (state.ndim - 1)), jnp.zeros_like(state), state)
 
 
-def layer_update(buffer, layer, value):
-    """`buffer` [L, B, ...] with layer `layer` replaced by `value` [B, ...]."""
-    return jax.lax.dynamic_update_index_in_dim(buffer, value.astype(buffer.dtype), layer, 0)
+def write_state(buffer, layer, index, value):
+    """`buffer` with layer `layer`'s state replaced by `value` [B, ...]; paged, at each row's slot, and rows without
+    a real token (bucket padding) write nothing."""
+    value = value.astype(buffer.dtype)
+    if not is_paged(index):
+        return jax.lax.dynamic_update_index_in_dim(buffer, value, layer, 0)
+    slots = jnp.where(index.new > 0, index.slots, buffer.shape[1])  # out of range: dropped
+    return buffer.at[layer, slots].set(value, mode="drop")
