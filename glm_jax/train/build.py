@@ -339,9 +339,16 @@ class TrainRun:
     def next_batch(self) -> dict:
         return self.train_layout.to_global(next(self.loader))
 
+    @functools.cached_property
+    def learning_rates(self) -> np.ndarray:
+        """The schedule at steps 0 .. train.steps, computed once: evaluating the optax schedule eagerly each step
+        would queue its ops behind the step in flight and make the host wait for it before dispatching the next."""
+        return np.asarray(jax.jit(jax.vmap(self.builder.schedule))(np.arange(self.cfg.train.steps + 1)), np.float32)
+
     def hyper(self, step: int) -> dict:
         """Host-side step inputs (no recompilation when they change)."""
-        return {"lr": np.float32(self.builder.schedule(step)), "skip_nonfinite": np.bool_(self.cfg.train.on_nan == "skip")}
+        return {"lr": self.learning_rates[min(step, self.cfg.train.steps)],
+                "skip_nonfinite": np.bool_(self.cfg.train.on_nan == "skip")}
 
     def evaluate(self, state) -> dict:
         sums = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,20 @@ def mfu(tokens_per_s: float, flops_per_token: float, device_kind: str, num_devic
     return tokens_per_s * flops_per_token / (peak * num_devices)
 
 
+def _tensorboardx_writer():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it is installed
+    (3 s of start-up per run) and needs it only for torch tensors; we write floats."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # an import of it now raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends JSON lines to {run_dir}/metrics.jsonl (process 0 only) and mirrors scalars to TensorBoard."""
 
@@ -74,7 +89,7 @@ class MetricsWriter:
 
         SummaryWriter = None
         if importlib.util.find_spec("tensorboardX") is not None:
-            from tensorboardX import SummaryWriter  # type: ignore
+            SummaryWriter = _tensorboardx_writer()
         elif importlib.util.find_spec("tensorboard") is not None and importlib.util.find_spec("torch") is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # type: ignore
