@@ -103,6 +103,8 @@ def read_state(buffer, layer, index, seq: int):
     rows = jax.lax.dynamic_index_in_dim(buffer, layer, 0, keepdims=False)
     if not is_paged(index):
         return rows
+    if index.slots is None:
+        raise ValueError("PagedIndex.slots: a recurrent state (KDA) is kept per decode slot; give each row's slot")
     state = rows[index.slots]
     return jnp.where(index.fresh(seq).reshape((-1,) + (1,) * (state.ndim - 1)), jnp.zeros_like(state), state)
 
