@@ -9,11 +9,12 @@ from glm_jax.tokenizers import ChatGLMTokenizer, Tokenizer, load_tokenizer
 from glm_jax.generation import generate, stream_generate
 from glm_jax.convert.quant import quantize_params
 from glm_jax.serve import Engine, SamplingParams
+from glm_jax.compress import apply_plan, choose_units, collect_importance
 
 __all__ = ["PRESETS", "GLMConfig", "load_hf", "save_hf", "GLMForCausalLM", "GLMForSequenceClassification",
            "GLMModel", "init_cache", "init_params", "param_specs", "LOGICAL_RULES", "make_mesh", "param_shardings",
            "ChatGLMTokenizer", "Tokenizer", "load_tokenizer", "generate", "stream_generate", "ChatSession", "quantize_params",
-           "Engine", "SamplingParams"]
+           "Engine", "SamplingParams", "collect_importance", "choose_units", "apply_plan"]
 __version__ = "0.1.0"
 
 

@@ -49,6 +49,7 @@ from glm_jax.model.layers import MLP, Attention, Embed, Linear, MoE, RMSNorm, ro
 from glm_jax.model.layers import kv_cache as kv_cache_lib
 from glm_jax.model.layers.embeddings import positions_from_segments
 from glm_jax.model.layers.hyper import HyperConnection, merge as hc_merge
+from glm_jax.model.layers.importance import COLLECTION as IMPORTANCE, record
 from glm_jax.model.layers.kda import KDA
 from glm_jax.model.layers.kv_cache import PagedIndex
 from glm_jax.model.layers.mla import LATENT_NORM_EPS, MLA, softmax_scale, yarn_cos_sin
@@ -130,6 +131,7 @@ class DecoderBlock(nn.Module, kw_only=True):
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
         x = hc_merge(post, comb, h, x) if cfg.hc_mult else x + h
+        record(self, "block_influence", lambda: block_influence(carry[0], x))
         return (nn.with_logical_constraint(x, STREAMS_AXES if cfg.hc_mult else BATCH_SEQ_EMBED), kv_cache,
                 *chosen), None
 
@@ -166,6 +168,14 @@ class DecoderBlock(nn.Module, kw_only=True):
             x, ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"], ctx["cache_index"], per_layer["prefix"],
             kv_cache, per_layer["layer"])
         return out, kv_cache, chosen
+
+
+def block_influence(x_in, x_out):
+    """[2]: (sum over tokens of 1 - cos(x_in, x_out), tokens): how much a block changes its input (ShortGPT's
+    block influence; a low value marks a block that can go). Hyper-connection streams count as one vector."""
+    a, b = (v.reshape(*v.shape[:2], -1).astype(jnp.float32) for v in (x_in, x_out))
+    cos = jnp.sum(a * b, -1) * jax.lax.rsqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1) + 1e-12)
+    return jnp.stack([jnp.sum(1.0 - cos), jnp.float32(cos.size)])
 
 
 def mla_attention(cfg: GLMConfig, decode: bool, prefill: bool) -> MLA:
@@ -414,7 +424,7 @@ class GLMModel(nn.Module):
             full = jnp.asarray([t == "full" for t in cfg.indexer_types])
         if cfg.is_glm5_next:  # each unit block knows its own indexer kind (`full` is the layer stacks')
             for name, kinds, first, count in hybrid_stacks(cfg):
-                unit = nn.scan(HybridUnit, variable_axes={"params": 0, "intermediates": 0},
+                unit = nn.scan(HybridUnit, variable_axes={"params": 0, "intermediates": 0, IMPORTANCE: 0},
                                split_rngs={"params": True}, in_axes=(nn.broadcast, 0), length=count,
                                metadata_params={nn.PARTITION_NAME: "layers"})
                 local = jnp.asarray([[kind_local_index(cfg, first + u * len(kinds) + j) for j in range(len(kinds))]
@@ -434,7 +444,7 @@ class GLMModel(nn.Module):
         if cfg.scan_layers:
             for name, moe, first, count in layer_stacks(cfg):
                 # "intermediates": what a training step sows per layer (MoE expert load), stacked like params
-                layers = nn.scan(remat_block(cfg, count), variable_axes={"params": 0, "intermediates": 0},
+                layers = nn.scan(remat_block(cfg, count), variable_axes={"params": 0, "intermediates": 0, IMPORTANCE: 0},
                                  split_rngs={"params": True},
                                  in_axes=(nn.broadcast, 0), length=count, unroll=min(cfg.scan_unroll, count),
                                  metadata_params={nn.PARTITION_NAME: "layers"})

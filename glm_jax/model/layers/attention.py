@@ -24,6 +24,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from glm_jax.model.layers.embeddings import apply_rotary
+from glm_jax.model.layers.importance import record, sum_squares
 from glm_jax.model.layers.linear import Linear
 from glm_jax.model.layers.norms import RMSNorm
 from glm_jax.model.layers import kv_cache as kv_cache_lib
@@ -274,6 +275,7 @@ class Attention(nn.Module, kw_only=True):
         out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl, prefix,
                                     self.max_segments)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
+        record(self, "head_norms", lambda: sum_squares(out, keep_last=2).sum(-1))  # [heads]: output energy per head
         out = Linear(features=(self.hidden_size,), kernel_axes=("q_heads", "head_dim", "embed"), n_in=2, dtype=self.dtype,
                      param_dtype=self.param_dtype, quantization_bit=self.quantization_bit, name="out")(out)
         return out, kv_cache

@@ -4,6 +4,7 @@ split along `mlp` keeps each gate column next to its up column."""
 import jax.numpy as jnp
 from flax import linen as nn
 
+from glm_jax.model.layers.importance import record, sum_squares
 from glm_jax.model.layers.linear import Linear
 
 
@@ -30,5 +31,6 @@ class MLP(nn.Module, kw_only=True):
                          quantization_bit=self.quantization_bit, name="wi")(x)
         gate_up = nn.with_logical_constraint(gate_up, ("activation_batch", "activation_length", None, "activation_mlp"))
         h = swiglu(gate_up[..., 0, :], gate_up[..., 1, :], self.swiglu_limit)
+        record(self, "mlp_channels", lambda: sum_squares(h))  # [mlp]: each channel's activation energy
         return Linear(features=(self.hidden_size,), kernel_axes=("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                       quantization_bit=self.quantization_bit, name="wo")(h)

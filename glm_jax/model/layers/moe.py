@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from glm_jax.model.layers import expert_parallel
+from glm_jax.model.layers.importance import record
 from glm_jax.model.layers.mlp import MLP, swiglu
 
 
@@ -122,12 +123,15 @@ def experts_gather(x, weights, experts, wi, wo, limit: float = 0.0):
     """Each assignment multiplies its own expert's weights, gathered by expert id: reads top_k experts per token
     and never the others (decode steps). x [T, H] -> [T, H]."""
     t, h = x.shape
-    k = experts.shape[1]
+    return _combine(_assignment_outputs(x, experts, wi, wo, limit).reshape(t, experts.shape[1], h), weights, x.dtype)
+
+
+def _assignment_outputs(x, experts, wi, wo, limit: float = 0.0):
+    """[T*k, H]: each (token, chosen expert) assignment's expert output, the expert's weights gathered by id."""
     flat = experts.reshape(-1)
-    xs = jnp.repeat(x, k, axis=0)  # [T*k, H]
+    xs = jnp.repeat(x, experts.shape[1], axis=0)  # [T*k, H]
     gate_up = jnp.einsum("ah,ahgi->agi", xs, jnp.take(wi, flat, axis=0).astype(x.dtype))
-    ys = jnp.einsum("ai,aih->ah", _swiglu(gate_up, limit), jnp.take(wo, flat, axis=0).astype(x.dtype))
-    return _combine(ys.reshape(t, k, h), weights, x.dtype)
+    return jnp.einsum("ai,aih->ah", _swiglu(gate_up, limit), jnp.take(wo, flat, axis=0).astype(x.dtype))
 
 
 def experts_dense(x, weights, experts, wi, wo, limit: float = 0.0):
@@ -139,6 +143,16 @@ def experts_dense(x, weights, experts, wi, wo, limit: float = 0.0):
     ys = jnp.einsum("tei,eih->teh", _swiglu(gate_up, limit), wo.astype(x.dtype))
     dense_weights = jnp.zeros((t, e), jnp.float32).at[jnp.arange(t)[:, None], experts].add(weights)
     return jnp.einsum("teh,te->th", ys.astype(jnp.float32), dense_weights).astype(x.dtype)
+
+
+def reap_scores(x, weights, experts, wi, wo, limit: float = 0.0):
+    """[2, E]: per expert, the sum over the tokens routed to it of gate weight x the norm of its output (REAP:
+    router-weighted expert activation), and how many tokens were routed to it (calibration batches, not a
+    training path)."""
+    e, flat = wi.shape[0], experts.reshape(-1)
+    ys = _assignment_outputs(x, experts, wi, wo, limit)
+    norms = jnp.linalg.norm(ys.astype(jnp.float32), axis=-1) * weights.reshape(-1).astype(jnp.float32)
+    return jnp.stack([jax.ops.segment_sum(norms, flat, e), jnp.bincount(flat, length=e).astype(jnp.float32)])
 
 
 EXPERT_IMPLS = {"ragged": experts_ragged, "gather": experts_gather, "dense": experts_dense}
@@ -208,8 +222,9 @@ class Experts(nn.Module, kw_only=True):
                 x, weights, experts, wi, wo, mode="gather" if impl == "gather" else "all_to_all",
                 ffn=functools.partial(ragged_ffn, limit=self.swiglu_limit),
                 gather_fn=functools.partial(experts_gather, limit=self.swiglu_limit))
-        y = EXPERT_IMPLS[impl](x.reshape(tokens, h), weights.reshape(tokens, -1), experts.reshape(tokens, -1), wi, wo,
-                               self.swiglu_limit)
+        flat_x, flat_w, flat_e = x.reshape(tokens, h), weights.reshape(tokens, -1), experts.reshape(tokens, -1)
+        record(self, "expert_reap", lambda: reap_scores(flat_x, flat_w, flat_e, wi, wo, self.swiglu_limit))
+        y = EXPERT_IMPLS[impl](flat_x, flat_w, flat_e, wi, wo, self.swiglu_limit)
         return y.reshape(x.shape)
 
 

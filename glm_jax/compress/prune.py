@@ -1,0 +1,187 @@
+"""Structured pruning: importance from calibration data, then a smaller model of the same family (docs/compression.md).
+
+    scores = collect_importance(model, params, batches)          # one jitted pass per batch
+    plan = choose_units(cfg, scores, mlp_keep=0.75, kv_groups_keep=0.5, layers_drop=1, experts_keep=6)
+    new_cfg, new_params = apply_plan(cfg, params, plan)           # real slices, a consistent config
+
+Units and their scores (summed over the calibration tokens by glm_jax/model/layers/importance.py):
+  MLP channels   sum of each channel's squared activation silu(gate) * up (Minitron's activation score)
+  KV groups      sum of the squared attention outputs of the group's query heads (whole groups: GQA stays valid)
+  layers         block influence, mean over tokens of 1 - cos(block input, block output) (ShortGPT)
+  experts        REAP: mean over the tokens routed to an expert of gate weight x its output's norm; "frequency":
+                 how many tokens were routed to it
+Every layer keeps the same number of units (its own best ones): the configs of every format have one width.
+`method="random"` draws the kept units uniformly instead (the baseline importance must beat).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax.config import GLMConfig
+from glm_jax.model import stack_layers, unstack_layers
+from glm_jax.model.layers.importance import COLLECTION
+
+
+@dataclasses.dataclass
+class PrunePlan:
+    """What each block keeps (indices into the original units, sorted), and which blocks stay."""
+
+    layers: list[int]  # the original indices of the blocks kept
+    mlp: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # block -> MLP channels kept
+    kv_groups: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # block -> KV groups kept
+    experts: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # block -> routed experts kept
+
+    def to_json(self) -> dict:
+        return {"layers_kept": self.layers,
+                **{name: {str(b): v.tolist() for b, v in getattr(self, name).items()}
+                   for name in ("mlp", "kv_groups", "experts") if getattr(self, name)}}
+
+
+# ------------------------------------------------------------------------------------------------ importance
+
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_stats(model, params, tokens, segments):
+    _, variables = model.apply({"params": params}, tokens, segment_ids=segments, mutable=[COLLECTION])
+    return variables[COLLECTION]
+
+
+def collect_importance(model, params, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+    """Per block (in layer order), the activation statistics summed over `batches` of (tokens, segment_ids)
+    [B, S]: {"mlp_channels": [F], "head_norms": [H], "block_influence": [2], "expert_reap": [2, E]} as the block
+    has them."""
+    total = None
+    for tokens, segments in batches:
+        stats = _batch_stats(model, params, jnp.asarray(tokens), jnp.asarray(segments))
+        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    if total is None:
+        raise ValueError("calibration: no batches (the calibration data is empty)")
+    blocks = unstack_layers({"model": jax.device_get(total)["model"]})["model"]
+    out = []
+    for i in range(len([k for k in blocks if k.startswith("layers_")])):
+        flat = {}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(blocks[f"layers_{i}"]):
+            keys = [getattr(p, "key", None) for p in path]
+            name = next(k for k in reversed(keys) if isinstance(k, str))
+            if name == "mlp_channels" and "shared_experts" in keys:
+                continue  # a MoE block's shared expert: its width is the experts' (not pruned here)
+            flat[name] = np.asarray(leaf)
+        out.append(flat)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ choosing
+
+def _top(scores: np.ndarray, keep: int, rng: np.random.Generator | None) -> np.ndarray:
+    order = rng.permutation(len(scores)) if rng is not None else np.argsort(-scores, kind="stable")
+    return np.sort(order[:keep])
+
+
+def _count(total: int, keep: float | int | None, what: str) -> int:
+    """keep as a fraction (0, 1] of total, or a count (int >= 1)."""
+    n = int(round(total * keep)) if isinstance(keep, float) else int(keep)
+    if not 1 <= n <= total:
+        raise ValueError(f"{what}: keeping {keep} of {total} leaves {n}; keep at least 1 and at most all")
+    return n
+
+
+def choose_units(cfg: GLMConfig, scores: list[dict], *, mlp_keep: float | int | None = None,
+                 kv_groups_keep: float | int | None = None, layers_drop: int | Iterable[int] = 0,
+                 experts_keep: int | None = None, expert_score: str = "reap", method: str = "importance",
+                 seed: int = 0) -> PrunePlan:
+    """The units to keep. `layers_drop`: how many blocks (the lowest block influence; the first block never goes)
+    or an explicit list of block indices. `expert_score`: "reap" or "frequency"."""
+    if method not in ("importance", "random"):
+        raise ValueError(f"method: {method!r} is not 'importance' or 'random'")
+    rng = np.random.default_rng(seed) if method == "random" else None
+    n = cfg.num_layers
+    if isinstance(layers_drop, int):
+        if not 0 <= layers_drop < n:
+            raise ValueError(f"layers_drop: {layers_drop} of {n} layers; keep at least one")
+        influence = np.array([s["block_influence"][0] / max(s["block_influence"][1], 1.0) for s in scores])
+        influence[0] = np.inf  # the first block reads the embeddings: never a candidate
+        candidates = rng.permutation(np.arange(1, n)) if rng is not None else np.argsort(influence, kind="stable")
+        dropped = set(int(i) for i in candidates[:layers_drop])
+    else:
+        dropped = set(int(i) for i in layers_drop)
+        if not dropped <= set(range(n)) or len(dropped) >= n:
+            raise ValueError(f"layers_drop: {sorted(dropped)} are not block indices below {n} leaving one")
+    plan = PrunePlan(layers=[i for i in range(n) if i not in dropped])
+    for i in plan.layers:
+        s = scores[i]
+        if mlp_keep is not None and "mlp_channels" in s:
+            plan.mlp[i] = _top(s["mlp_channels"], _count(len(s["mlp_channels"]), mlp_keep, "mlp_keep"), rng)
+        if kv_groups_keep is not None:
+            if cfg.is_mla:
+                raise ValueError("kv_groups_keep: MLA models have no KV groups (their heads share one latent)")
+            per_group = s["head_norms"].reshape(cfg.num_kv_heads, -1).sum(-1)
+            plan.kv_groups[i] = _top(per_group, _count(cfg.num_kv_heads, kv_groups_keep, "kv_groups_keep"), rng)
+        if experts_keep is not None and "expert_reap" in s:
+            reap, counts = s["expert_reap"]
+            score = {"reap": reap / np.maximum(counts, 1.0), "frequency": counts}[expert_score]
+            plan.experts[i] = _top(score, _count(cfg.n_routed_experts, experts_keep, "experts_keep"), rng)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ slicing
+
+def _take(tree: dict, path: tuple[str, ...], index: np.ndarray, axis: int) -> None:
+    """tree[path] sliced to `index` along `axis` (in place on the dicts, when the leaf exists)."""
+    *parents, leaf = path
+    node = tree
+    for key in parents:
+        if key not in node:
+            return
+        node[key] = dict(node[key])
+        node = node[key]
+    if leaf in node:
+        node[leaf] = jnp.take(node[leaf], jnp.asarray(index), axis=axis)
+
+
+def apply_plan(cfg: GLMConfig, params, plan: PrunePlan) -> tuple[GLMConfig, dict]:
+    """(pruned config, pruned parameters): the kept blocks with their kept units; embeddings, norms and the head
+    as they were."""
+    if cfg.is_glm5_next or cfg.indexer_types:
+        raise ValueError("prune: per-layer layer / indexer types (glm5_next, GLM-5 shared indexers) are not supported")
+    if cfg.num_mtp_layers and plan.layers != list(range(cfg.num_layers)):
+        raise ValueError("layers_drop: the model has MTP layers, which read the last block's output; drop no layers")
+    unstacked = unstack_layers(params)
+    model = {k: v for k, v in unstacked["model"].items() if not k.startswith("layers_")}
+    for new, old in enumerate(plan.layers):
+        block = dict(unstacked["model"][f"layers_{old}"])
+        if old in plan.mlp:
+            _take(block, ("mlp", "wi", "kernel"), plan.mlp[old], -1)
+            _take(block, ("mlp", "wo", "kernel"), plan.mlp[old], 0)
+        if old in plan.kv_groups:
+            groups = plan.kv_groups[old]
+            heads = (groups[:, None] * cfg.kv_groups + np.arange(cfg.kv_groups)[None]).reshape(-1)
+            for name, index in (("query", heads), ("key", groups), ("value", groups)):
+                _take(block, ("attention", name, "kernel"), index, 1)
+                _take(block, ("attention", name, "bias"), index, 0)
+            _take(block, ("attention", "out", "kernel"), heads, 0)
+        if old in plan.experts:
+            kept = plan.experts[old]
+            _take(block, ("mlp", "router", "kernel"), kept, 1)
+            _take(block, ("mlp", "router", "e_score_correction_bias"), kept, 0)
+            _take(block, ("mlp", "experts", "wi"), kept, 0)
+            _take(block, ("mlp", "experts", "wo"), kept, 0)
+        model[f"layers_{new}"] = block
+    changes = {"num_layers": len(plan.layers)}
+    if cfg.is_moe:
+        changes["first_k_dense_replace"] = sum(i < cfg.first_k_dense_replace for i in plan.layers)
+    if plan.mlp:
+        changes["ffn_hidden_size"] = len(next(iter(plan.mlp.values())))
+    if plan.kv_groups:
+        kv = len(next(iter(plan.kv_groups.values())))
+        changes.update(num_kv_heads=kv, num_heads=kv * cfg.kv_groups)
+    if plan.experts:
+        changes["n_routed_experts"] = len(next(iter(plan.experts.values())))
+    new_cfg = cfg.replace(**changes)
+    new_params = {**unstacked, "model": model}
+    return new_cfg, (stack_layers(new_params) if cfg.scan_layers else new_params)

@@ -1,0 +1,137 @@
+"""Structured pruning (glm_jax/compress): a pruned tiny model of each family is a real smaller checkpoint that
+transformers loads with glm_jax's logits; the units kept are the ones the scores rank highest; bad destinations
+and arguments are one line and exit 2, and nothing already on disk is touched."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import transformers
+
+from glm_jax import GLMForCausalLM, load_hf
+from glm_jax.compress import apply_plan, choose_units, collect_importance
+from glm_jax.compress.__main__ import main
+from hf_models import randomize, rel_err, tiny_hf_config, tiny_oracle, torch_logits
+from test_train_run import ROOT
+
+CORPUS = ROOT / "data" / "corpus" / "bible_asv_en.txt"
+VOCAB = 8192  # the shipped tokenizer's (the tiny checkpoints carry no tokenizer files)
+SMALL = ["--seq-len", "32", "--samples", "8", "--eval-samples", "4", "--batch-size", "4"]
+
+CASES = {  # family: (oracle, pruning flags, what the pruned config.json says)
+    "glm4": (lambda: randomize(transformers.Glm4ForCausalLM(tiny_hf_config(glm4=True, vocab=VOCAB, layers=3, heads=4,
+                                                                            groups=2)), seed=1),
+             ["--mlp-keep", "0.5", "--heads-keep", "0.5", "--layers-drop", "1"],
+             {"num_hidden_layers": 2, "num_key_value_heads": 1, "num_attention_heads": 2, "intermediate_size": 48}),
+    "glm4_moe": (lambda: tiny_oracle("glm4_moe", seed=2, vocab_size=VOCAB, n_group=1, topk_group=1),
+                 ["--experts-keep", "5", "--mlp-keep", "0.5", "--heads-keep", "0.5"],
+                 {"n_routed_experts": 5, "num_key_value_heads": 1, "intermediate_size": 48, "num_hidden_layers": 3}),
+    "glm4_moe_lite": (lambda: tiny_oracle("glm4_moe_lite", seed=3, vocab_size=VOCAB, n_group=1, topk_group=1),
+                      ["--experts-keep", "4", "--layers-drop", "1", "--expert-score", "frequency"],
+                      {"n_routed_experts": 4, "num_hidden_layers": 2}),
+}
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_pruned_checkpoint_loads_in_transformers_with_our_logits(family, tmp_path, capsys):
+    make, flags, expected = CASES[family]
+    make().save_pretrained(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["prune", "--checkpoint", str(tmp_path / "in"), "--calibration", str(CORPUS), "--out", str(out),
+                 *SMALL, *flags]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in expected} == expected
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["params_after"] < report["params_before"] and np.isfinite(report["eval_loss_after"])
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["params_after"] == report["params_after"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    bias = sum(b.numel() for n, b in theirs.named_buffers() if n.endswith("e_score_correction_bias"))  # a buffer there
+    assert sum(p.numel() for p in theirs.parameters()) + bias == report["params_after"]
+    cfg, params = load_hf(out)
+    ids = np.random.RandomState(0).randint(3, VOCAB, (2, 12))
+    ours = np.asarray(jax.jit(lambda p, x: GLMForCausalLM(cfg).apply({"params": p}, x))(params, ids))
+    assert rel_err(ours, torch_logits(theirs, ids)) < 1e-4
+
+
+def test_the_highest_scores_are_kept():
+    """choose_units keeps each layer's top channels / groups / experts by its own scores, drops the blocks that
+    change their input least (never the first), and `random` keeps as many units."""
+    from glm_jax import GLMConfig
+
+    cfg = GLMConfig.from_preset("glm-moe-test")  # 1 dense + 2 MoE blocks, 4 heads in 2 groups, 8 experts
+    rng = np.random.default_rng(0)
+    scores = [{"mlp_channels": rng.random(160), "head_norms": np.array([1.0, 1.0, 5.0, 5.0]),
+               "block_influence": np.array([influence * 10, 10.0])} for influence in (0.01, 0.5, 0.2)]
+    for s in scores[1:]:
+        s["expert_reap"] = np.stack([np.arange(8.0), np.full(8, 2.0)])
+    plan = choose_units(cfg, scores, mlp_keep=0.25, kv_groups_keep=1, layers_drop=1, experts_keep=3)
+    assert plan.layers == [0, 1]  # block 2 has the lowest influence; block 0 is never dropped
+    np.testing.assert_array_equal(plan.mlp[0], np.sort(np.argsort(-scores[0]["mlp_channels"])[:40]))
+    assert plan.kv_groups[1].tolist() == [1] and plan.experts[1].tolist() == [5, 6, 7]
+    rand = choose_units(cfg, scores, mlp_keep=0.25, layers_drop=1, method="random", seed=1)
+    assert len(rand.layers) == 2 and all(len(v) == 40 for v in rand.mlp.values())
+
+
+def test_importance_is_sown_per_block_only_when_asked():
+    """collect_importance returns per-block sums for every unit kind; an apply that does not ask for the
+    importance collection (training asks for "intermediates") computes none of it."""
+    from glm_jax import GLMConfig, init_params
+
+    cfg = GLMConfig.from_preset("glm-moe-test")
+    model = GLMForCausalLM(cfg)
+    params = init_params(model, jax.random.key(0))
+    tokens = np.random.RandomState(0).randint(3, cfg.vocab_size, (2, 16)).astype(np.int32)
+    scores = collect_importance(model, params, [(tokens, np.ones_like(tokens))] * 2)
+    assert len(scores) == 3 and scores[0]["mlp_channels"].shape == (cfg.ffn_hidden_size,)
+    assert scores[1]["expert_reap"].shape == (2, 8) and scores[1]["expert_reap"][1].sum() == 2 * 32 * 2
+    assert all(s["head_norms"].shape == (4,) and s["block_influence"][1] == 64 for s in scores)
+    _, variables = model.apply({"params": params}, tokens, mutable=["intermediates"])  # what training asks for
+    assert "importance" not in variables and "mlp_channels" not in str(jax.tree_util.tree_structure(variables))
+    new_cfg, new_params = apply_plan(cfg, params, choose_units(cfg, scores, experts_keep=4, layers_drop=[2]))
+    assert new_cfg.num_layers == 2 and new_params["model"]["moe_layers"]["mlp"]["experts"]["wi"].shape[:2] == (1, 4)
+
+
+def test_bad_destination_and_flags_are_one_line_and_touch_nothing(tmp_path, capsys):
+    cfg_dir = tmp_path / "in"
+    randomize(transformers.Glm4ForCausalLM(tiny_hf_config(glm4=True, vocab=VOCAB)), seed=1).save_pretrained(cfg_dir)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    base = ["prune", "--checkpoint", str(cfg_dir), "--calibration", str(CORPUS), *SMALL]
+    assert main([*base, "--out", str(busy), "--mlp-keep", "0.5"]) == 2
+    assert (busy / "keep.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
+    assert main([*base, "--out", str(cfg_dir / "sub")]) == 2  # inside the checkpoint
+    assert main([*base, "--out", str(tmp_path / "o"), "--mlp-keep", "1.5"]) == 2
+    assert main([*base, "--out", str(tmp_path / "o"), "--layers-drop", "2"]) == 2  # all layers
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(err) == 4 and "Traceback" not in stderr, stderr
+    assert "--out" in err[0] and "--out" in err[1] and "--mlp-keep" in err[2] and "--layers-drop" in err[3]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_thudm_checkpoint_is_pruned_into_the_thudm_layout(tmp_path):
+    """ChatGLM3's layout in, the same layout out (fused query_key_value, chatglm config.json), holding exactly the
+    pruned model: its logits equal those of the plan applied in memory."""
+    from glm_jax import GLMConfig, init_params, save_hf
+    from glm_jax.compress.__main__ import calibration_rows
+    from glm_jax.tokenizers import SentencePieceTokenizer
+
+    cfg = GLMConfig.from_preset("glm-test", vocab_size=VOCAB)  # ChatGLM3-shaped: 4 heads in 2 groups, qkv bias
+    model = GLMForCausalLM(cfg)
+    params = init_params(model, jax.random.key(4))
+    save_hf(cfg, params, tmp_path / "in", format="thudm")
+    flags = ["--mlp-keep", "0.75", "--heads-keep", "0.5"]
+    assert main(["prune", "--checkpoint", str(tmp_path / "in"), "--calibration", str(CORPUS),
+                 "--out", str(tmp_path / "out"), *SMALL, *flags]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "chatglm" and config["multi_query_group_num"] == 1
+    assert config["ffn_hidden_size"] == 120 and config["num_attention_heads"] == 2
+    cfg2, params2 = load_hf(tmp_path / "out")
+    rows = calibration_rows([CORPUS], SentencePieceTokenizer(), 32, 12)[4:]
+    scores = collect_importance(model, params, [(rows[:4, 0], rows[:4, 1]), (rows[4:, 0], rows[4:, 1])])
+    new_cfg, new_params = apply_plan(cfg, params, choose_units(cfg, scores, mlp_keep=0.75, kv_groups_keep=0.5))
+    ids = np.random.RandomState(1).randint(3, VOCAB, (2, 10))
+    run = lambda c, p: np.asarray(GLMForCausalLM(c).apply({"params": p}, ids))  # noqa: E731
+    np.testing.assert_allclose(run(cfg2, params2), run(new_cfg, new_params), atol=1e-5)
