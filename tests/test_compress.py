@@ -135,3 +135,29 @@ def test_a_thudm_checkpoint_is_pruned_into_the_thudm_layout(tmp_path):
     ids = np.random.RandomState(1).randint(3, VOCAB, (2, 10))
     run = lambda c, p: np.asarray(GLMForCausalLM(c).apply({"params": p}, ids))  # noqa: E731
     np.testing.assert_allclose(run(cfg2, params2), run(new_cfg, new_params), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_importance_pruning_loses_less_than_random_pruning_of_a_trained_model(tmp_path, capsys):
+    """glm-test trained by train.py on 80% of a corpus; half its MLP channels and KV groups pruned, importance
+    measured on the other 20%: the held-out loss rises by less than half as much as under random pruning of the
+    same units (mean of three draws). Measured 2026-12-04: +0.036 against +0.18, +0.054, +0.20."""
+    from test_train_run import train
+
+    lines = CORPUS.read_text().splitlines()
+    cut = len(lines) * 4 // 5
+    (tmp_path / "train.txt").write_text("\n".join(lines[:cut]))
+    (tmp_path / "held.txt").write_text("\n".join(lines[cut:]))
+    train(tmp_path / "run", f"data.train_files=[{tmp_path / 'train.txt'}]", "data.seq_len=64", "data.max_tokens=null",
+          "train.lr=3e-3", "train.warmup_steps=5", "train.steps=80", "train.eval_every=0", "data.eval_fraction=0",
+          "checkpoint.every=1000", f"export.path={tmp_path / 'export'}", "export.format=transformers")
+    rises = {}
+    for method, seed in (("importance", 0), ("random", 0), ("random", 1), ("random", 2)):
+        out = tmp_path / f"{method}{seed}"
+        assert main(["prune", "--checkpoint", str(tmp_path / "export"), "--calibration", str(tmp_path / "held.txt"),
+                     "--out", str(out), "--mlp-keep", "0.5", "--heads-keep", "0.5", "--seq-len", "64",
+                     "--samples", "32", "--eval-samples", "16", "--method", method, "--seed", str(seed)]) == 0
+        report = json.loads((out / "prune_report.json").read_text())
+        rises[method, seed] = report["eval_loss_after"] - report["eval_loss_before"]
+    random_mean = np.mean([v for (m, _), v in rises.items() if m == "random"])
+    assert 0 < rises["importance", 0] < 0.5 * random_mean, rises

@@ -39,6 +39,8 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts-keep", type=int, help="routed experts to keep in each MoE layer")
     p.add_argument("--expert-score", choices=("reap", "frequency"), default="reap")
     p.add_argument("--method", choices=("importance", "random"), default="importance")
+    p.add_argument("--text-split", choices=("paragraph", "line", "file"), default="paragraph",
+                   help=".txt documents, as train.py's data.text_split")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--samples", type=int, default=256, help="calibration rows of seq-len tokens")
     p.add_argument("--eval-samples", type=int, default=64, help="held-out rows for the eval loss before / after")
@@ -48,14 +50,14 @@ def _arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def calibration_rows(files, tok, seq_len: int, count: int) -> np.ndarray:
+def calibration_rows(files, tok, seq_len: int, count: int, text_split: str = "paragraph") -> np.ndarray:
     """[n, 2, seq_len] packed (tokens, segment_ids) rows from the files' documents, up to `count`."""
     def docs():
         for f in files:
             path = Path(f)
             if not path.is_file():
                 raise DataError(f"--calibration: {path}: no such file")
-            for text in read_text_documents(path, "paragraph", BadRecords()):
+            for text in read_text_documents(path, text_split, BadRecords()):
                 yield tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
 
     rows = []
@@ -118,7 +120,7 @@ def prune_command(args) -> dict:
     _check_flags(args, cfg)
     fmt = detect_format(ckpt)[0] if (ckpt / "config.json").exists() else "transformers"
     tok = tokenizer_or_shipped(args.tokenizer or default_tokenizer(ckpt))
-    rows = calibration_rows(args.calibration, tok, args.seq_len, args.samples + args.eval_samples)
+    rows = calibration_rows(args.calibration, tok, args.seq_len, args.samples + args.eval_samples, args.text_split)
     if len(rows) <= args.eval_samples:
         raise DataError(f"--calibration: {len(rows)} rows of {args.seq_len} tokens; need more than --eval-samples "
                         f"({args.eval_samples}) plus calibration rows")
