@@ -92,9 +92,46 @@ def step_builder(cfg: Config, model, task: str):
     tx, schedule = make_optimizer(t, frozen=frozen)
     lora = ({"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout}
             if t.mode == "lora" else None)
+    d = cfg.distill
+    teacher = None if d.teacher is None else teacher_model(cfg, model.cfg)
     return StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora, ptuning=t.mode == "ptuning",
                        loss_chunk=t.loss_chunk, moe_bias_update_rate=t.moe_bias_update_rate,
-                       moe_balance_loss=t.moe_balance_loss, mtp_loss_weight=t.mtp_loss_weight)
+                       moe_balance_loss=t.moe_balance_loss, mtp_loss_weight=t.mtp_loss_weight, teacher=teacher,
+                       distill=None if teacher is None else {"temperature": d.temperature, "alpha": d.alpha,
+                                                             "kl": d.kl})
+
+
+def teacher_model(cfg: Config, student_cfg: GLMConfig):
+    """The distillation teacher's model (distill.teacher: a checkpoint or train.py run directory), in
+    distill.teacher_dtype; ConfigError unless its vocabulary is the student's."""
+    path = Path(cfg.distill.teacher)
+    dtype = cfg.distill.teacher_dtype
+    try:
+        if (path / "config.json").is_file():
+            tc = GLMConfig.from_hf(path, dtype=dtype, param_dtype=dtype)
+        else:
+            tc = build_model_config(load_config(path / "config.yaml", check_paths=False)).replace(
+                dtype=dtype, param_dtype=dtype, remat_policy="none")
+    except (ValueError, KeyError, OSError) as e:
+        raise ConfigError(f"distill.teacher: {path}: {e.args[0] if e.args else e}") from None
+    if tc.vocab_size != student_cfg.vocab_size:
+        raise ConfigError(f"distill.teacher: its vocabulary ({tc.vocab_size}) is not the student's "
+                          f"({student_cfg.vocab_size}); distillation compares their next-token distributions")
+    return GLMForCausalLM(tc.replace(num_mtp_layers=0) if tc.num_mtp_layers else tc)
+
+
+def load_teacher(cfg: Config, teacher, mesh):
+    """(teacher parameters in distill.teacher_dtype placed over the mesh by the logical rules, their shardings)."""
+    shardings = param_shardings(param_specs(teacher), mesh)
+    path, dtype = Path(cfg.distill.teacher), jnp.dtype(cfg.distill.teacher_dtype)
+    if (path / "config.json").is_file():
+        _, params = load_hf(path, shardings=shardings, dtype=dtype.name, param_dtype=dtype.name, num_mtp_layers=0)
+    else:
+        _, params = load_run(path)
+    # the output model only: MTP layers do not teach
+    params = {k: ({n: v for n, v in params[k].items() if n != "mtp"} if k == "model" else params[k]) for k in shardings}
+    params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings)(params)
+    return params, shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +334,9 @@ def initial_state(cfg: Config, parts: ModelParts, ckpt: Checkpointer, loader: Gr
         init_trainable = lambda: {"prefix": base["model"]["prefix"]}  # noqa: E731
     else:
         frozen, init_trainable = {}, lambda: base  # noqa: E731
+    if parts.builder.teacher is not None:  # frozen beside the student's frozen part, never in the checkpoint
+        teacher, teacher_shard = load_teacher(cfg, parts.builder.teacher, mesh)
+        frozen, frozen_shard = {**(frozen or {}), "teacher": teacher}, {**frozen_shard, "teacher": teacher_shard}
     abstract_state = jax.eval_shape(lambda p: make_state(p, tx, t.seed), abstract_trainable)
     s_shard = state_shardings(abstract_state, train_shard, tx, mesh)
     if resume:
@@ -357,6 +397,8 @@ class TrainRun:
             sums = out if sums is None else {k: sums[k] + out[k] for k in out}
         loss = float(sums["loss_sum"] / max(sums["count"], 1.0))
         res = {"eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 50.0)))}
+        if "kl_sum" in sums:  # distillation: the KL to the teacher on the eval data
+            res["eval_kl"] = float(sums["kl_sum"] / max(sums["count"], 1.0))
         if self.task == "classification":
             res["eval_accuracy"] = float(sums["correct"] / max(sums["count"], 1.0))
         if "mtp_count" in sums:

@@ -150,6 +150,18 @@ class ExportSection:
 
 
 @dataclasses.dataclass
+class DistillSection:
+    # Knowledge distillation (docs/training.md, "Distillation"): set `teacher` to train the model (full or LoRA) on
+    # alpha * T^2 KL(teacher || student at temperature T) + (1 - alpha) * the data loss, the teacher frozen in the
+    # same step. A checkpoint directory glm_jax loads (THUDM, transformers) or a train.py run directory.
+    teacher: Optional[str] = None
+    temperature: float = 1.0
+    alpha: float = 0.5  # the weight of the KL term; 1: distillation only
+    kl: str = "forward"  # forward: KL(teacher || student), mass-covering; reverse: KL(student || teacher)
+    teacher_dtype: str = "bfloat16"  # the teacher's parameters and activations (no optimizer state for it)
+
+
+@dataclasses.dataclass
 class Config:
     run_dir: str = "runs/tiny"
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -161,6 +173,7 @@ class Config:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
     export: ExportSection = dataclasses.field(default_factory=ExportSection)
+    distill: DistillSection = dataclasses.field(default_factory=DistillSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -177,6 +190,8 @@ CHOICES = {
     "model.remat_policy": (*REMAT_POLICIES, None),
     "model.attention_impl": (*ATTENTION_IMPLS, None),
     "export.format": ("transformers", "thudm"),
+    "distill.kl": ("forward", "reverse"),
+    "distill.teacher_dtype": DTYPES,
 }
 LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo", "experts_wi", "experts_wo",  # glm_jax/train/lora.py
                 "q_a", "q_b", "kv_a", "kv_b",  # latent attention (MLA)
@@ -329,6 +344,7 @@ def validate_static(cfg: Config) -> None:
     _check_optimizer(cfg.train)
     _check_data(cfg)
     _check_adapters(cfg)
+    _check_distill(cfg)
     _check_mesh(cfg)
     if cfg.model.overrides:
         fields = {f.name for f in dataclasses.fields(GLMConfig)}
@@ -406,6 +422,24 @@ def _check_adapters(cfg: Config) -> None:
         raise ConfigError(f"lora.targets: unknown target(s) {bad_targets}, expected some of {list(LORA_TARGETS)}")
 
 
+def _check_distill(cfg: Config) -> None:
+    k = cfg.distill
+    if k.teacher is None:
+        return
+    if not 0 <= k.alpha <= 1:
+        raise ConfigError(f"distill.alpha: must be in [0, 1], got {k.alpha}")
+    if not k.temperature > 0:
+        raise ConfigError(f"distill.temperature: must be positive, got {k.temperature}")
+    if cfg.data.task == "classification":
+        raise ConfigError("distill.teacher: distillation matches next-token distributions (data.task pretrain or "
+                          "sft), not a classification head")
+    if cfg.train.mode == "ptuning" or cfg.train.loss_chunk or cfg.train.mtp_loss_weight:
+        key = ("train.mode" if cfg.train.mode == "ptuning" else
+               "train.loss_chunk" if cfg.train.loss_chunk else "train.mtp_loss_weight")
+        raise ConfigError(f"{key}: not with distill.teacher yet (distillation runs full or LoRA training on whole "
+                          f"logits)")
+
+
 def _check_mesh(cfg: Config) -> None:
     m, d = cfg.mesh, cfg.data
     sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.sequence": m.sequence, "mesh.tensor": m.tensor}
@@ -439,6 +473,12 @@ def validate_paths(cfg: Config) -> None:
                               f"or a checkpoint directory)")
         if not p.is_file() and not p.is_dir():
             raise ConfigError(f"data.tokenizer: {p} is not a file or a directory")
+    teacher = cfg.distill.teacher
+    if teacher is not None:
+        p = Path(teacher)
+        if not (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+            raise ConfigError(f"distill.teacher: {p} is not a checkpoint directory (no config.json) or a train.py run "
+                              f"directory (no config.yaml)")
     if not cfg.run_dir.strip():
         raise ConfigError("run_dir: empty path (the run directory would be the current directory)")
     run_dir = Path(cfg.run_dir)

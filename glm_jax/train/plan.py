@@ -19,7 +19,9 @@ import time
 
 import jax
 import numpy as np
+from flax import linen as nn
 
+from glm_jax import param_shardings, param_specs
 from glm_jax.sharding import use_mesh
 from glm_jax.train import data as D
 from glm_jax.train.build import ModelParts, build_model, trainable_layout
@@ -155,6 +157,10 @@ def abstract_step_inputs(cfg: Config, parts: ModelParts):
     abstract values carrying their shardings: what the compiler needs, without data or parameters."""
     t, dc, mesh, tx = cfg.train, cfg.data, parts.mesh, parts.builder.tx
     trainable, train_shard, frozen, frozen_shard = trainable_layout(cfg, parts.boxed, parts.p_shard, mesh)
+    if parts.builder.teacher is not None:  # the distillation teacher: frozen, in the same step (build.load_teacher)
+        teacher_specs = param_specs(parts.builder.teacher)
+        frozen = {**frozen, "teacher": nn.unbox(teacher_specs)}
+        frozen_shard = {**frozen_shard, "teacher": param_shardings(teacher_specs, mesh)}
     abstract_state = jax.eval_shape(lambda p: make_state(p, tx, t.seed), trainable)
     s_shard = state_shardings(abstract_state, train_shard, tx, mesh)
     micro = t.global_batch_size // t.grad_accum

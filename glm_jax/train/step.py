@@ -103,6 +103,16 @@ def lm_token_losses(logits, targets, z_loss: float):
     return lse - target_logit, z_loss * jnp.square(lse)
 
 
+def distillation_kl(student_logits, teacher_logits, temperature: float = 1.0, kind: str = "forward"):
+    """Per token T^2 KL between the teacher's and the student's next-token distributions at temperature T (Hinton
+    et al., 2015; the T^2 keeps the gradient's scale independent of T): "forward" KL(teacher || student),
+    "reverse" KL(student || teacher). fp32 over the whole vocabulary."""
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    p, log_p, log_q = (jnp.exp(t), t, s) if kind == "forward" else (jnp.exp(s), s, t)
+    return temperature ** 2 * jnp.sum(p * (log_p - log_q), axis=-1)
+
+
 class StepBuilder:
     """Builds `train_step(state, frozen, batch) -> (state, metrics)` and `eval_step(state, frozen, batch)`.
 
@@ -111,8 +121,12 @@ class StepBuilder:
 
     def __init__(self, model, tx: optax.GradientTransformation, schedule: Callable, task: str, z_loss: float = 0.0,
                  on_nan: str = "stop", lora: dict | None = None, ptuning: bool = False, loss_chunk: int = 0,
-                 moe_bias_update_rate: float = 0.0, moe_balance_loss: float = 0.0, mtp_loss_weight: float = 0.0):
+                 moe_bias_update_rate: float = 0.0, moe_balance_loss: float = 0.0, mtp_loss_weight: float = 0.0,
+                 teacher=None, distill: dict | None = None):
         self.model, self.tx, self.schedule, self.task = model, tx, schedule, task
+        # distillation: the frozen teacher model (its parameters are frozen["teacher"]) and
+        # {"temperature", "alpha", "kl"}
+        self.teacher, self.distill = teacher, distill
         self.loss_chunk = loss_chunk
         # the MTP layers' loss (docs/mtp.md): added with this weight; 0 = they are not run
         self.mtp_loss_weight = mtp_loss_weight if task == "lm" and getattr(model.cfg, "num_mtp_layers", 0) else 0.0
@@ -124,6 +138,8 @@ class StepBuilder:
 
     # ---------------------------------------------------------------------------------------------- pieces
     def effective_params(self, params, frozen, rng=None, train: bool = False):
+        if self.teacher is not None:
+            frozen = {k: v for k, v in frozen.items() if k != "teacher"}
         if self.ptuning:  # trained: {"prefix": [L, 2, P, G, D]}; frozen: everything else
             return {**frozen, "model": {**frozen["model"], "prefix": params["prefix"]}}
         if self.lora is None:
@@ -142,8 +158,9 @@ class StepBuilder:
                                    **kw)
         return (out[0], router_stats(out[1])) if moe_stats else out
 
-    def sums(self, params, batch, moe_stats=False):
-        """(objective sum, aux sums) over one microbatch; with moe_stats, aux["moe"] = `router_stats`."""
+    def sums(self, params, batch, moe_stats=False, teacher_params=None):
+        """(objective sum, aux sums) over one microbatch; with moe_stats, aux["moe"] = `router_stats`; with a
+        teacher, aux["kl_sum"] (its parameters `teacher_params`)."""
         stats = []
 
         def forward(p, b, **kw):
@@ -153,10 +170,19 @@ class StepBuilder:
                 stats.append(st)
             return out
 
-        obj, aux = self._sums(params, batch, forward)
+        obj, aux = self._sums(params, batch, forward, teacher_params)
         return obj, ({**aux, "moe": stats[0]} if moe_stats else aux)
 
-    def _sums(self, params, batch, forward):
+    def teacher_part(self, frozen):
+        return frozen["teacher"] if self.teacher is not None else None
+
+    def teacher_logits(self, teacher_params, batch):
+        with axis_rules():
+            out = self.teacher.apply({"params": teacher_params}, batch["input_ids"],
+                                     segment_ids=batch.get("segment_ids"))
+        return jax.lax.stop_gradient(out)
+
+    def _sums(self, params, batch, forward, teacher_params=None):
         if self.task != "classification" and (self.loss_chunk or self.mtp_loss_weight):
             hidden = forward(params, batch, return_hidden=True)
             chunk = self.loss_chunk or hidden.shape[1]
@@ -178,7 +204,13 @@ class StepBuilder:
                                       "count": jnp.asarray(nll.shape[0], jnp.float32)}
         nll, z = lm_token_losses(logits, batch["targets"], self.z_loss)
         mask = batch["loss_mask"].astype(jnp.float32)
-        return jnp.sum((nll + z) * mask), {"loss_sum": jnp.sum(nll * mask), "count": jnp.sum(mask)}
+        data, aux = jnp.sum((nll + z) * mask), {"loss_sum": jnp.sum(nll * mask), "count": jnp.sum(mask)}
+        if self.teacher is None:
+            return data, aux
+        d = self.distill
+        kl = jnp.sum(distillation_kl(logits, self.teacher_logits(teacher_params, batch), d["temperature"], d["kl"])
+                     * mask)
+        return d["alpha"] * kl + (1.0 - d["alpha"]) * data, {**aux, "kl_sum": kl}
 
     def mtp_sums(self, params, batch, hidden, chunk: int):
         """(mean over depths of each depth's nll sum, {"mtp_loss_sum", "mtp_hits", "mtp_count"} summed over
@@ -211,7 +243,7 @@ class StepBuilder:
 
         def micro_loss(p, mb):
             eff = self.effective_params(p, frozen, rng, train=True)
-            obj, aux = self.sums(eff, mb, moe_stats=self.moe)
+            obj, aux = self.sums(eff, mb, moe_stats=self.moe, teacher_params=self.teacher_part(frozen))
             loss = obj / total
             if self.moe and self.moe_balance_loss:
                 loss = loss + self.moe_balance_loss * balance_sum(aux["moe"]) / n_seq
@@ -242,6 +274,8 @@ class StepBuilder:
                    "skipped": new_state["skipped"]}
         if self.task == "classification":
             metrics["accuracy"] = aux["correct"] / total
+        if self.teacher is not None:  # "loss" stays the data loss, comparable with runs without a teacher
+            metrics["kl"], metrics["data_loss"] = aux["kl_sum"] / jnp.maximum(aux["count"], 1.0), loss
         if self.mtp_loss_weight:
             mtp_count = jnp.maximum(aux["mtp_count"], 1.0)
             metrics["mtp_loss"], metrics["mtp_accuracy"] = aux["mtp_loss_sum"] / mtp_count, aux["mtp_hits"] / mtp_count
@@ -253,7 +287,7 @@ class StepBuilder:
 
     def eval_step(self, state, frozen, batch):
         eff = self.effective_params(state["params"], frozen)
-        _, aux = self.sums(eff, batch)
+        _, aux = self.sums(eff, batch, teacher_params=self.teacher_part(frozen))
         return aux
 
     # ---------------------------------------------------------------------------------------------- jit
