@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from glm_jax import GLMForCausalLM
 from glm_jax.chat import default_tokenizer, load_checkpoint, tokenizer_or_shipped
-from glm_jax.compress.prune import apply_plan, choose_units, collect_importance
+from glm_jax.compress.prune import apply_plan, choose_units, collect_importance, sparsify
 from glm_jax.convert.hf import detect_format, save_hf
 from glm_jax.train.atomic_dir import Protected, check_destination, write_atomically
 from glm_jax.train.config import TOKENIZER_FILES, ConfigError
@@ -39,6 +39,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts-keep", type=int, help="routed experts to keep in each MoE layer")
     p.add_argument("--expert-score", choices=("reap", "frequency"), default="reap")
     p.add_argument("--method", choices=("importance", "random"), default="importance")
+    p.add_argument("--sparsity", help="then mask the block linears: a fraction (0.5: unstructured) or 2:4")
+    p.add_argument("--sparsity-method", choices=("wanda", "magnitude"), default="wanda",
+                   help="wanda: |W| x ||X|| per output (default); magnitude: |W|")
     p.add_argument("--text-split", choices=("paragraph", "line", "file"), default="paragraph",
                    help=".txt documents, as train.py's data.text_split")
     p.add_argument("--seq-len", type=int, default=256)
@@ -111,6 +114,13 @@ def _check_flags(args, cfg) -> None:
         raise ConfigError("--heads-keep: an MLA model's heads share one latent (no KV groups to remove)")
     if cfg.quantization_bit:
         raise ConfigError("--checkpoint: a quantized checkpoint; prune the full-precision one, then quantize")
+    if args.sparsity is not None and args.sparsity != "2:4":
+        try:
+            ok = 0 < float(args.sparsity) < 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"--sparsity: {args.sparsity!r} is not a fraction in (0, 1) or 2:4")
 
 
 def prune_command(args) -> dict:
@@ -133,12 +143,19 @@ def prune_command(args) -> dict:
                         layers_drop=_layers_drop(args.layers_drop), experts_keep=args.experts_keep, expert_score=args.expert_score,
                         method=args.method, seed=args.seed)
     new_cfg, new_params = apply_plan(cfg, params, plan)
+    sparse = None
+    if args.sparsity is not None:  # on the pruned model, with its own input statistics when units went
+        structured = any(v is not None for v in (args.mlp_keep, args.heads_keep, args.experts_keep)) or \
+            args.layers_drop not in ("0", "")
+        sparse_scores = collect_importance(GLMForCausalLM(new_cfg), new_params, batches) if structured else scores
+        new_params, counts = sparsify(new_params, sparse_scores, args.sparsity, args.sparsity_method)
+        sparse = {"pattern": args.sparsity, "method": args.sparsity_method, **counts}
     report = {"checkpoint": str(ckpt), "format": fmt, "method": args.method,
               "params_before": cfg.num_params(), "params_after": new_cfg.num_params(),
               "eval_loss_before": eval_loss(model, params, held_out, args.batch_size),
               "eval_loss_after": eval_loss(GLMForCausalLM(new_cfg), new_params, held_out, args.batch_size),
               "calibration_rows": len(calib), "eval_rows": len(held_out), "seq_len": args.seq_len,
-              "plan": plan.to_json()}
+              "plan": plan.to_json(), **({"sparsity": sparse} if sparse else {})}
 
     def write(tmp: Path) -> None:
         save_hf(new_cfg, new_params, tmp, format=fmt)

@@ -69,6 +69,10 @@ def collect_importance(model, params, batches: Iterable[tuple[np.ndarray, np.nda
         for path, leaf in jax.tree_util.tree_leaves_with_path(blocks[f"layers_{i}"]):
             keys = [getattr(p, "key", None) for p in path]
             name = next(k for k in reversed(keys) if isinstance(k, str))
+            if name == "input_sq":  # per linear layer: {"attention/query": [in...], ...}
+                flat.setdefault("inputs", {})["/".join(k for k in keys if isinstance(k, str))[:-len("/input_sq")]] = \
+                    np.asarray(leaf)
+                continue
             if name == "mlp_channels" and "shared_experts" in keys:
                 continue  # a MoE block's shared expert: its width is the experts' (not pruned here)
             flat[name] = np.asarray(leaf)
@@ -185,3 +189,67 @@ def apply_plan(cfg: GLMConfig, params, plan: PrunePlan) -> tuple[GLMConfig, dict
     new_cfg = cfg.replace(**changes)
     new_params = {**unstacked, "model": model}
     return new_cfg, (stack_layers(new_params) if cfg.scan_layers else new_params)
+
+
+# ------------------------------------------------------------------------------------------------ sparsity
+
+def sparsity_masks(kernel: np.ndarray, input_sq: np.ndarray | None, sparsity: str, n_in: int) -> np.ndarray:
+    """The kept weights of one linear layer's kernel [in..., out...] (bool, same shape). Scores: Wanda's
+    |W_ij| * ||X_j|| (`input_sq` = sum of X_j^2 over the calibration tokens), or |W_ij| alone when input_sq is
+    None (magnitude). Each output compares its own inputs (Wanda's per-output group): `sparsity` "0.5" drops the
+    lowest half of every output's weights, "2:4" two of every four consecutive inputs."""
+    shape = kernel.shape
+    w = np.abs(kernel.astype(np.float32)).reshape(int(np.prod(shape[:n_in])), -1)  # [IN, OUT]
+    score = w if input_sq is None else w * np.sqrt(input_sq.astype(np.float32).reshape(-1, 1))
+    keep = np.zeros_like(score, bool)
+    if sparsity == "2:4":
+        if score.shape[0] % 4:
+            raise ValueError(f"sparsity 2:4: {score.shape[0]} inputs are not a multiple of 4")
+        groups = score.reshape(-1, 4, score.shape[1])  # [IN / 4, 4, OUT]
+        top = np.argsort(-groups, axis=1, kind="stable")[:, :2]
+        np.put_along_axis(keep.reshape(groups.shape), top, True, axis=1)
+    else:
+        drop = int(round(score.shape[0] * float(sparsity)))
+        if not 0 <= drop < score.shape[0]:
+            raise ValueError(f"sparsity: {sparsity} is not a fraction in [0, 1)")
+        order = np.argsort(score, axis=0, kind="stable")  # per output, lowest first
+        np.put_along_axis(keep, order[drop:], True, axis=0)
+    return keep.reshape(shape)
+
+
+SPARSE_LINEARS = ("attention/query", "attention/key", "attention/value", "attention/out", "mlp/wi", "mlp/wo",
+                  "shared_experts/wi", "shared_experts/wo")
+
+
+def sparsify(params, scores: list[dict], sparsity: str, method: str = "wanda"):
+    """`params` with the block linears (attention q / k / v / out, dense and shared-expert MLPs) masked to
+    `sparsity` ("0.5" unstructured or "2:4" semi-structured), scored by Wanda or magnitude; the masks live in the
+    dense tensors as zeros. Returns (params, {"weights": n, "zeros": n}) over the masked kernels."""
+    if method not in ("wanda", "magnitude"):
+        raise ValueError(f"sparsity method: {method!r} is not 'wanda' or 'magnitude'")
+    unstacked = unstack_layers(params)
+    model = dict(unstacked["model"])
+    counts = {"weights": 0, "zeros": 0}
+    for i, s in enumerate(scores):
+        block = model[f"layers_{i}"]
+        for name, inputs in s.get("inputs", {}).items():
+            if not name.endswith(SPARSE_LINEARS):
+                continue
+            node, keys = block, name.split("/")
+            for key in keys:
+                node = node[key]
+            kernel = np.asarray(node["kernel"])
+            keep = sparsity_masks(kernel, inputs if method == "wanda" else None, sparsity, inputs.ndim)
+            _set(block, keys + ["kernel"], jnp.asarray(np.where(keep, kernel, 0).astype(kernel.dtype)))
+            counts["weights"] += keep.size
+            counts["zeros"] += int((~keep).sum())
+        model[f"layers_{i}"] = block
+    out = {**unstacked, "model": model}
+    return (stack_layers(out) if "layers_0" not in params["model"] else out), counts
+
+
+def _set(tree: dict, path: list[str], value) -> None:
+    for key in path[:-1]:
+        tree[key] = dict(tree[key])
+        tree = tree[key]
+    tree[path[-1]] = value

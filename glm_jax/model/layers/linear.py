@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from glm_jax.model.layers.importance import record, sum_squares
+
 
 class Linear(nn.Module, kw_only=True):
     features: tuple[int, ...]
@@ -37,6 +39,7 @@ class Linear(nn.Module, kw_only=True):
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
                                                                        self.kernel_axes), shape, self.param_dtype)
+        record(self, "input_sq", lambda: sum_squares(x, keep_last=self.n_in))  # Wanda's ||X_j||^2 per input
         contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
         if self.quantization_bit:
