@@ -24,6 +24,7 @@ from glm_jax.convert.hf import detect_format, save_hf
 from glm_jax.train.atomic_dir import Protected, check_destination, write_atomically
 from glm_jax.train.config import TOKENIZER_FILES, ConfigError
 from glm_jax.train.data import BadRecords, DataError, iter_packed_rows, read_text_documents
+from glm_jax.train.step import lm_token_losses
 
 
 def _arg_parser() -> argparse.ArgumentParser:
@@ -74,8 +75,7 @@ def calibration_rows(files, tok, seq_len: int, count: int, text_split: str = "pa
 @jax.jit
 def _loss_sums(logits, tokens, segments):
     """(sum of next-token losses, count) over positions whose next token is in the same document."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    nll, _ = lm_token_losses(logits[:, :-1], tokens[:, 1:], 0.0)
     valid = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
@@ -145,9 +145,7 @@ def prune_command(args) -> dict:
     new_cfg, new_params = apply_plan(cfg, params, plan)
     sparse = None
     if args.sparsity is not None:  # on the pruned model, with its own input statistics when units went
-        structured = any(v is not None for v in (args.mlp_keep, args.heads_keep, args.experts_keep)) or \
-            args.layers_drop not in ("0", "")
-        sparse_scores = collect_importance(GLMForCausalLM(new_cfg), new_params, batches) if structured else scores
+        sparse_scores = scores if new_cfg == cfg else collect_importance(GLMForCausalLM(new_cfg), new_params, batches)
         new_params, counts = sparsify(new_params, sparse_scores, args.sparsity, args.sparsity_method)
         sparse = {"pattern": args.sparsity, "method": args.sparsity_method, **counts}
     report = {"checkpoint": str(ckpt), "format": fmt, "method": args.method,

@@ -137,15 +137,12 @@ def choose_units(cfg: GLMConfig, scores: list[dict], *, mlp_keep: float | int | 
 
 def _take(tree: dict, path: tuple[str, ...], index: np.ndarray, axis: int) -> None:
     """tree[path] sliced to `index` along `axis` (in place on the dicts, when the leaf exists)."""
-    *parents, leaf = path
     node = tree
-    for key in parents:
+    for key in path:
         if key not in node:
             return
-        node[key] = dict(node[key])
         node = node[key]
-    if leaf in node:
-        node[leaf] = jnp.take(node[leaf], jnp.asarray(index), axis=axis)
+    _set(tree, list(path), jnp.take(node, jnp.asarray(index), axis=axis))
 
 
 def apply_plan(cfg: GLMConfig, params, plan: PrunePlan) -> tuple[GLMConfig, dict]:

@@ -125,10 +125,10 @@ def load_teacher(cfg: Config, teacher, mesh):
     shardings = param_shardings(param_specs(teacher), mesh)
     path, dtype = Path(cfg.distill.teacher), jnp.dtype(cfg.distill.teacher_dtype)
     if (path / "config.json").is_file():
+        # read straight into the teacher's dtype and placement
         _, params = load_hf(path, shardings=shardings, dtype=dtype.name, param_dtype=dtype.name, num_mtp_layers=0)
-    else:
-        _, params = load_run(path)
-    # the output model only: MTP layers do not teach
+        return params, shardings
+    _, params = load_run(path)  # a train.py run: its own dtypes, on one device; its MTP layers do not teach
     params = {k: ({n: v for n, v in params[k].items() if n != "mtp"} if k == "model" else params[k]) for k in shardings}
     params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings)(params)
     return params, shardings
