@@ -22,14 +22,17 @@ SMALL = ["--seq-len", "32", "--samples", "8", "--eval-samples", "4", "--batch-si
 CASES = {  # family: (oracle, pruning flags, what the pruned config.json says)
     "glm4": (lambda: randomize(transformers.Glm4ForCausalLM(tiny_hf_config(glm4=True, vocab=VOCAB, layers=3, heads=4,
                                                                             groups=2)), seed=1),
-             ["--mlp-keep", "0.5", "--heads-keep", "0.5", "--layers-drop", "1"],
-             {"num_hidden_layers": 2, "num_key_value_heads": 1, "num_attention_heads": 2, "intermediate_size": 48}),
+             ["--mlp-keep", "0.5", "--heads-keep", "0.5", "--layers-drop", "1", "--width-keep", "0.75"],
+             {"num_hidden_layers": 2, "num_key_value_heads": 1, "num_attention_heads": 2, "intermediate_size": 48,
+              "hidden_size": 48, "head_dim": 16}),
     "glm4_moe": (lambda: tiny_oracle("glm4_moe", seed=2, vocab_size=VOCAB, n_group=1, topk_group=1),
-                 ["--experts-keep", "5", "--mlp-keep", "0.5", "--heads-keep", "0.5"],
-                 {"n_routed_experts": 5, "num_key_value_heads": 1, "intermediate_size": 48, "num_hidden_layers": 3}),
+                 ["--experts-keep", "5", "--mlp-keep", "0.5", "--heads-keep", "0.5", "--width-keep", "0.5"],
+                 {"n_routed_experts": 5, "num_key_value_heads": 1, "intermediate_size": 48, "num_hidden_layers": 3,
+                  "hidden_size": 32}),
     "glm4_moe_lite": (lambda: tiny_oracle("glm4_moe_lite", seed=3, vocab_size=VOCAB, n_group=1, topk_group=1),
-                      ["--experts-keep", "4", "--layers-drop", "1", "--expert-score", "frequency"],
-                      {"n_routed_experts": 4, "num_hidden_layers": 2}),
+                      ["--experts-keep", "4", "--layers-drop", "1", "--expert-score", "frequency", "--heads-keep",
+                       "0.5", "--width-keep", "0.75"],
+                      {"n_routed_experts": 4, "num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 36}),
 }
 
 
@@ -65,10 +68,13 @@ def test_the_highest_scores_are_kept():
                "block_influence": np.array([influence * 10, 10.0])} for influence in (0.01, 0.5, 0.2)]
     for s in scores[1:]:
         s["expert_reap"] = np.stack([np.arange(8.0), np.full(8, 2.0)])
-    plan = choose_units(cfg, scores, mlp_keep=0.25, kv_groups_keep=1, layers_drop=1, experts_keep=3)
+    for s, width in zip(scores, ([0, 9, 1, 9], [0, 0, 5, 0], [100, 0, 0, 0])):  # the dropped block's: not counted
+        s["embed_channels"] = np.repeat(np.array(width, float), 16)
+    plan = choose_units(cfg, scores, mlp_keep=0.25, heads_keep=1, layers_drop=1, experts_keep=3, width_keep=0.5)
     assert plan.layers == [0, 1]  # block 2 has the lowest influence; block 0 is never dropped
     np.testing.assert_array_equal(plan.mlp[0], np.sort(np.argsort(-scores[0]["mlp_channels"])[:40]))
     assert plan.kv_groups[1].tolist() == [1] and plan.experts[1].tolist() == [5, 6, 7]
+    assert plan.width.tolist() == [*range(16, 32), *range(48, 64)]  # sums 0, 9, 6, 9 over the kept blocks
     rand = choose_units(cfg, scores, mlp_keep=0.25, layers_drop=1, method="random", seed=1)
     assert len(rand.layers) == 2 and all(len(v) == 40 for v in rand.mlp.values())
 
@@ -86,6 +92,7 @@ def test_importance_is_sown_per_block_only_when_asked():
     assert len(scores) == 3 and scores[0]["mlp_channels"].shape == (cfg.ffn_hidden_size,)
     assert scores[1]["expert_reap"].shape == (2, 8) and scores[1]["expert_reap"][1].sum() == 2 * 32 * 2
     assert all(s["head_norms"].shape == (4,) and s["block_influence"][1] == 64 for s in scores)
+    assert all(s["embed_channels"].shape == (cfg.hidden_size,) and (s["embed_channels"] > 0).all() for s in scores)
     _, variables = model.apply({"params": params}, tokens, mutable=["intermediates"])  # what training asks for
     assert "importance" not in variables and "mlp_channels" not in str(jax.tree_util.tree_structure(variables))
     new_cfg, new_params = apply_plan(cfg, params, choose_units(cfg, scores, experts_keep=4, layers_drop=[2]))
@@ -122,16 +129,17 @@ def test_a_thudm_checkpoint_is_pruned_into_the_thudm_layout(tmp_path):
     model = GLMForCausalLM(cfg)
     params = init_params(model, jax.random.key(4))
     save_hf(cfg, params, tmp_path / "in", format="thudm")
-    flags = ["--mlp-keep", "0.75", "--heads-keep", "0.5"]
+    flags = ["--mlp-keep", "0.75", "--heads-keep", "0.5", "--width-keep", "0.75"]
     assert main(["prune", "--checkpoint", str(tmp_path / "in"), "--calibration", str(CORPUS),
                  "--out", str(tmp_path / "out"), *SMALL, *flags]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "chatglm" and config["multi_query_group_num"] == 1
-    assert config["ffn_hidden_size"] == 120 and config["num_attention_heads"] == 2
+    assert config["ffn_hidden_size"] == 120 and config["num_attention_heads"] == 2 and config["hidden_size"] == 48
     cfg2, params2 = load_hf(tmp_path / "out")
     rows = calibration_rows([CORPUS], SentencePieceTokenizer(), 32, 12)[4:]
     scores = collect_importance(model, params, [(rows[:4, 0], rows[:4, 1]), (rows[4:, 0], rows[4:, 1])])
-    new_cfg, new_params = apply_plan(cfg, params, choose_units(cfg, scores, mlp_keep=0.75, kv_groups_keep=0.5))
+    new_cfg, new_params = apply_plan(cfg, params, choose_units(cfg, scores, mlp_keep=0.75, heads_keep=0.5,
+                                                               width_keep=0.75))
     ids = np.random.RandomState(1).randint(3, VOCAB, (2, 10))
     run = lambda c, p: np.asarray(GLMForCausalLM(c).apply({"params": p}, ids))  # noqa: E731
     np.testing.assert_allclose(run(cfg2, params2), run(new_cfg, new_params), atol=1e-5)
@@ -193,16 +201,25 @@ def test_sparsity_masks_keep_each_outputs_best_weights_by_wanda_or_magnitude():
 
 
 def test_a_2_4_sparse_checkpoint_loads_in_transformers_with_our_logits(tmp_path):
-    randomize(transformers.Glm4ForCausalLM(tiny_hf_config(glm4=True, vocab=VOCAB)), seed=1).save_pretrained(
-        tmp_path / "in")
+    """GLM-4.7-Flash's family: the MLA projections, the dense, shared and routed expert MLPs all masked 2:4 (the
+    routed experts each by the statistics of its own tokens), read by transformers with our logits."""
+    tiny_oracle("glm4_moe_lite", seed=3, vocab_size=VOCAB, n_group=1, topk_group=1).save_pretrained(tmp_path / "in")
     out = tmp_path / "out"
     assert main(["prune", "--checkpoint", str(tmp_path / "in"), "--calibration", str(CORPUS), "--out", str(out),
                  *SMALL, "--sparsity", "2:4"]) == 0
     report = json.loads((out / "prune_report.json").read_text())
     assert report["sparsity"]["zeros"] * 2 == report["sparsity"]["weights"] > 0
     cfg, params = load_hf(out)
-    wo = np.asarray(params["model"]["layers"]["mlp"]["wo"]["kernel"])  # [L, F, E]: 2 of every 4 inputs are zero
-    assert ((wo.reshape(wo.shape[0], -1, 4, wo.shape[-1]) == 0).sum(2) == 2).all()
+
+    def two_of_four(w, n_in):  # [L, in..., out...]: 2 of every 4 consecutive inputs of each output are zero
+        w = np.asarray(w).reshape(w.shape[0], -1, 4, int(np.prod(w.shape[1 + n_in:])))
+        return ((w == 0).sum(2) == 2).all()
+
+    dense, moe = params["model"]["layers"], params["model"]["moe_layers"]
+    assert two_of_four(dense["mlp"]["wo"]["kernel"], 1) and two_of_four(moe["attention"]["q_b"]["kernel"], 1)
+    assert two_of_four(moe["attention"]["out"]["kernel"], 2) and two_of_four(moe["attention"]["kv_a"]["kernel"], 1)
+    experts = np.asarray(moe["mlp"]["experts"]["wi"])  # [L, E, H, 2, I]
+    assert two_of_four(experts.reshape(-1, *experts.shape[2:]), 1)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = np.random.RandomState(0).randint(3, VOCAB, (2, 12))
     ours = np.asarray(jax.jit(lambda p, x: GLMForCausalLM(cfg).apply({"params": p}, x))(params, ids))

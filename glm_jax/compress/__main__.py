@@ -35,7 +35,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", required=True, nargs="+", help=".txt (paragraphs) or .jsonl ('text') files")
     p.add_argument("--out", required=True, help="the pruned checkpoint directory (same format as the input)")
     p.add_argument("--mlp-keep", type=float, help="fraction of each dense MLP's channels to keep")
-    p.add_argument("--heads-keep", type=float, help="fraction of KV groups (with their query heads) to keep")
+    p.add_argument("--heads-keep", type=float,
+                   help="fraction of KV groups (with their query heads; MLA: of heads) to keep in each block")
+    p.add_argument("--width-keep", type=float, help="fraction of the hidden size (residual channels) to keep")
     p.add_argument("--layers-drop", default="0", help="how many blocks to drop, or a comma list of block indices")
     p.add_argument("--experts-keep", type=int, help="routed experts to keep in each MoE layer")
     p.add_argument("--expert-score", choices=("reap", "frequency"), default="reap")
@@ -99,7 +101,8 @@ def _layers_drop(text: str) -> int | list[int]:
 
 def _check_flags(args, cfg) -> None:
     """The cheap checks, before any calibration runs: one line naming the flag."""
-    for flag, value in (("--mlp-keep", args.mlp_keep), ("--heads-keep", args.heads_keep)):
+    for flag, value in (("--mlp-keep", args.mlp_keep), ("--heads-keep", args.heads_keep),
+                        ("--width-keep", args.width_keep)):
         if value is not None and not 0 < value <= 1:
             raise ConfigError(f"{flag}: {value} is not a fraction in (0, 1]")
     drop = _layers_drop(args.layers_drop)
@@ -110,8 +113,8 @@ def _check_flags(args, cfg) -> None:
     if args.experts_keep is not None and not (cfg.is_moe and 1 <= args.experts_keep <= cfg.n_routed_experts):
         raise ConfigError(f"--experts-keep: {args.experts_keep} for a model with {cfg.n_routed_experts} routed "
                           f"experts per layer")
-    if args.heads_keep is not None and cfg.is_mla:
-        raise ConfigError("--heads-keep: an MLA model's heads share one latent (no KV groups to remove)")
+    if args.width_keep is not None and cfg.num_mtp_layers:
+        raise ConfigError("--width-keep: the model has MTP layers (their eh_proj concatenates two hidden states)")
     if cfg.quantization_bit:
         raise ConfigError("--checkpoint: a quantized checkpoint; prune the full-precision one, then quantize")
     if args.sparsity is not None and args.sparsity != "2:4":
@@ -139,9 +142,9 @@ def prune_command(args) -> dict:
     batches = [(calib[b:b + args.batch_size, 0], calib[b:b + args.batch_size, 1])
                for b in range(0, len(calib) - args.batch_size + 1, args.batch_size)] or [(calib[:, 0], calib[:, 1])]
     scores = collect_importance(model, params, tqdm(batches, desc="importance", disable=None))
-    plan = choose_units(cfg, scores, mlp_keep=args.mlp_keep, kv_groups_keep=args.heads_keep,
-                        layers_drop=_layers_drop(args.layers_drop), experts_keep=args.experts_keep, expert_score=args.expert_score,
-                        method=args.method, seed=args.seed)
+    plan = choose_units(cfg, scores, mlp_keep=args.mlp_keep, heads_keep=args.heads_keep,
+                        layers_drop=_layers_drop(args.layers_drop), experts_keep=args.experts_keep,
+                        width_keep=args.width_keep, expert_score=args.expert_score, method=args.method, seed=args.seed)
     new_cfg, new_params = apply_plan(cfg, params, plan)
     sparse = None
     if args.sparsity is not None:  # on the pruned model, with its own input statistics when units went

@@ -49,7 +49,7 @@ from glm_jax.model.layers import MLP, Attention, Embed, Linear, MoE, RMSNorm, ro
 from glm_jax.model.layers import kv_cache as kv_cache_lib
 from glm_jax.model.layers.embeddings import positions_from_segments
 from glm_jax.model.layers.hyper import HyperConnection, merge as hc_merge
-from glm_jax.model.layers.importance import COLLECTION as IMPORTANCE, record
+from glm_jax.model.layers.importance import COLLECTION as IMPORTANCE, record, sum_squares
 from glm_jax.model.layers.kda import KDA
 from glm_jax.model.layers.kv_cache import PagedIndex
 from glm_jax.model.layers.mla import LATENT_NORM_EPS, MLA, softmax_scale, yarn_cos_sin
@@ -106,7 +106,8 @@ class DecoderBlock(nn.Module, kw_only=True):
         h_in = x
         if cfg.hc_mult:
             post, comb, h_in = hyper("attn_hc")(x)
-        h, kv_cache, chosen = self.attention(norm("input_norm")(h_in), kv_cache, chosen, ctx, per_layer)
+        attn_in = norm("input_norm")(h_in)
+        h, kv_cache, chosen = self.attention(attn_in, kv_cache, chosen, ctx, per_layer)
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)
         x = hc_merge(post, comb, h, x) if cfg.hc_mult else x + h
@@ -123,11 +124,14 @@ class DecoderBlock(nn.Module, kw_only=True):
         h_in = x
         if cfg.hc_mult:
             post, comb, h_in = hyper("ffn_hc")(x)
+        ffn_in = norm("post_attention_norm")(h_in)
+        # each hidden channel's energy at the normed inputs of both sublayers (Minitron's width score)
+        record(self, "embed_channels", lambda: sum_squares(attn_in) + sum_squares(ffn_in))
         if self.moe:  # padding (segment 0) is routed like any token but not counted in the expert load
             seg = ctx["q_segments"]
-            h = ffn(norm("post_attention_norm")(h_in), token_mask=None if seg is None else seg > 0)
+            h = ffn(ffn_in, token_mask=None if seg is None else seg > 0)
         else:
-            h = ffn(norm("post_attention_norm")(h_in))
+            h = ffn(ffn_in)
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
         x = hc_merge(post, comb, h, x) if cfg.hc_mult else x + h

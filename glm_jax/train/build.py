@@ -12,6 +12,7 @@ docs/training-code.md shows what builds what.
 
 from __future__ import annotations
 
+import json
 import dataclasses
 import functools
 import logging
@@ -94,11 +95,13 @@ def step_builder(cfg: Config, model, task: str):
             if t.mode == "lora" else None)
     d = cfg.distill
     teacher = None if d.teacher is None else teacher_model(cfg, model.cfg)
+    distill = None if teacher is None else {
+        "temperature": d.temperature, "alpha": d.alpha, "kl": d.kl, "top_k": d.top_k, "hidden_weight": d.hidden_weight,
+        "hidden_channels": hidden_channels(cfg, teacher.cfg, model.cfg) if d.hidden_weight else None}
     return StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora, ptuning=t.mode == "ptuning",
                        loss_chunk=t.loss_chunk, moe_bias_update_rate=t.moe_bias_update_rate,
                        moe_balance_loss=t.moe_balance_loss, mtp_loss_weight=t.mtp_loss_weight, teacher=teacher,
-                       distill=None if teacher is None else {"temperature": d.temperature, "alpha": d.alpha,
-                                                             "kl": d.kl})
+                       distill=distill)
 
 
 def teacher_model(cfg: Config, student_cfg: GLMConfig):
@@ -117,7 +120,23 @@ def teacher_model(cfg: Config, student_cfg: GLMConfig):
     if tc.vocab_size != student_cfg.vocab_size:
         raise ConfigError(f"distill.teacher: its vocabulary ({tc.vocab_size}) is not the student's "
                           f"({student_cfg.vocab_size}); distillation compares their next-token distributions")
+    if cfg.distill.top_k > tc.vocab_size:
+        raise ConfigError(f"distill.top_k: {cfg.distill.top_k} is more than the vocabulary ({tc.vocab_size})")
     return GLMForCausalLM(tc.replace(num_mtp_layers=0) if tc.num_mtp_layers else tc)
+
+
+def hidden_channels(cfg: Config, teacher_cfg: GLMConfig, student_cfg: GLMConfig) -> tuple[int, ...] | None:
+    """The teacher's hidden channels the student's match for distill.hidden_weight: all (None) at equal widths,
+    else those a width pruning kept (model.init_from's prune_report.json, glm_jax/compress)."""
+    if teacher_cfg.hidden_size == student_cfg.hidden_size:
+        return None
+    report = Path(cfg.model.init_from or "") / "prune_report.json"
+    width = json.loads(report.read_text())["plan"].get("width") if report.is_file() else None
+    if width is None or len(width) != student_cfg.hidden_size or max(width) >= teacher_cfg.hidden_size:
+        raise ConfigError(f"distill.hidden_weight: the teacher's hidden size ({teacher_cfg.hidden_size}) is not the "
+                          f"student's ({student_cfg.hidden_size}) and model.init_from has no prune_report.json "
+                          f"naming the teacher channels it kept")
+    return tuple(width)
 
 
 def load_teacher(cfg: Config, teacher, mesh):
@@ -399,6 +418,8 @@ class TrainRun:
         res = {"eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 50.0)))}
         if "kl_sum" in sums:  # distillation: the KL to the teacher on the eval data
             res["eval_kl"] = float(sums["kl_sum"] / max(sums["count"], 1.0))
+        if "hidden_sum" in sums:
+            res["eval_hidden_mse"] = float(sums["hidden_sum"] / max(sums["count"], 1.0))
         if self.task == "classification":
             res["eval_accuracy"] = float(sums["correct"] / max(sums["count"], 1.0))
         if "mtp_count" in sums:

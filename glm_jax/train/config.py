@@ -159,6 +159,10 @@ class DistillSection:
     alpha: float = 0.5  # the weight of the KL term; 1: distillation only
     kl: str = "forward"  # forward: KL(teacher || student), mass-covering; reverse: KL(student || teacher)
     teacher_dtype: str = "bfloat16"  # the teacher's parameters and activations (no optimizer state for it)
+    top_k: int = 0  # > 0: the KL over the teacher's k most likely tokens (renormalised); forward KL only
+    # > 0: plus this weight x the mean squared difference of the final hidden states; a width-pruned student
+    # (model.init_from holding glm-compress's prune_report.json) is matched to the teacher channels it kept
+    hidden_weight: float = 0.0
 
 
 @dataclasses.dataclass
@@ -430,6 +434,10 @@ def _check_distill(cfg: Config) -> None:
         raise ConfigError(f"distill.alpha: must be in [0, 1], got {k.alpha}")
     if not k.temperature > 0:
         raise ConfigError(f"distill.temperature: must be positive, got {k.temperature}")
+    if k.top_k < 0 or (k.top_k and k.kl != "forward"):
+        raise ConfigError(f"distill.top_k: {k.top_k} must be >= 0, and > 0 only with distill.kl: forward")
+    if k.hidden_weight < 0:
+        raise ConfigError(f"distill.hidden_weight: must be >= 0, got {k.hidden_weight}")
     if cfg.data.task == "classification":
         raise ConfigError("distill.teacher: distillation matches next-token distributions (data.task pretrain or "
                           "sft), not a classification head")

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from glm_jax.model import MTPHead
+from glm_jax.model import MTPHead, output_head
 from glm_jax.sharding import axis_rules
 from glm_jax.train import lora as lora_lib
 
@@ -103,14 +103,28 @@ def lm_token_losses(logits, targets, z_loss: float):
     return lse - target_logit, z_loss * jnp.square(lse)
 
 
-def distillation_kl(student_logits, teacher_logits, temperature: float = 1.0, kind: str = "forward"):
+def distillation_kl(student_logits, teacher_logits, temperature: float = 1.0, kind: str = "forward",
+                    top_k: int = 0):
     """Per token T^2 KL between the teacher's and the student's next-token distributions at temperature T (Hinton
     et al., 2015; the T^2 keeps the gradient's scale independent of T): "forward" KL(teacher || student),
-    "reverse" KL(student || teacher). fp32 over the whole vocabulary."""
+    "reverse" KL(student || teacher). fp32. top_k > 0 (forward only): the teacher's distribution cut to its k
+    most likely tokens and renormalised, against the student's log-probabilities of those tokens (sparse
+    distillation: only k teacher logits per token are needed)."""
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
-    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    if top_k:
+        top, index = jax.lax.top_k(teacher_logits.astype(jnp.float32) / temperature, top_k)
+        t = jax.nn.log_softmax(top, axis=-1)
+        s = jnp.take_along_axis(s, index, axis=-1)
+    else:
+        t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     p, log_p, log_q = (jnp.exp(t), t, s) if kind == "forward" else (jnp.exp(s), s, t)
     return temperature ** 2 * jnp.sum(p * (log_p - log_q), axis=-1)
+
+
+def hidden_mse(student_hidden, teacher_hidden):
+    """Per token mean over channels of the squared difference of the final (normed) hidden states, fp32."""
+    diff = student_hidden.astype(jnp.float32) - teacher_hidden.astype(jnp.float32)
+    return jnp.mean(diff * diff, axis=-1)
 
 
 class StepBuilder:
@@ -124,8 +138,9 @@ class StepBuilder:
                  moe_bias_update_rate: float = 0.0, moe_balance_loss: float = 0.0, mtp_loss_weight: float = 0.0,
                  teacher=None, distill: dict | None = None):
         self.model, self.tx, self.schedule, self.task = model, tx, schedule, task
-        # distillation: the frozen teacher model (its parameters are frozen["teacher"]) and
-        # {"temperature", "alpha", "kl"}
+        # distillation: the frozen teacher model (its parameters are frozen["teacher"]) and {"temperature",
+        # "alpha", "kl", "top_k", "hidden_weight", "hidden_channels" (the teacher's channels matched to the
+        # student's, None: all)}
         self.teacher, self.distill = teacher, distill
         self.loss_chunk = loss_chunk
         # the MTP layers' loss (docs/mtp.md): added with this weight; 0 = they are not run
@@ -176,10 +191,16 @@ class StepBuilder:
     def teacher_part(self, frozen):
         return frozen["teacher"] if self.teacher is not None else None
 
-    def teacher_logits(self, teacher_params, batch):
+    def teacher_outputs(self, teacher_params, batch):
+        """The frozen teacher's (logits, final hidden states or None when no hidden-state loss needs them)."""
         with axis_rules():
             out = self.teacher.apply({"params": teacher_params}, batch["input_ids"],
-                                     segment_ids=batch.get("segment_ids"))
+                                     segment_ids=batch.get("segment_ids"),
+                                     return_hidden=bool(self.distill["hidden_weight"]))
+            if self.distill["hidden_weight"]:
+                out = (output_head(self.teacher.cfg).apply({"params": teacher_params["lm_head"]}, out), out)
+            else:
+                out = (out, None)
         return jax.lax.stop_gradient(out)
 
     def _sums(self, params, batch, forward, teacher_params=None):
@@ -193,7 +214,13 @@ class StepBuilder:
                 mtp_obj, mtp_aux = self.mtp_sums(params, batch, hidden, chunk)
                 obj, aux = obj + self.mtp_loss_weight * mtp_obj, {**aux, **mtp_aux}
             return obj, aux
-        logits = forward(params, batch)
+        hidden = None
+        if self.teacher is not None and self.distill["hidden_weight"]:
+            hidden = forward(params, batch, return_hidden=True)
+            with axis_rules():
+                logits = output_head(self.model.cfg).apply({"params": params["lm_head"]}, hidden)
+        else:
+            logits = forward(params, batch)
         if self.task == "classification":
             logits = logits.astype(jnp.float32)
             lse = jax.nn.logsumexp(logits, axis=-1)
@@ -208,9 +235,15 @@ class StepBuilder:
         if self.teacher is None:
             return data, aux
         d = self.distill
-        kl = jnp.sum(distillation_kl(logits, self.teacher_logits(teacher_params, batch), d["temperature"], d["kl"])
-                     * mask)
-        return d["alpha"] * kl + (1.0 - d["alpha"]) * data, {**aux, "kl_sum": kl}
+        t_logits, t_hidden = self.teacher_outputs(teacher_params, batch)
+        kl = jnp.sum(distillation_kl(logits, t_logits, d["temperature"], d["kl"], d["top_k"]) * mask)
+        obj, aux = d["alpha"] * kl + (1.0 - d["alpha"]) * data, {**aux, "kl_sum": kl}
+        if hidden is not None:
+            if d["hidden_channels"] is not None:  # a width-pruned student: the teacher's channels it kept
+                t_hidden = jnp.take(t_hidden, jnp.asarray(d["hidden_channels"]), axis=-1)
+            mse = jnp.sum(hidden_mse(hidden, t_hidden) * mask)
+            obj, aux = obj + d["hidden_weight"] * mse, {**aux, "hidden_sum": mse}
+        return obj, aux
 
     def mtp_sums(self, params, batch, hidden, chunk: int):
         """(mean over depths of each depth's nll sum, {"mtp_loss_sum", "mtp_hits", "mtp_count"} summed over
@@ -276,6 +309,8 @@ class StepBuilder:
             metrics["accuracy"] = aux["correct"] / total
         if self.teacher is not None:  # "loss" stays the data loss, comparable with runs without a teacher
             metrics["kl"], metrics["data_loss"] = aux["kl_sum"] / jnp.maximum(aux["count"], 1.0), loss
+            if "hidden_sum" in aux:
+                metrics["hidden_mse"] = aux["hidden_sum"] / jnp.maximum(aux["count"], 1.0)
         if self.mtp_loss_weight:
             mtp_count = jnp.maximum(aux["mtp_count"], 1.0)
             metrics["mtp_loss"], metrics["mtp_accuracy"] = aux["mtp_loss_sum"] / mtp_count, aux["mtp_hits"] / mtp_count

@@ -66,6 +66,8 @@ class MetricsReader:
             record["mtp_loss"], record["mtp_accuracy"] = float(m["mtp_loss"]), float(m["mtp_accuracy"])
         if "kl" in m:  # distillation: the KL to the teacher and the data loss ("loss" too)
             record["kl"], record["data_loss"] = float(m["kl"]), float(m["data_loss"])
+            if "hidden_mse" in m:
+                record["hidden_mse"] = float(m["hidden_mse"])
         if self.on_nan == "skip":
             record["skipped"] = int(m["skipped"])
         if "moe_load_cv" in m:

@@ -21,6 +21,13 @@ def record(module: nn.Module, name: str, compute: Callable[[], jnp.ndarray]) -> 
         module.sow(COLLECTION, name, compute().astype(jnp.float32))
 
 
+def record_all(module: nn.Module, compute: Callable[[], dict]) -> None:
+    """Sows each item of compute() (fp32) under its key, as `record` does for one."""
+    if module.is_mutable_collection(COLLECTION):
+        for name, value in compute().items():
+            module.sow(COLLECTION, name, value.astype(jnp.float32))
+
+
 def sum_squares(x, keep_last: int = 1):
     """sum of x^2 over every axis but the last `keep_last` (fp32)."""
     x = x.astype(jnp.float32)

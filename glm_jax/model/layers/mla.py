@@ -46,6 +46,7 @@ from glm_jax.model.layers import kv_cache as kv_cache_lib
 from glm_jax.model.layers.attention import dot_product_attention, make_mask
 from glm_jax.model.layers.dsa import mla_dsa
 from glm_jax.model.layers.embeddings import apply_rotary
+from glm_jax.model.layers.importance import record, sum_squares
 from glm_jax.model.layers.linear import Linear
 from glm_jax.model.layers.norms import RMSNorm
 
@@ -228,5 +229,6 @@ class MLA(nn.Module, kw_only=True):
             out = expanded_attention(q_nope, q_rope, latent, k_rope, kv_b, q_segments, kv_segments, scale=scale,
                                      impl=self.attention_impl, max_segments=self.max_segments)
         out = nn.with_logical_constraint(out, HEADS_AXES)
+        record(self, "head_norms", lambda: sum_squares(out, keep_last=2).sum(-1))  # [heads]: output energy per head
         out = self.linear((self.hidden_size,), ("q_heads", "head_dim", "embed"), "out", self.use_bias, n_in=2)(out)
         return (out, cache) if chosen is None else (out, cache, picked)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from glm_jax.model.layers import expert_parallel
-from glm_jax.model.layers.importance import record
+from glm_jax.model.layers.importance import record_all
 from glm_jax.model.layers.mlp import MLP, swiglu
 
 
@@ -126,12 +126,19 @@ def experts_gather(x, weights, experts, wi, wo, limit: float = 0.0):
     return _combine(_assignment_outputs(x, experts, wi, wo, limit).reshape(t, experts.shape[1], h), weights, x.dtype)
 
 
-def _assignment_outputs(x, experts, wi, wo, limit: float = 0.0):
-    """[T*k, H]: each (token, chosen expert) assignment's expert output, the expert's weights gathered by id."""
+def _assignment_hidden(x, experts, wi, limit: float = 0.0):
+    """([T*k, H], [T*k, I]): each (token, chosen expert) assignment's input and SwiGLU activation, the expert's
+    weights gathered by id."""
     flat = experts.reshape(-1)
     xs = jnp.repeat(x, experts.shape[1], axis=0)  # [T*k, H]
     gate_up = jnp.einsum("ah,ahgi->agi", xs, jnp.take(wi, flat, axis=0).astype(x.dtype))
-    return jnp.einsum("ai,aih->ah", _swiglu(gate_up, limit), jnp.take(wo, flat, axis=0).astype(x.dtype))
+    return xs, _swiglu(gate_up, limit)
+
+
+def _assignment_outputs(x, experts, wi, wo, limit: float = 0.0):
+    """[T*k, H]: each (token, chosen expert) assignment's expert output."""
+    _, hidden = _assignment_hidden(x, experts, wi, limit)
+    return jnp.einsum("ai,aih->ah", hidden, jnp.take(wo, experts.reshape(-1), axis=0).astype(x.dtype))
 
 
 def experts_dense(x, weights, experts, wi, wo, limit: float = 0.0):
@@ -145,14 +152,20 @@ def experts_dense(x, weights, experts, wi, wo, limit: float = 0.0):
     return jnp.einsum("teh,te->th", ys.astype(jnp.float32), dense_weights).astype(x.dtype)
 
 
-def reap_scores(x, weights, experts, wi, wo, limit: float = 0.0):
-    """[2, E]: per expert, the sum over the tokens routed to it of gate weight x the norm of its output (REAP:
-    router-weighted expert activation), and how many tokens were routed to it (calibration batches, not a
-    training path)."""
+def expert_statistics(x, weights, experts, wi, wo, limit: float = 0.0) -> dict:
+    """The routed experts' calibration statistics (glm_jax/compress; not a training path):
+    expert_reap [2, E]   per expert, the sum over the tokens routed to it of gate weight x the norm of its output
+                         (REAP: router-weighted expert activation), and how many tokens were routed to it;
+    wi_input_sq [E, H], wo_input_sq [E, I]   per expert, each input feature of wi / wo squared, summed over the
+                         tokens routed to it (Wanda's ||X_j||^2, expert by expert)."""
     e, flat = wi.shape[0], experts.reshape(-1)
-    ys = _assignment_outputs(x, experts, wi, wo, limit)
+    xs, hidden = _assignment_hidden(x, experts, wi, limit)
+    ys = jnp.einsum("ai,aih->ah", hidden, jnp.take(wo, flat, axis=0).astype(x.dtype))
     norms = jnp.linalg.norm(ys.astype(jnp.float32), axis=-1) * weights.reshape(-1).astype(jnp.float32)
-    return jnp.stack([jax.ops.segment_sum(norms, flat, e), jnp.bincount(flat, length=e).astype(jnp.float32)])
+    per_expert = lambda v: jax.ops.segment_sum(jnp.square(v.astype(jnp.float32)), flat, e)  # noqa: E731
+    return {"expert_reap": jnp.stack([jax.ops.segment_sum(norms, flat, e),
+                                      jnp.bincount(flat, length=e).astype(jnp.float32)]),
+            "wi_input_sq": per_expert(xs), "wo_input_sq": per_expert(hidden)}
 
 
 EXPERT_IMPLS = {"ragged": experts_ragged, "gather": experts_gather, "dense": experts_dense}
@@ -223,7 +236,7 @@ class Experts(nn.Module, kw_only=True):
                 ffn=functools.partial(ragged_ffn, limit=self.swiglu_limit),
                 gather_fn=functools.partial(experts_gather, limit=self.swiglu_limit))
         flat_x, flat_w, flat_e = x.reshape(tokens, h), weights.reshape(tokens, -1), experts.reshape(tokens, -1)
-        record(self, "expert_reap", lambda: reap_scores(flat_x, flat_w, flat_e, wi, wo, self.swiglu_limit))
+        record_all(self, lambda: expert_statistics(flat_x, flat_w, flat_e, wi, wo, self.swiglu_limit))
         y = EXPERT_IMPLS[impl](flat_x, flat_w, flat_e, wi, wo, self.swiglu_limit)
         return y.reshape(x.shape)
 
