@@ -94,3 +94,12 @@ def test_speculative_benchmark_runs_in_tiny_mode(tmp_path):
     rows = json.loads(out.read_text())
     assert [(r["method"], r["k"]) for r in rows] == [("plain", 0), ("mtp", 1), ("ngram", 2)]
     assert all(r["same_tokens"] and r["tokens_per_s"] > 0 and 1 <= r["accept_length"] for r in rows)
+
+
+def test_compress_benchmark_runs_in_tiny_mode(tmp_path):
+    """A random glm-test and its pruned copy: both measured by glm_jax and transformers, the pruned one smaller."""
+    out = tmp_path / "rows.json"
+    stdout = run("compress.py", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["model", "pruned"] and rows[1]["params"] < rows[0]["params"], stdout
+    assert all(set(r["decode_tokens_per_s"]) == set(r["transformers_tokens_per_s"]) == {"1", "2"} for r in rows)
