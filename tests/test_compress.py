@@ -12,7 +12,8 @@ import transformers
 from glm_jax import GLMForCausalLM, load_hf
 from glm_jax.compress import apply_plan, choose_units, collect_importance
 from glm_jax.compress.__main__ import main
-from hf_models import randomize, rel_err, tiny_hf_config, tiny_oracle, torch_logits
+from hf_models import randomize, rel_err, thudm_to_transformers_state_dict, tiny_hf_config, tiny_oracle, torch_logits
+from test_convert import read_dir_state_dict
 from test_train_run import ROOT
 
 CORPUS = ROOT / "data" / "corpus" / "bible_asv_en.txt"
@@ -120,7 +121,8 @@ def test_bad_destination_and_flags_are_one_line_and_touch_nothing(tmp_path, caps
 
 def test_a_thudm_checkpoint_is_pruned_into_the_thudm_layout(tmp_path):
     """ChatGLM3's layout in, the same layout out (fused query_key_value, chatglm config.json), holding exactly the
-    pruned model: its logits equal those of the plan applied in memory."""
+    pruned model: its logits equal those of the plan applied in memory, and those of transformers' GlmForCausalLM
+    given its tensors renamed by docs/checkpoints.md (test-side code)."""
     from glm_jax import GLMConfig, init_params, save_hf
     from glm_jax.compress.__main__ import calibration_rows
     from glm_jax.tokenizers import SentencePieceTokenizer
@@ -143,6 +145,15 @@ def test_a_thudm_checkpoint_is_pruned_into_the_thudm_layout(tmp_path):
     ids = np.random.RandomState(1).randint(3, VOCAB, (2, 10))
     run = lambda c, p: np.asarray(GLMForCausalLM(c).apply({"params": p}, ids))  # noqa: E731
     np.testing.assert_allclose(run(cfg2, params2), run(new_cfg, new_params), atol=1e-5)
+    theirs = transformers.GlmForCausalLM(transformers.GlmConfig(
+        vocab_size=config["padded_vocab_size"], hidden_size=config["hidden_size"],
+        intermediate_size=config["ffn_hidden_size"], num_hidden_layers=config["num_layers"],
+        num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["multi_query_group_num"],
+        head_dim=config["kv_channels"], rms_norm_eps=config["layernorm_epsilon"], attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * config.get("rope_ratio", 1.0),
+                         "partial_rotary_factor": 0.5}, pad_token_id=0, tie_word_embeddings=False)).eval()
+    theirs.load_state_dict(thudm_to_transformers_state_dict(read_dir_state_dict(tmp_path / "out"), config), strict=True)
+    assert rel_err(run(cfg2, params2), torch_logits(theirs, ids)) < 1e-4
 
 
 @pytest.mark.slow
