@@ -3,6 +3,7 @@ from its definition; a run distils a train.py-exported teacher (full and LoRA), 
 eval KL; a teacher whose vocabulary differs is one line, exit 2; the --compile-only plan holds the teacher."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -76,18 +77,33 @@ def test_a_run_distils_the_teacher(teacher, tmp_path):
     assert all(r["eval_kl"] > 0 for r in records(tmp_path) if "eval_loss" in r)
 
 
-def test_lora_distillation_trains_only_the_adapters(teacher, tmp_path):
-    """LoRA under a teacher (bf16, the default): the KL is logged every step and the checkpoint holds the
-    adapters only, never the teacher."""
+def test_lora_sft_distillation_resumes_exactly_and_exports(teacher, tmp_path):
+    """LoRA on SFT conversations under a teacher (bf16, the default): the KL is logged every step, the checkpoint
+    holds the adapters only, never the teacher; a run resumed from step 4 repeats steps 5-8 exactly (loss and
+    KL); the export is a loadable checkpoint."""
     import orbax.checkpoint as ocp
 
-    train(tmp_path, "train.steps=4", "train.eval_every=0", "checkpoint.every=4", "train.mode=lora",
-          f"distill.teacher={teacher}")
-    assert [np.isfinite(r["kl"]) for r in records(tmp_path) if "kl" in r] == [True] * 4
-    saved = ocp.StandardCheckpointer().restore((tmp_path / "checkpoints" / "4" / "state").absolute())["params"]
-    leaves = [str(p) for p, _ in jax.tree_util.tree_leaves_with_path(saved)]
+    from glm_jax import load_hf
+
+    options = ("data.seq_len=256", "train.global_batch_size=4", "train.steps=8", "train.eval_every=0",
+               "checkpoint.every=4", "train.mode=lora", f"distill.teacher={teacher}")
+    sft = ("--config", str(ROOT / "configs" / "sft-tiny.yaml"))
+    train(tmp_path / "run", *options, f"export.path={tmp_path / 'export'}", config=sft)
+    steps = {r["step"]: r for r in records(tmp_path / "run") if "kl" in r}
+    assert sorted(steps) == list(range(1, 9)) and all(np.isfinite(r["kl"]) for r in steps.values())
+    saved = ocp.StandardCheckpointer().restore((tmp_path / "run" / "checkpoints" / "4" / "state").absolute())
+    leaves = [str(p) for p, _ in jax.tree_util.tree_leaves_with_path(saved["params"])]
     assert leaves and all("lora" in p.lower() or "'a'" in p or "'b'" in p for p in leaves), leaves[:5]
     assert not any("teacher" in p for p in leaves)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run" / "checkpoints", resumed / "checkpoints")
+    shutil.rmtree(resumed / "checkpoints" / "8")
+    train(resumed, *options, config=sft)
+    again = {r["step"]: r for r in records(resumed) if "kl" in r}
+    assert sorted(again) == [5, 6, 7, 8]
+    assert all(again[s]["loss"] == steps[s]["loss"] and again[s]["kl"] == steps[s]["kl"] for s in again), again
+    cfg, _ = load_hf(tmp_path / "export")
+    assert cfg.vocab_size == 8192
 
 
 def test_the_hidden_state_loss_compares_the_channels_a_width_pruning_kept():
