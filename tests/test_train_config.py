@@ -24,7 +24,8 @@ def test_overrides_are_typed_yaml_scalars():
 
 def test_every_shipped_config_loads():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        load_config(path)
+        # the Minitron recipe's teacher and student are written by its first two commands (the config's header)
+        load_config(path, check_paths=path.name != "minitron-tiny.yaml")
 
 
 @pytest.mark.parametrize("override,key", [
