@@ -158,15 +158,15 @@ def test_a_thudm_checkpoint_is_pruned_into_the_thudm_layout(tmp_path):
 
 @pytest.mark.slow
 def test_importance_pruning_and_distillation_on_a_trained_model(tmp_path, capsys):
-    """glm-test trained by train.py (160 steps) on 80% of a corpus; half its MLP channels and KV groups pruned,
+    """glm-test trained by train.py (110 steps) on 80% of a corpus; half its MLP channels and KV groups pruned,
     importance measured on the other 20%:
-    - the held-out loss rises less than under random pruning of the same units (each of three draws, and by
-      under 3/4 of their mean); masking half of every block linear's weights by Wanda's score raises it less
-      than by magnitude;
+    - the held-out loss rises by less than half as much as under random pruning of the same units (their mean;
+      and less than each draw); masking half of every block linear's weights by Wanda's score raises it by less
+      than half as much as by magnitude;
     - recovery on a small text (16 kB, 24 steps, about five epochs of it): distillation from the unpruned model
       (alpha 1) ends with a lower held-out loss than training on the data alone, which overfits.
-    Measured 2026-12-04 (docs/compression.md): importance +0.082 against random +0.142, +0.097, +0.161; Wanda
-    +0.012 against magnitude +0.020; recovered 4.631 (distilled) against 4.706 (data)."""
+    Measured 2026-12-04 (docs/compression.md): importance +0.023 against random +0.183, +0.099, +0.133; Wanda
+    +0.008 against magnitude +0.023; recovered 4.858 (distilled) against 4.935 (data)."""
     from test_train_run import train
 
     lines = CORPUS.read_text().splitlines()
@@ -175,7 +175,7 @@ def test_importance_pruning_and_distillation_on_a_trained_model(tmp_path, capsys
     (tmp_path / "held.txt").write_text("\n".join(lines[cut:]))
     (tmp_path / "small.txt").write_text("\n".join(lines[:cut])[:16000])
     train(tmp_path / "run", f"data.train_files=[{tmp_path / 'train.txt'}]", "data.seq_len=64", "data.max_tokens=null",
-          "train.lr=3e-3", "train.warmup_steps=5", "train.steps=160", "train.eval_every=0", "data.eval_fraction=0",
+          "train.lr=4e-3", "train.warmup_steps=5", "train.steps=110", "train.eval_every=0", "data.eval_fraction=0",
           "checkpoint.every=1000", f"export.path={tmp_path / 'export'}", "export.format=transformers")
     rises = {}
     runs = [(("importance", 0), ["--mlp-keep", "0.5", "--heads-keep", "0.5", "--method", "importance"])]
@@ -189,9 +189,9 @@ def test_importance_pruning_and_distillation_on_a_trained_model(tmp_path, capsys
         report = json.loads((out / "prune_report.json").read_text())
         rises[method, seed] = report["eval_loss_after"] - report["eval_loss_before"]
     random = [v for (m, _), v in rises.items() if m == "random"]
-    assert 0 < rises["importance", 0] < min(min(random), 0.75 * np.mean(random)), rises
+    assert 0 < rises["importance", 0] < min(min(random), 0.5 * np.mean(random)), rises
     # half of every block linear's weights masked: Wanda's |W| x ||X|| against magnitude alone
-    assert 0 < rises["wanda", 0] < 0.8 * rises["magnitude", 0], rises
+    assert 0 < rises["wanda", 0] < 0.5 * rises["magnitude", 0], rises
 
     recovered = {}
     for name, extra in (("data", ()), ("distilled", (f"distill.teacher={tmp_path / 'export'}", "distill.alpha=1.0",
