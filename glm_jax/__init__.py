@@ -14,7 +14,8 @@ from glm_jax.compress import apply_plan, choose_units, collect_importance
 __all__ = ["PRESETS", "GLMConfig", "load_hf", "save_hf", "GLMForCausalLM", "GLMForSequenceClassification",
            "GLMModel", "init_cache", "init_params", "param_specs", "LOGICAL_RULES", "make_mesh", "param_shardings",
            "ChatGLMTokenizer", "Tokenizer", "load_tokenizer", "generate", "stream_generate", "ChatSession", "quantize_params",
-           "Engine", "SamplingParams", "collect_importance", "choose_units", "apply_plan"]
+           "Engine", "SamplingParams", "collect_importance", "choose_units", "apply_plan", "KnowledgeIndex",
+           "read_passages"]
 __version__ = "0.1.0"
 
 
@@ -25,5 +26,11 @@ def __getattr__(name: str):
         from glm_jax.chat import ChatSession
 
         return ChatSession
+    # the knowledge base too: bm25s starts a JAX backend when imported, which must not happen on `import glm_jax`
+    # (jax.distributed.initialize has to come first on many hosts)
+    if name in ("KnowledgeIndex", "read_passages"):
+        from glm_jax import knowledge
+
+        return getattr(knowledge, name)
     raise AttributeError(f"module 'glm_jax' has no attribute {name!r}")
 
