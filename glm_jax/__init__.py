@@ -15,7 +15,7 @@ __all__ = ["PRESETS", "GLMConfig", "load_hf", "save_hf", "GLMForCausalLM", "GLMF
            "GLMModel", "init_cache", "init_params", "param_specs", "LOGICAL_RULES", "make_mesh", "param_shardings",
            "ChatGLMTokenizer", "Tokenizer", "load_tokenizer", "generate", "stream_generate", "ChatSession", "quantize_params",
            "Engine", "SamplingParams", "collect_importance", "choose_units", "apply_plan", "KnowledgeIndex",
-           "read_passages"]
+           "read_passages", "embed"]
 __version__ = "0.1.0"
 
 
@@ -28,7 +28,7 @@ def __getattr__(name: str):
         return ChatSession
     # the knowledge base too: bm25s starts a JAX backend when imported, which must not happen on `import glm_jax`
     # (jax.distributed.initialize has to come first on many hosts)
-    if name in ("KnowledgeIndex", "read_passages"):
+    if name in ("KnowledgeIndex", "read_passages", "embed"):
         from glm_jax import knowledge
 
         return getattr(knowledge, name)

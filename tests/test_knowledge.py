@@ -96,3 +96,33 @@ def test_bad_input_is_one_line_and_nothing_else_is_replaced(tmp_path, capsys):
     assert "holds files that are not a knowledge index" in err[0] and "nope" in err[1]
     assert "bad.jsonl:1" in err[2] and "not a knowledge index" in err[3]
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_embed_pools_each_texts_final_hidden_states(pooling):
+    """embed() over right-padded, bucketed batches equals pooling each text's own unpadded forward pass (the
+    final normed hidden states; "last": the last token's, "mean": the average), L2-normalised; strings get the
+    end-of-text id appended; one compiled program per (rows, bucket) shape."""
+    import jax
+    import numpy as np
+
+    from glm_jax import GLMConfig, GLMForCausalLM, init_params
+    from glm_jax.knowledge.embed import _embed_batch, embed
+
+    cfg = GLMConfig.from_preset("glm-test", vocab_size=8192)
+    model = GLMForCausalLM(cfg)
+    params = init_params(model, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    texts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 7, 12, 5, 20, 9)]
+    before = _embed_batch._cache_size()
+    got = embed(model, params, texts, pooling=pooling, batch_size=4)
+    assert _embed_batch._cache_size() - before <= 3  # (4 rows, 8), (2 rows, 16), (2 rows, 32) at most
+    for ids, vector in zip(texts, got):
+        hidden = np.asarray(model.apply({"params": params}, np.asarray([ids]), return_hidden=True)[0], np.float64)
+        expected = hidden[-1] if pooling == "last" else hidden.mean(0)
+        np.testing.assert_allclose(vector, expected / np.linalg.norm(expected), atol=2e-5)
+    tok = SentencePieceTokenizer()
+    text = "布达拉宫建在哪里？"
+    np.testing.assert_allclose(embed(model, params, [text], tokenizer=tok, pooling=pooling)[0],
+                               embed(model, params, [tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]],
+                                     pooling=pooling)[0], atol=1e-6)

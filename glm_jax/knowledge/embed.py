@@ -1,0 +1,85 @@
+"""Text embeddings from a GLM model (docs/knowledge.md, "Embeddings").
+
+    vectors = embed(model, params, ["布达拉宫建在哪里？", "Which planet has rings?"], tokenizer=tok)  # [2, hidden]
+
+The final normed hidden states of the decoder (GLMForCausalLM(..., return_hidden=True)), pooled per text:
+"last" takes the last token's state (a causal model's summary of the whole text; the usual choice for decoder
+embedders, with an end-of-text token appended), "mean" averages the real tokens. Vectors are L2-normalised
+unless `normalize=False`, so that a dot product is the cosine similarity. Texts are right-padded into batches
+whose length is a compile bucket (generation.bucket_length) and whose row count is a power of two up to
+`batch_size`: one compiled program per such shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax.generation import bucket_length
+
+POOLINGS = ("last", "mean")
+
+
+def pool(hidden, mask, pooling: str, normalize: bool = True):
+    """hidden [B, S, H], mask [B, S] (1 = real token, right-padded) -> [B, H] fp32."""
+    hidden, mask = hidden.astype(jnp.float32), mask.astype(jnp.float32)
+    if pooling == "last":
+        last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
+        out = hidden[jnp.arange(hidden.shape[0]), last]
+    elif pooling == "mean":
+        out = jnp.sum(hidden * mask[..., None], axis=1) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+    else:
+        raise ValueError(f"pooling: {pooling!r} is not one of {POOLINGS}")
+    if normalize:
+        out = out * jax.lax.rsqrt(jnp.maximum(jnp.sum(out * out, axis=-1, keepdims=True), 1e-12))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("model", "pooling", "normalize"))
+def _embed_batch(model, params, ids, mask, *, pooling: str, normalize: bool):
+    hidden = model.apply({"params": params}, ids, segment_ids=mask.astype(jnp.int32), return_hidden=True)
+    return pool(hidden, mask, pooling, normalize)
+
+
+def encode_texts(texts: Sequence[str], tokenizer, *, max_len: int, eos: bool = True) -> list[list[int]]:
+    """Token ids per text (no special prefix tokens), cut to max_len, with the end-of-text id appended when `eos`
+    (the position "last" pooling reads)."""
+    out = []
+    for text in texts:
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        if eos and tokenizer.eos_token_id is not None:
+            ids = ids[:max_len - 1] + [tokenizer.eos_token_id]
+        out.append(ids[:max_len] or [tokenizer.pad_token_id or 0])
+    return out
+
+
+def embed(model, params, texts: Sequence[str] | Sequence[Sequence[int]], *, tokenizer=None, pooling: str = "last",
+          normalize: bool = True, batch_size: int = 32, max_len: int = 512) -> np.ndarray:
+    """[len(texts), hidden] float32 embeddings of `texts` (strings with `tokenizer`, or lists of token ids)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: {pooling!r} is not one of {POOLINGS}")
+    if texts and isinstance(texts[0], str):
+        if tokenizer is None:
+            raise ValueError("embed: texts given as strings need a tokenizer")
+        ids = encode_texts(texts, tokenizer, max_len=max_len)
+    else:
+        ids = [list(t)[:max_len] for t in texts]
+    out = np.zeros((len(ids), model.cfg.hidden_size), np.float32)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a bucket
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = bucket_length(max(len(ids[i]) for i in rows))
+        height = min(batch_size, 1 << (len(rows) - 1).bit_length())  # rows: a power of two up to batch_size
+        batch = np.zeros((height, width), np.int32)
+        mask = np.zeros((height, width), np.int32)
+        for r, i in enumerate(rows):
+            batch[r, :len(ids[i])], mask[r, :len(ids[i])] = ids[i], 1
+        mask[len(rows):, 0] = 1  # filler rows: one token, dropped below
+        vectors = _embed_batch(model, params, jnp.asarray(batch), jnp.asarray(mask), pooling=pooling,
+                               normalize=normalize)
+        out[rows] = np.asarray(vectors)[:len(rows)]
+    return out
