@@ -7,6 +7,7 @@ output directory is written whole or not at all, and never over anything already
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -82,12 +83,17 @@ def _loss_sums(logits, tokens, segments):
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model, params, tokens, segments):
+    return model.apply({"params": params}, tokens, segment_ids=segments)
+
+
 def eval_loss(model, params, rows: np.ndarray, batch_size: int) -> float:
-    forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, segment_ids=s))
+    """Mean next-token loss within documents over `rows` [n, 2, seq] (one compiled program per model and shape)."""
     total, count = 0.0, 0
     for b in range(0, len(rows), batch_size):
         tokens, segments = rows[b:b + batch_size, 0], rows[b:b + batch_size, 1]
-        s, n = _loss_sums(forward(params, tokens, segments), tokens, segments)
+        s, n = _loss_sums(_logits(model, params, tokens, segments), tokens, segments)
         total, count = total + float(s), count + int(n)
     return total / max(count, 1)
 
