@@ -107,7 +107,7 @@ def test_embed_pools_each_texts_final_hidden_states(pooling):
     import numpy as np
 
     from glm_jax import GLMConfig, GLMForCausalLM, init_params
-    from glm_jax.knowledge.embed import _embed_batch, embed
+    from glm_jax.knowledge.embeddings import _embed_batch, embed
 
     cfg = GLMConfig.from_preset("glm-test", vocab_size=8192)
     model = GLMForCausalLM(cfg)
@@ -126,3 +126,54 @@ def test_embed_pools_each_texts_final_hidden_states(pooling):
     np.testing.assert_allclose(embed(model, params, [text], tokenizer=tok, pooling=pooling)[0],
                                embed(model, params, [tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]],
                                      pooling=pooling)[0], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def embedding_model(tmp_path_factory):
+    """A random glm-test (the shipped tokenizer's vocabulary) saved in the transformers format."""
+    import jax
+
+    from glm_jax import GLMConfig, GLMForCausalLM, init_params, save_hf
+
+    cfg = GLMConfig.from_preset("glm-test", vocab_size=8192)
+    return save_hf(cfg, init_params(GLMForCausalLM(cfg), jax.random.key(3)), tmp_path_factory.mktemp("emb") / "m",
+                   format="transformers")
+
+
+def test_dense_and_hybrid_search_round_trip_with_their_embedding_model(embedding_model, tmp_path, capsys):
+    """An index built with an embedding model: "dense" ranks by the cosine of embed() vectors (a passage's own
+    indexed text finds it first, similarity 1), "hybrid" is reciprocal rank fusion of the BM25 and dense ranks
+    (recomputed here from the two rankings); the saved index reloads its model and searches the same; without
+    the model where the index says, one error line."""
+    import numpy as np
+
+    from glm_jax.knowledge import Embedder
+    from glm_jax.knowledge.index import indexed_text
+
+    passages = read_passages(KB / "docs" / "zh")
+    index = KnowledgeIndex.build(passages, embedder=Embedder.load(embedding_model))
+    target = passages[7]
+    top = index.search(indexed_text(target), k=3, mode="dense")[0]
+    assert top.passage == target and top.score == pytest.approx(1.0, abs=1e-4)
+    query = "三峡大坝建在哪条河上？"
+    lexical, dense = index.scores(query), index.similarities(query)
+    ranks = lambda s, keep: {i: r for r, i in enumerate([i for i in np.argsort(-s, kind="stable") if keep[i]], 1)}  # noqa: E731
+    fused = {i: 0.0 for i in range(len(passages))}
+    for rank in (ranks(lexical, lexical > 0), ranks(dense, np.ones(len(dense), bool))):
+        for i, r in rank.items():
+            fused[i] += 1 / (60 + r)
+    hybrid = index.search(query, k=5)  # the default mode with embeddings
+    assert [h.score for h in hybrid] == pytest.approx(sorted(fused.values(), reverse=True)[:5])
+    out = tmp_path / "index"
+    assert main(["index", "--docs", str(KB / "docs" / "zh"), "--out", str(out), "--embedding-model",
+                 str(embedding_model)]) == 0
+    loaded = KnowledgeIndex.load(out)
+    assert [h.passage for h in loaded.search(query, k=5)] == [h.passage for h in hybrid]
+    np.testing.assert_allclose(loaded.vectors, index.vectors, atol=1e-5)
+    moved = tmp_path / "moved"
+    embedding_model.rename(moved)
+    capsys.readouterr()
+    assert main(["search", str(out), query]) == 2
+    assert "its embedding model" in capsys.readouterr().err
+    assert main(["search", str(out), query, "--embedding-model", str(moved), "--mode", "dense", "-k", "1"]) == 0
+    moved.rename(embedding_model)

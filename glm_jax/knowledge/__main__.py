@@ -1,8 +1,8 @@
 """python -m glm_jax.knowledge index | search | eval (console script: glm-knowledge).
 
-    python -m glm_jax.knowledge index --docs data/knowledge/docs --out kb_index
-    python -m glm_jax.knowledge search kb_index "布达拉宫建在哪里？" -k 3 [--json]
-    python -m glm_jax.knowledge eval kb_index --questions data/knowledge/questions.jsonl
+    python -m glm_jax.knowledge index --docs data/knowledge/docs --out kb_index [--embedding-model CKPT]
+    python -m glm_jax.knowledge search kb_index "布达拉宫建在哪里？" -k 3 [--json] [--mode bm25|dense|hybrid]
+    python -m glm_jax.knowledge eval kb_index --questions data/knowledge/questions.jsonl [--mode ...]
 
 Exit codes: 0 done; 2 bad arguments, files or destination (one `error: ...` line naming the flag or file); the
 index directory is written whole or not at all, and never over a directory that is not an index
@@ -17,8 +17,9 @@ import sys
 
 from glm_jax.chat import tokenizer_or_shipped
 from glm_jax.knowledge.documents import read_passages
+from glm_jax.knowledge.embeddings import POOLINGS, Embedder
 from glm_jax.knowledge.evaluate import read_questions, recall
-from glm_jax.knowledge.index import KnowledgeIndex
+from glm_jax.knowledge.index import MODES, KnowledgeIndex
 from glm_jax.knowledge.lexical import SEGMENTERS
 from glm_jax.train.config import ConfigError
 
@@ -34,29 +35,40 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=32, help="tokens of the previous passage repeated at the start")
     p.add_argument("--segmenter", choices=sorted(SEGMENTERS), default="jieba",
                    help="Chinese words by jieba (default) or single characters")
+    p.add_argument("--embedding-model", help="a GLM checkpoint whose embeddings also index the passages")
+    p.add_argument("--pooling", choices=POOLINGS, default="last", help="of the embeddings (glm_jax.embed)")
     p = sub.add_parser("search", help="the best passages for a query")
     p.add_argument("index")
     p.add_argument("query")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per hit")
+    _search_options(p)
     p = sub.add_parser("eval", help="recall@k on a question set ({question, source, title} per JSONL line)")
     p.add_argument("index")
     p.add_argument("--questions", required=True)
     p.add_argument("-k", type=int, nargs="+", default=[1, 5])
+    _search_options(p)
     return parser
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=MODES, help="default: hybrid for an index with embeddings, else bm25")
+    p.add_argument("--embedding-model", help="the index's embedding model, when it is not where the index says")
 
 
 def run(args) -> int:
     if args.command == "index":
         tok = tokenizer_or_shipped(args.tokenizer)
         passages = read_passages(args.docs, tokenizer=tok, max_tokens=args.max_tokens, overlap=args.overlap)
-        index = KnowledgeIndex.build(passages, segmenter=args.segmenter)
+        embedder = Embedder.load(args.embedding_model, pooling=args.pooling) if args.embedding_model else None
+        index = KnowledgeIndex.build(passages, segmenter=args.segmenter, embedder=embedder)
         out = index.save(args.out)
         print(f"indexed {len(passages)} passages from {args.docs} into {out}")
         return 0
-    index = KnowledgeIndex.load(args.index)
+    index = KnowledgeIndex.load(args.index, embedder=Embedder.load(args.embedding_model)
+                                if args.embedding_model else None)
     if args.command == "search":
-        for hit in index.search(args.query, args.k):
+        for hit in index.search(args.query, args.k, mode=args.mode):
             if args.json:
                 print(json.dumps(hit.to_json(), ensure_ascii=False))
             else:
@@ -64,7 +76,8 @@ def run(args) -> int:
                 print(f"{hit.rank}. [{hit.score:.2f}] {hit.passage.source} ({where}; {hit.passage.location})\n"
                       f"   {hit.passage.text}")
         return 0
-    print(json.dumps(recall(index, read_questions(args.questions), ks=args.k)))
+    search = lambda query, k: index.search(query, k, mode=args.mode)  # noqa: E731
+    print(json.dumps(recall(index, read_questions(args.questions), ks=args.k, search=search)))
     return 0
 
 

@@ -1,12 +1,15 @@
-"""A searchable knowledge base: passages and their BM25 index, saved to a directory and loaded back
-(docs/knowledge.md, "The index directory").
+"""A searchable knowledge base: passages, their BM25 index and optionally their embeddings, saved to a directory
+and loaded back (docs/knowledge.md, "The index directory").
 
-    index = KnowledgeIndex.build(read_passages("data/knowledge/docs"))
+    index = KnowledgeIndex.build(read_passages("data/knowledge/docs"), embedder=Embedder.load("ckpt"))
     hits = index.search("布达拉宫建在哪里？", k=5)        # [Hit(passage, score, rank), ...], best first
     index.save("kb_index"); KnowledgeIndex.load("kb_index")
 
 BM25 comes from the bm25s library (Lucene's variant, k1 = 1.5, b = 0.75) over the words of
-glm_jax/knowledge/lexical.py; each passage is indexed with its headings, which name its topic.
+glm_jax/knowledge/lexical.py; each passage is indexed with its headings, which name its topic. With an embedder,
+"dense" ranks by cosine similarity (exact search over the normalised vectors) and "hybrid" (the default then)
+fuses the BM25 and dense rankings by reciprocal rank fusion (Cormack et al., 2009): sum over the rankings of
+1 / (60 + rank).
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ import bm25s
 import numpy as np
 
 from glm_jax.knowledge.documents import Passage
+from glm_jax.knowledge.embeddings import Embedder
 from glm_jax.knowledge.lexical import SEGMENTERS, STOPWORDS
 from glm_jax.train.atomic_dir import check_destination, write_atomically
 
 FORMAT = "glm_jax.knowledge/1"
+MODES = ("bm25", "dense", "hybrid")
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack, Clarke and Buettcher, 2009)
 logging.getLogger("bm25s").setLevel(logging.WARNING)  # its per-call progress messages
 
 
@@ -44,15 +50,18 @@ def indexed_text(p: Passage) -> str:
 
 
 class KnowledgeIndex:
-    """Passages with a BM25 index over their words (`segmenter`: "jieba" or the "chars" baseline)."""
+    """Passages with a BM25 index over their words (`segmenter`: "jieba" or the "chars" baseline) and, with an
+    `embedder`, their embeddings `vectors` [n, dim] (normalised)."""
 
-    def __init__(self, passages: Sequence[Passage], bm25: bm25s.BM25, *, segmenter: str = "jieba"):
+    def __init__(self, passages: Sequence[Passage], bm25: bm25s.BM25, *, segmenter: str = "jieba",
+                 vectors: np.ndarray | None = None, embedder: Embedder | None = None):
         self.passages, self.bm25, self.segmenter = list(passages), bm25, segmenter
+        self.vectors, self.embedder = vectors, embedder
         self._words = SEGMENTERS[segmenter]
 
     @classmethod
-    def build(cls, passages: Sequence[Passage], *, segmenter: str = "jieba", k1: float = 1.5,
-              b: float = 0.75) -> "KnowledgeIndex":
+    def build(cls, passages: Sequence[Passage], *, segmenter: str = "jieba", embedder: Embedder | None = None,
+              k1: float = 1.5, b: float = 0.75) -> "KnowledgeIndex":
         if segmenter not in SEGMENTERS:
             raise ValueError(f"segmenter: {segmenter!r} is not one of {sorted(SEGMENTERS)}")
         if not passages:
@@ -60,7 +69,8 @@ class KnowledgeIndex:
         words = SEGMENTERS[segmenter]
         bm25 = bm25s.BM25(k1=k1, b=b)
         bm25.index([words(indexed_text(p)) or [""] for p in passages], show_progress=False)
-        return cls(passages, bm25, segmenter=segmenter)
+        vectors = None if embedder is None else embedder([indexed_text(p) for p in passages])
+        return cls(passages, bm25, segmenter=segmenter, vectors=vectors, embedder=embedder)
 
     def __len__(self) -> int:
         return len(self.passages)
@@ -81,11 +91,42 @@ class KnowledgeIndex:
             return np.zeros(len(self.passages), np.float32)
         return np.asarray(self.bm25.get_scores(terms), np.float32)
 
-    def search(self, query: str, k: int = 5) -> list[Hit]:
-        """The `k` best passages for `query` that share a word with it, best first (ties: earlier passage)."""
-        scores = self.scores(query)
-        order = np.argsort(-scores, kind="stable")[:k]
-        return [Hit(self.passages[i], float(scores[i]), r) for r, i in enumerate(order, 1) if scores[i] > 0]
+    def similarities(self, query: str) -> np.ndarray:
+        """Cosine similarity of every passage's embedding to the query's."""
+        if self.vectors is None or self.embedder is None:
+            raise ValueError("dense search: this index has no embeddings (build it with an embedding model)")
+        return self.vectors @ self.embedder([query])[0]
+
+    def search(self, query: str, k: int = 5, mode: str | None = None) -> list[Hit]:
+        """The `k` best passages for `query`, best first (ties: the earlier passage). mode "bm25": by BM25 score,
+        passages sharing no word with the query left out; "dense": by cosine similarity; "hybrid": by reciprocal
+        rank fusion of the two (Hit.score is then the fused score). Default: hybrid with embeddings, else bm25."""
+        mode = mode or ("hybrid" if self.vectors is not None else "bm25")
+        if mode not in MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {MODES}")
+        if mode == "bm25":
+            scores = self.scores(query)
+            keep = scores > 0
+        elif mode == "dense":
+            scores, keep = self.similarities(query), None
+        else:
+            scores, keep = self._fused(query), None
+        order = np.argsort(-scores, kind="stable")
+        if keep is not None:
+            order = order[keep[order]]
+        return [Hit(self.passages[i], float(scores[i]), r) for r, i in enumerate(order[:k], 1)]
+
+    def _fused(self, query: str) -> np.ndarray:
+        """Reciprocal rank fusion: per passage, 1 / (RRF_K + its BM25 rank) (passages with a matching word
+        only) + 1 / (RRF_K + its dense rank)."""
+        fused = np.zeros(len(self.passages), np.float64)
+        lexical = self.scores(query)
+        for scores, keep in ((lexical, lexical > 0), (self.similarities(query), None)):
+            order = np.argsort(-scores, kind="stable")
+            if keep is not None:
+                order = order[keep[order]]
+            fused[order] += 1.0 / (RRF_K + np.arange(1, len(order) + 1))
+        return fused
 
     # ---------------------------------------------------------------------------------------------- on disk
     def save(self, out: str | Path) -> Path:
@@ -99,14 +140,20 @@ class KnowledgeIndex:
                 for p in self.passages:
                     f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
             self.bm25.save(str(tmp / "bm25"))
-            (tmp / "index.json").write_text(json.dumps(
-                {"format": FORMAT, "segmenter": self.segmenter, "passages": len(self.passages),
-                 "bm25": {"k1": self.bm25.k1, "b": self.bm25.b, "method": self.bm25.method}}, indent=2) + "\n")
+            meta = {"format": FORMAT, "segmenter": self.segmenter, "passages": len(self.passages),
+                    "bm25": {"k1": self.bm25.k1, "b": self.bm25.b, "method": self.bm25.method}}
+            if self.vectors is not None:
+                np.save(tmp / "vectors.npy", self.vectors.astype(np.float32))
+                meta["embedding"] = {"checkpoint": self.embedder.checkpoint, "pooling": self.embedder.pooling,
+                                     "max_len": self.embedder.max_len, "dim": int(self.vectors.shape[1])}
+            (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
 
         return write_atomically(write, out)
 
     @classmethod
-    def load(cls, path: str | Path) -> "KnowledgeIndex":
+    def load(cls, path: str | Path, *, embedder: Embedder | None = None) -> "KnowledgeIndex":
+        """The index at `path`; one built with embeddings loads the embedding model it records, unless
+        `embedder` is given (the same model elsewhere: its vectors must have the recorded width)."""
         path = Path(path)
         meta = _read_meta(path)
         if meta is None:
@@ -118,7 +165,18 @@ class KnowledgeIndex:
         if len(passages) != meta["passages"]:
             raise ValueError(f"{path}: index.json counts {meta['passages']} passages, passages.jsonl holds "
                              f"{len(passages)}")
-        return cls(passages, bm25, segmenter=meta["segmenter"])
+        vectors, emb = None, meta.get("embedding")
+        if emb is not None:
+            vectors = np.load(path / "vectors.npy")
+            if embedder is None:
+                if not emb["checkpoint"] or not Path(emb["checkpoint"]).exists():
+                    raise ValueError(f"{path}: its embedding model {emb['checkpoint']} is not there (pass the "
+                                     f"model with --embedding-model)")
+                embedder = Embedder.load(emb["checkpoint"], pooling=emb["pooling"], max_len=emb["max_len"])
+            if embedder.model.cfg.hidden_size != vectors.shape[1]:
+                raise ValueError(f"{path}: vectors of width {vectors.shape[1]}, the embedding model gives "
+                                 f"{embedder.model.cfg.hidden_size}")
+        return cls(passages, bm25, segmenter=meta["segmenter"], vectors=vectors, embedder=embedder)
 
 
 def _read_meta(path: Path) -> dict | None:

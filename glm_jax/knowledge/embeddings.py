@@ -12,14 +12,18 @@ whose length is a compile bucket (generation.bucket_length) and whose row count 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax.chat import default_tokenizer, load_checkpoint, tokenizer_or_shipped
 from glm_jax.generation import bucket_length
+from glm_jax.model import GLMForCausalLM
 
 POOLINGS = ("last", "mean")
 
@@ -83,3 +87,30 @@ def embed(model, params, texts: Sequence[str] | Sequence[Sequence[int]], *, toke
                                normalize=normalize)
         out[rows] = np.asarray(vectors)[:len(rows)]
     return out
+
+
+@dataclasses.dataclass
+class Embedder:
+    """A GLM model that embeds texts for dense retrieval: `embedder(texts) -> [n, hidden]` (`embed` with its
+    options). `checkpoint` is where it was loaded from; an index records it and loads it back."""
+
+    model: GLMForCausalLM
+    params: Any
+    tokenizer: Any
+    pooling: str = "last"
+    max_len: int = 512
+    checkpoint: str | None = None
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, *, tokenizer: str | Path | None = None, pooling: str = "last",
+             max_len: int = 512) -> "Embedder":
+        """From any checkpoint glm_jax loads (THUDM, transformers, a train.py run); its tokenizer unless given."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling: {pooling!r} is not one of {POOLINGS}")
+        cfg, params = load_checkpoint(checkpoint)
+        tok = tokenizer_or_shipped(tokenizer or default_tokenizer(checkpoint))
+        return cls(GLMForCausalLM(cfg), params, tok, pooling, max_len, str(checkpoint))
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        return embed(self.model, self.params, list(texts), tokenizer=self.tokenizer, pooling=self.pooling,
+                     max_len=self.max_len)
