@@ -3,6 +3,7 @@
     python -m glm_jax.knowledge index --docs data/knowledge/docs --out kb_index [--embedding-model CKPT]
     python -m glm_jax.knowledge search kb_index "布达拉宫建在哪里？" -k 3 [--json] [--mode bm25|dense|hybrid]
     python -m glm_jax.knowledge eval kb_index --questions data/knowledge/questions.jsonl [--mode ...]
+    python -m glm_jax.knowledge pairs --docs data/knowledge/docs --out pairs.jsonl   # train.py data.task: embedding
 
 Exit codes: 0 done; 2 bad arguments, files or destination (one `error: ...` line naming the flag or file); the
 index directory is written whole or not at all, and never over a directory that is not an index
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from glm_jax.chat import tokenizer_or_shipped
 from glm_jax.knowledge.documents import read_passages
@@ -21,6 +23,7 @@ from glm_jax.knowledge.embeddings import POOLINGS, Embedder
 from glm_jax.knowledge.evaluate import read_questions, recall
 from glm_jax.knowledge.index import MODES, KnowledgeIndex
 from glm_jax.knowledge.lexical import SEGMENTERS
+from glm_jax.knowledge.pairs import write_cloze_pairs
 from glm_jax.train.config import ConfigError
 
 
@@ -48,6 +51,12 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", required=True)
     p.add_argument("-k", type=int, nargs="+", default=[1, 5])
     _search_options(p)
+    p = sub.add_parser("pairs", help="inverse-cloze training pairs for data.task: embedding")
+    p.add_argument("--docs", required=True)
+    p.add_argument("--out", required=True, help="a JSONL file (not overwritten)")
+    p.add_argument("--per-passage", type=int, default=3, help="queries (sentences) per passage at most")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=256)
     return parser
 
 
@@ -64,6 +73,13 @@ def run(args) -> int:
         index = KnowledgeIndex.build(passages, segmenter=args.segmenter, embedder=embedder)
         out = index.save(args.out)
         print(f"indexed {len(passages)} passages from {args.docs} into {out}")
+        return 0
+    if args.command == "pairs":
+        if Path(args.out).exists():
+            raise ValueError(f"--out: {args.out} exists; choose a new file")
+        n = write_cloze_pairs(read_passages(args.docs, max_tokens=args.max_tokens), args.out,
+                              per_passage=args.per_passage, seed=args.seed)
+        print(f"wrote {n} query / positive pairs to {args.out}")
         return 0
     index = KnowledgeIndex.load(args.index, embedder=Embedder.load(args.embedding_model)
                                 if args.embedding_model else None)

@@ -73,10 +73,10 @@ def build_model_config(cfg: Config):
 
 
 def task_model(cfg: Config, model_cfg):
-    """("lm" | "classification", the model data.task trains)."""
+    """("lm" | "classification" | "embedding", the model data.task trains)."""
     if cfg.data.task == "classification":
         return "classification", GLMForSequenceClassification(model_cfg)
-    return "lm", GLMForCausalLM(model_cfg)
+    return ("embedding" if cfg.data.task == "embedding" else "lm"), GLMForCausalLM(model_cfg)
 
 
 def step_builder(cfg: Config, model, task: str):
@@ -101,7 +101,7 @@ def step_builder(cfg: Config, model, task: str):
     return StepBuilder(model, tx, schedule, task, t.z_loss, t.on_nan, lora, ptuning=t.mode == "ptuning",
                        loss_chunk=t.loss_chunk, moe_bias_update_rate=t.moe_bias_update_rate,
                        moe_balance_loss=t.moe_balance_loss, mtp_loss_weight=t.mtp_loss_weight, teacher=teacher,
-                       distill=distill)
+                       distill=distill, embedding=dataclasses.asdict(cfg.embedding) if task == "embedding" else None)
 
 
 def teacher_model(cfg: Config, student_cfg: GLMConfig):
@@ -211,6 +211,8 @@ def load_datasets(cfg: Config, model_cfg) -> tuple[dict, dict | None, int]:
             return P.build_pretrain(files, tok, dc.seq_len, dc.text_split, bad, dc.text_key, dc.max_tokens)
         if dc.task == "sft":
             return P.build_sft(files, tok, dc.seq_len, bad)[0]
+        if dc.task == "embedding":
+            return P.build_embedding(files, tok, dc.seq_len, cfg.embedding.negatives, bad)
         return P.build_classification(files, tok, dc.seq_len, model_cfg.num_labels, bad)
 
     if dc.prepared:
@@ -251,7 +253,7 @@ class BatchLayout:
 
     @property
     def rows(self) -> tuple[int, int]:
-        s = self.slices["input_ids"][self.batch_dim]
+        s = next(iter(self.slices.values()))[self.batch_dim]  # every array has the same rows
         return s.start, s.stop
 
     def to_global(self, local: dict) -> dict:
@@ -420,7 +422,7 @@ class TrainRun:
             res["eval_kl"] = float(sums["kl_sum"] / max(sums["count"], 1.0))
         if "hidden_sum" in sums:
             res["eval_hidden_mse"] = float(sums["hidden_sum"] / max(sums["count"], 1.0))
-        if self.task == "classification":
+        if self.task in ("classification", "embedding"):
             res["eval_accuracy"] = float(sums["correct"] / max(sums["count"], 1.0))
         if "mtp_count" in sums:
             res["eval_mtp_loss"] = float(sums["mtp_loss_sum"] / max(sums["mtp_count"], 1.0))

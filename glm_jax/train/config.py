@@ -47,7 +47,7 @@ class ModelSection:
 
 @dataclasses.dataclass
 class DataSection:
-    task: str = "pretrain"  # pretrain | sft | classification
+    task: str = "pretrain"  # pretrain | sft | classification | embedding (query / positive pairs: docs/knowledge.md)
     train_files: list = dataclasses.field(default_factory=list)  # files or glob patterns
     eval_files: list = dataclasses.field(default_factory=list)
     eval_fraction: float = 0.0  # without eval_files: hold out this fraction of the packed rows / records
@@ -166,6 +166,15 @@ class DistillSection:
 
 
 @dataclasses.dataclass
+class EmbeddingSection:
+    # data.task: embedding (docs/knowledge.md, "Training an embedder"): InfoNCE over {"query", "positive",
+    # "negatives"} records, every other passage of the microbatch a negative too
+    temperature: float = 0.05  # the softmax temperature of the cosine similarities
+    pooling: str = "last"  # of the final hidden states, as glm_jax.embed
+    negatives: int = 0  # hard negatives per record (its first `negatives` of "negatives"; fewer: a bad record)
+
+
+@dataclasses.dataclass
 class Config:
     run_dir: str = "runs/tiny"
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -178,13 +187,15 @@ class Config:
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
     export: ExportSection = dataclasses.field(default_factory=ExportSection)
     distill: DistillSection = dataclasses.field(default_factory=DistillSection)
+    embedding: EmbeddingSection = dataclasses.field(default_factory=EmbeddingSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 CHOICES = {
-    "data.task": ("pretrain", "sft", "classification"),
+    "data.task": ("pretrain", "sft", "classification", "embedding"),
+    "embedding.pooling": ("last", "mean"),
     "data.text_split": ("paragraph", "line", "file"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.on_nan": ("stop", "skip"),
@@ -349,6 +360,7 @@ def validate_static(cfg: Config) -> None:
     _check_data(cfg)
     _check_adapters(cfg)
     _check_distill(cfg)
+    _check_embedding(cfg)
     _check_mesh(cfg)
     if cfg.model.overrides:
         fields = {f.name for f in dataclasses.fields(GLMConfig)}
@@ -438,14 +450,30 @@ def _check_distill(cfg: Config) -> None:
         raise ConfigError(f"distill.top_k: {k.top_k} must be >= 0, and > 0 only with distill.kl: forward")
     if k.hidden_weight < 0:
         raise ConfigError(f"distill.hidden_weight: must be >= 0, got {k.hidden_weight}")
-    if cfg.data.task == "classification":
+    if cfg.data.task in ("classification", "embedding"):
         raise ConfigError("distill.teacher: distillation matches next-token distributions (data.task pretrain or "
-                          "sft), not a classification head")
+                          f"sft), not data.task {cfg.data.task}")
     if cfg.train.mode == "ptuning" or cfg.train.loss_chunk or cfg.train.mtp_loss_weight:
         key = ("train.mode" if cfg.train.mode == "ptuning" else
                "train.loss_chunk" if cfg.train.loss_chunk else "train.mtp_loss_weight")
         raise ConfigError(f"{key}: not with distill.teacher yet (distillation runs full or LoRA training on whole "
                           f"logits)")
+
+
+def _check_embedding(cfg: Config) -> None:
+    e = cfg.embedding
+    if not e.temperature > 0:
+        raise ConfigError(f"embedding.temperature: must be positive, got {e.temperature}")
+    if e.negatives < 0:
+        raise ConfigError(f"embedding.negatives: must be >= 0, got {e.negatives}")
+    if cfg.data.task != "embedding":
+        return
+    t = cfg.train
+    for key, bad in (("train.mode", t.mode == "ptuning"), ("train.loss_chunk", t.loss_chunk),
+                     ("train.mtp_loss_weight", t.mtp_loss_weight), ("data.prepared", cfg.data.prepared)):
+        if bad:
+            raise ConfigError(f"{key}: not with data.task embedding (full or LoRA training on query / passage "
+                              f"pairs read from train_files)")
 
 
 def _check_mesh(cfg: Config) -> None:

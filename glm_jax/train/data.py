@@ -6,6 +6,8 @@ Batch layout (all int32 unless noted, [rows, seq_len]):
   pretrain / sft:   input_ids, segment_ids (documents from 1, 0 = padding), targets (the next token),
                     loss_mask (float32: 1 where `targets` is trained on)
   classification:   input_ids, segment_ids (1 = token, 0 = padding), labels [rows]
+  embedding:        query_ids, query_segments [rows, seq_len]; passage_ids, passage_segments
+                    [rows, 1 + negatives, seq_len] (the positive, then the hard negatives)
 
 Targets are shifted on the host: targets[t] = input_ids[t+1], and loss_mask[t] says whether token t+1 is a
 target. In a packed row a document's last token predicts nothing (the next document is a different segment).
@@ -469,12 +471,15 @@ def encode_sft_record(tok, obj: Any) -> tuple[list[int], list[bool]]:
 
 # ------------------------------------------------------------------------------------------------ example arrays
 
-def example_spec(task: str, seq_len: int) -> dict[str, tuple[tuple[int, ...], type]]:
+def example_spec(task: str, seq_len: int, negatives: int = 0) -> dict[str, tuple[tuple[int, ...], type]]:
     """Per-example shape and dtype of every array the pipeline's builders produce for `task` (for abstract batches:
-    compiling a step without reading any data)."""
+    compiling a step without reading any data). embedding: `negatives` hard negatives after each positive."""
     row = ((seq_len,), np.int32)
     if task == "classification":
         return {"input_ids": row, "segment_ids": row, "labels": ((), np.int32)}
+    if task == "embedding":
+        passages = ((1 + negatives, seq_len), np.int32)
+        return {"query_ids": row, "query_segments": row, "passage_ids": passages, "passage_segments": passages}
     return {"input_ids": row, "segment_ids": row, "targets": row, "loss_mask": ((seq_len,), np.float32)}
 
 

@@ -370,6 +370,40 @@ class ClassificationRow(grain.transforms.Map):
         return {"input_ids": tokens, "segment_ids": segments, "labels": np.int32(label)}
 
 
+class EmbeddingPairRow(grain.transforms.Map):
+    """(where, {"query", "positive", "negatives"?}) -> {query_ids, query_segments, passage_ids, passage_segments}:
+    each text's tokens (no prefix tokens) cut to seq_len - 1, then eos (the position "last" pooling reads),
+    right-padded; the passages are the positive and the record's first `negatives` hard negatives. None for a bad
+    record."""
+
+    def __init__(self, tok, seq_len: int, negatives: int, bad: BadRecords):
+        self.tok, self.seq_len, self.negatives, self.bad = tok, seq_len, negatives, bad
+
+    def _row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        ids = list(self.tok.encode(text, add_special_tokens=False))[:self.seq_len - 1] + [self.tok.eos_token_id]
+        tokens = np.full(self.seq_len, self.tok.pad_token_id or 0, np.int32)
+        segments = np.zeros(self.seq_len, np.int32)
+        tokens[:len(ids)], segments[:len(ids)] = ids, 1
+        return tokens, segments
+
+    def map(self, element):
+        where, obj = element
+        query = obj.get("query") if isinstance(obj, dict) else None
+        positive = obj.get("positive") if isinstance(obj, dict) else None
+        negatives = obj.get("negatives", []) if isinstance(obj, dict) else None
+        if not (isinstance(query, str) and isinstance(positive, str) and isinstance(negatives, list)
+                and all(isinstance(n, str) for n in negatives)):
+            self.bad.handle(where, 'expected {"query": str, "positive": str, "negatives": [str, ...] (optional)}')
+            return None
+        if len(negatives) < self.negatives:
+            self.bad.handle(where, f"{len(negatives)} negatives; embedding.negatives asks for {self.negatives}")
+            return None
+        q_ids, q_seg = self._row(query)
+        rows = [self._row(t) for t in [positive, *negatives[:self.negatives]]]
+        return {"query_ids": q_ids, "query_segments": q_seg, "passage_ids": np.stack([r[0] for r in rows]),
+                "passage_segments": np.stack([r[1] for r in rows])}
+
+
 # ------------------------------------------------------------------------------------------------ pipelines
 
 def document_dataset(files: list[Path], tok, split: str, bad: BadRecords, text_key: str = "text",
@@ -418,6 +452,12 @@ def classification_dataset(files: list[Path], tok, seq_len: int, num_labels: int
                            bad: BadRecords) -> grain.IterDataset:
     ds = FileRecords(files, bad, documents=False)
     ds = ds.map(ClassificationRow(tok, seq_len, num_labels, bad)).filter(_not_none)
+    return ds.batch(ROWS_PER_BATCH)
+
+
+def embedding_dataset(files: list[Path], tok, seq_len: int, negatives: int, bad: BadRecords) -> grain.IterDataset:
+    ds = FileRecords(files, bad, documents=False)
+    ds = ds.map(EmbeddingPairRow(tok, seq_len, negatives, bad)).filter(_not_none)
     return ds.batch(ROWS_PER_BATCH)
 
 
@@ -470,6 +510,14 @@ def build_classification(files: list[Path], tok, seq_len: int, num_labels: int,
                          bad: BadRecords) -> dict[str, np.ndarray]:
     """Classification rows: {"text", "label"} records, right-padded, and their labels."""
     arrays = collect(classification_dataset(files, tok, seq_len, num_labels, bad))
+    if arrays is None:
+        raise D.no_examples(files, bad)
+    return arrays
+
+
+def build_embedding(files: list[Path], tok, seq_len: int, negatives: int, bad: BadRecords) -> dict[str, np.ndarray]:
+    """Contrastive pairs: {"query", "positive", "negatives"} records -> query and passage rows."""
+    arrays = collect(embedding_dataset(files, tok, seq_len, negatives, bad))
     if arrays is None:
         raise D.no_examples(files, bad)
     return arrays

@@ -36,6 +36,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm_jax.model import MTPHead, output_head
+from glm_jax.model.layers.pooling import pool
 from glm_jax.sharding import axis_rules
 from glm_jax.train import lora as lora_lib
 
@@ -130,14 +131,15 @@ def hidden_mse(student_hidden, teacher_hidden):
 class StepBuilder:
     """Builds `train_step(state, frozen, batch) -> (state, metrics)` and `eval_step(state, frozen, batch)`.
 
-    task: "lm" (pretrain / sft) or "classification".
+    task: "lm" (pretrain / sft), "classification" or "embedding" (contrastive query / passage pairs).
     """
 
     def __init__(self, model, tx: optax.GradientTransformation, schedule: Callable, task: str, z_loss: float = 0.0,
                  on_nan: str = "stop", lora: dict | None = None, ptuning: bool = False, loss_chunk: int = 0,
                  moe_bias_update_rate: float = 0.0, moe_balance_loss: float = 0.0, mtp_loss_weight: float = 0.0,
-                 teacher=None, distill: dict | None = None):
+                 teacher=None, distill: dict | None = None, embedding: dict | None = None):
         self.model, self.tx, self.schedule, self.task = model, tx, schedule, task
+        self.embedding = embedding  # task "embedding": {"temperature", "pooling", "negatives"}
         # distillation: the frozen teacher model (its parameters are frozen["teacher"]) and {"temperature",
         # "alpha", "kl", "top_k", "hidden_weight", "hidden_channels" (the teacher's channels matched to the
         # student's, None: all)}
@@ -204,6 +206,8 @@ class StepBuilder:
         return jax.lax.stop_gradient(out)
 
     def _sums(self, params, batch, forward, teacher_params=None):
+        if self.task == "embedding":
+            return self.contrastive_sums(params, batch, forward)
         if self.task != "classification" and (self.loss_chunk or self.mtp_loss_weight):
             hidden = forward(params, batch, return_hidden=True)
             chunk = self.loss_chunk or hidden.shape[1]
@@ -245,6 +249,27 @@ class StepBuilder:
             obj, aux = obj + d["hidden_weight"] * mse, {**aux, "hidden_sum": mse}
         return obj, aux
 
+    def contrastive_sums(self, params, batch, forward):
+        """InfoNCE (docs/knowledge.md, "Training an embedder"): every query against every passage of the
+        microbatch (its positive, the other queries' positives and every hard negative), cosine similarities
+        over the temperature, cross-entropy on the query's own positive. (sum of the losses, {"loss_sum",
+        "correct", "count"})."""
+        e = self.embedding
+        queries = self._embed(params, batch["query_ids"], batch["query_segments"], forward)
+        b, n, s = batch["passage_ids"].shape
+        passages = self._embed(params, batch["passage_ids"].reshape(b * n, s),
+                               batch["passage_segments"].reshape(b * n, s), forward)
+        logits = queries @ passages.T / e["temperature"]  # [B, B * (1 + negatives)]
+        labels = jnp.arange(b) * n  # each query's own positive
+        nll = jax.nn.logsumexp(logits, axis=-1) - logits[jnp.arange(b), labels]
+        correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+        return jnp.sum(nll), {"loss_sum": jnp.sum(nll), "correct": jnp.sum(correct),
+                              "count": jnp.asarray(b, jnp.float32)}
+
+    def _embed(self, params, ids, segments, forward):
+        hidden = forward(params, {"input_ids": ids, "segment_ids": segments}, return_hidden=True)
+        return pool(hidden, segments > 0, self.embedding["pooling"])
+
     def mtp_sums(self, params, batch, hidden, chunk: int):
         """(mean over depths of each depth's nll sum, {"mtp_loss_sum", "mtp_hits", "mtp_count"} summed over
         depths) of the MTP layers over the main model's final hidden states."""
@@ -264,13 +289,16 @@ class StepBuilder:
     def count(batch, task):
         if task == "classification":
             return jnp.asarray(batch["labels"].size, jnp.float32)
+        if task == "embedding":  # queries, over every leading (microbatch, row) axis
+            return jnp.asarray(batch["query_ids"].size // batch["query_ids"].shape[-1], jnp.float32)
         return jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
     # ---------------------------------------------------------------------------------------------- steps
     def train_step(self, state, frozen, batch, hyper):
         """hyper: {"lr": f32 [], "skip_nonfinite": bool []} (host-side values, so they never recompile)."""
         total = jnp.maximum(self.count(batch, self.task), 1.0)
-        n_seq = batch["input_ids"].shape[0] * batch["input_ids"].shape[1]  # sequences in the global batch
+        lead = next(iter(batch.values())).shape
+        n_seq = lead[0] * lead[1]  # sequences in the global batch (microbatches x rows)
         rng = jax.random.fold_in(state["rng"], state["step"])
         params = state["params"]
 
@@ -302,10 +330,10 @@ class StepBuilder:
                      "opt_state": jax.tree.map(keep_old, opt_state, state["opt_state"]), "rng": state["rng"],
                      "skipped": state["skipped"] + (~take_new).astype(jnp.int32)}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
-                   "tokens": aux["count"] if self.task != "classification" else total, "finite": finite,
+                   "tokens": aux["count"] if self.task == "lm" else total, "finite": finite,
                    "update_finite": update_finite,
                    "skipped": new_state["skipped"]}
-        if self.task == "classification":
+        if self.task in ("classification", "embedding"):
             metrics["accuracy"] = aux["correct"] / total
         if self.teacher is not None:  # "loss" stays the data loss, comparable with runs without a teacher
             metrics["kl"], metrics["data_loss"] = aux["kl_sum"] / jnp.maximum(aux["count"], 1.0), loss

@@ -60,7 +60,7 @@ class MetricsReader:
         record = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                   "tokens": int(m["tokens"]), "tokens_per_s": tps,
                   "mfu": mfu(tps, self.flops_per_token, self.device_kind, jax.device_count()) if tps else None}
-        if self.task == "classification":
+        if self.task in ("classification", "embedding"):  # embedding: in-batch retrieval accuracy
             record["accuracy"] = float(m["accuracy"])
         if "mtp_loss" in m:
             record["mtp_loss"], record["mtp_accuracy"] = float(m["mtp_loss"]), float(m["mtp_accuracy"])
