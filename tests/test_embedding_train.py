@@ -59,20 +59,20 @@ def test_info_nce_is_its_definition(negatives):
 
 
 def test_a_run_learns_to_retrieve(tmp_path):
-    """glm-test from scratch, 40 steps of 16 inverse-cloze pairs (a sentence of a passage against the rest of
+    """glm-test from scratch, 30 steps of 16 inverse-cloze pairs (a sentence of a passage against the rest of
     it) of data/knowledge: the in-batch accuracy rises, eval_accuracy is logged, and the exported model, as the
     index's embedder, finds the answer of the shipped questions in its top 5 far above chance (1 in 12):
-    measured 2026-12-04 dense recall@1 0.397, recall@5 0.706; BM25 alone 0.971 / 0.985."""
+    measured 2026-12-04 dense recall@1 0.368, recall@5 0.721; BM25 alone 0.971 / 0.985."""
     pairs = tmp_path / "pairs.jsonl"
     assert write_cloze_pairs(read_passages(KB / "docs"), pairs, per_passage=3) == 142
     export = tmp_path / "export"
-    train(tmp_path / "run", "data.task=embedding", f"data.train_files=[{pairs}]", "data.seq_len=96",
-          "train.global_batch_size=16", "train.steps=40", "train.lr=2e-3", "train.warmup_steps=4",
-          "data.eval_fraction=0.1", "train.eval_every=20", "train.eval_batches=1", "checkpoint.every=1000",
+    train(tmp_path / "run", "data.task=embedding", f"data.train_files=[{pairs}]", "data.seq_len=64",
+          "train.global_batch_size=16", "train.steps=30", "train.lr=3e-3", "train.warmup_steps=3",
+          "data.eval_fraction=0.1", "train.eval_every=30", "train.eval_batches=1", "checkpoint.every=1000",
           f"export.path={export}", "export.format=transformers")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "accuracy" in r]
-    assert len(steps) == 40 and all(0 <= r["accuracy"] <= 1 for r in steps)
+    assert len(steps) == 30 and all(0 <= r["accuracy"] <= 1 for r in steps)
     assert np.mean([r["accuracy"] for r in steps[-10:]]) > np.mean([r["accuracy"] for r in steps[:5]]) + 0.4
     assert "eval_accuracy" in records[-1]
     index = KnowledgeIndex.build(read_passages(KB / "docs"), embedder=Embedder.load(export))
