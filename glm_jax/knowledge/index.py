@@ -106,25 +106,17 @@ class KnowledgeIndex:
             raise ValueError(f"mode: {mode!r} is not one of {MODES}")
         if mode == "bm25":
             scores = self.scores(query)
-            keep = scores > 0
-        elif mode == "dense":
-            scores, keep = self.similarities(query), None
+            order = _ranking(scores, matching=True)
         else:
-            scores, keep = self._fused(query), None
-        order = np.argsort(-scores, kind="stable")
-        if keep is not None:
-            order = order[keep[order]]
+            scores = self.similarities(query) if mode == "dense" else self._fused(query)
+            order = _ranking(scores)
         return [Hit(self.passages[i], float(scores[i]), r) for r, i in enumerate(order[:k], 1)]
 
     def _fused(self, query: str) -> np.ndarray:
         """Reciprocal rank fusion: per passage, 1 / (RRF_K + its BM25 rank) (passages with a matching word
         only) + 1 / (RRF_K + its dense rank)."""
         fused = np.zeros(len(self.passages), np.float64)
-        lexical = self.scores(query)
-        for scores, keep in ((lexical, lexical > 0), (self.similarities(query), None)):
-            order = np.argsort(-scores, kind="stable")
-            if keep is not None:
-                order = order[keep[order]]
+        for order in (_ranking(self.scores(query), matching=True), _ranking(self.similarities(query))):
             fused[order] += 1.0 / (RRF_K + np.arange(1, len(order) + 1))
         return fused
 
@@ -177,6 +169,12 @@ class KnowledgeIndex:
                 raise ValueError(f"{path}: vectors of width {vectors.shape[1]}, the embedding model gives "
                                  f"{embedder.model.cfg.hidden_size}")
         return cls(passages, bm25, segmenter=meta["segmenter"], vectors=vectors, embedder=embedder)
+
+
+def _ranking(scores: np.ndarray, matching: bool = False) -> np.ndarray:
+    """Passage indices by descending score (ties: the earlier passage); `matching`: only those scoring > 0."""
+    order = np.argsort(-scores, kind="stable")
+    return order[scores[order] > 0] if matching else order
 
 
 def _read_meta(path: Path) -> dict | None:
