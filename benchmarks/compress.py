@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from decode import bench_params, timed  # noqa: E402
 from glm_jax import GLMConfig, GLMForCausalLM, init_params, save_hf  # noqa: E402
 from glm_jax import generation as G  # noqa: E402
-from glm_jax.chat import default_tokenizer, load_checkpoint, tokenizer_or_shipped  # noqa: E402
+from glm_jax.checkpoints import default_tokenizer, load_checkpoint, tokenizer_or_shipped  # noqa: E402
 from glm_jax.compress import apply_plan, choose_units, collect_importance  # noqa: E402
 from glm_jax.compress.__main__ import calibration_rows, eval_loss  # noqa: E402
 from glm_jax.convert.hf import detect_format  # noqa: E402

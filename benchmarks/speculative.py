@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params  # noqa: E402
-from glm_jax.chat import default_tokenizer, load_checkpoint, tokenizer_or_shipped  # noqa: E402
+from glm_jax.checkpoints import default_tokenizer, load_checkpoint, tokenizer_or_shipped  # noqa: E402
 from glm_jax.speculative import generate_speculative  # noqa: E402
 
 

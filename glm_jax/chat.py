@@ -2,7 +2,7 @@
 
     python -m glm_jax.chat --checkpoint DIR [--tokenizer FILE_OR_DIR] [--system TEXT] [--tools tools.json]
                            [--think | --no-think] [--max-new-tokens N] [--temperature 0.8] [--top-p 0.8]
-                           [--top-k 0] [--dtype bfloat16]
+                           [--top-k 0] [--dtype bfloat16] [--knowledge INDEX_DIR [--knowledge-k 3]]
 
 DIR is a THUDM (`chatglm`) or transformers (`glm`, `glm4`, `glm4_moe`, ...) checkpoint directory
 (`glm_jax.load_hf`) or a `train.py` run directory. The tokenizer is `glm_jax.load_tokenizer`'s (any family):
@@ -11,9 +11,10 @@ the small SentencePiece model shipped with glm_jax. In the terminal: `/think` an
 on / off (`enable_thinking` of the chat template), `/reset` starts over (keeping the system prompt and tools),
 `/exit` (or EOF) quits. Replies stream as they are generated, reasoning shown apart from the answer; each tool
 call is printed as a structured call and its result is read from the terminal and sent back as a `tool`
-message. Exit status: 0 after `/exit` or end of input; 2 for bad arguments (a missing or unreadable
-checkpoint, tokenizer or tools file, tools that are not a list of objects), reported as one `error: ...` line
-on stderr naming the option and the file.
+message. With `--knowledge` each question is first looked up in a knowledge index (glm_jax.knowledge): the best
+passages go into the prompt and are listed, numbered, after the reply. Exit status: 0 after `/exit` or end of
+input; 2 for bad arguments (a missing or unreadable checkpoint, tokenizer, tools file or knowledge index, tools
+that are not a list of objects), reported as one `error: ...` line on stderr naming the option and the file.
 
     session = ChatSession(model, params, glm_jax.load_tokenizer(DIR), system="...", tools=[...],
                           enable_thinking=False, temperature=0.8, top_p=0.8)
@@ -42,15 +43,16 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import yaml
 
-from glm_jax import GLMForCausalLM, load_hf
+from glm_jax import GLMForCausalLM, knowledge
+from glm_jax.checkpoints import default_tokenizer, load_checkpoint, shipped_tokenizer_warning, tokenizer_or_shipped
 from glm_jax.config import DTYPES, read_json
 from glm_jax.generation import SamplingParams
+from glm_jax.knowledge.documents import Passage
+from glm_jax.knowledge.grounding import grounded_messages, has_system_role, sources
 from glm_jax.platforms import skip_absent_tpu
-from glm_jax.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer
+from glm_jax.tokenizers import Tokenizer
 from glm_jax.tokenizers.formats import check_tools
-from glm_jax.train.build import load_run
 
 # The module, even if the package re-exports a `generate` function under the same name.
 from glm_jax import generation as _generate
@@ -69,13 +71,18 @@ class ChatSession:
     decode cache between turns (`glm_jax.generation.ConversationCache`), so a turn runs only the tokens that
     differ from what the cache holds instead of the whole conversation. `speculative` ("mtp" | "ngram") and
     `num_speculative_tokens`: speculative decoding (glm_jax.speculative; every turn then runs its whole prompt).
+
+    `knowledge`: a `glm_jax.KnowledgeIndex` (anything with its `search(query, k=, mode=)`): each user turn first
+    retrieves its `knowledge_k` best passages (`knowledge_mode`: the index's default, "bm25", "dense" or "hybrid"),
+    which go into the prompt before the question (glm_jax.knowledge.grounding); the reply's "sources" lists them.
     """
 
     def __init__(self, model, params, tokenizer, system: str | None = None, tools: Sequence[dict] | None = None,
                  *, enable_thinking: bool | None = None, max_new_tokens: int = 512, temperature: float = 0.8,
                  top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0, mesh=None,
                  chunk: int = 1, reuse_cache: bool = True, sampling: SamplingParams | None = None,
-                 speculative: str | None = None, num_speculative_tokens: int | None = None):
+                 speculative: str | None = None, num_speculative_tokens: int | None = None, knowledge=None,
+                 knowledge_k: int = 3, knowledge_mode: str | None = None):
         if sampling is not None:  # passed whole, in place of the loose keywords
             if sampling.stop:
                 raise ValueError("stop: a chat session stops on the tokenizer's stop ids and stop_token_ids, not on "
@@ -98,6 +105,11 @@ class ChatSession:
                              num_speculative_tokens=num_speculative_tokens)
         if speculative is not None:  # bad settings fail here, not at the first reply
             _speculative.check(model, speculative, num_speculative_tokens, penalty=repetition_penalty != 1.0)
+        if knowledge is not None and knowledge_k < 1:
+            raise ValueError(f"knowledge_k: must be at least 1, got {knowledge_k}")
+        self.knowledge, self.knowledge_k, self.knowledge_mode = knowledge, knowledge_k, knowledge_mode
+        self._system_role = knowledge is not None and has_system_role(tokenizer)
+        self.last_sources: list[dict[str, Any]] = []
         self.seed = int(seed)
         self.turns = 0
         self.last_reply: dict[str, Any] | None = None
@@ -157,7 +169,7 @@ class ChatSession:
         the reply's `StreamParser` events as it is generated: {"type": "reasoning" | "content", "text"} and
         {"type": "tool_call", "tool_call"}. When the iterator is exhausted the reply is in `last_reply` and
         `last_ids`, and the messages are in `history`; stopping early records the partial reply."""
-        new = _new_messages(text, role)
+        new = self._turn_messages(text, role)
         tok = self.tokenizer
         prompt = self.last_prompt = self.prompt(new)
         parser = tok.stream_parser(self.tools, prompt=prompt)
@@ -178,6 +190,16 @@ class ChatSession:
             finished = True
         finally:
             self._record(new, ids, finished)
+
+    def _turn_messages(self, text, role: str) -> list[dict[str, Any]]:
+        """The messages a turn adds: with a knowledge base, a user turn's retrieved passages before it."""
+        new = _new_messages(text, role)
+        self.last_sources = []
+        if self.knowledge is None or role != "user":
+            return new
+        hits = self.knowledge.search(text, k=self.knowledge_k, mode=self.knowledge_mode)
+        self.last_sources = sources(hits)
+        return grounded_messages(self.tokenizer, text, hits, system_role=self._system_role)
 
     def _reply_tokens(self, prompt: list[int]) -> Iterator[int]:
         """The generated ids of one reply, up to (not including) a stop id."""
@@ -200,6 +222,8 @@ class ChatSession:
         self.last_ids = ids
         parsed = self.tokenizer.parse_reply(ids, tools=self.tools)
         reply = {"type": "tool_call" if parsed["tool_calls"] else "text", **parsed}
+        if self.knowledge is not None:
+            reply["sources"] = self.last_sources
         if not finished:
             reply["interrupted"] = True
         self.last_reply = reply
@@ -234,41 +258,18 @@ def _observation_text(result: Any) -> str:
         return str(result)
 
 
-# ---------------------------------------------------------------------------------------------------- loading
-def load_checkpoint(path: str | Path, **overrides):
-    """(GLMConfig, params) from a checkpoint directory: THUDM / transformers (config.json) via `load_hf`.
-
-    or a `python train.py` run directory (its orbax checkpoints) via `glm_jax.train.build.load_run`.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    if (path / "config.json").exists():
-        return load_hf(path, **overrides)
-    if path.is_dir() and _looks_like_orbax(path):
-        return load_orbax_run(path, **overrides)
-    raise ValueError(f"{path}: not a checkpoint directory (expected a config.json from a THUDM or transformers "
-                     f"checkpoint, or an orbax training run)")
-
-
-def _looks_like_orbax(path: Path) -> bool:
-    """A `python train.py` run directory: its resolved config and orbax checkpoints."""
-    return (path / "config.yaml").exists() and (path / "checkpoints").is_dir()
-
-
-def load_orbax_run(path: Path, **overrides):
-    """(GLMConfig, params) of the latest checkpoint of a `python train.py` run directory (LoRA merged, P-tuning
-    prefix in place); `overrides` are GLMConfig fields (e.g. dtype)."""
-    cfg, params = load_run(path)
-    return cfg.replace(**overrides), params
-
-
 # ---------------------------------------------------------------------------------------------------- terminal
 def _print_calls(reply: dict, out) -> None:
     for call in reply["tool_calls"]:
         f = call["function"]
         out.write(f"\n[tool call] {json.dumps({'name': f['name'], 'arguments': f['arguments']}, ensure_ascii=False)}")
     out.write("\n")
+
+
+def _print_sources(reply: dict, out) -> None:
+    """The passages a grounded reply was given, as numbered in its prompt."""
+    for source in reply.get("sources") or ():
+        out.write(f"\n[{source['rank']}] {Passage.from_json(source).citation}")
 
 
 class _EventPrinter:
@@ -354,6 +355,7 @@ def run_cli(session: ChatSession, stdin=None, out=None) -> int:
         while _turn(session, message, role, out, color):
             reply = session.pending_tool_call
             if reply is None:
+                _print_sources(session.last_reply, out)
                 out.write("\n")
                 break
             _print_calls(reply, out)
@@ -362,29 +364,6 @@ def run_cli(session: ChatSession, stdin=None, out=None) -> int:
                 out.write("\nbye\n")
                 return 0
             role, message = "tool", results
-
-
-def default_tokenizer(checkpoint: str | Path) -> Path | None:
-    """Where a checkpoint's tokenizer is: the directory itself when it holds tokenizer.json / tokenizer.model;
-    for a train.py run directory, its config's `data.tokenizer`, else its `model.init_from` directory's; None:
-    the tokenizer shipped with glm_jax."""
-    path = Path(checkpoint)
-    files = ("tokenizer.json", "tokenizer.model")
-    if any((path / f).is_file() for f in files):
-        return path
-    if not (path / "config.yaml").is_file():
-        return None
-    try:
-        cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    if not isinstance(cfg, dict):
-        return None
-    data, model = cfg.get("data") or {}, cfg.get("model") or {}
-    if data.get("tokenizer"):
-        return Path(data["tokenizer"])
-    init = model.get("init_from")
-    return Path(init) if init and any((Path(init) / f).is_file() for f in files) else None
 
 
 class _CliError(Exception):
@@ -414,6 +393,11 @@ def _arg_parser() -> argparse.ArgumentParser:
                    help="drafts per verify step (default: 1 for mtp, 3 for ngram)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="compute and parameter dtype (default: the checkpoint's)")
+    p.add_argument("--knowledge", default=None, metavar="INDEX_DIR",
+                   help="ground each question in this knowledge index (python -m glm_jax.knowledge index)")
+    p.add_argument("--knowledge-k", type=int, default=3, help="passages retrieved per question")
+    p.add_argument("--knowledge-mode", choices=("bm25", "dense", "hybrid"), default=None,
+                   help="retrieval (default: hybrid for an index with embeddings, else bm25)")
     return p
 
 
@@ -447,29 +431,24 @@ def _check_sampling_args(args) -> None:
         raise _CliError(f"--{name.replace('_', '-')}: {why}") from None
 
 
-def tokenizer_or_shipped(source: str | Path | None):
-    """The tokenizer at `source` (--tokenizer, else `default_tokenizer` of the checkpoint), else (None) the small
-    SentencePiece model shipped with glm_jax: the chat CLI's and the server's choice. ValueError naming
-    --tokenizer when it cannot be loaded."""
-    if source is not None and not Path(source).exists():
-        raise ValueError(f"--tokenizer: {source}: no such file")
-    try:
-        return SentencePieceTokenizer() if source is None else load_tokenizer(source)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"--tokenizer: {source}: cannot load the tokenizer ({e})") from None
-
-
-def shipped_tokenizer_warning(checkpoint) -> str:
-    """The one line said when the shipped tokenizer stands in for a checkpoint's own."""
-    return (f"warning: {checkpoint} has no tokenizer.json or tokenizer.model: using the small SentencePiece "
-            f"tokenizer shipped with glm_jax (pass --tokenizer for the model's own)")
-
-
 def _cli_tokenizer(source: str | Path | None):
     try:
         return tokenizer_or_shipped(source)
     except ValueError as e:
         raise _CliError(str(e)) from None
+
+
+def _cli_knowledge(args):
+    """--knowledge: the index (with its embedding model when it has one)."""
+    if args.knowledge_k < 1:
+        raise _CliError(f"--knowledge-k: must be at least 1, got {args.knowledge_k}")
+    try:  # bm25s, which starts JAX's backends, is imported here: after main() chose the platform
+        index = knowledge.KnowledgeIndex.load(args.knowledge)
+    except (OSError, ValueError) as e:
+        raise _CliError(f"--knowledge: {e}") from None
+    if args.knowledge_mode in ("dense", "hybrid") and index.vectors is None:
+        raise _CliError(f"--knowledge-mode: {args.knowledge} has no embeddings (build it with --embedding-model)")
+    return index
 
 
 def _cli_session(args) -> ChatSession:
@@ -487,12 +466,14 @@ def _cli_session(args) -> ChatSession:
     if cfg.vocab_size < tokenizer.vocab_size:
         raise _CliError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
                         f"({tokenizer.vocab_size})")
+    knowledge = _cli_knowledge(args) if args.knowledge else None
     sampling = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     try:
         return ChatSession(GLMForCausalLM(cfg), params, tokenizer, system=args.system, tools=tools,
                            enable_thinking=args.enable_thinking, sampling=sampling, speculative=args.speculative,
-                           num_speculative_tokens=args.num_speculative_tokens)
+                           num_speculative_tokens=args.num_speculative_tokens, knowledge=knowledge,
+                           knowledge_k=args.knowledge_k, knowledge_mode=args.knowledge_mode)
     except ValueError as e:
         name, _, why = str(e).partition(": ")
         raise _CliError(f"--{name.replace('_', '-')}: {why}") from None

@@ -61,10 +61,10 @@ def test_info_nce_is_its_definition(negatives):
 def test_a_run_learns_to_retrieve(tmp_path):
     """glm-test from scratch, 30 steps of 16 inverse-cloze pairs (a sentence of a passage against the rest of
     it) of data/knowledge: the in-batch accuracy rises, eval_accuracy is logged, and the exported model, as the
-    index's embedder, finds the answer of the shipped questions in its top 5 far above chance (1 in 12):
-    measured 2026-12-04 dense recall@1 0.368, recall@5 0.721; BM25 alone 0.971 / 0.985."""
+    index's embedder, finds the answer of the shipped questions in its top 5 far above chance (5 of 67 passages):
+    measured 2026-12-04 dense recall@1 0.274, recall@5 0.689; BM25 alone 0.972 / 0.991."""
     pairs = tmp_path / "pairs.jsonl"
-    assert write_cloze_pairs(read_passages(KB / "docs"), pairs, per_passage=3) == 142
+    assert write_cloze_pairs(read_passages(KB / "docs"), pairs, per_passage=3) == 164
     export = tmp_path / "export"
     train(tmp_path / "run", "data.task=embedding", f"data.train_files=[{pairs}]", "data.seq_len=64",
           "train.global_batch_size=16", "train.steps=30", "train.lr=3e-3", "train.warmup_steps=3",

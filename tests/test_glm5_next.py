@@ -214,7 +214,7 @@ def test_train_py_run_learns_and_exports(tmp_path):
     """glm5-next-test trained by train.py on the shipped corpus: the loss falls, the routers balance (their biases
     move), and the transformers export holds the trained weights: transformers' logits equal ours. (Exact resume
     is the trainer's, whatever the model: tests/test_train_run.py, tests/test_moe_train.py.)"""
-    from glm_jax.chat import load_checkpoint
+    from glm_jax.checkpoints import load_checkpoint
     from test_train_run import train
 
     export = tmp_path / "export"

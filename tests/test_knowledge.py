@@ -49,15 +49,22 @@ def test_chinese_is_segmented_into_words():
 
 
 def test_bm25_finds_the_answering_passage_of_the_shipped_questions(shipped):
-    """68 questions (30 English, 38 Chinese) over the 59 passages of data/knowledge/docs. Measured 2026-12-04:
-    recall@1 0.971, recall@5 0.985 (Chinese: 1.0 / 1.0); the same with single characters instead of jieba's
-    words (docs/knowledge.md)."""
+    """106 questions (30 English, 76 Chinese) over the 67 passages of data/knowledge/docs. Measured 2026-12-04:
+    recall@1 0.972, recall@5 0.991; Chinese with jieba's words 0.987 / 1.0 (MRR 0.993), with single characters
+    0.974 / 1.0 (MRR 0.987): a word the characters of which are common elsewhere (钱塘江大潮: 钱塘江, 大潮) is
+    found by its word (docs/knowledge.md)."""
     index, questions = shipped
-    assert len(index) == 59 and len(questions) == 68
+    assert len(index) == 67 and len(questions) == 106
     measured = recall(index, questions, ks=(1, 5))
-    assert measured["recall@1"] >= 0.95 and measured["recall@5"] >= 0.98, measured
+    assert measured["recall@1"] >= 0.96 and measured["recall@5"] >= 0.99, measured
     chinese = [q for q in questions if q["source"].startswith("zh/")]
-    assert recall(index, chinese, ks=(1,))["recall@1"] == 1.0
+    by_words = recall(index, chinese, ks=(1, 5))
+    by_chars = recall(KnowledgeIndex.build(index.passages, segmenter="chars"), chinese, ks=(1, 5))
+    assert by_words["recall@1"] >= 0.98 and by_words["recall@5"] == 1.0, by_words
+    assert by_words["recall@1"] > by_chars["recall@1"] and by_words["mrr@5"] > by_chars["mrr@5"], (by_words, by_chars)
+    tide = "钱塘江大潮什么时候最壮观？"
+    assert index.search(tide, k=1)[0].passage.title == "潮汐"
+    assert KnowledgeIndex.build(index.passages, segmenter="chars").search(tide, k=1)[0].passage.title == "钱塘江"
     top = index.search("布达拉宫建在哪里？", k=3)[0]
     assert top.passage.source == "zh/cities.md" and top.passage.title == "拉萨" and top.rank == 1
 
@@ -65,7 +72,7 @@ def test_bm25_finds_the_answering_passage_of_the_shipped_questions(shipped):
 def test_the_index_round_trips_through_the_cli(tmp_path, capsys):
     out = tmp_path / "index"
     assert main(["index", "--docs", str(KB / "docs"), "--out", str(out), "--max-tokens", "128"]) == 0
-    assert "indexed 59 passages" in capsys.readouterr().out
+    assert "indexed 67 passages" in capsys.readouterr().out
     loaded = KnowledgeIndex.load(out)
     built = KnowledgeIndex.build(read_passages(KB / "docs", max_tokens=128))
     for q in ("Which planet has rings?", "三峡大坝建在哪条河上？"):
@@ -76,7 +83,7 @@ def test_the_index_round_trips_through_the_cli(tmp_path, capsys):
     hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [h["rank"] for h in hits] == [1, 2] and hits[0]["headings"] == ["中国的江河", "长江"]
     assert main(["eval", str(out), "--questions", str(KB / "questions.jsonl")]) == 0
-    assert json.loads(capsys.readouterr().out)["recall@5"] >= 0.98
+    assert json.loads(capsys.readouterr().out)["recall@5"] >= 0.99
     assert main(["index", "--docs", str(KB / "docs" / "en"), "--out", str(out)]) == 0  # an index is replaced
     assert len(KnowledgeIndex.load(out)) == 27
 
@@ -177,3 +184,80 @@ def test_dense_and_hybrid_search_round_trip_with_their_embedding_model(embedding
     assert "its embedding model" in capsys.readouterr().err
     assert main(["search", str(out), query, "--embedding-model", str(moved), "--mode", "dense", "-k", "1"]) == 0
     moved.rename(embedding_model)
+
+
+def test_a_grounded_chat_turn_holds_the_passages_and_returns_their_sources(embedding_model, shipped, tmp_path,
+                                                                             monkeypatch, capsys):
+    """ChatSession(knowledge=index): each user turn's retrieved passages enter the prompt before the question (a
+    system message in ChatGLM3's format, the head of the user message in ChatGLM2's, which has no system role),
+    the reply carries them as "sources", numbered as in the prompt; tool results are not looked up; the chat CLI
+    with --knowledge lists the sources after the reply."""
+    import io
+
+    from glm_jax import GLMForCausalLM
+    from glm_jax.chat import ChatSession, main as chat_main
+    from glm_jax.checkpoints import load_checkpoint
+    from glm_jax.tokenizers import ChatGLM2Tokenizer
+
+    index, _ = shipped
+    cfg, params = load_checkpoint(embedding_model)
+    question = "布达拉宫建在哪里？"
+    hits = index.search(question, k=2)
+    tok = SentencePieceTokenizer()
+    session = ChatSession(GLMForCausalLM(cfg), params, tok, system="你是助手。", knowledge=index, knowledge_k=2,
+                          max_new_tokens=2, temperature=0.0)
+    reply = session.send(question)
+    assert [s["rank"] for s in reply["sources"]] == [1, 2]
+    assert [s["text"] for s in reply["sources"]] == [h.passage.text for h in hits]
+    assert reply["sources"][0]["headings"][-1] == "拉萨"
+    knowledge, asked = session.history[1:3]
+    assert knowledge["role"] == "system" and asked == {"role": "user", "content": question}
+    assert knowledge["content"].startswith("参考资料：\n\n[1] zh/cities.md > ") and hits[1].passage.text in knowledge["content"]
+    prompt = tok.decode(session.last_prompt)
+    assert prompt.index(hits[0].passage.text) < prompt.index(question)
+    assert tok.apply_chat_template(session.history[:3], add_generation_prompt=True) == session.last_prompt
+
+    old = ChatGLM2Tokenizer()
+    v2 = ChatSession(GLMForCausalLM(cfg), params, old, knowledge=index, knowledge_k=1, max_new_tokens=2)
+    reply = v2.send("Which planet has the Great Red Spot?")
+    (turn,) = v2.history[:1]
+    assert turn["role"] == "user" and turn["content"].startswith("Reference passages:\n\n[1] en/planets.md > ")
+    assert turn["content"].endswith("\n\nWhich planet has the Great Red Spot?") and len(reply["sources"]) == 1
+    assert "[Round 1]\n\n问：Reference passages:" in old.decode(v2.last_prompt)
+
+    cli_index = index.save(tmp_path / "index")
+    monkeypatch.setattr("sys.stdin", io.StringIO(question + "\n/exit\n"))
+    assert chat_main(["--checkpoint", str(embedding_model), "--knowledge", str(cli_index), "--knowledge-k", "2",
+                      "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    assert f"\n[1] {hits[0].passage.citation}\n[2] {hits[1].passage.citation}\n" in capsys.readouterr().out
+
+
+def test_grounded_sft_records_train_on_the_passages_chat_would_retrieve(shipped, tmp_path, capsys):
+    """`python -m glm_jax.knowledge sft`: each (question, answer) becomes an SFT conversation grounded exactly as
+    ChatSession(knowledge=...) grounds the question, then the answer; train.py's SFT reader takes the records
+    (the answer is the only target); an existing --out is not overwritten."""
+    from glm_jax.chat import ChatSession
+    from glm_jax.train.data import encode_sft_record
+
+    index, _ = shipped
+    out = tmp_path / "index"
+    index.save(out)
+    qa = tmp_path / "qa.jsonl"
+    pairs = [{"question": "布达拉宫建在哪里？", "answer": "拉萨的红山上。"},
+             {"question": "Which planet has the Great Red Spot?", "answer": "Jupiter."}]
+    qa.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    sft = tmp_path / "sft.jsonl"
+    assert main(["sft", str(out), "--qa", str(qa), "--out", str(sft), "-k", "2"]) == 0
+    records = [json.loads(line) for line in sft.read_text().splitlines()]
+    tok = SentencePieceTokenizer()
+
+    chat = ChatSession(None, None, tok, knowledge=index, knowledge_k=2)  # its turns, without generating
+    for pair, record in zip(pairs, records):
+        turn = chat._turn_messages(pair["question"], "user")
+        assert record["messages"] == [*turn, {"role": "assistant", "content": pair["answer"]}]
+        assert [s["rank"] for s in record["sources"]] == [1, 2]
+        ids, target = encode_sft_record(tok, record)
+        assert tok.decode([i for i, t in zip(ids, target) if t]).strip().startswith(pair["answer"])
+    assert records[0]["sources"][0]["headings"][-1] == "拉萨"
+    assert main(["sft", str(out), "--qa", str(qa), "--out", str(sft)]) == 2
+    assert "exists" in capsys.readouterr().err

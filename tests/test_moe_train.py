@@ -154,7 +154,7 @@ def test_train_py_moe_run_logs_load_moves_the_bias_and_trains_the_mtp_layer(tmp_
     import orbax.checkpoint as ocp
 
     from glm_jax import load_hf
-    from glm_jax.chat import default_tokenizer, load_checkpoint, tokenizer_or_shipped
+    from glm_jax.checkpoints import default_tokenizer, load_checkpoint, tokenizer_or_shipped
     from glm_jax.speculative import generate_speculative
     from test_train_run import ROOT, train
 

@@ -72,8 +72,16 @@ def start(checkpoint, *extra):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    proc, url = start(checkpoint, "--served-model-name", "tiny")
+def knowledge_index(tmp_path_factory):
+    from glm_jax.knowledge import KnowledgeIndex, read_passages
+
+    index = KnowledgeIndex.build(read_passages(ROOT / "data" / "knowledge" / "docs"))
+    return index, index.save(tmp_path_factory.mktemp("kb") / "index")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, knowledge_index):
+    proc, url = start(checkpoint, "--served-model-name", "tiny", "--knowledge", str(knowledge_index[1]))
     yield url
     proc.kill()
     proc.wait()
@@ -90,7 +98,7 @@ def metric(url, name) -> float:
 
 def test_greedy_completion_equals_generate_and_stream_equals_whole(server, checkpoint):
     tok = load_tokenizer(checkpoint)
-    from glm_jax.chat import load_checkpoint
+    from glm_jax.checkpoints import load_checkpoint
 
     cfg, params = load_checkpoint(checkpoint)
     prompt = tok.encode("In the beginning God created", add_special_tokens=False)
@@ -240,3 +248,57 @@ def test_api_key_disconnect_and_sigterm(checkpoint):
         assert proc.wait(timeout=120) == 0
     finally:
         proc.kill()
+
+
+def test_embeddings_equal_glm_jax_embed(server, checkpoint):
+    """POST /v1/embeddings through the client (base64, its default, and float): the served model's pooled,
+    normalised final hidden states, equal to glm_jax.embed for strings and token ids; usage counts the tokens;
+    a wrong `dimensions`, an empty or too long input: 400 naming the field."""
+    from glm_jax import embed
+    from glm_jax.checkpoints import load_checkpoint
+
+    tok = load_tokenizer(checkpoint)
+    cfg, params = load_checkpoint(checkpoint)
+    texts = ["In the beginning God created the heaven and the earth.", "And the earth was without form"]
+    expected = embed(GLMForCausalLM(cfg), params, texts, tokenizer=tok)
+    c = client(server)
+    got = c.embeddings.create(model="tiny", input=texts)
+    assert [d.index for d in got.data] == [0, 1]
+    np.testing.assert_allclose(np.asarray([d.embedding for d in got.data]), expected, atol=1e-5)
+    ids = tok.encode(texts[1], add_special_tokens=False)
+    floats = c.embeddings.create(model="tiny", input=[ids], encoding_format="float")
+    np.testing.assert_allclose(floats.data[0].embedding, embed(GLMForCausalLM(cfg), params, [ids])[0], atol=1e-5)
+    assert floats.usage.prompt_tokens == len(ids) and len(floats.data[0].embedding) == cfg.hidden_size
+    for bad, param in [(dict(input="x", dimensions=3), "dimensions"), (dict(input=""), "input"),
+                       (dict(input=[[5] * 600]), "input"), (dict(input="x", model="other"), "model")]:
+        with pytest.raises(openai.APIStatusError) as e:
+            c.embeddings.create(**{"model": "tiny", **bad})
+        assert e.value.status_code in (400, 404) and e.value.body["param"] == param
+
+
+def test_grounded_chat_requests_carry_the_passages_and_their_sources(server, checkpoint, knowledge_index):
+    """"knowledge" in a chat request: the server's index is searched for the last user message, the passages go
+    into the prompt before it (glm_jax.knowledge.grounding, as ChatSession does) and come back as "sources"
+    (the whole response, or the first chunk of a stream); a mode the index cannot serve or a bad k: 400."""
+    from glm_jax.knowledge import grounded_messages
+
+    index, _ = knowledge_index
+    tok = load_tokenizer(checkpoint)
+    question = "Which planet has the Great Red Spot?"
+    hits = index.search(question, k=1)  # (this BPE of 600 tokens spends about 250 on a passage)
+    c = client(server)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]
+    whole = c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
+                                      extra_body={"knowledge": {"k": 1}})
+    sources = whole.model_extra["sources"]
+    assert [s["rank"] for s in sources] == [1] and sources[0]["headings"][-1] == "Jupiter"
+    assert [s["text"] for s in sources] == [h.passage.text for h in hits]
+    grounded = messages[:1] + grounded_messages(tok, question, hits)
+    assert whole.usage.prompt_tokens == len(tok.apply_chat_template(grounded, add_generation_prompt=True))
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
+                                            stream=True, extra_body={"knowledge": {"k": 1, "mode": "bm25"}}))
+    assert chunks[0].model_extra["sources"] == sources and "sources" not in chunks[1].model_extra
+    for bad, param in [({"mode": "dense"}, "knowledge.mode"), ({"k": 0}, "knowledge.k")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body={"knowledge": bad})
+        assert e.value.body["param"] == param

@@ -246,7 +246,7 @@ def test_lora_sft_trains_only_adapters_and_exports_base_plus_delta(tmp_path):
         np.testing.assert_allclose(get(exported), get(merged), atol=1e-6, err_msg=str(path))
         assert (np.abs(get(exported) - get(base)).max() > 1e-6) == changed, path
     # The run directory itself loads for inference (chat) with the adapters merged, as the export.
-    from glm_jax.chat import load_checkpoint
+    from glm_jax.checkpoints import load_checkpoint
 
     _, from_run = load_checkpoint(tmp_path)
     for a, b in zip(jax.tree.leaves(from_run), jax.tree.leaves(exported)):

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from glm_jax import GLMForCausalLM
-from glm_jax.chat import default_tokenizer, load_checkpoint, tokenizer_or_shipped
+from glm_jax.checkpoints import default_tokenizer, load_checkpoint, tokenizer_or_shipped
 from glm_jax.compress.prune import apply_plan, choose_units, collect_importance, sparsify
 from glm_jax.convert.hf import detect_format, save_hf
 from glm_jax.train.atomic_dir import Protected, check_destination, write_atomically

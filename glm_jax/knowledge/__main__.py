@@ -1,9 +1,10 @@
-"""python -m glm_jax.knowledge index | search | eval (console script: glm-knowledge).
+"""python -m glm_jax.knowledge index | search | eval | pairs | sft (console script: glm-knowledge).
 
     python -m glm_jax.knowledge index --docs data/knowledge/docs --out kb_index [--embedding-model CKPT]
     python -m glm_jax.knowledge search kb_index "布达拉宫建在哪里？" -k 3 [--json] [--mode bm25|dense|hybrid]
     python -m glm_jax.knowledge eval kb_index --questions data/knowledge/questions.jsonl [--mode ...]
     python -m glm_jax.knowledge pairs --docs data/knowledge/docs --out pairs.jsonl   # train.py data.task: embedding
+    python -m glm_jax.knowledge sft kb_index --qa qa.jsonl --out sft.jsonl [-k 3]     # train.py data.task: sft
 
 Exit codes: 0 done; 2 bad arguments, files or destination (one `error: ...` line naming the flag or file); the
 index directory is written whole or not at all, and never over a directory that is not an index
@@ -17,10 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from glm_jax.chat import tokenizer_or_shipped
+from glm_jax.checkpoints import tokenizer_or_shipped
 from glm_jax.knowledge.documents import read_passages
 from glm_jax.knowledge.embeddings import POOLINGS, Embedder
 from glm_jax.knowledge.evaluate import read_questions, recall
+from glm_jax.knowledge.grounding import grounded_sft_record, has_system_role, read_qa
 from glm_jax.knowledge.index import MODES, KnowledgeIndex
 from glm_jax.knowledge.lexical import SEGMENTERS
 from glm_jax.knowledge.pairs import write_cloze_pairs
@@ -50,6 +52,14 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("index")
     p.add_argument("--questions", required=True)
     p.add_argument("-k", type=int, nargs="+", default=[1, 5])
+    _search_options(p)
+    p = sub.add_parser("sft", help="knowledge-grounded SFT records from question / answer pairs")
+    p.add_argument("index")
+    p.add_argument("--qa", required=True, help='a JSONL file of {"question", "answer"} records')
+    p.add_argument("--out", required=True, help="the SFT JSONL file (not overwritten)")
+    p.add_argument("-k", type=int, default=3, help="passages per question, as glm-chat --knowledge-k")
+    p.add_argument("--tokenizer", help="the chat format to be trained (a format without a system role gets the "
+                                       "passages in the user message; default: the tokenizer shipped with glm_jax)")
     _search_options(p)
     p = sub.add_parser("pairs", help="inverse-cloze training pairs for data.task: embedding")
     p.add_argument("--docs", required=True)
@@ -88,12 +98,25 @@ def run(args) -> int:
             if args.json:
                 print(json.dumps(hit.to_json(), ensure_ascii=False))
             else:
-                where = " > ".join(hit.passage.headings)
-                print(f"{hit.rank}. [{hit.score:.2f}] {hit.passage.source} ({where}; {hit.passage.location})\n"
-                      f"   {hit.passage.text}")
+                print(f"{hit.rank}. [{hit.score:.2f}] {hit.passage.citation}\n   {hit.passage.text}")
         return 0
+    if args.command == "sft":
+        return _write_sft(index, args)
     search = lambda query, k: index.search(query, k, mode=args.mode)  # noqa: E731
     print(json.dumps(recall(index, read_questions(args.questions), ks=args.k, search=search)))
+    return 0
+
+
+def _write_sft(index, args) -> int:
+    if Path(args.out).exists():
+        raise ValueError(f"--out: {args.out} exists; choose a new file")
+    qa = read_qa(args.qa)
+    tok = tokenizer_or_shipped(args.tokenizer)
+    system_role = has_system_role(tok)
+    records = [grounded_sft_record(index, tok, r["question"], r["answer"], k=args.k, mode=args.mode,
+                                   system_role=system_role) for r in qa]
+    Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    print(f"wrote {len(records)} grounded SFT records to {args.out}")
     return 0
 
 

@@ -41,6 +41,12 @@ class Passage:
         """The nearest heading (or the file's name)."""
         return self.headings[-1] if self.headings else Path(self.source).stem
 
+    @property
+    def citation(self) -> str:
+        """Where the passage came from: "zh/cities.md > 中国城市 > 拉萨 (lines 3-5)"."""
+        where = " > ".join([self.source, *self.headings])
+        return f"{where} ({self.location})" if self.location else where
+
     def to_json(self) -> dict:
         return {"text": self.text, "source": self.source, "headings": list(self.headings), "location": self.location}
 

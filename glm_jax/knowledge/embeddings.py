@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax.chat import default_tokenizer, load_checkpoint, tokenizer_or_shipped
+from glm_jax.checkpoints import default_tokenizer, load_checkpoint, tokenizer_or_shipped
 from glm_jax.generation import bucket_length
 from glm_jax.model import GLMForCausalLM
 from glm_jax.model.layers.pooling import POOLINGS, pool

@@ -2,7 +2,7 @@
 
 DIR is anything `glm_jax.chat` loads (THUDM or transformers checkpoint, train.py run directory); the tokenizer is
 `--tokenizer`, else the checkpoint's own, else (with a warning) the small one shipped with glm_jax, as
-for the chat CLI. Exit status: 0 after SIGTERM / Ctrl-C (running requests are finished
+for the chat CLI. `--knowledge INDEX_DIR` loads a knowledge index for grounded chat requests (docs/knowledge.md). Exit status: 0 after SIGTERM / Ctrl-C (running requests are finished
 first), 2 for bad arguments or files, reported as one `error: ...` line on stderr.
 """
 
@@ -18,8 +18,10 @@ from typing import Sequence
 import uvicorn
 
 from glm_jax import GLMForCausalLM, make_mesh, quantize_params
-from glm_jax.chat import default_tokenizer, load_checkpoint, shipped_tokenizer_warning, tokenizer_or_shipped
+from glm_jax.checkpoints import default_tokenizer, load_checkpoint, shipped_tokenizer_warning, tokenizer_or_shipped
+from glm_jax import knowledge
 from glm_jax.config import DTYPES
+from glm_jax.model.layers.pooling import POOLINGS
 from glm_jax.platforms import skip_absent_tpu
 from glm_jax.serve.engine import Engine
 from glm_jax.serve.server import build_app
@@ -56,6 +58,11 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", action="store_true",
                    help="compile every step program before serving: a longer start, and no request waits for a "
                         "compile (Engine.warm_up)")
+    p.add_argument("--knowledge", default=None, metavar="INDEX_DIR",
+                   help="a knowledge index (python -m glm_jax.knowledge index) that chat requests with "
+                        "\"knowledge\" are grounded in")
+    p.add_argument("--embedding-pooling", choices=POOLINGS, default="last",
+                   help="how /v1/embeddings pools the model's hidden states (glm_jax.embed)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -99,6 +106,12 @@ def build(args):
     """(app, engine) for parsed arguments; ValueError / OSError naming the option for bad ones."""
     _check(args)
     mesh = parse_mesh(args.mesh)
+    index = None
+    if args.knowledge is not None:
+        try:
+            index = knowledge.KnowledgeIndex.load(args.knowledge)  # bm25s (JAX's backends) loads here, not before
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--knowledge: {e}") from None
     source = args.tokenizer if args.tokenizer is not None else default_tokenizer(args.checkpoint)
     tokenizer = tokenizer_or_shipped(source)  # the chat CLI's choice, shipped tokenizer included
     overrides = dict(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else {}
@@ -119,7 +132,8 @@ def build(args):
         count = engine.warm_up()
         log.info("warm-up: %d step programs in %.1f s", count, time.monotonic() - start)
     name = args.served_model_name or Path(args.checkpoint).resolve().name
-    return build_app(engine, tokenizer, served_model_name=name, api_key=args.api_key), engine
+    return build_app(engine, tokenizer, served_model_name=name, api_key=args.api_key, knowledge=index,
+                     embedding_pooling=args.embedding_pooling), engine
 
 
 class _Server(uvicorn.Server):

@@ -2,15 +2,17 @@
 
     app = build_app(engine, tokenizer, served_model_name="glm")   # then uvicorn.run(app, ...)
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics (Prometheus
-text). Chat messages are formatted by the tokenizer's chat template and replies parsed by its reply parser,
-streamed through its `StreamParser` (reasoning_content, content, tool_calls deltas). Every bad request is a 4xx
-OpenAI error object naming the field; a full queue is 429; a client that goes away aborts its request.
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /health,
+GET /metrics (Prometheus text). Chat messages are formatted by the tokenizer's chat template and replies parsed by
+its reply parser, streamed through its `StreamParser` (reasoning_content, content, tool_calls deltas); a chat
+request with `"knowledge"` is grounded in the server's knowledge index first. Every bad request is a 4xx OpenAI
+error object naming the field; a full queue is 429; a client that goes away aborts its request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -18,18 +20,22 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from glm_jax.knowledge.embeddings import embed, encode_texts
+from glm_jax.knowledge.grounding import grounded_messages, has_system_role, sources
 from glm_jax.serve.engine import Engine, QueueFull, RequestOutput
 from glm_jax.serve.runner import EngineRunner
 from glm_jax.serve.sampling import MAX_LOGPROBS, SamplingParams
 from glm_jax.tokenizers.formats import check_tools
 
 log = logging.getLogger(__name__)
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
 
 
 # ---------------------------------------------------------------------------------------------------- requests
@@ -67,6 +73,13 @@ class _Message(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+class KnowledgeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(3, ge=1, le=32)
+    mode: Literal["bm25", "dense", "hybrid"] | None = None
+
+
 class ChatBody(_Body):
     messages: list[_Message] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
@@ -75,6 +88,22 @@ class ChatBody(_Body):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
+    knowledge: KnowledgeOptions | None = None  # ground the last user message in the server's index
+
+    @field_validator("knowledge", mode="before")
+    @classmethod
+    def _knowledge_flag(cls, value):
+        """`"knowledge": true` asks for the defaults, false for nothing."""
+        return ({} if value else None) if isinstance(value, bool) else value
+
+
+class EmbeddingBody(BaseModel):
+    model_config = ConfigDict(extra="allow")  # `user`
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
 
 
 class CompletionBody(_Body):
@@ -137,8 +166,12 @@ class Metrics:
 
 
 # ---------------------------------------------------------------------------------------------------- the app
-def build_app(engine: Engine, tokenizer, *, served_model_name: str = "glm", api_key: str | None = None) -> FastAPI:
+def build_app(engine: Engine, tokenizer, *, served_model_name: str = "glm", api_key: str | None = None,
+              knowledge=None, embedding_pooling: str = "last") -> FastAPI:
+    """`knowledge`: a `glm_jax.KnowledgeIndex` that chat requests with `"knowledge"` are grounded in;
+    `embedding_pooling`: how /v1/embeddings pools the served model's hidden states (`glm_jax.embed`)."""
     runner = EngineRunner(engine)
+    system_role = knowledge is not None and has_system_role(tokenizer)
     metrics = Metrics(runner)
 
     @asynccontextmanager
@@ -191,6 +224,9 @@ def build_app(engine: Engine, tokenizer, *, served_model_name: str = "glm", api_
         for m in messages:
             if m["role"] == "developer":
                 m["role"] = "system"
+        sources = None
+        if body.knowledge is not None:
+            messages, sources = await _ground(knowledge, tokenizer, messages, body.knowledge, system_role)
         try:
             prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                    **(body.chat_template_kwargs or {}))
@@ -201,7 +237,7 @@ def build_app(engine: Engine, tokenizer, *, served_model_name: str = "glm", api_
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         samplings = [_sampling(body, body.max_completion_tokens or body.max_tokens, logprobs, i) for i in range(body.n)]
         streams = [_submit(runner, prompt, s) for s in samplings]
-        chat = ChatStream(tokenizer, tools, prompt, served_model_name, metrics, samplings[0].stop, opening)
+        chat = ChatStream(tokenizer, tools, prompt, served_model_name, metrics, samplings[0].stop, opening, sources)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(chat.sse(runner, streams, include_usage), media_type="text/event-stream")
@@ -219,7 +255,71 @@ def build_app(engine: Engine, tokenizer, *, served_model_name: str = "glm", api_
             return StreamingResponse(done.sse(runner, streams), media_type="text/event-stream")
         return await done.whole(runner, streams, request)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await _parse(request, EmbeddingBody)
+        _check_model(body.model, served_model_name)
+        hidden = engine.model.cfg.hidden_size
+        if body.dimensions is not None and body.dimensions != hidden:
+            raise ApiError(400, f"dimensions: this model's embeddings have {hidden} dimensions, got "
+                                f"{body.dimensions}", "dimensions")
+        ids = _embedding_inputs(body.input, tokenizer, engine.max_model_len, engine.model.cfg.vocab_size)
+        vectors = await asyncio.to_thread(embed, engine.model, engine.params, ids, pooling=embedding_pooling,
+                                          max_len=engine.max_model_len)
+        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        tokens = sum(len(x) for x in ids)
+        return {"object": "list", "data": data, "model": served_model_name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
     return app
+
+
+async def _ground(index, tokenizer, messages: list[dict], opts: KnowledgeOptions, system_role: bool
+                  ) -> tuple[list[dict], list]:
+    """The messages with the last user message grounded in `index` (glm_jax.knowledge.grounding), and the
+    sources; 400 naming `knowledge` when the server has no index or the option cannot be met."""
+    if index is None:
+        raise ApiError(400, "knowledge: this server has no knowledge index (start it with --knowledge INDEX_DIR)",
+                       "knowledge")
+    if opts.mode in ("dense", "hybrid") and index.vectors is None:
+        raise ApiError(400, f"knowledge.mode: {opts.mode!r} needs an index with embeddings", "knowledge.mode")
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise ApiError(400, "knowledge: grounding needs a user message to look up", "knowledge")
+    content = messages[users[-1]].get("content") or ""
+    question = content if isinstance(content, str) else " ".join(
+        p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    hits = await asyncio.to_thread(index.search, question, opts.k, opts.mode)
+    turn = grounded_messages(tokenizer, question, hits, system_role=system_role)
+    return messages[:users[-1]] + turn + messages[users[-1] + 1:], sources(hits)
+
+
+def _embedding_inputs(value, tokenizer, max_len: int, vocab_size: int) -> list[list[int]]:
+    """/v1/embeddings `input` as token ids per text (strings as `glm_jax.embed` encodes them); 400 naming the
+    input for an empty one, one longer than the model's context or ids outside the vocabulary."""
+    if isinstance(value, str) or (value and all(isinstance(x, int) for x in value)):
+        value = [value]
+    if not value or len(value) > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"input: expected 1 to {MAX_EMBEDDING_INPUTS} inputs, got {len(value)}", "input")
+    out = []
+    for i, x in enumerate(value):
+        ids = encode_texts([x], tokenizer, max_len=max_len + 1)[0] if isinstance(x, str) else list(x)
+        if (isinstance(x, str) and not x) or not ids:
+            raise ApiError(400, f"input[{i}]: must not be empty", "input")
+        if len(ids) > max_len:
+            raise ApiError(400, f"input[{i}]: {len(ids)} tokens or more, beyond the model's {max_len}", "input")
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise ApiError(400, f"input[{i}]: token ids must be in [0, {vocab_size})", "input")
+        out.append(ids)
+    return out
+
+
+def _encode_vector(vector: np.ndarray, encoding: str):
+    """A vector as OpenAI sends it: a list of floats, or the base64 of its little-endian float32 bytes."""
+    if encoding == "base64":
+        return base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii")
+    return [float(v) for v in vector]
 
 
 async def _parse(request: Request, model: type[BaseModel]):
@@ -374,17 +474,20 @@ def _chat_logprobs(tokenizer, out: RequestOutput, start: int = 0) -> dict | None
 
 class ChatStream:
     def __init__(self, tokenizer, tools, prompt, model_name: str, metrics: Metrics, stops: tuple[str, ...] = (),
-                 opening: str = ""):
-        """`opening`: reply text the prompt already ends with (a forced tool call), parsed before the output."""
+                 opening: str = "", sources: list | None = None):
+        """`opening`: reply text the prompt already ends with (a forced tool call), parsed before the output.
+        `sources`: the passages a grounded request was given, sent as "sources" (in the first chunk)."""
         self.tokenizer, self.tools, self.prompt, self.model, self.metrics = tokenizer, tools, prompt, model_name, metrics
-        self.stops, self.opening = stops, opening
+        self.stops, self.opening, self.sources = stops, opening, sources
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def _chunk(self, choices, usage=None) -> str:
+    def _chunk(self, choices, usage=None, sources=None) -> str:
         data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": choices}
         if usage is not None:
             data["usage"] = usage
+        if sources is not None:
+            data["sources"] = sources
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     async def sse(self, runner, streams, include_usage: bool):
@@ -407,7 +510,7 @@ class ChatStream:
         try:
             for i in range(len(streams)):
                 yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}])
+                                    "finish_reason": None}], sources=self.sources if i == 0 else None)
             while done < len(streams):
                 i, out = await queues.get()
                 if isinstance(out, ApiError):
@@ -479,8 +582,11 @@ class ChatStream:
         self.metrics.prompt_tokens.inc(len(self.prompt) * len(streams))
         self.metrics.generation_tokens.inc(completion_tokens)
         cached = max((o.num_cached_tokens for o in results), default=0)
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": _usage(len(self.prompt) * len(streams), completion_tokens, cached)}
+        out = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+               "choices": choices, "usage": _usage(len(self.prompt) * len(streams), completion_tokens, cached)}
+        if self.sources is not None:
+            out["sources"] = self.sources
+        return out
 
     async def _collect(self, runner, rid, outputs):
         last = None
