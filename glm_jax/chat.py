@@ -454,6 +454,7 @@ def _cli_knowledge(args):
 def _cli_session(args) -> ChatSession:
     _check_sampling_args(args)
     tools = _read_tools(args.tools) if args.tools else None
+    knowledge = _cli_knowledge(args) if args.knowledge else None
     source = args.tokenizer if args.tokenizer is not None else default_tokenizer(args.checkpoint)
     tokenizer = _cli_tokenizer(source)
     overrides = dict(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else {}
@@ -466,7 +467,6 @@ def _cli_session(args) -> ChatSession:
     if cfg.vocab_size < tokenizer.vocab_size:
         raise _CliError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
                         f"({tokenizer.vocab_size})")
-    knowledge = _cli_knowledge(args) if args.knowledge else None
     sampling = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     try:

@@ -392,6 +392,10 @@ def test_chat_cli_argument_errors_in_process(tmp_path, capsys):
     assert C.main(["--checkpoint", str(tmp_path), "--tokenizer", str(not_a_model)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --tokenizer: {not_a_model}: cannot load"), err
+    assert C.main(["--checkpoint", str(tmp_path), "--knowledge", str(tmp_path)]) == 2  # before the model loads
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --knowledge: {tmp_path}: not a knowledge index (no index.json of format glm_jax.knowledge/1; build "
+        f"one with python -m glm_jax.knowledge index)"]
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{")
