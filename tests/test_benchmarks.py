@@ -103,3 +103,11 @@ def test_compress_benchmark_runs_in_tiny_mode(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["model"] for r in rows] == ["model", "pruned"] and rows[1]["params"] < rows[0]["params"], stdout
     assert all(set(r["decode_tokens_per_s"]) == set(r["transformers_tokens_per_s"]) == {"1", "2"} for r in rows)
+
+
+def test_retrieval_benchmark_runs_in_tiny_mode(tmp_path):
+    out = tmp_path / "rows.json"
+    run("retrieval.py", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert rows[0]["mode"] == "bm25" and rows[0]["recall@5"] >= 0.99
+    assert [r["search"] for r in rows[1:]] == ["exact (numpy product)", "hnsw (usearch)"] and rows[2]["recall@10"] > 0.9

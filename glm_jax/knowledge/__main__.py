@@ -1,6 +1,7 @@
 """python -m glm_jax.knowledge index | search | eval | pairs | sft (console script: glm-knowledge).
 
-    python -m glm_jax.knowledge index --docs data/knowledge/docs --out kb_index [--embedding-model CKPT]
+    python -m glm_jax.knowledge index --docs data/knowledge/docs --out kb_index [--embedding-model CKPT
+                                      [--vector-index exact|hnsw]]
     python -m glm_jax.knowledge search kb_index "布达拉宫建在哪里？" -k 3 [--json] [--mode bm25|dense|hybrid]
     python -m glm_jax.knowledge eval kb_index --questions data/knowledge/questions.jsonl [--mode ...]
     python -m glm_jax.knowledge pairs --docs data/knowledge/docs --out pairs.jsonl   # train.py data.task: embedding
@@ -23,7 +24,7 @@ from glm_jax.knowledge.documents import read_passages
 from glm_jax.knowledge.embeddings import POOLINGS, Embedder
 from glm_jax.knowledge.evaluate import read_questions, recall
 from glm_jax.knowledge.grounding import grounded_sft_record, has_system_role, read_qa
-from glm_jax.knowledge.index import MODES, KnowledgeIndex
+from glm_jax.knowledge.index import MODES, VECTOR_INDEXES, KnowledgeIndex
 from glm_jax.knowledge.lexical import SEGMENTERS
 from glm_jax.knowledge.pairs import write_cloze_pairs
 from glm_jax.train.config import ConfigError
@@ -42,6 +43,8 @@ def _arg_parser() -> argparse.ArgumentParser:
                    help="Chinese words by jieba (default) or single characters")
     p.add_argument("--embedding-model", help="a GLM checkpoint whose embeddings also index the passages")
     p.add_argument("--pooling", choices=POOLINGS, default="last", help="of the embeddings (glm_jax.embed)")
+    p.add_argument("--vector-index", choices=VECTOR_INDEXES, default="exact",
+                   help="dense search: exact, or an approximate HNSW graph (usearch: pip install 'glm_jax[ann]')")
     p = sub.add_parser("search", help="the best passages for a query")
     p.add_argument("index")
     p.add_argument("query")
@@ -80,7 +83,10 @@ def run(args) -> int:
         tok = tokenizer_or_shipped(args.tokenizer)
         passages = read_passages(args.docs, tokenizer=tok, max_tokens=args.max_tokens, overlap=args.overlap)
         embedder = Embedder.load(args.embedding_model, pooling=args.pooling) if args.embedding_model else None
-        index = KnowledgeIndex.build(passages, segmenter=args.segmenter, embedder=embedder)
+        if args.vector_index != "exact" and embedder is None:
+            raise ValueError("--vector-index: needs --embedding-model")
+        index = KnowledgeIndex.build(passages, segmenter=args.segmenter, embedder=embedder,
+                                     vector_index=args.vector_index)
         out = index.save(args.out)
         print(f"indexed {len(passages)} passages from {args.docs} into {out}")
         return 0

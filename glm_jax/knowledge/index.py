@@ -7,9 +7,9 @@ and loaded back (docs/knowledge.md, "The index directory").
 
 BM25 comes from the bm25s library (Lucene's variant, k1 = 1.5, b = 0.75) over the words of
 glm_jax/knowledge/lexical.py; each passage is indexed with its headings, which name its topic. With an embedder,
-"dense" ranks by cosine similarity (exact search over the normalised vectors) and "hybrid" (the default then)
-fuses the BM25 and dense rankings by reciprocal rank fusion (Cormack et al., 2009): sum over the rankings of
-1 / (60 + rank).
+"dense" ranks by cosine similarity (exact search over the normalised vectors, or with `vector_index="hnsw"` an
+approximate nearest-neighbour graph from the usearch library) and "hybrid" (the default then) fuses the BM25 and
+dense rankings by reciprocal rank fusion (Cormack et al., 2009): sum over the rankings of 1 / (60 + rank).
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ from typing import Sequence
 import bm25s
 import numpy as np
 
+try:  # the optional approximate vector index (pip install 'glm_jax[ann]')
+    from usearch.index import Index as HNSWGraph
+except ImportError:
+    HNSWGraph = None
+
 from glm_jax.knowledge.documents import Passage
 from glm_jax.knowledge.embeddings import Embedder
 from glm_jax.knowledge.lexical import SEGMENTERS, STOPWORDS
@@ -30,7 +35,10 @@ from glm_jax.train.atomic_dir import check_destination, write_atomically
 
 FORMAT = "glm_jax.knowledge/1"
 MODES = ("bm25", "dense", "hybrid")
+VECTOR_INDEXES = ("exact", "hnsw")
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack, Clarke and Buettcher, 2009)
+HYBRID_CANDIDATES = 100  # dense candidates an HNSW graph gives the fusion (exact search ranks every passage)
+HNSW = dict(connectivity=16, expansion_add=128, expansion_search=64)  # M, efConstruction, ef (usearch's names)
 logging.getLogger("bm25s").setLevel(logging.WARNING)  # its per-call progress messages
 
 
@@ -51,26 +59,31 @@ def indexed_text(p: Passage) -> str:
 
 class KnowledgeIndex:
     """Passages with a BM25 index over their words (`segmenter`: "jieba" or the "chars" baseline) and, with an
-    `embedder`, their embeddings `vectors` [n, dim] (normalised)."""
+    `embedder`, their embeddings `vectors` [n, dim] (normalised), searched exactly or through an HNSW `graph`."""
 
     def __init__(self, passages: Sequence[Passage], bm25: bm25s.BM25, *, segmenter: str = "jieba",
-                 vectors: np.ndarray | None = None, embedder: Embedder | None = None):
+                 vectors: np.ndarray | None = None, embedder: Embedder | None = None, graph=None):
         self.passages, self.bm25, self.segmenter = list(passages), bm25, segmenter
-        self.vectors, self.embedder = vectors, embedder
+        self.vectors, self.embedder, self.graph = vectors, embedder, graph
         self._words = SEGMENTERS[segmenter]
 
     @classmethod
     def build(cls, passages: Sequence[Passage], *, segmenter: str = "jieba", embedder: Embedder | None = None,
-              k1: float = 1.5, b: float = 0.75) -> "KnowledgeIndex":
+              vector_index: str = "exact", k1: float = 1.5, b: float = 0.75) -> "KnowledgeIndex":
+        """`vector_index` (with an embedder): "exact" search, or "hnsw", an approximate nearest-neighbour graph
+        (usearch; for bases where a product with every vector per query is too slow)."""
         if segmenter not in SEGMENTERS:
             raise ValueError(f"segmenter: {segmenter!r} is not one of {sorted(SEGMENTERS)}")
+        if vector_index not in VECTOR_INDEXES:
+            raise ValueError(f"vector_index: {vector_index!r} is not one of {VECTOR_INDEXES}")
         if not passages:
             raise ValueError("no passages to index (no .md, .txt, .jsonl or .pdf text found)")
         words = SEGMENTERS[segmenter]
         bm25 = bm25s.BM25(k1=k1, b=b)
         bm25.index([words(indexed_text(p)) or [""] for p in passages], show_progress=False)
         vectors = None if embedder is None else embedder([indexed_text(p) for p in passages])
-        return cls(passages, bm25, segmenter=segmenter, vectors=vectors, embedder=embedder)
+        graph = _hnsw(vectors) if vectors is not None and vector_index == "hnsw" else None
+        return cls(passages, bm25, segmenter=segmenter, vectors=vectors, embedder=embedder, graph=graph)
 
     def __len__(self) -> int:
         return len(self.passages)
@@ -107,18 +120,34 @@ class KnowledgeIndex:
         if mode == "bm25":
             scores = self.scores(query)
             order = _ranking(scores, matching=True)
+            order, scores = order, scores[order]
+        elif mode == "dense":
+            order, scores = self.nearest(query, k)
         else:
-            scores = self.similarities(query) if mode == "dense" else self._fused(query)
-            order = _ranking(scores)
-        return [Hit(self.passages[i], float(scores[i]), r) for r, i in enumerate(order[:k], 1)]
+            order, scores = self._fused(query, k)
+        return [Hit(self.passages[i], float(s), r) for r, (i, s) in enumerate(zip(order[:k], scores[:k]), 1)]
 
-    def _fused(self, query: str) -> np.ndarray:
+    def nearest(self, query: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(passage indices, cosines) of the `n` passages nearest the query's embedding, best first: exact, or
+        from the HNSW graph when the index has one."""
+        if self.graph is None:
+            similarities = self.similarities(query)
+            order = _ranking(similarities)[:n]
+            return order, similarities[order]
+        found = self.graph.search(self.embedder([query])[0], min(n, len(self.passages)))
+        return np.asarray(found.keys, np.int64), 1.0 - np.asarray(found.distances, np.float64)
+
+    def _fused(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Reciprocal rank fusion: per passage, 1 / (RRF_K + its BM25 rank) (passages with a matching word
-        only) + 1 / (RRF_K + its dense rank)."""
+        only) + 1 / (RRF_K + its dense rank) (every passage; with a graph, its HYBRID_CANDIDATES nearest)."""
+        if self.vectors is None or self.embedder is None:
+            raise ValueError("hybrid search: this index has no embeddings (build it with an embedding model)")
         fused = np.zeros(len(self.passages), np.float64)
-        for order in (_ranking(self.scores(query), matching=True), _ranking(self.similarities(query))):
+        dense, _ = self.nearest(query, len(self.passages) if self.graph is None else max(k, HYBRID_CANDIDATES))
+        for order in (_ranking(self.scores(query), matching=True), dense):
             fused[order] += 1.0 / (RRF_K + np.arange(1, len(order) + 1))
-        return fused
+        order = _ranking(fused, matching=True)
+        return order, fused[order]
 
     # ---------------------------------------------------------------------------------------------- on disk
     def save(self, out: str | Path) -> Path:
@@ -137,7 +166,10 @@ class KnowledgeIndex:
             if self.vectors is not None:
                 np.save(tmp / "vectors.npy", self.vectors.astype(np.float32))
                 meta["embedding"] = {"checkpoint": self.embedder.checkpoint, "pooling": self.embedder.pooling,
-                                     "max_len": self.embedder.max_len, "dim": int(self.vectors.shape[1])}
+                                     "max_len": self.embedder.max_len, "dim": int(self.vectors.shape[1]),
+                                     "vector_index": "exact" if self.graph is None else "hnsw"}
+                if self.graph is not None:
+                    self.graph.save(str(tmp / "vectors.usearch"))
             (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
 
         return write_atomically(write, out)
@@ -157,9 +189,11 @@ class KnowledgeIndex:
         if len(passages) != meta["passages"]:
             raise ValueError(f"{path}: index.json counts {meta['passages']} passages, passages.jsonl holds "
                              f"{len(passages)}")
-        vectors, emb = None, meta.get("embedding")
+        vectors, graph, emb = None, None, meta.get("embedding")
         if emb is not None:
             vectors = np.load(path / "vectors.npy")
+            if emb.get("vector_index") == "hnsw":
+                graph = _hnsw_restore(path / "vectors.usearch")
             if embedder is None:
                 if not emb["checkpoint"] or not Path(emb["checkpoint"]).exists():
                     raise ValueError(f"{path}: its embedding model {emb['checkpoint']} is not there (pass the "
@@ -168,7 +202,28 @@ class KnowledgeIndex:
             if embedder.model.cfg.hidden_size != vectors.shape[1]:
                 raise ValueError(f"{path}: vectors of width {vectors.shape[1]}, the embedding model gives "
                                  f"{embedder.model.cfg.hidden_size}")
-        return cls(passages, bm25, segmenter=meta["segmenter"], vectors=vectors, embedder=embedder)
+        return cls(passages, bm25, segmenter=meta["segmenter"], vectors=vectors, embedder=embedder, graph=graph)
+
+
+def _needs_usearch() -> None:
+    if HNSWGraph is None:
+        raise ValueError("vector index 'hnsw': needs the optional usearch package (pip install 'glm_jax[ann]')")
+
+
+def _hnsw(vectors: np.ndarray):
+    """An HNSW graph (usearch) over the normalised vectors, cosine distance; passage i is key i."""
+    _needs_usearch()
+    graph = HNSWGraph(ndim=vectors.shape[1], metric="cos", dtype=np.float32, **HNSW)
+    graph.add(np.arange(len(vectors)), np.asarray(vectors, np.float32))
+    return graph
+
+
+def _hnsw_restore(path: Path):
+    _needs_usearch()
+    graph = HNSWGraph.restore(str(path))
+    if graph is None:
+        raise ValueError(f"{path}: missing or not a usearch index")
+    return graph
 
 
 def _ranking(scores: np.ndarray, matching: bool = False) -> np.ndarray:
