@@ -293,3 +293,38 @@ def test_an_hnsw_graph_finds_what_exact_search_finds(embedding_model, tmp_path, 
     assert main(["search", str(out), "rings", "--embedding-model", str(embedding_model)]) == 2
     assert capsys.readouterr().err.strip() == ("error: vector index 'hnsw': needs the optional usearch package "
                                                "(pip install 'glm_jax[ann]')")
+
+
+def test_an_embedding_model_from_outside_glm_jax_plugs_in(tmp_path):
+    """Any callable texts -> L2-normalised [n, dim] vectors is an embedder (docs/knowledge.md, "Another embedding
+    model"): here character bigrams hashed into 256 dimensions. The index searches with it, saves its vectors,
+    and loads back only with it passed again; unnormalised vectors or a query vector of another width: one
+    ValueError naming the embedder."""
+    import zlib
+
+    import numpy as np
+
+    from glm_jax.knowledge.index import indexed_text
+
+    def bigrams(texts, dim=256):
+        out = np.zeros((len(texts), dim), np.float32)
+        for i, t in enumerate(texts):
+            for a, b in zip(t, t[1:]):
+                out[i, zlib.crc32((a + b).encode()) % dim] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+    passages = read_passages(KB / "docs" / "zh")
+    index = KnowledgeIndex.build(passages, embedder=bigrams)
+    top = index.search(indexed_text(passages[5]), k=1, mode="dense")[0]
+    assert top.passage == passages[5] and top.score == pytest.approx(1.0, abs=1e-5)
+    assert index.search("钱塘江大潮什么时候最壮观？", k=1, mode="hybrid")[0].passage.title == "潮汐"
+    out = index.save(tmp_path / "index")
+    with pytest.raises(ValueError, match="outside glm_jax"):
+        KnowledgeIndex.load(out)
+    loaded = KnowledgeIndex.load(out, embedder=bigrams)
+    assert [h.passage for h in loaded.search("长江", mode="dense")] == [h.passage for h in index.search("长江", mode="dense")]
+    with pytest.raises(ValueError, match="^embedder: vectors must be finite and L2-normalised"):
+        KnowledgeIndex.build(passages, embedder=lambda texts: bigrams(texts) * 2)
+    loaded.embedder = lambda texts: bigrams(texts, dim=128)
+    with pytest.raises(ValueError, match="vector of shape \\(128,\\), the index holds vectors of width 256"):
+        loaded.search("长江", mode="dense")

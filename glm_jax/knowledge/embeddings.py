@@ -94,6 +94,11 @@ class Embedder:
         tok = tokenizer_or_shipped(tokenizer or default_tokenizer(checkpoint))
         return cls(GLMForCausalLM(cfg), params, tok, pooling, max_len, str(checkpoint))
 
+    @property
+    def dim(self) -> int:
+        """The width of the vectors: the model's hidden size."""
+        return self.model.cfg.hidden_size
+
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         return embed(self.model, self.params, list(texts), tokenizer=self.tokenizer, pooling=self.pooling,
                      max_len=self.max_len)

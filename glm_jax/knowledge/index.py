@@ -59,7 +59,11 @@ def indexed_text(p: Passage) -> str:
 
 class KnowledgeIndex:
     """Passages with a BM25 index over their words (`segmenter`: "jieba" or the "chars" baseline) and, with an
-    `embedder`, their embeddings `vectors` [n, dim] (normalised), searched exactly or through an HNSW `graph`."""
+    `embedder`, their embeddings `vectors` [n, dim] (normalised), searched exactly or through an HNSW `graph`.
+
+    `embedder`: a `glm_jax.knowledge.Embedder` (a GLM checkpoint, recorded and reloaded with the index) or any
+    callable mapping a list of texts to L2-normalised [n, dim] vectors (another embedding model: pass it again to
+    `load`)."""
 
     def __init__(self, passages: Sequence[Passage], bm25: bm25s.BM25, *, segmenter: str = "jieba",
                  vectors: np.ndarray | None = None, embedder: Embedder | None = None, graph=None):
@@ -81,7 +85,7 @@ class KnowledgeIndex:
         words = SEGMENTERS[segmenter]
         bm25 = bm25s.BM25(k1=k1, b=b)
         bm25.index([words(indexed_text(p)) or [""] for p in passages], show_progress=False)
-        vectors = None if embedder is None else embedder([indexed_text(p) for p in passages])
+        vectors = None if embedder is None else _passage_vectors(embedder, passages)
         graph = _hnsw(vectors) if vectors is not None and vector_index == "hnsw" else None
         return cls(passages, bm25, segmenter=segmenter, vectors=vectors, embedder=embedder, graph=graph)
 
@@ -106,9 +110,16 @@ class KnowledgeIndex:
 
     def similarities(self, query: str) -> np.ndarray:
         """Cosine similarity of every passage's embedding to the query's."""
+        return self.vectors @ self._query_vector(query)
+
+    def _query_vector(self, query: str) -> np.ndarray:
         if self.vectors is None or self.embedder is None:
             raise ValueError("dense search: this index has no embeddings (build it with an embedding model)")
-        return self.vectors @ self.embedder([query])[0]
+        vector = np.asarray(self.embedder([query]), np.float32)
+        if vector.shape != (1, self.vectors.shape[1]):
+            raise ValueError(f"dense search: the embedder gave a vector of shape {vector.shape[1:]}, the index "
+                             f"holds vectors of width {self.vectors.shape[1]}")
+        return vector[0]
 
     def search(self, query: str, k: int = 5, mode: str | None = None) -> list[Hit]:
         """The `k` best passages for `query`, best first (ties: the earlier passage). mode "bm25": by BM25 score,
@@ -134,7 +145,7 @@ class KnowledgeIndex:
             similarities = self.similarities(query)
             order = _ranking(similarities)[:n]
             return order, similarities[order]
-        found = self.graph.search(self.embedder([query])[0], min(n, len(self.passages)))
+        found = self.graph.search(self._query_vector(query), min(n, len(self.passages)))
         return np.asarray(found.keys, np.int64), 1.0 - np.asarray(found.distances, np.float64)
 
     def _fused(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,8 +176,10 @@ class KnowledgeIndex:
                     "bm25": {"k1": self.bm25.k1, "b": self.bm25.b, "method": self.bm25.method}}
             if self.vectors is not None:
                 np.save(tmp / "vectors.npy", self.vectors.astype(np.float32))
-                meta["embedding"] = {"checkpoint": self.embedder.checkpoint, "pooling": self.embedder.pooling,
-                                     "max_len": self.embedder.max_len, "dim": int(self.vectors.shape[1]),
+                meta["embedding"] = {"checkpoint": getattr(self.embedder, "checkpoint", None),
+                                     "pooling": getattr(self.embedder, "pooling", None),
+                                     "max_len": getattr(self.embedder, "max_len", None),
+                                     "dim": int(self.vectors.shape[1]),
                                      "vector_index": "exact" if self.graph is None else "hnsw"}
                 if self.graph is not None:
                     self.graph.save(str(tmp / "vectors.usearch"))
@@ -195,14 +208,30 @@ class KnowledgeIndex:
             if emb.get("vector_index") == "hnsw":
                 graph = _hnsw_restore(path / "vectors.usearch")
             if embedder is None:
-                if not emb["checkpoint"] or not Path(emb["checkpoint"]).exists():
+                if not emb["checkpoint"]:
+                    raise ValueError(f"{path}: its vectors come from an embedding model outside glm_jax (pass it "
+                                     f"as KnowledgeIndex.load(..., embedder=...))")
+                if not Path(emb["checkpoint"]).exists():
                     raise ValueError(f"{path}: its embedding model {emb['checkpoint']} is not there (pass the "
                                      f"model with --embedding-model)")
                 embedder = Embedder.load(emb["checkpoint"], pooling=emb["pooling"], max_len=emb["max_len"])
-            if embedder.model.cfg.hidden_size != vectors.shape[1]:
+            if getattr(embedder, "dim", vectors.shape[1]) != vectors.shape[1]:
                 raise ValueError(f"{path}: vectors of width {vectors.shape[1]}, the embedding model gives "
-                                 f"{embedder.model.cfg.hidden_size}")
+                                 f"{embedder.dim}")
         return cls(passages, bm25, segmenter=meta["segmenter"], vectors=vectors, embedder=embedder, graph=graph)
+
+
+def _passage_vectors(embedder, passages: Sequence[Passage]) -> np.ndarray:
+    """[n, dim] float32 embeddings of the passages' indexed texts; ValueError unless the embedder gives one
+    finite, L2-normalised row per text."""
+    vectors = np.asarray(embedder([indexed_text(p) for p in passages]), np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(passages):
+        raise ValueError(f"embedder: expected [{len(passages)}, dim] vectors for {len(passages)} passages, got "
+                         f"shape {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1)
+    if not np.all(np.isfinite(vectors)) or not np.allclose(norms, 1.0, atol=1e-3):
+        raise ValueError("embedder: vectors must be finite and L2-normalised (cosine = dot product)")
+    return vectors
 
 
 def _needs_usearch() -> None:
