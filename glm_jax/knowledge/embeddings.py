@@ -32,18 +32,6 @@ def _embed_batch(model, params, ids, mask, *, pooling: str, normalize: bool):
     return pool(hidden, mask, pooling, normalize)
 
 
-def encode_texts(texts: Sequence[str], tokenizer, *, max_len: int, eos: bool = True) -> list[list[int]]:
-    """Token ids per text (no special prefix tokens), cut to max_len, with the end-of-text id appended when `eos`
-    (the position "last" pooling reads)."""
-    out = []
-    for text in texts:
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-        if eos and tokenizer.eos_token_id is not None:
-            ids = ids[:max_len - 1] + [tokenizer.eos_token_id]
-        out.append(ids[:max_len] or [tokenizer.pad_token_id or 0])
-    return out
-
-
 def embed(model, params, texts: Sequence[str] | Sequence[Sequence[int]], *, tokenizer=None, pooling: str = "last",
           normalize: bool = True, batch_size: int = 32, max_len: int = 512) -> np.ndarray:
     """[len(texts), hidden] float32 embeddings of `texts` (strings with `tokenizer`, or lists of token ids)."""
@@ -52,7 +40,7 @@ def embed(model, params, texts: Sequence[str] | Sequence[Sequence[int]], *, toke
     if texts and isinstance(texts[0], str):
         if tokenizer is None:
             raise ValueError("embed: texts given as strings need a tokenizer")
-        ids = encode_texts(texts, tokenizer, max_len=max_len)
+        ids = [tokenizer.embedding_ids(text, max_len) for text in texts]
     else:
         ids = [list(t)[:max_len] for t in texts]
     out = np.zeros((len(ids), model.cfg.hidden_size), np.float32)

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from glm_jax.knowledge.embeddings import embed, encode_texts
+from glm_jax.knowledge.embeddings import embed
 from glm_jax.knowledge.grounding import grounded_messages, has_system_role, sources
 from glm_jax.serve.engine import Engine, QueueFull, RequestOutput
 from glm_jax.serve.runner import EngineRunner
@@ -304,7 +304,7 @@ def _embedding_inputs(value, tokenizer, max_len: int, vocab_size: int) -> list[l
         raise ApiError(400, f"input: expected 1 to {MAX_EMBEDDING_INPUTS} inputs, got {len(value)}", "input")
     out = []
     for i, x in enumerate(value):
-        ids = encode_texts([x], tokenizer, max_len=max_len + 1)[0] if isinstance(x, str) else list(x)
+        ids = tokenizer.embedding_ids(x, max_len + 1) if isinstance(x, str) else list(x)
         if (isinstance(x, str) and not x) or not ids:
             raise ApiError(400, f"input[{i}]: must not be empty", "input")
         if len(ids) > max_len:

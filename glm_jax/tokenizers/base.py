@@ -46,6 +46,14 @@ class Tokenizer:
     def encode(self, text: str | Sequence[str], add_special_tokens: bool = True):
         raise NotImplementedError
 
+    def embedding_ids(self, text: str, max_len: int) -> list[int]:
+        """The ids a text is embedded from (glm_jax.embed, train.py's embedding task): its tokens without prefix
+        tokens, cut to max_len - 1, then eos, the position "last" pooling reads (docs/knowledge.md)."""
+        ids = list(self.encode(text, add_special_tokens=False))
+        if self.eos_token_id is None:
+            return ids[:max_len] or [self.pad_token_id or 0]
+        return ids[:max_len - 1] + [self.eos_token_id]
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         raise NotImplementedError
 

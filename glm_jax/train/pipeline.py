@@ -372,15 +372,14 @@ class ClassificationRow(grain.transforms.Map):
 
 class EmbeddingPairRow(grain.transforms.Map):
     """(where, {"query", "positive", "negatives"?}) -> {query_ids, query_segments, passage_ids, passage_segments}:
-    each text's tokens (no prefix tokens) cut to seq_len - 1, then eos (the position "last" pooling reads),
-    right-padded; the passages are the positive and the record's first `negatives` hard negatives. None for a bad
+    each text's `Tokenizer.embedding_ids` (as glm_jax.embed encodes it), right-padded; the passages are the positive and the record's first `negatives` hard negatives. None for a bad
     record."""
 
     def __init__(self, tok, seq_len: int, negatives: int, bad: BadRecords):
         self.tok, self.seq_len, self.negatives, self.bad = tok, seq_len, negatives, bad
 
     def _row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        ids = list(self.tok.encode(text, add_special_tokens=False))[:self.seq_len - 1] + [self.tok.eos_token_id]
+        ids = self.tok.embedding_ids(text, self.seq_len)
         tokens = np.full(self.seq_len, self.tok.pad_token_id or 0, np.int32)
         segments = np.zeros(self.seq_len, np.int32)
         tokens[:len(ids)], segments[:len(ids)] = ids, 1
