@@ -87,3 +87,22 @@ def test_bad_pairs_are_one_line_exit_2(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "pairs.jsonl:2" in errors[0] and '"positive": str' in errors[0], r.stderr[-2000:]
+
+
+def test_lora_trains_an_embedder_and_exports_it(tmp_path):
+    """train.mode=lora with data.task=embedding: only the adapters (and their Adam moments) are trained and
+    checkpointed, and the export (adapters merged) loads as an index's embedding model."""
+    import orbax.checkpoint as ocp
+
+    pairs = tmp_path / "pairs.jsonl"
+    write_cloze_pairs(read_passages(KB / "docs" / "en"), pairs, per_passage=2)
+    export = tmp_path / "export"
+    train(tmp_path / "run", "data.task=embedding", f"data.train_files=[{pairs}]", "data.seq_len=32",
+          "train.global_batch_size=8", "train.steps=3", "train.mode=lora", "lora.rank=4", "lora.targets=[query, value]",
+          "train.eval_every=0", "data.eval_fraction=0", "checkpoint.every=3", f"export.path={export}",
+          "export.format=transformers")
+    state = ocp.StandardCheckpointer().restore((tmp_path / "run" / "checkpoints" / "3" / "state").absolute())
+    assert set(state["params"]) == {"query", "value"}
+    assert all(float(np.abs(ab["b"]).max()) > 0 for ab in state["params"].values())
+    index = KnowledgeIndex.build(read_passages(KB / "docs" / "en"), embedder=Embedder.load(export))
+    assert index.vectors.shape == (27, GLMConfig.from_preset("glm-test").hidden_size)

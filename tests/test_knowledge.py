@@ -328,3 +328,46 @@ def test_an_embedding_model_from_outside_glm_jax_plugs_in(tmp_path):
     loaded.embedder = lambda texts: bigrams(texts, dim=128)
     with pytest.raises(ValueError, match="vector of shape \\(128,\\), the index holds vectors of width 256"):
         loaded.search("长江", mode="dense")
+
+
+def tiny_pdf(pages) -> bytes:
+    """A minimal PDF (one Helvetica text line per paragraph, one page per item of `pages`)."""
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", None, "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    kids = []
+    for paragraphs in pages:
+        lines = []
+        for i, p in enumerate(paragraphs):
+            lines.append(f"BT /F1 12 Tf 72 {720 - 40 * i} Td ({p}) Tj ET")
+        stream = "\n".join(lines)
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
+                       f"/Contents {len(objects)} 0 R >>")
+        kids.append(len(objects))
+    objects[1] = f"<< /Type /Pages /Kids [{' '.join(f'{k} 0 R' for k in kids)}] /Count {len(kids)} >>"
+    out, offsets = b"%PDF-1.4\n", []
+    for n, obj in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{n} 0 obj\n{obj}\nendobj\n".encode("latin-1")
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return out
+
+
+def test_pdf_pages_are_passages(tmp_path, monkeypatch):
+    """With the optional pypdf (the `pdf` extra): each page's text is a section whose passages say `page N`;
+    without it, one ValueError naming the file and the extra."""
+    pytest.importorskip("pypdf")
+    (tmp_path / "planets.pdf").write_bytes(tiny_pdf([["Saturn has bright rings of ice.", "It is the sixth planet."],
+                                                     ["Jupiter has a Great Red Spot."]]))
+    passages = read_passages(tmp_path)
+    assert [(p.text, p.location, p.headings) for p in passages] == [
+        ("Saturn has bright rings of ice. It is the sixth planet.", "page 1", ("planets",)),
+        ("Jupiter has a Great Red Spot.", "page 2", ("planets",))]
+    assert KnowledgeIndex.build(passages).search("Which planet has the Great Red Spot?", k=1)[0].passage.location == \
+        "page 2"
+    monkeypatch.setitem(__import__("sys").modules, "pypdf", None)
+    with pytest.raises(ValueError, match=r"planets.pdf: reading PDF needs the optional pypdf package \(pip install "
+                                         r"'glm_jax\[pdf\]'\)"):
+        read_passages(tmp_path)
