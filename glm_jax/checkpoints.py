@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from glm_jax.convert import load_hf
-from glm_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
+from glm_jax.tokenizers import TOKENIZER_FILES, SentencePieceTokenizer, load_tokenizer
 from glm_jax.train.build import load_run
 
 
@@ -41,12 +41,11 @@ def load_orbax_run(path: Path, **overrides):
 
 
 def default_tokenizer(checkpoint: str | Path) -> Path | None:
-    """Where a checkpoint's tokenizer is: the directory itself when it holds tokenizer.json / tokenizer.model;
+    """Where a checkpoint's tokenizer is: the directory itself when it holds one of TOKENIZER_FILES;
     for a train.py run directory, its config's `data.tokenizer`, else its `model.init_from` directory's; None:
     the tokenizer shipped with glm_jax."""
     path = Path(checkpoint)
-    files = ("tokenizer.json", "tokenizer.model")
-    if any((path / f).is_file() for f in files):
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
         return path
     if not (path / "config.yaml").is_file():
         return None
@@ -60,7 +59,7 @@ def default_tokenizer(checkpoint: str | Path) -> Path | None:
     if data.get("tokenizer"):
         return Path(data["tokenizer"])
     init = model.get("init_from")
-    return Path(init) if init and any((Path(init) / f).is_file() for f in files) else None
+    return Path(init) if init and any((Path(init) / f).is_file() for f in TOKENIZER_FILES) else None
 
 
 def tokenizer_or_shipped(source: str | Path | None):

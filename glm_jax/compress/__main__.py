@@ -23,7 +23,8 @@ from glm_jax.checkpoints import default_tokenizer, load_checkpoint, tokenizer_or
 from glm_jax.compress.prune import apply_plan, choose_units, collect_importance, sparsify
 from glm_jax.convert.hf import detect_format, save_hf
 from glm_jax.train.atomic_dir import Protected, check_destination, write_atomically
-from glm_jax.train.config import TOKENIZER_FILES, ConfigError
+from glm_jax.tokenizers import TOKENIZER_FILES
+from glm_jax.train.config import ConfigError
 from glm_jax.train.data import BadRecords, DataError, iter_packed_rows, read_text_documents
 from glm_jax.train.step import lm_token_losses
 

@@ -6,6 +6,7 @@
 
 | file | kind | class |
 |---|---|---|
+| `ice_text.model`, SentencePiece protobuf (ChatGLM-6B) | `sentencepiece` | `ChatGLM6BTokenizer` |
 | `tokenizer.model`, SentencePiece protobuf (ChatGLM3) | `sentencepiece` | `SentencePieceTokenizer` |
 | the same file beside ChatGLM2's `tokenization_chatglm.py` / config | `sentencepiece` | `ChatGLM2Tokenizer` |
 | `tokenizer.model`, `base64 rank` lines (GLM-4-9B) | `tiktoken` | `TiktokenTokenizer` |
@@ -18,6 +19,7 @@ import json
 from pathlib import Path
 
 from glm_jax.tokenizers.base import Tokenizer
+from glm_jax.tokenizers.chatglm6b import DEFAULT_IMAGE_TOKENS, ChatGLM6BTokenizer, is_chatglm6b
 from glm_jax.tokenizers.hf import HFTokenizer
 from glm_jax.tokenizers.parsers import StreamParser
 from glm_jax.tokenizers.sentencepiece import (ChatGLM2Tokenizer, ChatGLMTokenizer, SentencePieceTokenizer,
@@ -25,7 +27,9 @@ from glm_jax.tokenizers.sentencepiece import (ChatGLM2Tokenizer, ChatGLMTokenize
 from glm_jax.tokenizers.templates import find_chat_template, read_tokenizer_config
 from glm_jax.tokenizers.tiktoken_bpe import TiktokenTokenizer, looks_like_tiktoken
 
-__all__ = ["load_tokenizer", "Tokenizer", "SentencePieceTokenizer", "ChatGLM2Tokenizer", "TiktokenTokenizer",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "ice_text.model")  # a checkpoint's, in order of preference
+__all__ = ["load_tokenizer", "Tokenizer", "SentencePieceTokenizer", "ChatGLM2Tokenizer", "ChatGLM6BTokenizer",
+           "TiktokenTokenizer",
            "HFTokenizer", "ChatGLMTokenizer", "StreamParser", "reply_format_of"]
 
 
@@ -36,10 +40,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
         directory = path
-        candidates = [path / "tokenizer.json", path / "tokenizer.model"]
+        candidates = [path / name for name in TOKENIZER_FILES]
         found = [p for p in candidates if p.is_file()]
         if not found:
-            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+            raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer.model or ice_text.model in this directory")
         file = found[0]
     elif path.is_file():
         directory, file = path.parent, path
@@ -53,6 +57,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def _load_file(file: Path, config: dict, template) -> Tokenizer:
+    if is_chatglm6b(file):
+        return ChatGLM6BTokenizer(file, config.get("num_image_tokens", DEFAULT_IMAGE_TOKENS))
     if file.suffix == ".json":
         return HFTokenizer(file, config, template, reply_format_of(template, _added_tokens(file)))
     if looks_like_tiktoken(file):

@@ -259,25 +259,27 @@ class ChatGLM2Tokenizer(SentencePieceTokenizer):
     def _builtin_chat(self, messages, tools, add_generation_prompt, enable_thinking, tokenize):
         if tools:
             raise ValueError("ChatGLM2's chat format has no tools")
-        text = "".join(chatglm2_rounds(messages, add_generation_prompt))
+        text = "".join(f"[Round {i}]\n\n问：{q}\n\n答：" + ("" if a is None else f"{a}\n\n")
+                       for i, (q, a) in enumerate(chat_rounds(messages, "ChatGLM2"), 1))
         ids = self.encode(text)
         return ids if tokenize else self.decode(ids)
 
 
-def chatglm2_rounds(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> list[str]:
-    """ChatGLM2's prompt text, one string per round: user / assistant messages alternating from a user one. A
-    user message always ends with ``答：``, the answer prompt (ChatGLM2 has no separate generation prompt)."""
-    rounds = []
+def chat_rounds(messages: Sequence[dict[str, Any]], name: str) -> list[tuple[str, str | None]]:
+    """(question, answer) per round of a plain-text chat format (ChatGLM-6B's, ChatGLM2's): user and assistant
+    messages alternating from a user one; the last answer is None when the conversation ends with a question.
+    ValueError naming the message otherwise (these formats have no system or tool role)."""
+    rounds: list[tuple[str, str | None]] = []
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content") or ""
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
-            raise ValueError(f"message {i}: ChatGLM2's chat format alternates user and assistant messages "
+            raise ValueError(f"message {i}: {name}'s chat format alternates user and assistant messages "
                              f"(no system or tool role), got {role!r} where {expected!r} belongs")
         if role == "user":
-            rounds.append(f"[Round {i // 2 + 1}]\n\n问：{content}\n\n答：")
+            rounds.append((content, None))
         else:
-            rounds[-1] += f"{content}\n\n"
+            rounds[-1] = (rounds[-1][0], content)
     return rounds
 
 

@@ -32,13 +32,12 @@ from glm_jax import GLMConfig, GLMForCausalLM, GLMForSequenceClassification, loa
     param_specs
 from glm_jax.convert.hf import abstract_params
 from glm_jax.sharding import use_mesh
-from glm_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
+from glm_jax.tokenizers import TOKENIZER_FILES, SentencePieceTokenizer, load_tokenizer
 from glm_jax.train import data as D
 from glm_jax.train import lora as lora_lib
 from glm_jax.train import pipeline as P
 from glm_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from glm_jax.train.config import TOKENIZER_FILES, Config, ConfigError, check_model_fit, load_config, resolve_mesh, \
-    to_yaml
+from glm_jax.train.config import Config, ConfigError, check_model_fit, load_config, resolve_mesh, to_yaml
 from glm_jax.train.optimizer import make_optimizer
 from glm_jax.train.pipeline import GrainLoader
 from glm_jax.train.rundir import export_params

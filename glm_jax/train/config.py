@@ -24,8 +24,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from glm_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, GLMConfig
+from glm_jax.tokenizers import TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what a checkpoint directory may hold, preferred first
 MAX_LR = 10.0  # a learning rate above this is a typo (1e39, 3e4 for 3e-4), not a setting
 MAX_SEED = 2**31 - 1  # jax.random.key keeps only the low 32 bits of larger seeds (2**32 would be seed 0)
 
