@@ -29,6 +29,10 @@ except ImportError:
 
 import numpy as np  # noqa: E402
 
+from glm_jax.platforms import skip_absent_tpu  # noqa: E402
+
+skip_absent_tpu()  # before bm25s (with the index) starts JAX's backends
+
 from glm_jax.knowledge import Embedder, read_passages, read_questions, recall  # noqa: E402
 from glm_jax.knowledge.index import HNSW, HNSWGraph, KnowledgeIndex  # noqa: E402
 

@@ -88,6 +88,20 @@ def test_the_index_round_trips_through_the_cli(tmp_path, capsys):
     assert len(KnowledgeIndex.load(out)) == 27
 
 
+def test_the_cli_starts_on_the_cpu_where_no_accelerator_is(tmp_path):
+    """bm25s starts JAX's backends when imported: the CLI first picks the platform as the chat CLI does
+    (glm_jax.platforms.skip_absent_tpu), so that a machine with libtpu installed but no TPU says nothing."""
+    import os
+    import subprocess
+    import sys
+
+    KnowledgeIndex.build(read_passages(KB / "docs" / "en")).save(tmp_path / "index")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    r = subprocess.run([sys.executable, "-m", "glm_jax.knowledge", "search", str(tmp_path / "index"), "rings", "-k",
+                        "1"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.startswith("1. [") and r.stderr == "", r.stderr[-2000:]
+
+
 def test_bad_input_is_one_line_and_nothing_else_is_replaced(tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()

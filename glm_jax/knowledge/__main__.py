@@ -19,15 +19,19 @@ import json
 import sys
 from pathlib import Path
 
-from glm_jax.checkpoints import tokenizer_or_shipped
-from glm_jax.knowledge.documents import read_passages
-from glm_jax.knowledge.embeddings import POOLINGS, Embedder
-from glm_jax.knowledge.evaluate import read_questions, recall
-from glm_jax.knowledge.grounding import grounded_sft_record, has_system_role, read_qa
-from glm_jax.knowledge.index import MODES, VECTOR_INDEXES, KnowledgeIndex
-from glm_jax.knowledge.lexical import SEGMENTERS
-from glm_jax.knowledge.pairs import write_cloze_pairs
-from glm_jax.train.config import ConfigError
+from glm_jax.platforms import skip_absent_tpu
+
+skip_absent_tpu()  # before bm25s, imported with the index, starts JAX's backends (on CPU where nothing else is)
+
+from glm_jax.checkpoints import tokenizer_or_shipped  # noqa: E402
+from glm_jax.knowledge.documents import read_passages  # noqa: E402
+from glm_jax.knowledge.embeddings import POOLINGS, Embedder  # noqa: E402
+from glm_jax.knowledge.evaluate import read_questions, recall  # noqa: E402
+from glm_jax.knowledge.grounding import grounded_sft_record, has_system_role, read_qa  # noqa: E402
+from glm_jax.knowledge.index import MODES, VECTOR_INDEXES, KnowledgeIndex  # noqa: E402
+from glm_jax.knowledge.lexical import SEGMENTERS  # noqa: E402
+from glm_jax.knowledge.pairs import write_cloze_pairs  # noqa: E402
+from glm_jax.train.config import ConfigError  # noqa: E402
 
 
 def _arg_parser() -> argparse.ArgumentParser:
@@ -116,7 +120,12 @@ def run(args) -> int:
 def _write_sft(index, args) -> int:
     if Path(args.out).exists():
         raise ValueError(f"--out: {args.out} exists; choose a new file")
-    qa = read_qa(args.qa)
+    if args.k < 1:
+        raise ValueError(f"-k: must be at least 1, got {args.k}")
+    try:
+        qa = read_qa(args.qa)
+    except OSError as e:
+        raise ValueError(f"--qa: {args.qa}: cannot read it ({e.strerror or e})") from None
     tok = tokenizer_or_shipped(args.tokenizer)
     system_role = has_system_role(tok)
     records = [grounded_sft_record(index, tok, r["question"], r["answer"], k=args.k, mode=args.mode,
