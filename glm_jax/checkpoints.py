@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from glm_jax.convert import load_hf
-from glm_jax.tokenizers import TOKENIZER_FILES, SentencePieceTokenizer, load_tokenizer
+from glm_jax.tokenizers import TOKENIZER_FILES, TOKENIZER_FILES_TEXT, SentencePieceTokenizer, load_tokenizer
 from glm_jax.train.build import load_run
 
 
@@ -76,5 +76,5 @@ def tokenizer_or_shipped(source: str | Path | None):
 
 def shipped_tokenizer_warning(checkpoint) -> str:
     """The one line said when the shipped tokenizer stands in for a checkpoint's own."""
-    return (f"warning: {checkpoint} has no tokenizer.json or tokenizer.model: using the small SentencePiece "
+    return (f"warning: {checkpoint} has no {TOKENIZER_FILES_TEXT}: using the small SentencePiece "
             f"tokenizer shipped with glm_jax (pass --tokenizer for the model's own)")

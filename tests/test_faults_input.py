@@ -143,8 +143,8 @@ def test_run_dir_that_is_a_file_or_empty(tmp_path):
     ("train.max_skips=-1", "train.max_skips: must be >= 0, got -1"),
     ("data.max_tokens=0", "data.max_tokens: must be positive or null (no limit), got 0"),
     ("data.tokenizer=", "data.tokenizer: empty path (null for the tokenizer shipped with glm_jax)"),
-    ("data.tokenizer=/", "data.tokenizer: / has no tokenizer.json or tokenizer.model (expected a tokenizer file or "
-                         "a checkpoint directory)"),
+    ("data.tokenizer=/", "data.tokenizer: / has no tokenizer.json, tokenizer.model or ice_text.model (expected a "
+                         "tokenizer file or a checkpoint directory)"),
 ])
 def test_non_finite_and_absurd_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as e:
@@ -458,7 +458,7 @@ def test_chat_cli_says_when_it_falls_back_to_the_shipped_tokenizer(tiny_checkpoi
     monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
     assert C.main(["--checkpoint", str(ckpt)]) == 0
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"warning: {ckpt} has no tokenizer.json or tokenizer.model: using the small SentencePiece tokenizer shipped "
+        f"warning: {ckpt} has no tokenizer.json, tokenizer.model or ice_text.model: using the small SentencePiece tokenizer shipped "
         f"with glm_jax (pass --tokenizer for the model's own)"]
 
 

@@ -111,7 +111,7 @@ def test_unknown_files_give_one_line_naming_the_file(tmp_path, name, data):
 
 
 def test_missing_tokenizer(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json, tokenizer.model or ice_text.model"):
         load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="nope"):
         load_tokenizer(tmp_path / "nope")

@@ -28,6 +28,7 @@ from glm_jax.tokenizers.templates import find_chat_template, read_tokenizer_conf
 from glm_jax.tokenizers.tiktoken_bpe import TiktokenTokenizer, looks_like_tiktoken
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "ice_text.model")  # a checkpoint's, in order of preference
+TOKENIZER_FILES_TEXT = "tokenizer.json, tokenizer.model or ice_text.model"  # the same, in messages
 __all__ = ["load_tokenizer", "Tokenizer", "SentencePieceTokenizer", "ChatGLM2Tokenizer", "ChatGLM6BTokenizer",
            "TiktokenTokenizer",
            "HFTokenizer", "ChatGLMTokenizer", "StreamParser", "reply_format_of"]
@@ -43,7 +44,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         candidates = [path / name for name in TOKENIZER_FILES]
         found = [p for p in candidates if p.is_file()]
         if not found:
-            raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer.model or ice_text.model in this directory")
+            raise FileNotFoundError(f"{path}: no {TOKENIZER_FILES_TEXT} in this directory")
         file = found[0]
     elif path.is_file():
         directory, file = path.parent, path

@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from glm_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, GLMConfig
-from glm_jax.tokenizers import TOKENIZER_FILES
+from glm_jax.tokenizers import TOKENIZER_FILES, TOKENIZER_FILES_TEXT
 
 MAX_LR = 10.0  # a learning rate above this is a typo (1e39, 3e4 for 3e-4), not a setting
 MAX_SEED = 2**31 - 1  # jax.random.key keeps only the low 32 bits of larger seeds (2**32 would be seed 0)
@@ -505,8 +505,8 @@ def validate_paths(cfg: Config) -> None:
         if not p.exists():
             raise ConfigError(f"data.tokenizer: file not found: {p}")
         if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
-            raise ConfigError(f"data.tokenizer: {p} has no {' or '.join(TOKENIZER_FILES)} (expected a tokenizer file "
-                              f"or a checkpoint directory)")
+            raise ConfigError(f"data.tokenizer: {p} has no {TOKENIZER_FILES_TEXT} (expected a tokenizer file or a "
+                              f"checkpoint directory)")
         if not p.is_file() and not p.is_dir():
             raise ConfigError(f"data.tokenizer: {p} is not a file or a directory")
     teacher = cfg.distill.teacher
