@@ -83,6 +83,9 @@ def read_chatglm(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
         raise ValueError(f"{source}: post-layernorm residuals / linear biases are not GLM v2 (ChatGLM-6B v1?)")
     if raw.get("rmsnorm") is False:
         raise ValueError(f"{source}: rmsnorm=false (LayerNorm) is the ChatGLM-6B v1 layout, not supported")
+    if "position_encoding_2d" in raw or "inner_hidden_size" in raw:
+        raise ValueError(f"{source}: a ChatGLM-6B config (position_encoding_2d, inner_hidden_size): the first "
+                         f"ChatGLM's model is not supported yet (its tokenizer is: glm_jax.load_tokenizer)")
     heads = need("num_attention_heads")
     head_dim = raw.get("kv_channels") or need("hidden_size") // heads
     rope_ratio = float(raw.get("rope_ratio") or 1.0)

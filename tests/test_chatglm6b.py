@@ -126,3 +126,18 @@ def test_load_tokenizer_finds_ice_text_and_its_image_token_offset(ice_text, tmp_
     assert tok.num_image_tokens == 0 and tok.stop_ids == [tok.eos_token_id]
     ids = np.asarray(tok.encode("你好"))
     assert ids.max() < tok.vocab_size == 3000
+
+
+def test_a_chatglm_6b_checkpoint_is_refused_by_name_not_misread(tmp_path):
+    """Until the model is built, a v1 config.json (model_type chatglm like ChatGLM2/3) is one clear error, not a
+    ChatGLM2 misreading."""
+    from glm_jax import load_hf
+
+    config = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "vocab_size": 130528, "hidden_size": 4096,
+              "num_layers": 28, "num_attention_heads": 32, "inner_hidden_size": 16384, "layernorm_epsilon": 1e-05,
+              "max_sequence_length": 2048, "position_encoding_2d": True, "bos_token_id": 130004,
+              "eos_token_id": 130005, "mask_token_id": 130000, "gmask_token_id": 130001, "pad_token_id": 3}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: a ChatGLM-6B config \(position_encoding_2d, "
+                                         r"inner_hidden_size\): the first ChatGLM's model is not supported yet"):
+        load_hf(tmp_path)
