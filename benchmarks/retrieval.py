@@ -10,7 +10,8 @@ milliseconds of one `index.search` (query embedding included), for exact dense s
 graph (`--vector-index hnsw`) when an embedding model is given. For `--vectors`: the time to build the graph,
 the median milliseconds of one nearest-10 query by a product with every vector (numpy, what exact search does)
 and through the graph, and the graph's recall@10 of the exact neighbours; the vectors are clustered (n / 100
-topic directions plus each vector's own part, as embeddings of text are) and the queries are vectors plus noise. The table is printed; --json writes the rows.
+topic directions plus each vector's own part, as embeddings of text are) and the queries are vectors plus noise.
+The table is printed; --json writes the rows.
 """
 
 from __future__ import annotations

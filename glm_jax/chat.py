@@ -49,7 +49,7 @@ from glm_jax.checkpoints import default_tokenizer, load_checkpoint, shipped_toke
 from glm_jax.config import DTYPES, read_json
 from glm_jax.generation import SamplingParams
 from glm_jax.knowledge.documents import Passage
-from glm_jax.knowledge.grounding import grounded_messages, has_system_role, sources
+from glm_jax.knowledge.grounding import fitted_messages, has_system_role, sources
 from glm_jax.platforms import skip_absent_tpu
 from glm_jax.tokenizers import Tokenizer
 from glm_jax.tokenizers.formats import check_tools
@@ -74,7 +74,8 @@ class ChatSession:
 
     `knowledge`: a `glm_jax.KnowledgeIndex` (anything with its `search(query, k=, mode=)`): each user turn first
     retrieves its `knowledge_k` best passages (`knowledge_mode`: the index's default, "bm25", "dense" or "hybrid"),
-    which go into the prompt before the question (glm_jax.knowledge.grounding); the reply's "sources" lists them.
+    which go into the prompt before the question (glm_jax.knowledge.grounding; the worst are left out where the
+    prompt would leave less than max_new_tokens of the model's max_seq_len); the reply's "sources" lists them.
     """
 
     def __init__(self, model, params, tokenizer, system: str | None = None, tools: Sequence[dict] | None = None,
@@ -198,8 +199,11 @@ class ChatSession:
         if self.knowledge is None or role != "user":
             return new
         hits = self.knowledge.search(text, k=self.knowledge_k, mode=self.knowledge_mode)
-        self.last_sources = sources(hits)
-        return grounded_messages(self.tokenizer, text, hits, system_role=self._system_role)
+        cfg = getattr(self.model, "cfg", None)
+        budget = None if cfg is None else cfg.max_seq_len - self.sampling["max_new_tokens"]
+        turn, kept = fitted_messages(self.tokenizer, text, hits, self.prompt, budget, system_role=self._system_role)
+        self.last_sources = sources(kept)
+        return turn
 
     def _reply_tokens(self, prompt: list[int]) -> Iterator[int]:
         """The generated ids of one reply, up to (not including) a stop id."""

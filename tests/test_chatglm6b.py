@@ -121,7 +121,8 @@ def test_load_tokenizer_finds_ice_text_and_its_image_token_offset(ice_text, tmp_
     (ckpt / "ice_text.model").write_bytes(ice_text.read_bytes())
     tok = load_tokenizer(ckpt)
     assert isinstance(tok, ChatGLM6BTokenizer) and tok.num_image_tokens == 20000  # THUDM's default
-    (ckpt / "tokenizer_config.json").write_text(json.dumps({"num_image_tokens": 0, "tokenizer_class": "ChatGLMTokenizer"}))
+    config = {"num_image_tokens": 0, "tokenizer_class": "ChatGLMTokenizer"}
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
     tok = load_tokenizer(ckpt)
     assert tok.num_image_tokens == 0 and tok.stop_ids == [tok.eos_token_id]
     ids = np.asarray(tok.encode("你好"))

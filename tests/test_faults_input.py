@@ -458,8 +458,8 @@ def test_chat_cli_says_when_it_falls_back_to_the_shipped_tokenizer(tiny_checkpoi
     monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
     assert C.main(["--checkpoint", str(ckpt)]) == 0
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"warning: {ckpt} has no tokenizer.json, tokenizer.model or ice_text.model: using the small SentencePiece tokenizer shipped "
-        f"with glm_jax (pass --tokenizer for the model's own)"]
+        f"warning: {ckpt} has no tokenizer.json, tokenizer.model or ice_text.model: using the small SentencePiece "
+        f"tokenizer shipped with glm_jax (pass --tokenizer for the model's own)"]
 
 
 # ------------------------------------------------------------------------------------- 10. the library

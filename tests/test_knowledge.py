@@ -156,7 +156,7 @@ def embedding_model(tmp_path_factory):
 
     from glm_jax import GLMConfig, GLMForCausalLM, init_params, save_hf
 
-    cfg = GLMConfig.from_preset("glm-test", vocab_size=8192)
+    cfg = GLMConfig.from_preset("glm-test", vocab_size=8192, max_seq_len=1024)
     return save_hf(cfg, init_params(GLMForCausalLM(cfg), jax.random.key(3)), tmp_path_factory.mktemp("emb") / "m",
                    format="transformers")
 
@@ -211,6 +211,7 @@ def test_a_grounded_chat_turn_holds_the_passages_and_returns_their_sources(embed
     from glm_jax import GLMForCausalLM
     from glm_jax.chat import ChatSession, main as chat_main
     from glm_jax.checkpoints import load_checkpoint
+    from glm_jax.knowledge import grounded_messages
     from glm_jax.tokenizers import ChatGLM2Tokenizer
 
     index, _ = shipped
@@ -226,10 +227,20 @@ def test_a_grounded_chat_turn_holds_the_passages_and_returns_their_sources(embed
     assert reply["sources"][0]["headings"][-1] == "拉萨"
     knowledge, asked = session.history[1:3]
     assert knowledge["role"] == "system" and asked == {"role": "user", "content": question}
-    assert knowledge["content"].startswith("参考资料：\n\n[1] zh/cities.md > ") and hits[1].passage.text in knowledge["content"]
+    assert knowledge["content"].startswith("参考资料：\n\n[1] zh/cities.md > ")
+    assert hits[1].passage.text in knowledge["content"]
     prompt = tok.decode(session.last_prompt)
     assert prompt.index(hits[0].passage.text) < prompt.index(question)
     assert tok.apply_chat_template(session.history[:3], add_generation_prompt=True) == session.last_prompt
+
+    # where the prompt would leave less than max_new_tokens of the context, the worst hits are left out
+    one, two = (len(tok.apply_chat_template(session.history[:1] + grounded_messages(tok, question, hits[:n])))
+                for n in (1, 2))
+    tight = ChatSession(GLMForCausalLM(cfg), params, tok, system="你是助手。", knowledge=index, knowledge_k=2,
+                        max_new_tokens=cfg.max_seq_len - two + 1)
+    turn = tight._turn_messages(question, "user")
+    assert [s["rank"] for s in tight.last_sources] == [1] and hits[1].passage.text not in turn[0]["content"]
+    assert len(tight.prompt(turn)) == one <= cfg.max_seq_len - tight.sampling["max_new_tokens"]
 
     old = ChatGLM2Tokenizer()
     v2 = ChatSession(GLMForCausalLM(cfg), params, old, knowledge=index, knowledge_k=1, max_new_tokens=2)
@@ -336,7 +347,8 @@ def test_an_embedding_model_from_outside_glm_jax_plugs_in(tmp_path):
     with pytest.raises(ValueError, match="outside glm_jax"):
         KnowledgeIndex.load(out)
     loaded = KnowledgeIndex.load(out, embedder=bigrams)
-    assert [h.passage for h in loaded.search("长江", mode="dense")] == [h.passage for h in index.search("长江", mode="dense")]
+    dense = lambda ix: [h.passage for h in ix.search("长江", mode="dense")]  # noqa: E731
+    assert dense(loaded) == dense(index)
     with pytest.raises(ValueError, match="^embedder: vectors must be finite and L2-normalised"):
         KnowledgeIndex.build(passages, embedder=lambda texts: bigrams(texts) * 2)
     loaded.embedder = lambda texts: bigrams(texts, dim=128)

@@ -203,8 +203,8 @@ def test_a_checkpoint_without_tokenizer_files_is_served_with_the_shipped_one(tmp
     _, engine = build(_arg_parser().parse_args(["--checkpoint", str(ckpt), "--max-num-seqs", "1"]))
     assert isinstance(engine.tokenizer, SentencePieceTokenizer)
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"warning: {ckpt} has no tokenizer.json, tokenizer.model or ice_text.model: using the small SentencePiece tokenizer shipped "
-        f"with glm_jax (pass --tokenizer for the model's own)"]
+        f"warning: {ckpt} has no tokenizer.json, tokenizer.model or ice_text.model: using the small SentencePiece "
+        f"tokenizer shipped with glm_jax (pass --tokenizer for the model's own)"]
     with pytest.raises(ValueError, match=rf"^--knowledge: {tmp_path}: not a knowledge index"):  # before loading
         build(_arg_parser().parse_args(["--checkpoint", str(tmp_path / "nope"), "--knowledge", str(tmp_path)]))
 

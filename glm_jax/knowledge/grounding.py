@@ -8,7 +8,8 @@ with the reply (docs/knowledge.md, "Grounded chat").
 The passages go in as a system message just before the question, numbered [1], [2], ... each with where it came
 from, and worded in the question's language (Chinese when it holds Han characters); every GLM chat format from
 ChatGLM3 on has a system role that may appear mid-conversation. ChatGLM2's format has none: there they open the
-user's own message, as the ChatGLM LangChain demos did. A question with no hit is sent as it is.
+user's own message, as the ChatGLM LangChain demos did. A question with no hit is sent as it is. Where the
+prompt would not leave room for the reply, the worst hits are left out (`fitted_messages`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,17 @@ def grounded_messages(tokenizer, question: str, hits: Sequence, *, system_role: 
     if system_role:
         return [{"role": "system", "content": knowledge}, {"role": "user", "content": question}]
     return [{"role": "user", "content": f"{knowledge}\n\n{question}"}]
+
+
+def fitted_messages(tokenizer, question: str, hits: Sequence, render, budget: int | None, *,
+                    system_role: bool | None = None) -> tuple[list[dict[str, Any]], list]:
+    """(`grounded_messages` with as many of the best hits as keep the prompt within `budget` tokens, those hits):
+    `render(turn)` is the prompt ids with this turn; the worst hits are left out first, down to none."""
+    for n in range(len(hits), -1, -1):
+        turn = grounded_messages(tokenizer, question, hits[:n], system_role=system_role)
+        if budget is None or n == 0 or len(render(turn)) <= budget:
+            return turn, list(hits[:n])
+    raise AssertionError("unreachable")
 
 
 def sources(hits: Sequence) -> list[dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 DIR is anything `glm_jax.chat` loads (THUDM or transformers checkpoint, train.py run directory); the tokenizer is
 `--tokenizer`, else the checkpoint's own, else (with a warning) the small one shipped with glm_jax, as
-for the chat CLI. `--knowledge INDEX_DIR` loads a knowledge index for grounded chat requests (docs/knowledge.md). Exit status: 0 after SIGTERM / Ctrl-C (running requests are finished
-first), 2 for bad arguments or files, reported as one `error: ...` line on stderr.
+for the chat CLI. `--knowledge INDEX_DIR` loads a knowledge index for grounded chat requests
+(docs/knowledge.md). Exit status: 0 after SIGTERM / Ctrl-C (running requests are finished first), 2 for bad
+arguments or files, reported as one `error: ...` line on stderr.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from glm_jax.knowledge.embeddings import embed
-from glm_jax.knowledge.grounding import grounded_messages, has_system_role, sources
+from glm_jax.knowledge.grounding import fitted_messages, has_system_role, sources
 from glm_jax.serve.engine import Engine, QueueFull, RequestOutput
 from glm_jax.serve.runner import EngineRunner
 from glm_jax.serve.sampling import MAX_LOGPROBS, SamplingParams
@@ -224,12 +224,15 @@ def build_app(engine: Engine, tokenizer, *, served_model_name: str = "glm", api_
         for m in messages:
             if m["role"] == "developer":
                 m["role"] = "system"
+        render = lambda msgs: tokenizer.apply_chat_template(  # noqa: E731
+            msgs, tools=tools, add_generation_prompt=True, **(body.chat_template_kwargs or {}))
         sources = None
         if body.knowledge is not None:
-            messages, sources = await _ground(knowledge, tokenizer, messages, body.knowledge, system_role)
+            reply_room = body.max_completion_tokens or body.max_tokens or 1
+            messages, sources = await _ground(knowledge, tokenizer, messages, body.knowledge, system_role, render,
+                                              engine.max_model_len - reply_room)
         try:
-            prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                   **(body.chat_template_kwargs or {}))
+            prompt = render(messages)
         except Exception as e:  # noqa: BLE001 - a template's own error (raise_exception) or a bad message
             raise ApiError(400, f"messages: cannot be formatted by the chat template ({e})", "messages") from None
         opening = _forced_opening(tokenizer, messages, tools, body)
@@ -275,10 +278,11 @@ def build_app(engine: Engine, tokenizer, *, served_model_name: str = "glm", api_
     return app
 
 
-async def _ground(index, tokenizer, messages: list[dict], opts: KnowledgeOptions, system_role: bool
-                  ) -> tuple[list[dict], list]:
-    """The messages with the last user message grounded in `index` (glm_jax.knowledge.grounding), and the
-    sources; 400 naming `knowledge` when the server has no index or the option cannot be met."""
+async def _ground(index, tokenizer, messages: list[dict], opts: KnowledgeOptions, system_role: bool, render,
+                  budget: int) -> tuple[list[dict], list]:
+    """The messages with the last user message grounded in `index` (glm_jax.knowledge.grounding; as many hits as
+    keep `render(messages)`, the prompt ids, within `budget`), and the sources; 400 naming `knowledge` when the
+    server has no index or the option cannot be met."""
     if index is None:
         raise ApiError(400, "knowledge: this server has no knowledge index (start it with --knowledge INDEX_DIR)",
                        "knowledge")
@@ -291,8 +295,13 @@ async def _ground(index, tokenizer, messages: list[dict], opts: KnowledgeOptions
     question = content if isinstance(content, str) else " ".join(
         p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     hits = await asyncio.to_thread(index.search, question, opts.k, opts.mode)
-    turn = grounded_messages(tokenizer, question, hits, system_role=system_role)
-    return messages[:users[-1]] + turn + messages[users[-1] + 1:], sources(hits)
+    before, after = messages[:users[-1]], messages[users[-1] + 1:]
+    try:
+        turn, kept = fitted_messages(tokenizer, question, hits, lambda t: render(before + t + after), budget,
+                                     system_role=system_role)
+    except Exception as e:  # noqa: BLE001 - the template's own error, as for an ungrounded request
+        raise ApiError(400, f"messages: cannot be formatted by the chat template ({e})", "messages") from None
+    return before + turn + after, sources(kept)
 
 
 def _embedding_inputs(value, tokenizer, max_len: int, vocab_size: int) -> list[list[int]]:

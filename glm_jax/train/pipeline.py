@@ -372,8 +372,8 @@ class ClassificationRow(grain.transforms.Map):
 
 class EmbeddingPairRow(grain.transforms.Map):
     """(where, {"query", "positive", "negatives"?}) -> {query_ids, query_segments, passage_ids, passage_segments}:
-    each text's `Tokenizer.embedding_ids` (as glm_jax.embed encodes it), right-padded; the passages are the positive and the record's first `negatives` hard negatives. None for a bad
-    record."""
+    each text's `Tokenizer.embedding_ids` (as glm_jax.embed encodes it), right-padded; the passages are the
+    positive and the record's first `negatives` hard negatives. None for a bad record."""
 
     def __init__(self, tok, seq_len: int, negatives: int, bad: BadRecords):
         self.tok, self.seq_len, self.negatives, self.bad = tok, seq_len, negatives, bad
