@@ -112,3 +112,32 @@ def test_bad_input():
         blank_infilling([1, 2, 3], np.random.default_rng(0), special=S, kind="word")
     with pytest.raises(ValueError, match="at least 2 tokens"):
         blank_infilling([7], np.random.default_rng(0), special=S)
+
+
+def test_packed_rows_keep_documents_apart():
+    """pack(): examples whole and in order; a row's mask (from its segment ids and prefix ends) is the block
+    diagonal of each example's own mask, so no example sees another; padding has no loss and sees nothing."""
+    from glm_jax.train.blank_infilling import pack, packed_attention_mask
+
+    rng = np.random.default_rng(3)
+    examples = [blank_infilling(rng.integers(10, 100, int(rng.integers(4, 40))).tolist(), rng, special=S,
+                                kind=choose_kind(rng), sentence_ends={9}) for _ in range(30)]
+    rows = pack(examples, 64)
+    masks = packed_attention_mask(rows["segment_ids"], rows["prefix_end"])
+    i = 0
+    for r in range(len(rows["input_ids"])):
+        start, segment = 0, 1
+        while i < len(examples) and start + len(examples[i].input_ids) <= 64 and \
+                rows["segment_ids"][r, start] == segment:
+            ex, n = examples[i], len(examples[i].input_ids)
+            span = slice(start, start + n)
+            for name in ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask"):
+                np.testing.assert_array_equal(rows[name][r, span], getattr(ex, name))
+            np.testing.assert_array_equal(masks[r, span, span], ex.attention_mask())
+            assert not masks[r, span, :start].any() and not masks[r, span, start + n:].any()
+            start, segment, i = start + n, segment + 1, i + 1
+        assert (rows["segment_ids"][r, start:] == 0).all() and (rows["loss_mask"][r, start:] == 0).all()
+        assert not masks[r, start:].any()
+    assert i == len(examples)
+    with pytest.raises(ValueError, match="does not fit rows of 8"):
+        pack(examples, 8)

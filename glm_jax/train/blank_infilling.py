@@ -165,3 +165,43 @@ def choose_kind(rng: np.random.Generator, mix: dict[str, float] = GLM_MIX) -> st
     kinds = [k for k in KINDS if mix.get(k, 0) > 0]
     weights = np.asarray([mix[k] for k in kinds], np.float64)
     return kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+
+
+def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Examples packed whole, in order, into rows of `seq_len` tokens (a row is closed when the next example does
+    not fit; the rest is padding). Per row: input_ids, position_ids, block_position_ids, targets, loss_mask, and
+    for attention segment_ids (the example's 1-based number in its row, 0 for padding) and prefix_end (the row
+    index where the token's Part A ends): query i sees key j when they share a segment and j < prefix_end[i] or
+    j <= i, which is each example's own mask, examples never seeing each other. An example longer than seq_len is
+    a ValueError."""
+    rows: list[list[Example]] = []
+    used = seq_len
+    for ex in examples:
+        if len(ex.input_ids) > seq_len:
+            raise ValueError(f"an example of {len(ex.input_ids)} tokens does not fit rows of {seq_len}")
+        if used + len(ex.input_ids) > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(ex)
+        used += len(ex.input_ids)
+    names = ("input_ids", "position_ids", "block_position_ids", "targets", "segment_ids", "prefix_end")
+    out = {name: np.zeros((len(rows), seq_len), np.int32) for name in names}
+    out["input_ids"][:] = pad_id
+    out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
+    for r, row in enumerate(rows):
+        start = 0
+        for s, ex in enumerate(row, 1):
+            span = slice(start, start + len(ex.input_ids))
+            for name in ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask"):
+                out[name][r, span] = getattr(ex, name)
+            out["segment_ids"][r, span] = s
+            out["prefix_end"][r, span] = start + ex.context_length
+            start = span.stop
+    return out
+
+
+def packed_attention_mask(segment_ids: np.ndarray, prefix_end: np.ndarray) -> np.ndarray:
+    """[..., S, S] bool from `pack`'s segment_ids and prefix_end (padding sees nothing and is seen by nothing)."""
+    j = np.arange(segment_ids.shape[-1])
+    same = (segment_ids[..., :, None] == segment_ids[..., None, :]) & (segment_ids[..., :, None] > 0)
+    return same & ((j[None, :] < prefix_end[..., :, None]) | (j[None, :] <= j[:, None]))
