@@ -89,6 +89,15 @@ class GLMConfig:
     # Rotary layout of the first rotary_dim dims of a head: True = GLM's interleaved pairs (2i, 2i+1) (ChatGLM2/3,
     # GLM-4, glm / glm4); False = the split-half NeoX layout (i, i + rotary_dim / 2) of glm4_moe.
     rope_interleaved: bool = True
+    # ChatGLM-6B, the first ChatGLM (docs/glm-objective.md): True selects its whole block: LayerNorm (with bias),
+    # a GeLU MLP and an output projection with biases, the residual sqrt(2 * 28) * LN(x) + f(LN(x)), and 2D
+    # rotary positions (each head's first half rotated by the position, its second by the block position, both
+    # NeoX-style, inv_freq rounded through float16 as THUDM's code does), positions and the mask derived from
+    # the ids: [MASK] / [gMASK] (mask_token_id / gmask_token_id) and <sop> (bos_token_id) start the generated part.
+    position_encoding_2d: bool = False
+    mask_token_id: int = 130000
+    gmask_token_id: int = 130001
+    bos_token_id: int = 130004
     # Mixture of experts (glm4_moe). n_routed_experts = 0: a dense model, and the fields up to moe_impl are unused.
     # Layers first_k_dense_replace.. are MoE blocks: a sigmoid router with a correction bias that only chooses,
     # group-limited top-k (n_group groups, the best topk_group of them by the sum of their top-2 scores),
@@ -195,7 +204,19 @@ class GLMConfig:
             _fail("rope_scaling (YaRN) is implemented for attention_type='mla' only")
         object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), v) for k, v in dict(self.rope_scaling).items())))
         self._check_moe()
+        if self.position_encoding_2d:
+            self._check_chatglm_v1()
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+
+    def _check_chatglm_v1(self):
+        """ChatGLM-6B's block: multi-head attention, the head split in two rotary halves; none of the later
+        lines' features (yet: quantization, P-tuning)."""
+        if self.num_kv_heads != self.num_heads or self.head_dim % 4:
+            _fail("position_encoding_2d (ChatGLM-6B) needs num_kv_heads == num_heads and head_dim divisible by 4")
+        if self.is_moe or self.is_mla or self.is_glm5_next or self.sandwich_norm or self.use_qk_norm:
+            _fail("position_encoding_2d (ChatGLM-6B) is a dense multi-head model without sandwich or q/k norms")
+        if self.quantization_bit or self.pre_seq_len:
+            _fail("position_encoding_2d (ChatGLM-6B): quantization_bit and pre_seq_len are not implemented yet")
 
     def _check_shapes(self):
         """Sizes: positive, query heads in whole KV groups, an even rotary part that fits the head."""
@@ -402,6 +423,9 @@ class GLMConfig:
             attn += self.q_lora_rank * ih * d + h * d + 2 * d + h * ih
         block = attn + 3 * h * f + h * (4 if self.sandwich_norm else 2)
         emb = 2 * self.vocab_size * h if include_embedding else 0
+        if self.position_encoding_2d:  # ChatGLM-6B: GeLU MLP and output projection with biases, LayerNorms
+            block = attn + h + (2 * h * f + f + h) + 4 * h
+            return l * block + 2 * h + emb
         if not self.is_moe:
             return l * block + h + emb
         e, i = self.n_routed_experts, self.moe_intermediate_size
@@ -515,6 +539,11 @@ _GLM45 = dict(vocab_size=151552, hidden_size=5120, ffn_hidden_size=12288, num_la
               eos_token_ids=(151329, 151336, 151338), dtype="bfloat16", param_dtype="bfloat16")
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # THUDM/chatglm-6b's config.json (the last revision: no image-token offset, so bos <sop> = 130004)
+    "chatglm-6b": dict(vocab_size=130528, hidden_size=4096, ffn_hidden_size=16384, num_layers=28, num_heads=32,
+                       num_kv_heads=32, head_dim=128, max_seq_len=2048, position_encoding_2d=True,
+                       mask_token_id=130000, gmask_token_id=130001, bos_token_id=130004, pad_token_id=3,
+                       eos_token_ids=(130005,)),
     "chatglm2-6b": dict(_CHATGLM, max_seq_len=32768),
     "chatglm2-6b-32k": dict(_CHATGLM, max_seq_len=32768, rope_position_divisor=16.0),
     "chatglm3-6b": dict(_CHATGLM, max_seq_len=8192),

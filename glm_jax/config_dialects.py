@@ -78,14 +78,14 @@ GLM_MOE_DSA_DEFAULTS = dict(vocab_size=154880, hidden_size=6144, intermediate_si
 # ---------------------------------------------------------------------------------------------- readers
 
 def read_chatglm(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
-    """GLMConfig fields of THUDM's chatglm config.json (ChatGLM2/3, GLM-4); rejects ChatGLM-6B v1's layout."""
+    """GLMConfig fields of THUDM's chatglm config.json: ChatGLM-6B (told apart by position_encoding_2d /
+    inner_hidden_size), ChatGLM2/3, GLM-4."""
+    if "position_encoding_2d" in raw or "inner_hidden_size" in raw:
+        return read_chatglm_v1(raw, source, need)
     if raw.get("apply_residual_connection_post_layernorm") or raw.get("add_bias_linear"):
         raise ValueError(f"{source}: post-layernorm residuals / linear biases are not GLM v2 (ChatGLM-6B v1?)")
     if raw.get("rmsnorm") is False:
         raise ValueError(f"{source}: rmsnorm=false (LayerNorm) is the ChatGLM-6B v1 layout, not supported")
-    if "position_encoding_2d" in raw or "inner_hidden_size" in raw:
-        raise ValueError(f"{source}: a ChatGLM-6B config (position_encoding_2d, inner_hidden_size): the first "
-                         f"ChatGLM's model is not supported yet (its tokenizer is: glm_jax.load_tokenizer)")
     heads = need("num_attention_heads")
     head_dim = raw.get("kv_channels") or need("hidden_size") // heads
     rope_ratio = float(raw.get("rope_ratio") or 1.0)
@@ -114,6 +114,24 @@ def read_chatglm(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
         pad_token_id=raw.get("pad_token_id", 0),
         num_labels=raw.get("num_labels", 2),
     )
+
+
+def read_chatglm_v1(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
+    """GLMConfig fields of ChatGLM-6B's config.json (docs/glm-objective.md): multi-head, 2D positions."""
+    if raw.get("position_encoding_2d") is False:
+        raise ValueError(f"{source}: position_encoding_2d=false (1D positions in the ChatGLM-6B layout) is not "
+                         "supported")
+    if raw.get("quantization_bit") or raw.get("pre_seq_len"):
+        raise ValueError(f"{source}: ChatGLM-6B with quantization_bit or pre_seq_len (int8/int4, P-tuning) is not "
+                         "supported yet")
+    heads, hidden = need("num_attention_heads"), need("hidden_size")
+    return dict(
+        vocab_size=need("vocab_size"), hidden_size=hidden, ffn_hidden_size=raw.get("inner_hidden_size") or 4 * hidden,
+        num_layers=need("num_layers"), num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+        norm_eps=raw.get("layernorm_epsilon", 1e-5), max_seq_len=raw.get("max_sequence_length", 2048),
+        qkv_bias=True, position_encoding_2d=True, mask_token_id=need("mask_token_id"),
+        gmask_token_id=need("gmask_token_id"), bos_token_id=need("bos_token_id"),
+        pad_token_id=raw.get("pad_token_id", 0), num_labels=raw.get("num_labels", 2))
 
 
 def _gqa_fields(raw: dict[str, Any], need) -> dict[str, Any]:
@@ -326,7 +344,9 @@ def read_glm5_next(raw: dict[str, Any], source: str, need=None) -> dict[str, Any
 # ---------------------------------------------------------------------------------------------- writers
 
 def write_chatglm(cfg) -> dict[str, Any]:
-    """config.json of THUDM's chatglm (dense GLM v2 models only)."""
+    """config.json of THUDM's chatglm (ChatGLM-6B, dense GLM v2 models)."""
+    if cfg.position_encoding_2d:
+        return write_chatglm_v1(cfg)
     if cfg.is_moe or cfg.use_qk_norm or not cfg.rope_interleaved:
         raise ValueError("the THUDM chatglm format holds dense GLM v2 models only; save glm4_moe models as "
                          "format='transformers'")
@@ -370,6 +390,18 @@ def write_chatglm(cfg) -> dict[str, Any]:
         "pad_token_id": cfg.pad_token_id,
         "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0],
         "tie_word_embeddings": False,
+    }
+
+
+def write_chatglm_v1(cfg) -> dict[str, Any]:
+    """config.json of ChatGLM-6B (THUDM's keys)."""
+    return {
+        "model_type": "chatglm", "architectures": ["ChatGLMModel"], "_name_or_path": cfg.name or "glm_jax",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "inner_hidden_size": cfg.ffn_hidden_size,
+        "num_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads, "layernorm_epsilon": cfg.norm_eps,
+        "max_sequence_length": cfg.max_seq_len, "position_encoding_2d": True, "use_cache": True,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids[0], "mask_token_id": cfg.mask_token_id,
+        "gmask_token_id": cfg.gmask_token_id, "pad_token_id": cfg.pad_token_id, "torch_dtype": cfg.param_dtype,
     }
 
 

@@ -466,6 +466,13 @@ def _model_cfg(model):
     return getattr(model, "cfg", None)
 
 
+def check_decodable(cfg) -> None:
+    """ValueError for a model whose decoding with a cache is not built: ChatGLM-6B's 2D positions (issue 26)."""
+    if cfg is not None and getattr(cfg, "position_encoding_2d", False):
+        raise ValueError("position_encoding_2d (ChatGLM-6B): decoding with a cache is not built yet; "
+                         "GLMForCausalLM(cfg).apply(...) gives its logits (docs/glm-objective.md)")
+
+
 @dataclasses.dataclass
 class _Prepared:
     params: Any
@@ -511,6 +518,7 @@ def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, temper
              vocab_limit=None) -> _Prepared:
     ids, mask, squeeze = _as_batch(input_ids, attention_mask)
     cfg = _model_cfg(model)
+    check_decodable(cfg)
     check_sampling(max_new_tokens=max_new_tokens)
     max_new_tokens = int(max_new_tokens)
     vocab = cfg.vocab_size if cfg is not None else None

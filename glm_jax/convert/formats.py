@@ -39,6 +39,9 @@ class Entry:
     # torch layers that lack this tensor (the indexer of glm_moe_dsa's "shared" layers): our slice is zeros on load
     # and is not written on save
     absent: frozenset[int] = frozenset()
+    # > 0: the fused tensor's rows are grouped per head ([heads, 3, head_dim], ChatGLM-6B's query_key_value);
+    # `rows` then index the [3, heads, head_dim] order (`head_major_rows`)
+    heads: int = 0
 
     @property
     def per_layer(self) -> bool:
@@ -67,6 +70,8 @@ class Entry:
 
     def to_ours(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """One torch tensor (one layer's) -> our layout of `shape` (without the layer axis)."""
+        if self.heads:
+            w = head_major_rows(w, self.heads)
         if self.rows is not None:
             w = w[self.rows[0]:self.rows[1]]
         if self.kind == "linear":
@@ -110,10 +115,20 @@ class Entry:
         return tuple(shape)
 
 
+def head_major_rows(w: np.ndarray, heads: int, inverse: bool = False) -> np.ndarray:
+    """Rows [heads, 3, d] (ChatGLM-6B's fused query_key_value) <-> [3, heads, d] (q rows, then k, then v)."""
+    rest = w.shape[1:]
+    if inverse:
+        return w.reshape(3, heads, -1, *rest).swapaxes(0, 1).reshape(w.shape)
+    return w.reshape(heads, 3, -1, *rest).swapaxes(0, 1).reshape(w.shape)
+
+
 QUANTIZABLE = ("query_key_value", "self_attention.dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
 def thudm_entries(cfg: GLMConfig) -> list[Entry]:
+    if cfg.position_encoding_2d:
+        return chatglm_v1_entries(cfg)
     if cfg.sandwich_norm:
         raise ValueError("the THUDM chatglm format has no sandwich norms (glm4); use the transformers format")
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -139,6 +154,35 @@ def thudm_entries(cfg: GLMConfig) -> list[Entry]:
     ]
     if cfg.pre_seq_len:
         e.append(Entry(("model", "prefix"), "transformer.prefix_encoder.embedding.weight", "prefix"))
+    return e
+
+
+def chatglm_v1_entries(cfg: GLMConfig) -> list[Entry]:
+    """ChatGLM-6B's names (transformer.*): LayerNorms with biases, the per-head fused query_key_value, biased
+    output and MLP projections, a separate lm_head."""
+    d = cfg.num_heads * cfg.head_dim
+    layer = "transformer.layers.{i}."
+    e = [Entry(("model", "embed", "embedding"), "transformer.word_embeddings.weight")]
+    for ours, theirs in (("input_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm")):
+        e += [Entry(("model", "layers", ours, "scale"), layer + theirs + ".weight"),
+              Entry(("model", "layers", ours, "bias"), layer + theirs + ".bias")]
+    for k, name in enumerate(("query", "key", "value")):
+        rows = (k * d, (k + 1) * d)
+        e += [Entry(("model", "layers", "attention", name, "kernel"), layer + "attention.query_key_value.weight",
+                    "linear", 1, rows, heads=cfg.num_heads),
+              Entry(("model", "layers", "attention", name, "bias"), layer + "attention.query_key_value.bias", "bias",
+                    rows=rows, heads=cfg.num_heads)]
+    e += [
+        Entry(("model", "layers", "attention", "out", "kernel"), layer + "attention.dense.weight", "linear", 2),
+        Entry(("model", "layers", "attention", "out", "bias"), layer + "attention.dense.bias", "bias"),
+        Entry(("model", "layers", "mlp", "wi", "kernel"), layer + "mlp.dense_h_to_4h.weight", "linear"),
+        Entry(("model", "layers", "mlp", "wi", "bias"), layer + "mlp.dense_h_to_4h.bias", "bias"),
+        Entry(("model", "layers", "mlp", "wo", "kernel"), layer + "mlp.dense_4h_to_h.weight", "linear"),
+        Entry(("model", "layers", "mlp", "wo", "bias"), layer + "mlp.dense_4h_to_h.bias", "bias"),
+        Entry(("model", "final_norm", "scale"), "transformer.final_layernorm.weight"),
+        Entry(("model", "final_norm", "bias"), "transformer.final_layernorm.bias"),
+        Entry(("lm_head", "kernel"), "lm_head.weight", "linear"),
+    ]
     return e
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from glm_jax.config import GLMConfig, read_json_object
 from glm_jax.convert.formats import (ENTRIES, FUSED_EXPERTS, GLM5_NEXT_PREFIX, HEADS, IGNORED_TORCH_NAMES, MTP_SHARED,
-                                    QUANTIZABLE, Entry, fused_experts_entry, glm5_next_entries)
+                                    QUANTIZABLE, Entry, fused_experts_entry, glm5_next_entries, head_major_rows)
 from glm_jax.convert.quant import QUANTIZED_KERNELS, dequantize_kernel, dequantize_rows, quantize_kernel, quantize_rows
 from glm_jax.convert.tensors import CheckpointReader, write_safetensors
 from glm_jax.model import GLMForCausalLM, GLMForSequenceClassification, param_specs, stack_layers, unstack_layers
@@ -377,7 +377,9 @@ class _TensorWriter:
                 x = dequantize_kernel(x, scale, QUANTIZED_KERNELS[e.path[2:4]], lead=0)
             x = x[e.index(expert)]
             parts.append(e.to_torch(x.astype(np.dtype(e.dtype) if e.dtype else self.out_dtype)))
-        return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        whole = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        heads = self.by_name[key][0].heads
+        return head_major_rows(whole, heads, inverse=True) if heads else whole
 
     def tensors(self, bar):
         """All (name, tensor) pairs; `bar` (a tqdm) advances by one per layer."""

@@ -46,6 +46,7 @@ from flax import linen as nn
 
 from glm_jax.config import REMAT_POLICIES, GLMConfig
 from glm_jax.model.layers import MLP, Attention, Embed, Linear, MoE, RMSNorm, rotary_cos_sin
+from glm_jax.model.layers.norms import LayerNorm
 from glm_jax.model.layers import kv_cache as kv_cache_lib
 from glm_jax.model.layers.embeddings import positions_from_segments
 from glm_jax.model.layers.hyper import HyperConnection, merge as hc_merge
@@ -96,7 +97,7 @@ class DecoderBlock(nn.Module, kw_only=True):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
         def norm(name):
-            return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+            return make_norm(cfg, name)
 
         def hyper(name):
             return HyperConnection(hc_mult=cfg.hc_mult, sinkhorn_iters=cfg.hc_sinkhorn_iters, eps=cfg.hc_eps,
@@ -110,7 +111,10 @@ class DecoderBlock(nn.Module, kw_only=True):
         h, kv_cache, chosen = self.attention(attn_in, kv_cache, chosen, ctx, per_layer)
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)
-        x = hc_merge(post, comb, h, x) if cfg.hc_mult else x + h
+        if cfg.position_encoding_2d:  # ChatGLM-6B scales the normed input, not x (THUDM's GLMBlock)
+            x = attn_in * chatglm_v1_alpha(cfg) + h
+        else:
+            x = hc_merge(post, comb, h, x) if cfg.hc_mult else x + h
         if self.moe:
             ffn = MoE(hidden_size=cfg.hidden_size, intermediate_size=cfg.moe_intermediate_size,
                       num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
@@ -120,7 +124,8 @@ class DecoderBlock(nn.Module, kw_only=True):
                       name="mlp")
         else:
             ffn = MLP(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, swiglu_limit=cfg.swiglu_limit,
-                      dtype=dtype, param_dtype=param_dtype, quantization_bit=cfg.quantization_bit, name="mlp")
+                      dtype=dtype, param_dtype=param_dtype, quantization_bit=cfg.quantization_bit,
+                      gelu=cfg.position_encoding_2d, name="mlp")
         h_in = x
         if cfg.hc_mult:
             post, comb, h_in = hyper("ffn_hc")(x)
@@ -134,7 +139,10 @@ class DecoderBlock(nn.Module, kw_only=True):
             h = ffn(ffn_in)
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
-        x = hc_merge(post, comb, h, x) if cfg.hc_mult else x + h
+        if cfg.position_encoding_2d:
+            x = ffn_in * chatglm_v1_alpha(cfg) + h
+        else:
+            x = hc_merge(post, comb, h, x) if cfg.hc_mult else x + h
         record(self, "block_influence", lambda: block_influence(carry[0], x))
         return (nn.with_logical_constraint(x, STREAMS_AXES if cfg.hc_mult else BATCH_SEQ_EMBED), kv_cache,
                 *chosen), None
@@ -168,10 +176,43 @@ class DecoderBlock(nn.Module, kw_only=True):
             decode=self.decode, prefill=self.prefill, dtype=jnp.dtype(cfg.dtype),
             param_dtype=jnp.dtype(cfg.param_dtype), quantization_bit=cfg.quantization_bit,
             max_segments=cfg.max_segments, rope_interleaved=cfg.rope_interleaved, qk_norm=cfg.use_qk_norm,
-            norm_eps=cfg.norm_eps, name="attention")(
+            norm_eps=cfg.norm_eps, rotary_2d=cfg.position_encoding_2d, out_bias=cfg.position_encoding_2d,
+            name="attention")(
             x, ctx["cos"], ctx["sin"], ctx["q_segments"], ctx["kv_segments"], ctx["cache_index"], per_layer["prefix"],
-            kv_cache, per_layer["layer"])
+            kv_cache, per_layer["layer"], ctx.get("context_len"))
         return out, kv_cache, chosen
+
+
+def make_norm(cfg: GLMConfig, name: str):
+    """The model's normalisation: RMSNorm, or ChatGLM-6B's LayerNorm."""
+    kind = LayerNorm if cfg.position_encoding_2d else RMSNorm
+    return kind(eps=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name)
+
+
+def chatglm_v1_alpha(cfg: GLMConfig) -> float:
+    """ChatGLM-6B's residual scale, sqrt(2 * 28): THUDM's GLMBlock computes sqrt(2 * num_layers) from its own
+    `num_layers` argument, which ChatGLMModel never passes, so its default 28 holds for any depth."""
+    return (2 * 28) ** 0.5
+
+
+def glm_positions(cfg: GLMConfig, input_ids):
+    """ChatGLM-6B's positions from the ids (THUDM's get_position_ids / get_masks), per row: the context ends at
+    the first <sop> (bos_token_id; the whole row without one); tokens from there on take the position of the
+    first [gMASK], else the first [MASK], and block positions 1, 2, ...; the context before them is 0, 1, ...
+    with block position 0. Returns (position_ids, block_position_ids, context_len [batch])."""
+    batch, seq = input_ids.shape
+    idx = jnp.arange(seq, dtype=jnp.int32)[None]
+
+    def first(token):
+        hit = input_ids == token
+        return jnp.where(hit.any(-1), jnp.argmax(hit, -1), -1).astype(jnp.int32)
+
+    context_len = jnp.where(first(cfg.bos_token_id) >= 0, first(cfg.bos_token_id), seq)[:, None]
+    mask_at = jnp.where(first(cfg.gmask_token_id) >= 0, first(cfg.gmask_token_id), first(cfg.mask_token_id))[:, None]
+    generated = idx >= context_len
+    positions = jnp.where(generated, mask_at, idx)
+    blocks = jnp.where(generated, idx - context_len + 1, 0)
+    return positions, blocks, context_len[:, 0]
 
 
 def block_influence(x_in, x_out):
@@ -356,9 +397,19 @@ class GLMModel(nn.Module):
 
         embeds = Embed(vocab_size=cfg.vocab_size, features=cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                        name="embed")(input_ids)
-        cos, sin = rope_cos_sin(cfg, position_ids, dtype)
+        context_len = None
+        if cfg.position_encoding_2d:  # ChatGLM-6B: 2D positions and the bidirectional context from the ids
+            if decode:
+                raise NotImplementedError("position_encoding_2d (ChatGLM-6B): decoding with a cache is not built yet")
+            positions, blocks, context_len = glm_positions(cfg, input_ids)
+            position_ids = positions if position_ids is None else position_ids
+            tables = [rope_cos_sin(cfg, p, dtype) for p in (positions, blocks)]
+            cos, sin = (jnp.stack([t[i] for t in tables]) for i in (0, 1))
+        else:
+            cos, sin = rope_cos_sin(cfg, position_ids, dtype)
         ctx = {"cos": cos, "sin": sin, "positions": position_ids, "q_segments": q_segments,
-               "kv_segments": kv_segments, "cache_index": None if cache is None else cache["index"]}
+               "kv_segments": kv_segments, "cache_index": None if cache is None else cache["index"],
+               "context_len": context_len}
         kv_cache = None if cache is None else tuple(var.value for var in cache["kv"])
         if cfg.hc_mult:  # hyper-connections: every stream starts as the embedding (layers/hyper.py)
             embeds = jnp.broadcast_to(embeds[:, :, None], (batch, seq, cfg.hc_mult, embeds.shape[-1]))
@@ -374,7 +425,7 @@ class GLMModel(nn.Module):
         if decode and not self.is_initializing():
             for var, value in zip(cache["kv"], kv_cache):
                 var.value = value
-        return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+        return make_norm(cfg, "final_norm")(x)
 
     def decode_state(self, q_segments, position_ids, batch: int, seq: int, prefill: bool):
         """The decode cache's variables and this call's segments and positions. The key/value (or latent) buffers
@@ -528,6 +579,8 @@ class HybridUnit(nn.Module, kw_only=True):
 
 def rope_cos_sin(cfg: GLMConfig, position_ids, dtype):
     """cos, sin of the rotary embedding at `position_ids`, shared by every block."""
+    if cfg.position_encoding_2d:  # ChatGLM-6B: each half of a head is rotated over all its dims
+        return rotary_cos_sin(position_ids, cfg.head_dim // 2, cfg.rope_theta, 1.0, dtype, half_inv_freq=True)
     if cfg.rope_scaling:  # YaRN (MLA models only; docs/mla.md "Rope scaling")
         return yarn_cos_sin(position_ids, cfg.rope_scaling_params, cfg.rotary_dim, cfg.rope_theta, cfg.max_seq_len,
                             dtype)

@@ -70,9 +70,13 @@ def causal(q_len: int, kv_len: int, q_offset=0):
     return q_idx[:, :, None] >= jnp.arange(kv_len)[None, None, :]
 
 
-def make_mask(q_segments, kv_segments, q_len: int, kv_len: int, q_offset=0):
-    """Boolean [batch, q_len, kv_len]: causal by slot and same segment. Segments None means all one segment."""
+def make_mask(q_segments, kv_segments, q_len: int, kv_len: int, q_offset=0, context_len=None):
+    """Boolean [batch, q_len, kv_len]: causal by slot and same segment. Segments None means all one segment.
+    `context_len` [batch] (ChatGLM-6B): key slots before it are seen by every query too (GLM's bidirectional
+    context)."""
     mask = causal(q_len, kv_len, q_offset)
+    if context_len is not None:
+        mask = mask | (jnp.arange(kv_len)[None, None, :] < jnp.reshape(context_len, (-1, 1, 1)))
     if q_segments is not None:
         mask = mask & (q_segments[:, :, None] == kv_segments[:, None, :])
     return mask
@@ -192,13 +196,19 @@ def sharded_splash_attention(q, k, v, q_segments, kv_segments, interpret: bool =
 
 
 def dot_product_attention(q, k, v, q_segments=None, kv_segments=None, q_offset=0, impl: str = "xla",
-                          prefix=None, max_segments: int = 0):
+                          prefix=None, max_segments: int = 0, context_len=None):
     """Dispatches to the configured kernel. `q_offset` is the query's first slot in the key sequence (decode).
 
     `prefix` [2, P, kv_heads, head_dim]: P-tuning v2 keys/values placed before the sequence, visible to every
-    query (xla kernel only: prefix tuning is a fine-tuning mode, not the fast path).
+    query (xla kernel only: prefix tuning is a fine-tuning mode, not the fast path). `context_len` [batch]:
+    ChatGLM-6B's bidirectional context (`make_mask`; xla kernel only).
     """
     impl = resolve_impl(impl, q.dtype)
+    if context_len is not None:
+        if impl != "xla":
+            _warn_once(f"attention_impl={impl!r} has no bidirectional-context mask (ChatGLM-6B): using xla")
+        return xla_attention(q, k, v, make_mask(q_segments, kv_segments, q.shape[1], k.shape[1], q_offset,
+                                                context_len))
     if prefix is not None:
         if impl != "xla":
             _warn_once(f"attention_impl={impl!r} has no P-tuning prefix support: using xla")
@@ -244,10 +254,12 @@ class Attention(nn.Module, kw_only=True):
     rope_interleaved: bool = True  # GLMConfig.rope_interleaved: GLM's pairs (2i, 2i+1), else split-half (NeoX)
     qk_norm: bool = False  # GLMConfig.use_qk_norm: RMSNorm over head_dim on each query / key head before rotary
     norm_eps: float = 1e-5
+    rotary_2d: bool = False  # ChatGLM-6B: cos/sin [2, ...]: head halves rotated by position / block position
+    out_bias: bool = False  # ChatGLM-6B: a bias on the output projection
 
     @nn.compact
     def __call__(self, x, cos, sin, q_segments=None, kv_segments=None, cache_index=None, prefix=None, kv_cache=None,
-                 layer=None):
+                 layer=None, context_len=None):
         """Returns (output, kv_cache). Decoding, `kv_cache` is (keys, values) of ALL layers [L, batch, max_len,
         kv_heads, head_dim] and `layer` this block's index: the new keys/values are written in place, so the
         layer scan carries one cache buffer instead of re-stacking a copy of it every step."""
@@ -260,8 +272,7 @@ class Attention(nn.Module, kw_only=True):
         if self.qk_norm:
             q = RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="query_norm")(q)
             k = RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="key_norm")(k)
-        q = apply_rotary(q, cos, sin, self.rope_interleaved)
-        k = apply_rotary(k, cos, sin, self.rope_interleaved)
+        q, k = (self.rotate(t, cos, sin) for t in (q, k))
         v = proj(self.num_kv_heads, "kv_heads", "value")
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
 
@@ -273,9 +284,18 @@ class Attention(nn.Module, kw_only=True):
                 q_offset = kv_cache_lib.query_offset(cache_index)
 
         out = dot_product_attention(q, k, v, q_segments, kv_segments, q_offset, self.attention_impl, prefix,
-                                    self.max_segments)
+                                    self.max_segments, context_len)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         record(self, "head_norms", lambda: sum_squares(out, keep_last=2).sum(-1))  # [heads]: output energy per head
         out = Linear(features=(self.hidden_size,), kernel_axes=("q_heads", "head_dim", "embed"), n_in=2, dtype=self.dtype,
-                     param_dtype=self.param_dtype, quantization_bit=self.quantization_bit, name="out")(out)
+                     param_dtype=self.param_dtype, quantization_bit=self.quantization_bit, use_bias=self.out_bias,
+                     bias_axes=("embed",), name="out")(out)
         return out, kv_cache
+
+    def rotate(self, t, cos, sin):
+        """The rotary embedding of queries or keys [B, S, heads, head_dim]."""
+        if not self.rotary_2d:
+            return apply_rotary(t, cos, sin, self.rope_interleaved)
+        half = t.shape[-1] // 2
+        return jnp.concatenate([apply_rotary(t[..., :half], cos[0], sin[0], False),
+                                apply_rotary(t[..., half:], cos[1], sin[1], False)], axis=-1)

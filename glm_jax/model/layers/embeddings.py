@@ -44,12 +44,16 @@ class Embed(nn.Module, kw_only=True):
         return nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_embed"))
 
 
-def rotary_cos_sin(positions, rotary_dim: int, theta: float, position_divisor: float, dtype):
+def rotary_cos_sin(positions, rotary_dim: int, theta: float, position_divisor: float, dtype,
+                   half_inv_freq: bool = False):
     """cos/sin tables [batch, seq, rotary_dim // 2] for integer `positions` [batch, seq].
 
-    Computed in fp32, then rounded to the activation dtype as the original code does.
+    Computed in fp32, then rounded to the activation dtype as the original code does. `half_inv_freq`: the
+    frequencies rounded through float16 first, as ChatGLM-6B's code stores them.
     """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    if half_inv_freq:
+        inv_freq = inv_freq.astype(jnp.float16).astype(jnp.float32)
     angles = (positions.astype(jnp.float32) / position_divisor)[..., None] * inv_freq
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 

@@ -23,9 +23,17 @@ class MLP(nn.Module, kw_only=True):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     quantization_bit: int = 0
+    gelu: bool = False  # ChatGLM-6B: wo(gelu_tanh(wi(x))), both with biases, wi [embed, mlp]
 
     @nn.compact
     def __call__(self, x):
+        if self.gelu:
+            h = Linear(features=(self.ffn_hidden_size,), kernel_axes=("embed", "mlp"), use_bias=True,
+                       bias_axes=("mlp",), dtype=self.dtype, param_dtype=self.param_dtype, name="wi")(x)
+            h = nn.gelu(h, approximate=True)
+            record(self, "mlp_channels", lambda: sum_squares(h))
+            return Linear(features=(self.hidden_size,), kernel_axes=("mlp", "embed"), use_bias=True,
+                          bias_axes=("embed",), dtype=self.dtype, param_dtype=self.param_dtype, name="wo")(h)
         gate_up = Linear(features=(2, self.ffn_hidden_size), kernel_axes=("embed", None, "mlp"), dtype=self.dtype,
                          param_dtype=self.param_dtype,
                          quantization_bit=self.quantization_bit, name="wi")(x)
