@@ -252,17 +252,28 @@ def test_a_thudm_checkpoint_loads_with_thudms_logits_and_saves_back(tmp_path):
     assert {k: saved.get(k) for k in config} == config
 
 
-def test_decoding_a_2d_position_model_is_refused_in_one_line():
-    """Until decoding with 2D positions is built, generate and the serving engine say so instead of failing inside
-    the model."""
+def test_greedy_decoding_with_the_cache_equals_thudms_forward_token_by_token():
+    """glm_jax.generate on a ChatGLM-6B model (prefill of `... [gMASK] <sop>`, then one token a step from the
+    cache, each at the mask's position and the next block position) picks THUDM's greedy tokens: those of its
+    model run on the whole sequence at every step (the positions its cached generation also gives). The paged
+    serving engine and left-padded batches are refused in one line for now."""
     import jax
 
     from glm_jax import Engine, GLMForCausalLM, generate, init_params
 
     cfg = v1_config()
     model = GLMForCausalLM(cfg)
-    params = init_params(model, jax.random.key(0))
-    for call in (lambda: generate(model, params, np.asarray([5, 6, 253, 250], np.int32), max_new_tokens=2),
-                 lambda: Engine(model, params)):
-        with pytest.raises(ValueError, match=r"^position_encoding_2d \(ChatGLM-6B\): decoding with a cache is not "):
-            call()
+    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(5), x.shape),
+                          init_params(model, jax.random.key(4)))  # larger weights: a varied greedy path
+    prompt = [7, 8, 9, 10, 253, 250]
+    ours = generate(model, params, np.asarray(prompt, np.int32), max_new_tokens=8, temperature=0.0,
+                    stop_ids=())[len(prompt):].tolist()
+    ids = list(prompt)
+    for _ in range(8):
+        ids.append(int(thudm_logits(cfg, params, [ids])[0, -1].argmax()))
+    assert ours == ids[len(prompt):] and len(set(ours)) > 1, (ours, ids)
+    with pytest.raises(ValueError, match=r"^position_encoding_2d \(ChatGLM-6B\): the serving engine's paged cache"):
+        Engine(model, params)
+    with pytest.raises(ValueError, match=r"^position_encoding_2d \(ChatGLM-6B\): left-padded batches"):
+        generate(model, params, np.asarray([[0, 7, 253, 250], [7, 8, 253, 250]], np.int32),
+                 attention_mask=np.asarray([[0, 1, 1, 1], [1, 1, 1, 1]]), max_new_tokens=2)

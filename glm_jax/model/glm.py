@@ -199,7 +199,7 @@ def glm_positions(cfg: GLMConfig, input_ids):
     """ChatGLM-6B's positions from the ids (THUDM's get_position_ids / get_masks), per row: the context ends at
     the first <sop> (bos_token_id; the whole row without one); tokens from there on take the position of the
     first [gMASK], else the first [MASK], and block positions 1, 2, ...; the context before them is 0, 1, ...
-    with block position 0. Returns (position_ids, block_position_ids, context_len [batch])."""
+    with block position 0. Returns (position_ids, block_position_ids, context_len [batch], mask position [batch])."""
     batch, seq = input_ids.shape
     idx = jnp.arange(seq, dtype=jnp.int32)[None]
 
@@ -212,7 +212,7 @@ def glm_positions(cfg: GLMConfig, input_ids):
     generated = idx >= context_len
     positions = jnp.where(generated, mask_at, idx)
     blocks = jnp.where(generated, idx - context_len + 1, 0)
-    return positions, blocks, context_len[:, 0]
+    return positions, blocks, context_len[:, 0], mask_at[:, 0]
 
 
 def block_influence(x_in, x_out):
@@ -399,10 +399,11 @@ class GLMModel(nn.Module):
                        name="embed")(input_ids)
         context_len = None
         if cfg.position_encoding_2d:  # ChatGLM-6B: 2D positions and the bidirectional context from the ids
-            if decode:
-                raise NotImplementedError("position_encoding_2d (ChatGLM-6B): decoding with a cache is not built yet")
-            positions, blocks, context_len = glm_positions(cfg, input_ids)
-            position_ids = positions if position_ids is None else position_ids
+            if paged is not None:
+                raise NotImplementedError("position_encoding_2d (ChatGLM-6B): the paged cache is not built yet")
+            positions, blocks, context_len = (self.glm_decode_positions(input_ids, cache["index"], prefill) if decode
+                                              else glm_positions(cfg, input_ids)[:3])
+            position_ids = positions
             tables = [rope_cos_sin(cfg, p, dtype) for p in (positions, blocks)]
             cos, sin = (jnp.stack([t[i] for t in tables]) for i in (0, 1))
         else:
@@ -451,6 +452,23 @@ class GLMModel(nn.Module):
         # A prefill (empty cache) attends within its own tokens; later calls attend over every slot.
         kv_segments = q_segments if prefill else all_segments
         return {"kv": kv_vars, "index": cache_index}, q_segments, kv_segments, position_ids
+
+    def glm_decode_positions(self, input_ids, cache_index, prefill: bool):
+        """ChatGLM-6B's positions while decoding (rows without left padding): the prefill finds the context end
+        and the mask in the prompt (`glm_positions`) and keeps them in the cache; later tokens at slot t take
+        the mask's position and block position t - context end + 1, as the whole sequence would give them. The
+        bidirectional context matters within the prompt only (later tokens see it causally)."""
+        batch, seq = input_ids.shape
+        context = self.variable("cache", "context_len", jnp.zeros, (batch,), jnp.int32)
+        mask_at = self.variable("cache", "mask_position", jnp.zeros, (batch,), jnp.int32)
+        if prefill:
+            positions, blocks, context_len, mask_position = glm_positions(self.cfg, input_ids)
+            if not self.is_initializing():
+                context.value, mask_at.value = context_len, mask_position
+            return positions, blocks, context_len
+        t = cache_index + jnp.arange(seq, dtype=jnp.int32)[None]
+        ctx, at = context.value[:, None], mask_at.value[:, None]
+        return jnp.where(t >= ctx, at, t), jnp.where(t >= ctx, t - ctx + 1, 0), None
 
     def paged_state(self, paged: PagedIndex, seq: int):
         """`decode_state` for the paged layout (layers/kv_cache.py): the pool buffers [L, num_pages, page_size, ...]
