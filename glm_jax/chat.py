@@ -96,6 +96,9 @@ class ChatSession:
                             f"{type(tokenizer).__name__}")
         self.stop_ids = tuple(dict.fromkeys([*tokenizer.stop_ids, *(sampling.stop_token_ids if sampling else ())]))
         self.model, self.params, self.tokenizer = model, params, tokenizer
+        # ChatGLM-6B's turns are not extensions of each other ([Round n] prompts re-read the whole history, the
+        # first turn has none) and its positions hang on the prompt's <sop>: every turn runs its whole prompt
+        reuse_cache = reuse_cache and not getattr(getattr(model, "cfg", None), "position_encoding_2d", False)
         self.conversation = _generate.ConversationCache() if reuse_cache else None
         check_tools(tools)
         self.system = system

@@ -277,3 +277,33 @@ def test_greedy_decoding_with_the_cache_equals_thudms_forward_token_by_token():
     with pytest.raises(ValueError, match=r"^position_encoding_2d \(ChatGLM-6B\): left-padded batches"):
         generate(model, params, np.asarray([[0, 7, 253, 250], [7, 8, 253, 250]], np.int32),
                  attention_mask=np.asarray([[0, 1, 1, 1], [1, 1, 1, 1]]), max_new_tokens=2)
+
+
+def test_a_chat_session_with_a_chatglm_6b_checkpoint(ice_text, tmp_path):
+    """A ChatGLM-6B checkpoint with its ice_text.model: the chat CLI's loading picks the tokenizer, the session
+    prompts in THUDM's [Round i] format (every turn its whole prompt: no cache reuse), decodes until <eop> and
+    keeps the history."""
+    import jax
+
+    from glm_jax import GLMForCausalLM, init_params, save_hf
+    from glm_jax.chat import ChatSession
+    from glm_jax.checkpoints import default_tokenizer, load_checkpoint, tokenizer_or_shipped
+
+    tok = ChatGLM6BTokenizer(ice_text, 0)
+    special = tok.special_tokens
+    cfg = v1_config(vocab_size=tok.vocab_size, mask_token_id=special["[MASK]"], gmask_token_id=special["[gMASK]"],
+                    bos_token_id=special["<sop>"], eos_token_ids=(special["<eop>"],), max_seq_len=256)
+    ckpt = save_hf(cfg, init_params(GLMForCausalLM(cfg), jax.random.key(0)), tmp_path / "chatglm-6b", format="thudm")
+    (ckpt / "ice_text.model").write_bytes(ice_text.read_bytes())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"num_image_tokens": 0}))
+    loaded_tok = tokenizer_or_shipped(default_tokenizer(ckpt))
+    assert isinstance(loaded_tok, ChatGLM6BTokenizer)
+    cfg2, params = load_checkpoint(ckpt)
+    session = ChatSession(GLMForCausalLM(cfg2), params, loaded_tok, max_new_tokens=6, temperature=0.0)
+    assert session.conversation is None
+    first = session.send("你好")
+    assert session.last_prompt == loaded_tok.encode("你好") and isinstance(first["content"], str)
+    session.send("再说一遍")
+    answer = session.history[1]["content"]  # as THUDM's history keeps it: after process_response
+    assert session.last_prompt == loaded_tok.encode(f"[Round 0]\n问：你好\n答：{answer}\n[Round 1]\n问：再说一遍\n答：")
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
