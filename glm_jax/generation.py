@@ -466,17 +466,11 @@ def _model_cfg(model):
     return getattr(model, "cfg", None)
 
 
-def check_decodable(cfg, mask=None) -> None:
-    """ValueError where decoding ChatGLM-6B's 2D positions is not built: left-padded batches, the paged engine
-    (mask None)."""
-    if cfg is None or not getattr(cfg, "position_encoding_2d", False):
-        return
-    if mask is None:
+def check_decodable(cfg) -> None:
+    """ValueError for the serving engine's paged cache on ChatGLM-6B's 2D positions (not built yet)."""
+    if cfg is not None and getattr(cfg, "position_encoding_2d", False):
         raise ValueError("position_encoding_2d (ChatGLM-6B): the serving engine's paged cache is not built yet; "
                          "glm_jax.generate decodes it (docs/glm-objective.md)")
-    if not np.asarray(mask).all():
-        raise ValueError("position_encoding_2d (ChatGLM-6B): left-padded batches are not built yet; generate one "
-                         "prompt at a time or prompts of one length")
 
 
 @dataclasses.dataclass
@@ -524,7 +518,6 @@ def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, temper
              vocab_limit=None) -> _Prepared:
     ids, mask, squeeze = _as_batch(input_ids, attention_mask)
     cfg = _model_cfg(model)
-    check_decodable(cfg, mask)
     check_sampling(max_new_tokens=max_new_tokens)
     max_new_tokens = int(max_new_tokens)
     vocab = cfg.vocab_size if cfg is not None else None

@@ -256,7 +256,7 @@ def test_greedy_decoding_with_the_cache_equals_thudms_forward_token_by_token():
     """glm_jax.generate on a ChatGLM-6B model (prefill of `... [gMASK] <sop>`, then one token a step from the
     cache, each at the mask's position and the next block position) picks THUDM's greedy tokens: those of its
     model run on the whole sequence at every step (the positions its cached generation also gives). The paged
-    serving engine and left-padded batches are refused in one line for now."""
+    serving engine is refused in one line for now; a left-padded batch decodes each row as alone."""
     import jax
 
     from glm_jax import Engine, GLMForCausalLM, generate, init_params
@@ -274,9 +274,33 @@ def test_greedy_decoding_with_the_cache_equals_thudms_forward_token_by_token():
     assert ours == ids[len(prompt):] and len(set(ours)) > 1, (ours, ids)
     with pytest.raises(ValueError, match=r"^position_encoding_2d \(ChatGLM-6B\): the serving engine's paged cache"):
         Engine(model, params)
-    with pytest.raises(ValueError, match=r"^position_encoding_2d \(ChatGLM-6B\): left-padded batches"):
-        generate(model, params, np.asarray([[0, 7, 253, 250], [7, 8, 253, 250]], np.int32),
-                 attention_mask=np.asarray([[0, 1, 1, 1], [1, 1, 1, 1]]), max_new_tokens=2)
+    # a left-padded batch decodes each row as it decodes alone
+    short = [7, 253, 250]
+    batch = np.asarray([prompt, [0] * (len(prompt) - len(short)) + short], np.int32)
+    mask = (np.arange(len(prompt))[None] >= np.asarray([[0], [len(prompt) - len(short)]])).astype(np.int32)
+    both = generate(model, params, batch, attention_mask=mask, max_new_tokens=8, temperature=0.0, stop_ids=())
+    alone = generate(model, params, np.asarray(short, np.int32), max_new_tokens=8, temperature=0.0, stop_ids=())
+    assert both[0, len(prompt):].tolist() == ours and both[1, len(prompt):].tolist() == alone[len(short):].tolist()
+
+
+def test_a_left_padded_batch_gives_each_rows_thudm_logits():
+    """Rows of different lengths left-padded (attention_mask 0 on the pads): positions count from each row's first
+    token, as THUDM's tokenizer pads them, so every real position's logits equal THUDM's for the row alone."""
+    import jax
+
+    from glm_jax import GLMForCausalLM, init_params
+
+    cfg = v1_config()
+    model = GLMForCausalLM(cfg)
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                          init_params(model, jax.random.key(0)))
+    rows = [[5, 6, 7, 8, 253, 250, 9, 10, 11], [5, 253, 250, 9], [6, 252, 7, 250, 8, 9]]
+    width = max(map(len, rows))
+    ids = np.asarray([[0] * (width - len(r)) + r for r in rows], np.int32)
+    mask = np.asarray([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int32)
+    ours = np.asarray(model.apply({"params": params}, ids, attention_mask=mask))
+    for i, r in enumerate(rows):
+        np.testing.assert_allclose(ours[i, width - len(r):], thudm_logits(cfg, params, [r])[0], atol=5e-6, rtol=0)
 
 
 def test_a_chat_session_with_a_chatglm_6b_checkpoint(ice_text, tmp_path):

@@ -195,13 +195,16 @@ def chatglm_v1_alpha(cfg: GLMConfig) -> float:
     return (2 * 28) ** 0.5
 
 
-def glm_positions(cfg: GLMConfig, input_ids):
+def glm_positions(cfg: GLMConfig, input_ids, segments=None):
     """ChatGLM-6B's positions from the ids (THUDM's get_position_ids / get_masks), per row: the context ends at
     the first <sop> (bos_token_id; the whole row without one); tokens from there on take the position of the
     first [gMASK], else the first [MASK], and block positions 1, 2, ...; the context before them is 0, 1, ...
-    with block position 0. Returns (position_ids, block_position_ids, context_len [batch], mask position [batch])."""
+    with block position 0. Left padding (segment id 0 before the row's first token) is not counted, as THUDM's
+    tokenizer pads the positions of the unpadded row. Returns (position_ids, block_position_ids, context_len
+    [batch] (a slot index), mask position [batch])."""
     batch, seq = input_ids.shape
     idx = jnp.arange(seq, dtype=jnp.int32)[None]
+    start = jnp.zeros((batch, 1), jnp.int32) if segments is None else jnp.argmax(segments > 0, -1)[:, None]
 
     def first(token):
         hit = input_ids == token
@@ -210,7 +213,8 @@ def glm_positions(cfg: GLMConfig, input_ids):
     context_len = jnp.where(first(cfg.bos_token_id) >= 0, first(cfg.bos_token_id), seq)[:, None]
     mask_at = jnp.where(first(cfg.gmask_token_id) >= 0, first(cfg.gmask_token_id), first(cfg.mask_token_id))[:, None]
     generated = idx >= context_len
-    positions = jnp.where(generated, mask_at, idx)
+    mask_at = mask_at - start
+    positions = jnp.maximum(jnp.where(generated, mask_at, idx - start), 0)
     blocks = jnp.where(generated, idx - context_len + 1, 0)
     return positions, blocks, context_len[:, 0], mask_at[:, 0]
 
@@ -401,8 +405,9 @@ class GLMModel(nn.Module):
         if cfg.position_encoding_2d:  # ChatGLM-6B: 2D positions and the bidirectional context from the ids
             if paged is not None:
                 raise NotImplementedError("position_encoding_2d (ChatGLM-6B): the paged cache is not built yet")
-            positions, blocks, context_len = (self.glm_decode_positions(input_ids, cache["index"], prefill) if decode
-                                              else glm_positions(cfg, input_ids)[:3])
+            positions, blocks, context_len = (
+                self.glm_decode_positions(input_ids, q_segments, cache["index"], prefill) if decode
+                else glm_positions(cfg, input_ids, q_segments)[:3])
             position_ids = positions
             tables = [rope_cos_sin(cfg, p, dtype) for p in (positions, blocks)]
             cos, sin = (jnp.stack([t[i] for t in tables]) for i in (0, 1))
@@ -453,16 +458,16 @@ class GLMModel(nn.Module):
         kv_segments = q_segments if prefill else all_segments
         return {"kv": kv_vars, "index": cache_index}, q_segments, kv_segments, position_ids
 
-    def glm_decode_positions(self, input_ids, cache_index, prefill: bool):
-        """ChatGLM-6B's positions while decoding (rows without left padding): the prefill finds the context end
-        and the mask in the prompt (`glm_positions`) and keeps them in the cache; later tokens at slot t take
-        the mask's position and block position t - context end + 1, as the whole sequence would give them. The
+    def glm_decode_positions(self, input_ids, q_segments, cache_index, prefill: bool):
+        """ChatGLM-6B's positions while decoding: the prefill finds the context end and the mask in the prompt
+        (`glm_positions`, left padding not counted) and keeps them in the cache; later tokens at slot t take the
+        mask's position and block position t - context end + 1, as the whole sequence would give them. The
         bidirectional context matters within the prompt only (later tokens see it causally)."""
         batch, seq = input_ids.shape
         context = self.variable("cache", "context_len", jnp.zeros, (batch,), jnp.int32)
         mask_at = self.variable("cache", "mask_position", jnp.zeros, (batch,), jnp.int32)
         if prefill:
-            positions, blocks, context_len, mask_position = glm_positions(self.cfg, input_ids)
+            positions, blocks, context_len, mask_position = glm_positions(self.cfg, input_ids, q_segments)
             if not self.is_initializing():
                 context.value, mask_at.value = context_len, mask_position
             return positions, blocks, context_len
