@@ -33,29 +33,9 @@ from glm_jax.model.layers import kv_cache as kv_cache_lib
 from glm_jax.model.layers.attention import causal
 from glm_jax.model.layers.embeddings import apply_rotary, positions_from_segments
 from glm_jax.model.layers.linear import Linear
+from glm_jax.model.layers.norms import LayerNorm
 
 NEG = float(jnp.finfo(jnp.float32).min)  # masked score: finite, so a row with nothing visible stays finite
-
-
-class LayerNorm(nn.Module, kw_only=True):
-    """LayerNorm with scale and bias over the last axis (the indexer's k_norm; torch.nn.LayerNorm), in fp32."""
-
-    eps: float = 1e-6
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        shape = (x.shape[-1],)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), shape,
-                           self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), shape,
-                          self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
 class Indexer(nn.Module, kw_only=True):

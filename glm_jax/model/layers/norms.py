@@ -21,7 +21,8 @@ class RMSNorm(nn.Module, kw_only=True):
 
 
 class LayerNorm(nn.Module, kw_only=True):
-    """ChatGLM-6B's LayerNorm: mean and variance in fp32, scale and bias (parameters "scale", "bias")."""
+    """LayerNorm with scale and bias over the last axis (torch.nn.LayerNorm), statistics in fp32: ChatGLM-6B's
+    norms and the DSA indexer's k_norm."""
 
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
