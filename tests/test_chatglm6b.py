@@ -331,3 +331,48 @@ def test_a_chat_session_with_a_chatglm_6b_checkpoint(ice_text, tmp_path):
     answer = session.history[1]["content"]  # as THUDM's history keeps it: after process_response
     assert session.last_prompt == loaded_tok.encode(f"[Round 0]\n问：你好\n答：{answer}\n[Round 1]\n问：再说一遍\n答：")
     assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+
+
+def test_packed_blank_infilling_rows_give_thudms_logits_per_example():
+    """Blank-infilling examples (several spans, [MASK] / [sMASK] / [gMASK]) packed into rows
+    (train/blank_infilling.py `pack`) and run with their position ids, block position ids, segment ids and Part A
+    ends: each example's logits equal THUDM's model given that example's own 2D positions and GLM mask."""
+    import jax
+
+    from glm_jax import GLMForCausalLM, init_params
+    from glm_jax.train.blank_infilling import SpecialIds, blank_infilling, choose_kind, pack
+
+    cfg = v1_config()
+    model = GLMForCausalLM(cfg)
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                          init_params(model, jax.random.key(0)))
+    special = SpecialIds(mask=252, gmask=253, smask=254, sop=250, eop=251)
+    rng = np.random.default_rng(0)
+    examples = [blank_infilling(rng.integers(10, 200, int(rng.integers(8, 30))).tolist(), rng, special=special,
+                                kind=choose_kind(rng), sentence_ends={15}) for _ in range(6)]
+    rows = pack(examples, 96)
+    logits = np.asarray(model.apply({"params": params}, rows["input_ids"], position_ids=rows["position_ids"],
+                                    segment_ids=rows["segment_ids"], block_position_ids=rows["block_position_ids"],
+                                    context_ends=rows["prefix_end"]))
+    conf, modeling = thudm_chatglm6b.load("configuration"), thudm_chatglm6b.load("text_generation")
+    theirs = modeling.ChatGLMModel(conf.ChatGLMConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, inner_hidden_size=cfg.ffn_hidden_size, max_sequence_length=128,
+        bos_token_id=250, eos_token_id=251, mask_token_id=252, gmask_token_id=253, pad_token_id=0,
+        position_encoding_2d=True)).float()
+    theirs.load_state_dict(to_thudm_v1(cfg, params), strict=False)
+    head = torch.from_numpy(np.asarray(params["lm_head"]["kernel"], np.float32))
+    checked = 0
+    for r in range(len(rows["input_ids"])):
+        for s in range(1, rows["segment_ids"][r].max() + 1):
+            at = rows["segment_ids"][r] == s
+            ex = [e for e in examples if len(e.input_ids) == at.sum() and
+                  (e.input_ids == rows["input_ids"][r][at]).all()][0]
+            positions = torch.as_tensor(np.stack([ex.position_ids, ex.block_position_ids])[None].astype(np.int64))
+            masked = torch.as_tensor(~ex.attention_mask()[None, None])  # THUDM's mask: True = not seen
+            with torch.no_grad():
+                hidden = theirs.eval()(input_ids=torch.as_tensor(ex.input_ids[None].astype(np.int64)),
+                                       position_ids=positions, attention_mask=masked).last_hidden_state
+            np.testing.assert_allclose(logits[r][at], (hidden.transpose(0, 1) @ head).numpy()[0], atol=5e-6, rtol=0)
+            checked += 1
+    assert checked == len(examples)

@@ -381,7 +381,8 @@ class GLMModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, decode: bool = False,
-                 prefill: bool = False, paged: PagedIndex | None = None):
+                 prefill: bool = False, paged: PagedIndex | None = None, block_position_ids=None,
+                 context_ends=None):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         batch, seq = input_ids.shape
@@ -405,9 +406,14 @@ class GLMModel(nn.Module):
         if cfg.position_encoding_2d:  # ChatGLM-6B: 2D positions and the bidirectional context from the ids
             if paged is not None:
                 raise NotImplementedError("position_encoding_2d (ChatGLM-6B): the paged cache is not built yet")
-            positions, blocks, context_len = (
-                self.glm_decode_positions(input_ids, q_segments, cache["index"], prefill) if decode
-                else glm_positions(cfg, input_ids, q_segments)[:3])
+            if block_position_ids is not None:  # given whole (packed blank-infilling rows: train/blank_infilling.py)
+                if position_ids is None or context_ends is None or decode:
+                    raise ValueError("block_position_ids: give position_ids and context_ends with them (no decode)")
+                positions, blocks, context_len = position_ids, block_position_ids, context_ends
+            else:
+                positions, blocks, context_len = (
+                    self.glm_decode_positions(input_ids, q_segments, cache["index"], prefill) if decode
+                    else glm_positions(cfg, input_ids, q_segments)[:3])
             position_ids = positions
             tables = [rope_cos_sin(cfg, p, dtype) for p in (positions, blocks)]
             cos, sin = (jnp.stack([t[i] for t in tables]) for i in (0, 1))
@@ -635,7 +641,10 @@ class GLMForCausalLM(nn.Module):
     cache may pass `prefill=True` (the prompt then attends within itself, with the flash kernels, instead of
     against every cache slot) and `last_logits_only=True` (logits of the last position only: [batch, 1, vocab]).
     Paged decoding (the serving engine): `paged=PagedIndex(...)` with a pool from `init_paged_cache` as the
-    "cache" collection and left-padded rows (layers/kv_cache.py).
+    "cache" collection and left-padded rows (layers/kv_cache.py). ChatGLM-6B (`position_encoding_2d`) derives its
+    2D positions from the ids, or takes them whole for packed blank-infilling rows: `position_ids`,
+    `block_position_ids` and `context_ends` (each token's Part A end) with `segment_ids` (train/blank_infilling.py
+    `pack`).
     """
 
     cfg: GLMConfig
@@ -643,9 +652,9 @@ class GLMForCausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, decode: bool = False,
                  return_hidden: bool = False, prefill: bool = False, last_logits_only: bool = False,
-                 paged: PagedIndex | None = None):
+                 paged: PagedIndex | None = None, block_position_ids=None, context_ends=None):
         hidden = GLMModel(self.cfg, name="model")(input_ids, position_ids, attention_mask, segment_ids, decode,
-                                                  prefill, paged)
+                                                  prefill, paged, block_position_ids, context_ends)
         if return_hidden:  # for losses that chunk the vocabulary projection themselves
             return hidden
         if last_logits_only:

@@ -72,11 +72,12 @@ def causal(q_len: int, kv_len: int, q_offset=0):
 
 def make_mask(q_segments, kv_segments, q_len: int, kv_len: int, q_offset=0, context_len=None):
     """Boolean [batch, q_len, kv_len]: causal by slot and same segment. Segments None means all one segment.
-    `context_len` [batch] (ChatGLM-6B): key slots before it are seen by every query too (GLM's bidirectional
-    context)."""
+    `context_len` [batch], or [batch, q_len] per query (packed rows; ChatGLM-6B): key slots before it are seen by
+    the query too (GLM's bidirectional context)."""
     mask = causal(q_len, kv_len, q_offset)
     if context_len is not None:
-        mask = mask | (jnp.arange(kv_len)[None, None, :] < jnp.reshape(context_len, (-1, 1, 1)))
+        ends = context_len[:, None, None] if jnp.ndim(context_len) == 1 else context_len[:, :, None]
+        mask = mask | (jnp.arange(kv_len)[None, None, :] < ends)
     if q_segments is not None:
         mask = mask & (q_segments[:, :, None] == kv_segments[:, None, :])
     return mask
