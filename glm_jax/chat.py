@@ -453,8 +453,10 @@ def _cli_knowledge(args):
         index = knowledge.KnowledgeIndex.load(args.knowledge)
     except (OSError, ValueError) as e:
         raise _CliError(f"--knowledge: {e}") from None
-    if args.knowledge_mode in ("dense", "hybrid") and index.vectors is None:
-        raise _CliError(f"--knowledge-mode: {args.knowledge} has no embeddings (build it with --embedding-model)")
+    try:
+        index.check_mode(args.knowledge_mode or "bm25")
+    except ValueError as e:
+        raise _CliError(f"--knowledge-mode: {args.knowledge}: {e}") from None
     return index
 
 

@@ -466,13 +466,6 @@ def _model_cfg(model):
     return getattr(model, "cfg", None)
 
 
-def check_decodable(cfg) -> None:
-    """ValueError for the serving engine's paged cache on ChatGLM-6B's 2D positions (not built yet)."""
-    if cfg is not None and getattr(cfg, "position_encoding_2d", False):
-        raise ValueError("position_encoding_2d (ChatGLM-6B): the serving engine's paged cache is not built yet; "
-                         "glm_jax.generate decodes it (docs/glm-objective.md)")
-
-
 @dataclasses.dataclass
 class _Prepared:
     params: Any

@@ -95,8 +95,7 @@ def run(args) -> int:
         print(f"indexed {len(passages)} passages from {args.docs} into {out}")
         return 0
     if args.command == "pairs":
-        if Path(args.out).exists():
-            raise ValueError(f"--out: {args.out} exists; choose a new file")
+        _check_new_file(args.out)
         n = write_cloze_pairs(read_passages(args.docs, max_tokens=args.max_tokens), args.out,
                               per_passage=args.per_passage, seed=args.seed)
         print(f"wrote {n} query / positive pairs to {args.out}")
@@ -117,9 +116,14 @@ def run(args) -> int:
     return 0
 
 
+def _check_new_file(out: str) -> None:
+    """The JSONL outputs (pairs, sft) are never written over an existing file."""
+    if Path(out).exists():
+        raise ValueError(f"--out: {out} exists; choose a new file")
+
+
 def _write_sft(index, args) -> int:
-    if Path(args.out).exists():
-        raise ValueError(f"--out: {args.out} exists; choose a new file")
+    _check_new_file(args.out)
     if args.k < 1:
         raise ValueError(f"-k: must be at least 1, got {args.k}")
     try:

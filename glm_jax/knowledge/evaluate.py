@@ -15,12 +15,25 @@ from glm_jax.knowledge.documents import Passage
 
 
 def read_questions(path: str | Path) -> list[dict]:
+    """A question set: {"question", "source", "title"} per line (the passage that answers it)."""
+    return read_records(path, ("question", "source", "title"), "a question")
+
+
+def read_records(path: str | Path, fields: Sequence[str], what: str = "a record") -> list[dict]:
+    """The JSON objects of a JSONL file (blank lines skipped), each with string `fields`; ValueError naming the
+    file and line of a bad one."""
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            obj = json.loads(line)
-            if not all(isinstance(obj.get(k), str) for k in ("question", "source", "title")):
-                raise ValueError(f"{path}:{n}: a question needs string 'question', 'source' and 'title' fields")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in fields):
+                names = ", ".join(f"'{k}'" for k in fields[:-1]) + f" and '{fields[-1]}'"
+                raise ValueError(f"{path}:{n}: {what} needs string {names} fields")
             out.append(obj)
     return out
 

@@ -14,9 +14,10 @@ prompt would not leave room for the reply, the worst hits are left out (`fitted_
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Sequence
+
+from glm_jax.knowledge.evaluate import read_records
 
 _HAN = re.compile(r"[\u4e00-\u9fff]")
 HEADERS = {
@@ -62,11 +63,11 @@ def fitted_messages(tokenizer, question: str, hits: Sequence, render, budget: in
                     system_role: bool | None = None) -> tuple[list[dict[str, Any]], list]:
     """(`grounded_messages` with as many of the best hits as keep the prompt within `budget` tokens, those hits):
     `render(turn)` is the prompt ids with this turn; the worst hits are left out first, down to none."""
-    for n in range(len(hits), -1, -1):
+    for n in range(len(hits), 0, -1):
         turn = grounded_messages(tokenizer, question, hits[:n], system_role=system_role)
-        if budget is None or n == 0 or len(render(turn)) <= budget:
+        if budget is None or len(render(turn)) <= budget:
             return turn, list(hits[:n])
-    raise AssertionError("unreachable")
+    return grounded_messages(tokenizer, question, (), system_role=system_role), []
 
 
 def sources(hits: Sequence) -> list[dict[str, Any]]:
@@ -86,16 +87,4 @@ def grounded_sft_record(index, tokenizer, question: str, answer: str, *, k: int 
 
 def read_qa(path) -> list[dict[str, str]]:
     """A JSONL file of {"question", "answer"} records; ValueError naming the file and line of a bad one."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-            if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("question", "answer")):
-                raise ValueError(f"{path}:{n}: a record needs string 'question' and 'answer' fields")
-            out.append(obj)
-    return out
+    return read_records(path, ("question", "answer"))

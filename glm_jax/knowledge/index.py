@@ -126,17 +126,23 @@ class KnowledgeIndex:
         passages sharing no word with the query left out; "dense": by cosine similarity; "hybrid": by reciprocal
         rank fusion of the two (Hit.score is then the fused score). Default: hybrid with embeddings, else bm25."""
         mode = mode or ("hybrid" if self.vectors is not None else "bm25")
-        if mode not in MODES:
-            raise ValueError(f"mode: {mode!r} is not one of {MODES}")
+        self.check_mode(mode)
         if mode == "bm25":
             scores = self.scores(query)
             order = _ranking(scores, matching=True)
-            order, scores = order, scores[order]
+            scores = scores[order]
         elif mode == "dense":
             order, scores = self.nearest(query, k)
         else:
             order, scores = self._fused(query, k)
         return [Hit(self.passages[i], float(s), r) for r, (i, s) in enumerate(zip(order[:k], scores[:k]), 1)]
+
+    def check_mode(self, mode: str) -> None:
+        """ValueError unless this index can search in `mode` (dense and hybrid need its embeddings)."""
+        if mode not in MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {MODES}")
+        if mode != "bm25" and (self.vectors is None or self.embedder is None):
+            raise ValueError(f"mode: {mode!r} needs an index with embeddings (build it with an embedding model)")
 
     def nearest(self, query: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(passage indices, cosines) of the `n` passages nearest the query's embedding, best first: exact, or
@@ -151,8 +157,6 @@ class KnowledgeIndex:
     def _fused(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Reciprocal rank fusion: per passage, 1 / (RRF_K + its BM25 rank) (passages with a matching word
         only) + 1 / (RRF_K + its dense rank) (every passage; with a graph, its HYBRID_CANDIDATES nearest)."""
-        if self.vectors is None or self.embedder is None:
-            raise ValueError("hybrid search: this index has no embeddings (build it with an embedding model)")
         fused = np.zeros(len(self.passages), np.float64)
         dense, _ = self.nearest(query, len(self.passages) if self.graph is None else max(k, HYBRID_CANDIDATES))
         for order in (_ranking(self.scores(query), matching=True), dense):

@@ -64,6 +64,9 @@ assert set(JAX_REMAT_POLICIES) == set(REMAT_POLICIES) - {"none"}
 
 BATCH_SEQ_EMBED = ("activation_batch", "activation_length", "activation_embed")
 STREAMS_AXES = ("activation_batch", "activation_length", None, "activation_embed")  # hyper-connection streams
+# ChatGLM-6B's residual scale, sqrt(2 * 28): THUDM's GLMBlock computes sqrt(2 * num_layers) from its own
+# `num_layers` argument, which ChatGLMModel never passes, so its default 28 holds for any depth.
+CHATGLM_V1_ALPHA = (2 * 28) ** 0.5
 
 
 def combine_segments(attention_mask, segment_ids):
@@ -112,7 +115,7 @@ class DecoderBlock(nn.Module, kw_only=True):
         if cfg.sandwich_norm:
             h = norm("post_self_attn_norm")(h)
         if cfg.position_encoding_2d:  # ChatGLM-6B scales the normed input, not x (THUDM's GLMBlock)
-            x = attn_in * chatglm_v1_alpha(cfg) + h
+            x = attn_in * CHATGLM_V1_ALPHA + h
         else:
             x = hc_merge(post, comb, h, x) if cfg.hc_mult else x + h
         if self.moe:
@@ -140,7 +143,7 @@ class DecoderBlock(nn.Module, kw_only=True):
         if cfg.sandwich_norm:
             h = norm("post_mlp_norm")(h)
         if cfg.position_encoding_2d:
-            x = ffn_in * chatglm_v1_alpha(cfg) + h
+            x = ffn_in * CHATGLM_V1_ALPHA + h
         else:
             x = hc_merge(post, comb, h, x) if cfg.hc_mult else x + h
         record(self, "block_influence", lambda: block_influence(carry[0], x))
@@ -189,12 +192,6 @@ def make_norm(cfg: GLMConfig, name: str):
     return kind(eps=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name)
 
 
-def chatglm_v1_alpha(cfg: GLMConfig) -> float:
-    """ChatGLM-6B's residual scale, sqrt(2 * 28): THUDM's GLMBlock computes sqrt(2 * num_layers) from its own
-    `num_layers` argument, which ChatGLMModel never passes, so its default 28 holds for any depth."""
-    return (2 * 28) ** 0.5
-
-
 def glm_positions(cfg: GLMConfig, input_ids, segments=None):
     """ChatGLM-6B's positions from the ids (THUDM's get_position_ids / get_masks), per row: the context ends at
     the first <sop> (bos_token_id; the whole row without one); tokens from there on take the position of the
@@ -208,15 +205,21 @@ def glm_positions(cfg: GLMConfig, input_ids, segments=None):
 
     def first(token):
         hit = input_ids == token
-        return jnp.where(hit.any(-1), jnp.argmax(hit, -1), -1).astype(jnp.int32)
+        return jnp.where(hit.any(-1), jnp.argmax(hit, -1), -1).astype(jnp.int32)[:, None]
 
-    context_len = jnp.where(first(cfg.bos_token_id) >= 0, first(cfg.bos_token_id), seq)[:, None]
-    mask_at = jnp.where(first(cfg.gmask_token_id) >= 0, first(cfg.gmask_token_id), first(cfg.mask_token_id))[:, None]
-    generated = idx >= context_len
-    mask_at = mask_at - start
-    positions = jnp.maximum(jnp.where(generated, mask_at, idx - start), 0)
-    blocks = jnp.where(generated, idx - context_len + 1, 0)
+    bos, gmask = first(cfg.bos_token_id), first(cfg.gmask_token_id)
+    context_len = jnp.where(bos >= 0, bos, seq)
+    mask_at = jnp.where(gmask >= 0, gmask, first(cfg.mask_token_id)) - start
+    positions, blocks = positions_2d(idx, context_len, mask_at, start)
     return positions, blocks, context_len[:, 0], mask_at[:, 0]
+
+
+def positions_2d(slots, context_len, mask_at, start=0):
+    """(position ids, block position ids) of token slots: from the context end on, the mask's position and 1, 2,
+    ...; before it, the slot (less the row's left padding `start`) and 0."""
+    generated = slots >= context_len
+    return (jnp.maximum(jnp.where(generated, mask_at, slots - start), 0),
+            jnp.where(generated, slots - context_len + 1, 0))
 
 
 def block_influence(x_in, x_out):
@@ -477,9 +480,8 @@ class GLMModel(nn.Module):
             if not self.is_initializing():
                 context.value, mask_at.value = context_len, mask_position
             return positions, blocks, context_len
-        t = cache_index + jnp.arange(seq, dtype=jnp.int32)[None]
-        ctx, at = context.value[:, None], mask_at.value[:, None]
-        return jnp.where(t >= ctx, at, t), jnp.where(t >= ctx, t - ctx + 1, 0), None
+        slots = cache_index + jnp.arange(seq, dtype=jnp.int32)[None]
+        return (*positions_2d(slots, context.value[:, None], mask_at.value[:, None]), None)
 
     def paged_state(self, paged: PagedIndex, seq: int):
         """`decode_state` for the paged layout (layers/kv_cache.py): the pool buffers [L, num_pages, page_size, ...]

@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from glm_jax import speculative as speculative_lib
-from glm_jax.generation import check_decodable, shard_params
+from glm_jax.generation import shard_params
 from glm_jax.model import PagedIndex, init_paged_cache, init_paged_mtp_cache
 from glm_jax.serve import drafts as drafts_lib
 from glm_jax.serve.pages import PagePool, page_keys
@@ -127,7 +127,9 @@ class Engine:
                  max_waiting: int = 1024, mesh: Mesh | None = None, rules: Sequence | None = None,
                  speculative: str | None = None, num_speculative_tokens: int | None = None):
         cfg = model.cfg
-        check_decodable(cfg)
+        if cfg.position_encoding_2d:
+            raise ValueError("position_encoding_2d (ChatGLM-6B): the serving engine's paged cache is not built yet; "
+                             "glm_jax.generate decodes it (docs/glm-objective.md)")
         if cfg.is_glm5_next and prefix_caching:
             # its KDA layers' state after a cached prefix is not kept (docs/serving.md, "Recurrent state")
             log.info("serving engine: prefix caching is off for glm5_next (KDA state per slot, not per page)")

@@ -286,8 +286,10 @@ async def _ground(index, tokenizer, messages: list[dict], opts: KnowledgeOptions
     if index is None:
         raise ApiError(400, "knowledge: this server has no knowledge index (start it with --knowledge INDEX_DIR)",
                        "knowledge")
-    if opts.mode in ("dense", "hybrid") and index.vectors is None:
-        raise ApiError(400, f"knowledge.mode: {opts.mode!r} needs an index with embeddings", "knowledge.mode")
+    try:
+        index.check_mode(opts.mode or "bm25")
+    except ValueError as e:
+        raise ApiError(400, f"knowledge.{e}", "knowledge.mode") from None
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users:
         raise ApiError(400, "knowledge: grounding needs a user message to look up", "knowledge")

@@ -57,6 +57,12 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         raise NotImplementedError
 
+    def check_ids(self, ids: Iterable[int]) -> None:
+        """ValueError naming the first id outside the vocabulary."""
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} out of range [0, {self.vocab_size})")
+
     def template_special_tokens(self) -> dict[str, str]:
         """The `bos_token` / `eos_token` / ... strings a chat template can read."""
         return {}
@@ -194,9 +200,7 @@ class Tokenizer:
             raise ValueError("batch_encode expects a non-empty list of texts or id lists")
         rows = [self.encode(item) if isinstance(item, str) else [int(i) for i in item] for item in batch]
         for row in rows:
-            bad = [i for i in row if not 0 <= i < self.vocab_size]
-            if bad:
-                raise ValueError(f"token id {bad[0]} out of range [0, {self.vocab_size})")
+            self.check_ids(row)
         return left_pad(rows, self.pad_token_id, max_length, pad_to_multiple_of)
 
 

@@ -111,9 +111,7 @@ class ChatGLM6BTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; image-token ids (below the offset) are dropped, pads too."""
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} out of range [0, {self.vocab_size})")
+        self.check_ids(ids)
         drop = {self.pad_token_id} | (set(self._special_tokens.values()) if skip_special_tokens else set())
         pieces = [i - self.num_image_tokens for i in ids if i >= self.num_image_tokens and i not in drop]
         return self.postprocess(self.sp_model.decode(pieces))

@@ -81,8 +81,6 @@ class HFTokenizer(Tokenizer):
         return self._tok.encode(_check(text), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        ids, size = [int(i) for i in ids], self.vocab_size
-        bad = [i for i in ids if not 0 <= i < size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} out of range [0, {self.vocab_size})")
+        ids = [int(i) for i in ids]
+        self.check_ids(ids)
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

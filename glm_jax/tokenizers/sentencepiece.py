@@ -107,7 +107,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | list[str]:
         if isinstance(ids, (int, np.integer)):
-            self._check_ids([ids])
+            self.check_ids([ids])
             return self._special_ids.get(int(ids)) or self.sp_model.id_to_piece(int(ids))
         return [self.convert_ids_to_tokens(i) for i in ids]
 
@@ -129,7 +129,7 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``. Special tokens render as their names unless skipped (pads too)."""
         ids = [int(i) for i in ids]
-        self._check_ids(ids)
+        self.check_ids(ids)
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids and i != self.pad_token_id]
         # Like THUDM: decode the runs between special tokens separately, so each run
@@ -188,11 +188,6 @@ class SentencePieceTokenizer(Tokenizer):
         if not isinstance(text, str):
             raise TypeError(f"expected str, got {type(text).__name__}")
         return text
-
-    def _check_ids(self, ids: Iterable[int]) -> None:
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} out of range [0, {self.vocab_size})")
 
 
 def format_tool_call(parameters: dict[str, Any]) -> str:
