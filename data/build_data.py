@@ -5,6 +5,8 @@
 
 Outputs:
     glm_jax/assets/tokenizer.model        SentencePiece BPE model trained on the corpus
+    glm_jax/assets/chatglm6b/ice_text.model  a ChatGLM-6B-style vocabulary (its special pieces) on the corpus,
+                                          with tokenizer_config.json (no image-token offset)
     data/sft/{train,eval}.jsonl           ChatGLM3 conversations built from the corpus
     data/classification/{train,eval}.jsonl  {"text", "label"}: 0 = prose, 1 = poetry
 """
@@ -25,6 +27,7 @@ import sentencepiece as spm
 DATA = Path(__file__).resolve().parent
 CORPUS = DATA / "corpus"
 TOKENIZER = DATA.parent / "glm_jax" / "assets" / "tokenizer.model"
+ICE_TEXT = DATA.parent / "glm_jax" / "assets" / "chatglm6b" / "ice_text.model"
 
 VOCAB_SIZE = 8000
 SEED = 20240601
@@ -116,6 +119,28 @@ def train_tokenizer() -> bytes:
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
         input_sentence_size=0, num_threads=1, minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def train_ice_text() -> bytes:
+    """A SentencePiece model built the way THUDM's ice_text.model is (ChatGLM-6B): the text is first rewritten
+    into <n> / <|tab|> / <|blank_N|> pieces, and those and GLM's special tokens are user-defined pieces, in
+    ice_text's order ([MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> <ENC> <dBLOCK>); NFKC normalisation as
+    ice_text. The vocabulary train.py's blank-infilling objective uses when no tokenizer is given."""
+    sys.path.insert(0, str(DATA.parent))
+    from glm_jax.tokenizers.chatglm6b import MAX_BLANK, SPECIAL_TOKENS, ChatGLM6BTokenizer
+
+    pieces = (["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, MAX_BLANK + 1)] + list(SPECIAL_TOKENS)
+              + ["<pad>"])
+    lines = []
+    for path in sorted(CORPUS.glob("*.txt")):
+        lines += [ChatGLM6BTokenizer.preprocess(line) for line in path.read_text(encoding="utf-8").splitlines()
+                  if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=VOCAB_SIZE, character_coverage=0.9995,
+        user_defined_symbols=pieces, byte_fallback=True, input_sentence_size=0, num_threads=1, minloglevel=2,
     )
     return model.getvalue()
 
@@ -228,6 +253,8 @@ def build_all() -> dict[Path, bytes]:
     cls_train, cls_eval = build_classification(rng, zh, en)
     return {
         TOKENIZER: train_tokenizer(),
+        ICE_TEXT: train_ice_text(),
+        ICE_TEXT.parent / "tokenizer_config.json": b'{"num_image_tokens": 0}\n',
         DATA / "sft" / "train.jsonl": jsonl(sft[n_eval:]),
         DATA / "sft" / "eval.jsonl": jsonl(sft[:n_eval]),
         DATA / "classification" / "train.jsonl": jsonl(cls_train),

@@ -210,13 +210,11 @@ class GLMConfig:
 
     def _check_chatglm_v1(self):
         """ChatGLM-6B's block: multi-head attention, the head split in two rotary halves; none of the later
-        lines' features (yet: quantization, P-tuning)."""
+        lines' features."""
         if self.num_kv_heads != self.num_heads or self.head_dim % 4:
             _fail("position_encoding_2d (ChatGLM-6B) needs num_kv_heads == num_heads and head_dim divisible by 4")
         if self.is_moe or self.is_mla or self.is_glm5_next or self.sandwich_norm or self.use_qk_norm:
             _fail("position_encoding_2d (ChatGLM-6B) is a dense multi-head model without sandwich or q/k norms")
-        if self.quantization_bit or self.pre_seq_len:
-            _fail("position_encoding_2d (ChatGLM-6B): quantization_bit and pre_seq_len are not implemented yet")
 
     def _check_shapes(self):
         """Sizes: positive, query heads in whole KV groups, an even rotary part that fits the head."""
@@ -558,6 +556,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                      num_kv_heads=2, head_dim=16, max_seq_len=256),
     "glm-tiny": dict(vocab_size=8192, hidden_size=256, ffn_hidden_size=688, num_layers=4, num_heads=8,
                      num_kv_heads=2, head_dim=32, max_seq_len=512),
+    # ChatGLM-6B's architecture at glm-tiny's size, on the shipped ChatGLM-6B-style vocabulary
+    # (glm_jax/assets/chatglm6b: [MASK] 84, [gMASK] 85, <sop> 88, <eop> 89, <pad> 92)
+    "chatglm-6b-tiny": dict(vocab_size=8000, hidden_size=256, ffn_hidden_size=1024, num_layers=4, num_heads=8,
+                            num_kv_heads=8, head_dim=32, max_seq_len=512, position_encoding_2d=True,
+                            mask_token_id=84, gmask_token_id=85, bos_token_id=88, pad_token_id=92,
+                            eos_token_ids=(89,)),
     # Mixture of experts (glm4_moe). Values of the published config.json files:
     # glm-4.5-air: zai-org/GLM-4.5-Air config.json as ms-swift prints it (Glm4MoeConfig, transformers 4.54.1),
     #   which the Megatron arguments of THUDM's slime (glm4.5-106B-A12B) repeat.

@@ -121,11 +121,11 @@ def read_chatglm_v1(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
     if raw.get("position_encoding_2d") is False:
         raise ValueError(f"{source}: position_encoding_2d=false (1D positions in the ChatGLM-6B layout) is not "
                          "supported")
-    if raw.get("quantization_bit") or raw.get("pre_seq_len"):
-        raise ValueError(f"{source}: ChatGLM-6B with quantization_bit or pre_seq_len (int8/int4, P-tuning) is not "
-                         "supported yet")
+    if raw.get("pre_seq_len") and raw.get("prefix_projection"):
+        raise ValueError(f"{source}: prefix_projection=true (an MLP-reparametrised P-tuning prefix) is not "
+                         "supported; only the plain prefix embedding is")
     heads, hidden = need("num_attention_heads"), need("hidden_size")
-    return dict(
+    return dict(pre_seq_len=int(raw.get("pre_seq_len") or 0),
         vocab_size=need("vocab_size"), hidden_size=hidden, ffn_hidden_size=raw.get("inner_hidden_size") or 4 * hidden,
         num_layers=need("num_layers"), num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
         norm_eps=raw.get("layernorm_epsilon", 1e-5), max_seq_len=raw.get("max_sequence_length", 2048),
@@ -402,6 +402,7 @@ def write_chatglm_v1(cfg) -> dict[str, Any]:
         "max_sequence_length": cfg.max_seq_len, "position_encoding_2d": True, "use_cache": True,
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids[0], "mask_token_id": cfg.mask_token_id,
         "gmask_token_id": cfg.gmask_token_id, "pad_token_id": cfg.pad_token_id, "torch_dtype": cfg.param_dtype,
+        "pre_seq_len": cfg.pre_seq_len or None, "prefix_projection": False,
     }
 
 

@@ -123,7 +123,7 @@ def test_packed_rows_keep_documents_apart():
     examples = [blank_infilling(rng.integers(10, 100, int(rng.integers(4, 40))).tolist(), rng, special=S,
                                 kind=choose_kind(rng), sentence_ends={9}) for _ in range(30)]
     rows = pack(examples, 64)
-    masks = packed_attention_mask(rows["segment_ids"], rows["prefix_end"])
+    masks = packed_attention_mask(rows["segment_ids"], rows["context_ends"])
     i = 0
     for r in range(len(rows["input_ids"])):
         start, segment = 0, 1

@@ -353,7 +353,7 @@ def test_packed_blank_infilling_rows_give_thudms_logits_per_example():
     rows = pack(examples, 96)
     logits = np.asarray(model.apply({"params": params}, rows["input_ids"], position_ids=rows["position_ids"],
                                     segment_ids=rows["segment_ids"], block_position_ids=rows["block_position_ids"],
-                                    context_ends=rows["prefix_end"]))
+                                    context_ends=rows["context_ends"]))
     conf, modeling = thudm_chatglm6b.load("configuration"), thudm_chatglm6b.load("text_generation")
     theirs = modeling.ChatGLMModel(conf.ChatGLMConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
@@ -376,3 +376,118 @@ def test_packed_blank_infilling_rows_give_thudms_logits_per_example():
             np.testing.assert_allclose(logits[r][at], (hidden.transpose(0, 1) @ head).numpy()[0], atol=5e-6, rtol=0)
             checked += 1
     assert checked == len(examples)
+
+
+def thudm_v1(cfg, state: dict, **config):
+    """THUDM's ChatGLMModel (float32) for `cfg` holding `state` (transformer.* names without the prefix);
+    `config`: more ChatGLMConfig keys (pre_seq_len)."""
+    conf, modeling = thudm_chatglm6b.load("configuration"), thudm_chatglm6b.load("text_generation")
+    theirs = modeling.ChatGLMModel(conf.ChatGLMConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, inner_hidden_size=cfg.ffn_hidden_size, layernorm_epsilon=cfg.norm_eps,
+        max_sequence_length=cfg.max_seq_len, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_ids[0],
+        mask_token_id=cfg.mask_token_id, gmask_token_id=cfg.gmask_token_id, pad_token_id=cfg.pad_token_id,
+        position_encoding_2d=True, **config)).float()
+    result = theirs.load_state_dict({k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in state.items()},
+                                    strict=False)
+    assert not result.missing_keys, result.missing_keys
+    return theirs.eval()
+
+
+def thudm_v1_logits(model, head, ids) -> np.ndarray:
+    with torch.no_grad():
+        hidden = model(input_ids=torch.as_tensor(np.asarray(ids))).last_hidden_state
+    return (hidden.transpose(0, 1) @ torch.as_tensor(np.asarray(head, np.float32)).T).numpy()
+
+
+def v1_checkpoint_config(cfg, **extra) -> dict:
+    return {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "inner_hidden_size": cfg.ffn_hidden_size, "num_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "layernorm_epsilon": 1e-5, "max_sequence_length": cfg.max_seq_len,
+            "position_encoding_2d": True, "bos_token_id": 250, "eos_token_id": 251, "mask_token_id": 252,
+            "gmask_token_id": 253, "pad_token_id": 0, "torch_dtype": "float32", **extra}
+
+
+def test_a_ptuning_v2_checkpoint_gives_thudms_logits(tmp_path):
+    """P-tuning v2 on ChatGLM-6B (THUDM's ptuning/main.py): the prefix encoder's embedding [pre_seq_len,
+    layers * 2 * hidden] as THUDM's ChatGLMModel reads it (viewed per layer as key / value heads, visible to every
+    token, no rotary): save_hf writes it, THUDM's model holding that file gives our logits, load_hf reads it
+    back."""
+    import jax
+    from safetensors.numpy import load_file
+
+    from glm_jax import GLMForCausalLM, init_params, load_hf, save_hf
+
+    cfg = v1_config(pre_seq_len=4)
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
+                          init_params(GLMForCausalLM(cfg), jax.random.key(0)))
+    params["model"]["prefix"] = jax.random.normal(jax.random.key(4), params["model"]["prefix"].shape)
+    out = save_hf(cfg, params, tmp_path / "ptuning", format="thudm")
+    written = load_file(str(next(out.glob("*.safetensors"))))
+    assert written["transformer.prefix_encoder.embedding.weight"].shape == (4, 3 * 2 * 64)
+    config = json.loads((out / "config.json").read_text())
+    assert config["pre_seq_len"] == 4 and config["prefix_projection"] is False
+    theirs = thudm_v1(cfg, {k.removeprefix("transformer."): v for k, v in written.items() if k != "lm_head.weight"},
+                      pre_seq_len=4, prefix_projection=False)
+    for ids in ([[5, 6, 7, 8, 253, 250, 9, 10, 11]], [[5, 6, 252, 7, 8, 250, 9, 10]]):
+        ours = np.asarray(GLMForCausalLM(cfg).apply({"params": params}, np.asarray(ids, np.int32)))
+        np.testing.assert_allclose(ours, thudm_v1_logits(theirs, written["lm_head.weight"], ids), atol=5e-6, rtol=0)
+    cfg2, loaded = load_hf(out)
+    assert cfg2.pre_seq_len == 4
+    np.testing.assert_array_equal(np.asarray(loaded["model"]["prefix"]), np.asarray(params["model"]["prefix"]))
+
+
+@pytest.mark.parametrize("bits,embeddings", [(8, False), (4, False), (4, True)])
+def test_quantized_checkpoints_load_to_thudms_logits_and_save_back(tmp_path, bits, embeddings):
+    """chatglm-6b-int8 / -int4 / -int4-qe: the four block linears (and with quantization_embeddings the embedding
+    and the head) int8 rows or packed int4 pairs with a per-row scale, quantized here by THUDM's rule written from
+    its definition (hf_models.thudm_quantize). load_hf gives THUDM's logits on the dequantized weights; keeping the
+    integers (quantization_bit) gives the same; save_hf writes the same integers back."""
+    import jax
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    from glm_jax import GLMForCausalLM, init_params, load_hf, save_hf
+    from hf_models import quantize_thudm_state_dict, thudm_quantize
+
+    cfg = v1_config()
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape),
+                          init_params(GLMForCausalLM(cfg), jax.random.key(0)))
+    state = dict(to_thudm_v1(cfg, params))
+    state["lm_head.weight"] = torch.as_tensor(np.asarray(params["lm_head"]["kernel"], np.float32).T.copy())
+    quantized, ints = quantize_thudm_state_dict(state, bits)
+    assert len(ints) == 4 * cfg.num_layers  # query_key_value, attention.dense, dense_h_to_4h, dense_4h_to_h
+    if embeddings:
+        for name in ("word_embeddings.weight", "lm_head.weight"):
+            q, scale = thudm_quantize(state[name], bits)
+            quantized[name], quantized[name + "_scale"] = q, scale
+            ints[name] = torch.stack([q >> 4, (q << 4) >> 4], dim=-1).reshape(q.shape[0], -1)
+    dequantized = {n: ints[n].float() * quantized[n + "_scale"][:, None] if n in ints else t
+                   for n, t in state.items()}
+    ckpt = tmp_path / "int"
+    ckpt.mkdir()
+    save_file({(n if n == "lm_head.weight" or n == "lm_head.weight_scale" else "transformer." + n): t.contiguous()
+               for n, t in quantized.items()}, str(ckpt / "model.safetensors"))
+    extra = {"quantization_bit": bits, **({"quantization_embeddings": True} if embeddings else {})}
+    (ckpt / "config.json").write_text(json.dumps(v1_checkpoint_config(cfg, **extra)))
+
+    ids = [[5, 6, 7, 8, 253, 250, 9, 10, 11]]
+    theirs = thudm_v1_logits(thudm_v1(cfg, {n: t for n, t in dequantized.items() if n != "lm_head.weight"}),
+                             dequantized["lm_head.weight"], ids)
+    cfg_f, loaded = load_hf(ckpt)
+    ours = np.asarray(GLMForCausalLM(cfg_f).apply({"params": loaded}, np.asarray(ids, np.int32)))
+    np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=0)
+    exact = np.asarray(GLMForCausalLM(cfg).apply({"params": params}, np.asarray(ids, np.int32)))
+    assert np.abs(ours - exact).max() > 1e-4  # really quantized (int8: 6e-4 off the float model here)
+    cfg_q, kept = load_hf(ckpt, quantization_bit=bits)  # the block linears stay integers on the device
+    np.testing.assert_allclose(np.asarray(GLMForCausalLM(cfg_q).apply({"params": kept}, np.asarray(ids, np.int32))),
+                               theirs, atol=2e-5, rtol=0)
+    out = save_hf(cfg_f, loaded, tmp_path / "again", format="thudm", quantization_bit=bits,
+                  quantize_embeddings=embeddings)
+    written = load_file(str(next(out.glob("*.safetensors"))))
+    for name, t in quantized.items():
+        key = name if name.startswith("lm_head") else "transformer." + name
+        if t.dtype == torch.int8:
+            np.testing.assert_array_equal(written[key], t.numpy(), err_msg=key)
+    assert (written["lm_head.weight"].dtype == np.int8) == embeddings
+    assert json.loads((out / "config.json").read_text()).get("quantization_embeddings", False) == embeddings

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tokenizer_fixtures as fx
-from glm_jax import load_tokenizer
+from glm_jax import GLMConfig, load_tokenizer
 from glm_jax.train import data as D
 from glm_jax.train import pipeline as P
 
@@ -201,19 +201,20 @@ def test_run_tokenizer_from_data_tokenizer_or_init_from(glm46, tmp_path):
     from glm_jax.train.config import ConfigError, load_config
     from glm_jax.train.build import load_train_tokenizer
 
+    model = lambda vocab_size: GLMConfig.from_preset("glm-test", vocab_size=vocab_size)  # noqa: E731
     base = ROOT / "configs" / "sft-openai-tiny.yaml"
     cfg = load_config(base, [f"data.tokenizer={glm46 / 'tokenizer.json'}"])
-    assert isinstance(load_train_tokenizer(cfg, 640), HFTokenizer)
+    assert isinstance(load_train_tokenizer(cfg, model(640)), HFTokenizer)
     with pytest.raises(ConfigError, match="vocab_size=512 is smaller than the tokenizer's 636"):
-        load_train_tokenizer(cfg, 512)
+        load_train_tokenizer(cfg, model(512))
     cfg = load_config(base, [f"model.init_from={glm46}"], check_paths=False)  # a checkpoint holding a tokenizer
-    tok = load_train_tokenizer(cfg, 640)
+    tok = load_train_tokenizer(cfg, model(640))
     assert isinstance(tok, HFTokenizer) and tok.chat_template is not None
     cfg = load_config(base, [f"model.init_from={tmp_path}"], check_paths=False)  # none: the shipped one
-    assert isinstance(load_train_tokenizer(cfg, 65024), SentencePieceTokenizer)
+    assert isinstance(load_train_tokenizer(cfg, model(65024)), SentencePieceTokenizer)
     (tmp_path / "tokenizer.model").write_text("not a tokenizer\n")
     with pytest.raises(ConfigError, match=f"model.init_from: {tmp_path}: cannot load the tokenizer"):
-        load_train_tokenizer(cfg, 65024)
+        load_train_tokenizer(cfg, model(65024))
 
 
 def test_prepare_data_tokenizes_with_the_runs_tokenizer(glm46, tmp_path):

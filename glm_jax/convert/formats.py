@@ -123,7 +123,17 @@ def head_major_rows(w: np.ndarray, heads: int, inverse: bool = False) -> np.ndar
     return w.reshape(heads, 3, -1, *rest).swapaxes(0, 1).reshape(w.shape)
 
 
-QUANTIZABLE = ("query_key_value", "self_attention.dense", "dense_h_to_4h", "dense_4h_to_h")
+QUANTIZABLE = ("query_key_value", "attention.dense", "dense_h_to_4h", "dense_4h_to_h")  # (self_)attention.dense
+# ChatGLM-6B's int4 "qe" checkpoints (config quantization_embeddings: true) quantize the embedding rows and the
+# head the same way, per row (THUDM chatglm-6b-int4-qe quantization.py: QuantizedEmbedding; the head a
+# QuantizedLinear over the same tensor)
+QUANTIZED_EMBEDDINGS = ("transformer.word_embeddings.weight", "lm_head.weight")
+
+
+def is_quantized(name: str, embeddings: bool = False) -> bool:
+    """Whether THUDM's int8/int4 checkpoints store tensor `name` quantized (with `name`_scale)."""
+    return (name.endswith(".weight") and any(q in name for q in QUANTIZABLE)) or (
+        embeddings and name in QUANTIZED_EMBEDDINGS)
 
 
 def thudm_entries(cfg: GLMConfig) -> list[Entry]:
@@ -183,6 +193,8 @@ def chatglm_v1_entries(cfg: GLMConfig) -> list[Entry]:
         Entry(("model", "final_norm", "bias"), "transformer.final_layernorm.bias"),
         Entry(("lm_head", "kernel"), "lm_head.weight", "linear"),
     ]
+    if cfg.pre_seq_len:  # THUDM's PrefixEncoder: [P, L*2*hidden], viewed (P, L*2, heads, head_dim) as ChatGLM2's
+        e.append(Entry(("model", "prefix"), "transformer.prefix_encoder.embedding.weight", "prefix"))
     return e
 
 

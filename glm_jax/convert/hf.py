@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from glm_jax.config import GLMConfig, read_json_object
 from glm_jax.convert.formats import (ENTRIES, FUSED_EXPERTS, GLM5_NEXT_PREFIX, HEADS, IGNORED_TORCH_NAMES, MTP_SHARED,
-                                    QUANTIZABLE, Entry, fused_experts_entry, glm5_next_entries, head_major_rows)
+                                    Entry, fused_experts_entry, is_quantized, glm5_next_entries, head_major_rows)
 from glm_jax.convert.quant import QUANTIZED_KERNELS, dequantize_kernel, dequantize_rows, quantize_kernel, quantize_rows
 from glm_jax.convert.tensors import CheckpointReader, write_safetensors
 from glm_jax.model import GLMForCausalLM, GLMForSequenceClassification, param_specs, stack_layers, unstack_layers
@@ -141,7 +141,7 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
     entries = ENTRIES[fmt](cfg)
     if cfg.is_glm5_next and f"{GLM5_NEXT_PREFIX}embed_tokens.weight" not in reader:  # a flat text-only checkpoint
         entries = glm5_next_entries(cfg, prefix="model.")
-    loader = _ParamLoader(cfg, reader, entries, bits)
+    loader = _ParamLoader(cfg, reader, entries, bits, embeddings=bool(bits and raw.get("quantization_embeddings")))
     shapes, params = nn.unbox(boxed), {}
     groups = loader.groups()
     nbytes = {path: get_path(shapes, path).size * get_path(shapes, path).dtype.itemsize for path in groups}
@@ -161,8 +161,10 @@ class _ParamLoader:
     """Reads our parameters from a checkpoint's torch tensors (load_hf), one parameter (`path`) at a time, and
     remembers which tensors it used."""
 
-    def __init__(self, cfg: GLMConfig, reader: CheckpointReader, entries: list[Entry], bits: int):
+    def __init__(self, cfg: GLMConfig, reader: CheckpointReader, entries: list[Entry], bits: int,
+                 embeddings: bool = False):
         self.cfg, self.reader, self.entries, self.bits = cfg, reader, entries, bits
+        self.embeddings = embeddings  # the embedding and head quantized too (ChatGLM-6B int4-qe)
         self.dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
         self.fused_rows = {e.torch_name: max(x.rows[1] for x in entries if x.torch_name == e.torch_name)
                            for e in entries if e.rows}
@@ -181,7 +183,7 @@ class _ParamLoader:
     def read(self, entry: Entry, name: str, shape, out_dtype) -> np.ndarray:
         """Torch tensor `name` (dequantized if THUDM int8/int4), checked, in our layout for `shape`."""
         reader = self.reader
-        if self.bits and name.endswith(".weight") and any(q in name for q in QUANTIZABLE):
+        if self.bits and is_quantized(name, self.embeddings):
             w = dequantize_rows(reader.get(name), reader.get(name + "_scale"), self.bits)
             self.used.add(name + "_scale")
         else:
@@ -280,7 +282,7 @@ class _ParamLoader:
 
 def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transformers", *,
             max_shard_size: int | str = "5GB", dtype: str | None = None, quantization_bit: int | None = None,
-            progress: bool | None = None) -> Path:
+            quantize_embeddings: bool = False, progress: bool | None = None) -> Path:
     """Writes `params` as a checkpoint directory that the reference PyTorch code loads.
 
     format "transformers": transformers' glm / glm4 (GlmForCausalLM, GlmForSequenceClassification), or for a MoE
@@ -288,7 +290,8 @@ def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transfor
     GlmMoeDsaForCausalLM): routed experts per expert as the published checkpoints and transformers 5's
     save_pretrained store them, the fp32 router correction bias, and the MTP layers (model.layers.{num_layers +
     j}.*) when the tree has them.
-    format "thudm": THUDM's chatglm layout (fused query_key_value), optionally int8/int4 quantized.
+    format "thudm": THUDM's chatglm layout (fused query_key_value), optionally int8/int4 quantized; ChatGLM-6B's
+    with `quantize_embeddings` also its embedding and head (config quantization_embeddings, as chatglm-6b-int4-qe).
     Weights go to safetensors shards of at most `max_shard_size`, with an index when there are several.
     `progress`: a progress bar over the layers on stderr (None: only when stderr is a terminal).
     """
@@ -296,15 +299,20 @@ def save_hf(cfg: GLMConfig, params, out_dir: str | Path, format: str = "transfor
         raise ValueError(f"unknown checkpoint format {format!r} (expected 'thudm' or 'transformers')")
     if quantization_bit and format != "thudm":
         raise ValueError("quantized checkpoints exist only in the THUDM format (format='thudm')")
+    if quantize_embeddings and not (quantization_bit and cfg.position_encoding_2d):
+        raise ValueError("quantize_embeddings: quantized embeddings exist only in ChatGLM-6B's THUDM layout, with "
+                         "quantization_bit")
     params = _model_params(params)
     params, cfg = stack_layers(params), cfg.replace(scan_layers=True)  # the tensor maps describe the stack
     if cfg.num_mtp_layers and "mtp" not in params["model"]:
         cfg = cfg.replace(num_mtp_layers=0)
     out = Path(out_dir)
     config = _saved_config(cfg, params, format, dtype, quantization_bit)
+    if quantize_embeddings:
+        config["quantization_embeddings"] = True
     out_dtype = np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype))
     entries = [e for e in ENTRIES[format](cfg) if e.path[:1] not in HEADS or e.path[0] in params]
-    writer = _TensorWriter(cfg, params, entries, out_dtype, quantization_bit)
+    writer = _TensorWriter(cfg, params, entries, out_dtype, quantization_bit, quantize_embeddings)
     created = not out.exists()
     try:
         with progress_bar(progress, total=cfg.num_layers + cfg.num_mtp_layers, desc=f"saving {out.name}",
@@ -352,8 +360,10 @@ class _TensorWriter:
     """Our parameter tree as (torch name, numpy tensor) pairs, in the order of the checkpoint: embedding, then layer
     by layer (MTP layers last), then final norm and heads, with one layer in host memory at a time."""
 
-    def __init__(self, cfg: GLMConfig, params, entries: list[Entry], out_dtype, quantization_bit: int | None):
+    def __init__(self, cfg: GLMConfig, params, entries: list[Entry], out_dtype, quantization_bit: int | None,
+                 embeddings: bool = False):
         self.cfg, self.params, self.out_dtype, self.bits = cfg, params, out_dtype, quantization_bit
+        self.embeddings = embeddings  # quantize the embedding and head too (ChatGLM-6B int4-qe)
         # (torch name template, torch layer offset) -> entries: several = row blocks of one fused tensor (THUDM qkv)
         self.by_name: dict[tuple[str, int], list[Entry]] = defaultdict(list)
         for e in entries:
@@ -386,14 +396,23 @@ class _TensorWriter:
         globals_ = [k for k in self.by_name if "{i}" not in k[0]]
         first = [k for k in globals_ if self.by_name[k][0].path[:2] == ("model", "embed")]
         for key in first:
-            yield key[0], self.tensor(key, None)
+            yield from self.emit(key[0], self.tensor(key, None))
         for i in range(self.cfg.num_layers + self.cfg.num_mtp_layers):
             yield from self.layer(i)
             for k in [k for k in self.fetched if k[1] is not None]:
                 del self.fetched[k]
             bar.update(1)
         for key in (k for k in globals_ if k not in first):
-            yield key[0], self.tensor(key, None)
+            yield from self.emit(key[0], self.tensor(key, None))
+
+    def emit(self, name: str, w: np.ndarray):
+        """(name, tensor) pairs of one torch tensor: int8 / packed int4 and name_scale where THUDM quantizes it."""
+        if self.bits and is_quantized(name, self.embeddings):
+            q, scale = quantize_rows(w, self.bits)
+            yield name, q
+            yield name + "_scale", scale
+        else:
+            yield name, w
 
     def layer(self, i: int):
         """The tensors of torch layer i (an MTP layer when i >= num_layers), quantized if asked."""
@@ -403,13 +422,7 @@ class _TensorWriter:
             if other or not 0 <= j < get_path(self.params, entry.path).shape[0] or i in entry.absent:
                 continue  # another stack's layer, or a tensor this layer lacks ("shared" DSA indexer)
             for e in range(get_path(self.params, entry.path).shape[1]) if entry.experts else [None]:
-                name, w = key[0].format(i=i, e=e), self.tensor(key, j, e)
-                if self.bits and name.endswith(".weight") and any(q in name for q in QUANTIZABLE):
-                    q, scale = quantize_rows(w, self.bits)
-                    yield name, q
-                    yield name + "_scale", scale
-                else:
-                    yield name, w
+                yield from self.emit(key[0].format(i=i, e=e), self.tensor(key, j, e))
         if i >= self.cfg.num_layers:  # an MTP layer: copies of the model's embedding / head (MTP_SHARED)
             for suffix, (path, kind) in MTP_SHARED.items():
                 if path[0] in self.params:

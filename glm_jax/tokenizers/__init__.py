@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from glm_jax.tokenizers.base import Tokenizer
-from glm_jax.tokenizers.chatglm6b import DEFAULT_IMAGE_TOKENS, ChatGLM6BTokenizer, is_chatglm6b
+from glm_jax.tokenizers.chatglm6b import CHATGLM6B_VOCABULARY, DEFAULT_IMAGE_TOKENS, ChatGLM6BTokenizer, is_chatglm6b
 from glm_jax.tokenizers.hf import HFTokenizer
 from glm_jax.tokenizers.parsers import StreamParser
 from glm_jax.tokenizers.sentencepiece import (ChatGLM2Tokenizer, ChatGLMTokenizer, SentencePieceTokenizer,
@@ -29,7 +29,7 @@ from glm_jax.tokenizers.tiktoken_bpe import TiktokenTokenizer, looks_like_tiktok
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "ice_text.model")  # a checkpoint's, in order of preference
 TOKENIZER_FILES_TEXT = "tokenizer.json, tokenizer.model or ice_text.model"  # the same, in messages
-__all__ = ["load_tokenizer", "Tokenizer", "SentencePieceTokenizer", "ChatGLM2Tokenizer", "ChatGLM6BTokenizer",
+__all__ = ["load_tokenizer", "CHATGLM6B_VOCABULARY", "Tokenizer", "SentencePieceTokenizer", "ChatGLM2Tokenizer", "ChatGLM6BTokenizer",
            "TiktokenTokenizer",
            "HFTokenizer", "ChatGLMTokenizer", "StreamParser", "reply_format_of"]
 

@@ -27,6 +27,9 @@ from glm_jax.tokenizers.sentencepiece import chat_rounds
 MAX_BLANK = 80
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
 DEFAULT_IMAGE_TOKENS = 20000  # THUDM's default when tokenizer_config.json does not say
+# A small vocabulary built like ice_text.model on the shipped corpus (data/build_data.py), with its
+# tokenizer_config.json: what train.py gives a model with 2D positions when no tokenizer is named
+CHATGLM6B_VOCABULARY = Path(__file__).resolve().parents[1] / "assets" / "chatglm6b"
 _HAN = "\u4e00-\u9fff"
 _PUNCTUATION = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？"))
 

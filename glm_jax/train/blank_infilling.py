@@ -18,7 +18,8 @@ on Part B's targets only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import math
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -29,6 +30,8 @@ GLM_MIX = {"token": 0.4, "sentence": 0.3, "document": 0.3}
 MASK_RATIO = 0.15  # the paper: spans are sampled until at least 15% of the tokens are masked
 MEAN_SPAN = 3.0  # span lengths ~ Poisson(3) (the paper, section 2.1; --avg-block-length 3)
 DOCUMENT_MIN_RATIO = 0.5  # the paper's document-level span: 50%-100% of the document (the scripts use 0.25)
+# A token ends a sentence when its text holds one of these (THUDM/GLM blocklm_utils.py, contains_sentence_end)
+SENTENCE_END_CHARS = (".", "?", "!", ";", ":", "\u3002", "\uff1f", "\uff01", "\uff1b", "\u2026", "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +43,27 @@ class SpecialIds:
     smask: int
     sop: int
     eop: int
+    end: int | None = None  # </s>: closes Part A unless it ends with a mask (`assemble`)
 
     def mask_for(self, kind: str) -> int:
         return {"token": self.mask, "sentence": self.smask, "document": self.gmask}[kind]
+
+    @classmethod
+    def of(cls, tokenizer) -> "SpecialIds":
+        """The ids in `tokenizer`'s vocabulary; ValueError naming the tokens it lacks."""
+        names = {"mask": "[MASK]", "gmask": "[gMASK]", "smask": "[sMASK]", "sop": "<sop>", "eop": "<eop>"}
+        have = tokenizer.special_tokens
+        missing = [t for t in names.values() if t not in have]
+        if missing:
+            raise ValueError(f"the tokenizer has no {', '.join(missing)} (blank infilling needs ChatGLM-6B's "
+                             f"vocabulary: ice_text.model)")
+        return cls(**{field: have[token] for field, token in names.items()}, end=have.get("</s>"))
+
+
+def sentence_end_ids(tokenizer) -> frozenset[int]:
+    """The ids whose text holds a sentence end (SENTENCE_END_CHARS; <n> decodes to a newline)."""
+    return frozenset(i for i in range(tokenizer.vocab_size)
+                     if any(c in tokenizer.decode([i]) for c in SENTENCE_END_CHARS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +87,10 @@ class Example:
 def assemble(tokens: Sequence[int], spans: Sequence[tuple[int, int]], order: Sequence[int], mask_id: int,
              special: SpecialIds) -> Example:
     """The example for given spans ([start, end) in document order, not overlapping, not touching) and Part B
-    order; `mask_id` replaces each span in Part A."""
+    order; `mask_id` replaces each span in Part A. With `special.end`, Part A ends with it unless its last token
+    is a mask: the frame ChatGLM-6B's tokenizer gives a text (THUDM's build_inputs_with_special_tokens: text,
+    </s> unless the text ends with [MASK] / [gMASK], then <sop>), so that `tokenizer.encode(corrupted text)` is
+    Part A + <sop>."""
     tokens = list(tokens)
     part_a, mask_at, cursor = [], [], 0
     for start, end in spans:
@@ -75,6 +99,8 @@ def assemble(tokens: Sequence[int], spans: Sequence[tuple[int, int]], order: Seq
         part_a.append(mask_id)
         cursor = end
     part_a += tokens[cursor:]
+    if special.end is not None and part_a[-1] != mask_id:
+        part_a.append(special.end)
     inputs, targets, positions, blocks = list(part_a), [0] * len(part_a), list(range(len(part_a))), [0] * len(part_a)
     for k in order:
         start, end = spans[k]
@@ -167,11 +193,11 @@ def choose_kind(rng: np.random.Generator, mix: dict[str, float] = GLM_MIX) -> st
     return kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
 
 
-def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+def pack(examples: Iterable[Example], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Examples packed whole, in order, into rows of `seq_len` tokens (a row is closed when the next example does
     not fit; the rest is padding). Per row: input_ids, position_ids, block_position_ids, targets, loss_mask, and
-    for attention segment_ids (the example's 1-based number in its row, 0 for padding) and prefix_end (the row
-    index where the token's Part A ends): query i sees key j when they share a segment and j < prefix_end[i] or
+    for attention segment_ids (the example's 1-based number in its row, 0 for padding) and context_ends (the row
+    index where the token's Part A ends): query i sees key j when they share a segment and j < context_ends[i] or
     j <= i, which is each example's own mask, examples never seeing each other. An example longer than seq_len is
     a ValueError."""
     rows: list[list[Example]] = []
@@ -184,7 +210,7 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> dict[str
             used = 0
         rows[-1].append(ex)
         used += len(ex.input_ids)
-    names = ("input_ids", "position_ids", "block_position_ids", "targets", "segment_ids", "prefix_end")
+    names = ("input_ids", "position_ids", "block_position_ids", "targets", "segment_ids", "context_ends")
     out = {name: np.zeros((len(rows), seq_len), np.int32) for name in names}
     out["input_ids"][:] = pad_id
     out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
@@ -195,13 +221,65 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> dict[str
             for name in ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask"):
                 out[name][r, span] = getattr(ex, name)
             out["segment_ids"][r, span] = s
-            out["prefix_end"][r, span] = start + ex.context_length
+            out["context_ends"][r, span] = start + ex.context_length
             start = span.stop
     return out
 
 
-def packed_attention_mask(segment_ids: np.ndarray, prefix_end: np.ndarray) -> np.ndarray:
-    """[..., S, S] bool from `pack`'s segment_ids and prefix_end (padding sees nothing and is seen by nothing)."""
+def packed_attention_mask(segment_ids: np.ndarray, context_ends: np.ndarray) -> np.ndarray:
+    """[..., S, S] bool from `pack`'s segment_ids and context_ends (padding sees nothing and is seen by nothing)."""
     j = np.arange(segment_ids.shape[-1])
     same = (segment_ids[..., :, None] == segment_ids[..., None, :]) & (segment_ids[..., :, None] > 0)
-    return same & ((j[None, :] < prefix_end[..., :, None]) | (j[None, :] <= j[:, None]))
+    return same & ((j[None, :] < context_ends[..., :, None]) | (j[None, :] <= j[:, None]))
+
+
+def longest_piece(seq_len: int, ratio: float = MASK_RATIO) -> int:
+    """The longest text piece whose example surely fits `seq_len`: an example is n + 2k tokens for k spans (a
+    mask in Part A, a <sop> in Part B), and k <= ceil(ratio * n) since every span covers a token (one span for
+    a document-level corruption)."""
+    return max(2, int((seq_len - 2) // (1 + 2 * ratio)))
+
+
+def pieces(document: Sequence[int], longest: int) -> list[Sequence[int]]:
+    """The document cut into the fewest pieces of at most `longest` tokens, of near-equal lengths (no short
+    remainder); pieces under 2 tokens are left out (nothing to infill)."""
+    count = max(1, math.ceil(len(document) / longest))
+    bounds = np.linspace(0, len(document), count + 1).round().astype(int)
+    return [document[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b - a >= 2]
+
+
+@dataclasses.dataclass
+class Corruptor:
+    """Documents -> GLM examples with corruption kinds drawn from `mix` (one draw per text piece; the
+    pretraining scripts draw one kind per batch), texts cut to fit rows of `seq_len`, `copies` differently
+    corrupted passes over the documents (each pass new spans, as a fresh epoch would draw). `counts` tallies
+    the examples per kind and the tokens masked out of all."""
+
+    special: SpecialIds
+    seq_len: int
+    sentence_ends: frozenset = frozenset()
+    mix: dict = dataclasses.field(default_factory=lambda: dict(GLM_MIX))
+    ratio: float = MASK_RATIO
+    mean_span: float = MEAN_SPAN
+    document_min_ratio: float = DOCUMENT_MIN_RATIO
+    copies: int = 1
+    counts: dict = dataclasses.field(default_factory=dict)
+
+    def examples(self, documents: Sequence[Sequence[int]], rng: np.random.Generator) -> Iterable[Example]:
+        longest = longest_piece(self.seq_len, self.ratio)
+        self.counts = {**{k: 0 for k in KINDS}, "tokens": 0, "masked": 0}
+        for _ in range(self.copies):
+            for document in documents:
+                for piece in pieces(document, longest):
+                    kind = choose_kind(rng, self.mix)
+                    ex = blank_infilling(piece, rng, special=self.special, kind=kind,
+                                         sentence_ends=self.sentence_ends, ratio=self.ratio,
+                                         mean_span=self.mean_span, document_min_ratio=self.document_min_ratio)
+                    self.counts[kind] += 1
+                    self.counts["tokens"] += len(piece)
+                    self.counts["masked"] += sum(end - start for start, end in ex.spans)
+                    yield ex
+
+    def rows(self, documents: Sequence[Sequence[int]], rng: np.random.Generator, pad_id: int) -> dict[str, np.ndarray]:
+        """`pack`ed rows of every example."""
+        return pack(self.examples(documents, rng), self.seq_len, pad_id)

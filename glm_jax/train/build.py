@@ -32,7 +32,8 @@ from glm_jax import GLMConfig, GLMForCausalLM, GLMForSequenceClassification, loa
     param_specs
 from glm_jax.convert.hf import abstract_params
 from glm_jax.sharding import use_mesh
-from glm_jax.tokenizers import TOKENIZER_FILES, SentencePieceTokenizer, load_tokenizer
+from glm_jax.tokenizers import CHATGLM6B_VOCABULARY, TOKENIZER_FILES, SentencePieceTokenizer, load_tokenizer
+from glm_jax.train import blank_infilling as BI
 from glm_jax.train import data as D
 from glm_jax.train import lora as lora_lib
 from glm_jax.train import pipeline as P
@@ -178,34 +179,52 @@ def build_model(cfg: Config, devices=None) -> ModelParts:
                       p_shard=param_shardings(boxed, mesh), builder=step_builder(cfg, model, task))
 
 
-def load_train_tokenizer(cfg: Config, vocab_size: int | None = None):
+def load_train_tokenizer(cfg: Config, model_cfg=None):
     """The tokenizer of a run (any GLM family, `glm_jax.load_tokenizer`): `data.tokenizer` (a tokenizer.model /
     tokenizer.json file or a checkpoint directory), else the tokenizer shipped in `model.init_from`'s directory,
-    else the small SentencePiece model shipped with glm_jax. ConfigError when it cannot load or its vocabulary
-    does not fit the model's `vocab_size` (docs/tokenizer.md, "SFT data formats")."""
+    else the small SentencePiece model shipped with glm_jax (for a model with 2D positions, the ChatGLM-6B-style
+    one). ConfigError when it cannot load or its vocabulary does not fit the model's (`model_cfg`: its
+    vocab_size, and a 2D-position model's [MASK] / [gMASK] / <sop> ids) (docs/tokenizer.md, "SFT data formats")."""
     source = cfg.data.tokenizer
     init = Path(cfg.model.init_from) if cfg.model.init_from else None
     if source is None and init is not None and any((init / f).is_file() for f in TOKENIZER_FILES):
         source = init
+    if source is None and model_cfg is not None and model_cfg.position_encoding_2d:
+        source = CHATGLM6B_VOCABULARY
     try:
         tok = SentencePieceTokenizer() if source is None else load_tokenizer(source)
     except (OSError, RuntimeError, ValueError) as e:
         key = "data.tokenizer" if cfg.data.tokenizer is not None else "model.init_from"
         raise ConfigError(f"{key}: {source}: cannot load the tokenizer ({' '.join(str(e).split())[:200]})") from None
-    if vocab_size is not None and tok.vocab_size > vocab_size:
-        raise ConfigError(f"model.overrides.vocab_size: the model's vocab_size={vocab_size} is smaller "
+    if model_cfg is not None and tok.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"model.overrides.vocab_size: the model's vocab_size={model_cfg.vocab_size} is smaller "
                           f"than the tokenizer's {tok.vocab_size}")
+    if model_cfg is not None and model_cfg.position_encoding_2d:
+        check_2d_ids(model_cfg, tok)
     return tok
+
+
+def check_2d_ids(model_cfg, tok) -> None:
+    """A 2D-position model finds its context end and mask position by token id: they must be the tokenizer's."""
+    have = tok.special_tokens
+    for field, token in (("mask_token_id", "[MASK]"), ("gmask_token_id", "[gMASK]"), ("bos_token_id", "<sop>")):
+        if have.get(token) != getattr(model_cfg, field):
+            raise ConfigError(f"model.overrides.{field}: the model's {getattr(model_cfg, field)} is not the "
+                              f"tokenizer's {token} ({have.get(token, 'absent')})")
 
 
 def load_datasets(cfg: Config, model_cfg) -> tuple[dict, dict | None, int]:
     """(train arrays, eval arrays or None, bad records skipped) of data.task, read before anything compiles."""
     dc = cfg.data
-    tok = load_train_tokenizer(cfg, model_cfg.vocab_size)
+    tok = load_train_tokenizer(cfg, model_cfg)
     bad = D.BadRecords(skip=dc.skip_bad_records)
+    splits = iter(range(2))  # the corruption's seed per split: (train.seed, 0) for train, (train.seed, 1) for eval
 
     def build(files):  # text / JSONL / Parquet files or saved HF datasets, read through Grain (pipeline.py)
         files = P.expand_sources(files)
+        if dc.objective == "blank_infilling":
+            return P.build_blank_infilling(files, tok, corruptor(cfg, tok), [cfg.train.seed, next(splits)],
+                                           dc.text_split, bad, dc.text_key, dc.max_tokens)
         if dc.task == "pretrain":
             return P.build_pretrain(files, tok, dc.seq_len, dc.text_split, bad, dc.text_key, dc.max_tokens)
         if dc.task == "sft":
@@ -227,6 +246,19 @@ def load_datasets(cfg: Config, model_cfg) -> tuple[dict, dict | None, int]:
     if D.num_examples(train) == 0:
         raise D.DataError(f"{dc.train_files[0]}:0: no training examples")
     return train, evals, bad.count
+
+
+def corruptor(cfg: Config, tok) -> BI.Corruptor:
+    """The blank-infilling corruption of the blank_infilling section, with the tokenizer's special ids and
+    sentence ends."""
+    b = cfg.blank_infilling
+    try:
+        special = BI.SpecialIds.of(tok)
+    except ValueError as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+    return BI.Corruptor(special, cfg.data.seq_len, BI.sentence_end_ids(tok),
+                        {"token": b.token, "sentence": b.sentence, "document": b.document}, b.mask_ratio,
+                        b.mean_span, b.document_min_ratio, b.copies)
 
 
 def process_slices(sharding, shape) -> tuple[slice, ...]:

@@ -48,6 +48,9 @@ class ModelSection:
 @dataclasses.dataclass
 class DataSection:
     task: str = "pretrain"  # pretrain | sft | classification | embedding (query / positive pairs: docs/knowledge.md)
+    # pretrain: causal (next token) | blank_infilling (GLM's objective, for a model with 2D positions such as
+    # ChatGLM-6B; the blank_infilling section; docs/glm-objective.md)
+    objective: str = "causal"
     train_files: list = dataclasses.field(default_factory=list)  # files or glob patterns
     eval_files: list = dataclasses.field(default_factory=list)
     eval_fraction: float = 0.0  # without eval_files: hold out this fraction of the packed rows / records
@@ -57,7 +60,8 @@ class DataSection:
     max_tokens: Optional[int] = None  # pretraining: stop reading documents after this many tokens (null: no limit)
     skip_bad_records: bool = False
     # tokenizer.model (SentencePiece / tiktoken) or tokenizer.json file, or a checkpoint directory holding one (must
-    # exist); None = model.init_from's tokenizer, else the SentencePiece model shipped with glm_jax (docs/tokenizer.md)
+    # exist); None = model.init_from's tokenizer, else the SentencePiece model shipped with glm_jax (docs/tokenizer.md;
+    # for a model with 2D positions, the shipped ChatGLM-6B-style vocabulary glm_jax/assets/chatglm6b)
     tokenizer: Optional[str] = None
     # pretrain: a directory written by `train.py --prepare-data DIR` (rows packed once, memory-mapped; each
     # process reads only its rows); train_files / eval_files are then not read
@@ -175,6 +179,20 @@ class EmbeddingSection:
 
 
 @dataclasses.dataclass
+class BlankInfillingSection:
+    # data.objective: blank_infilling (docs/glm-objective.md). The mix of corruption kinds, drawn per text piece:
+    # THUDM/GLM's pretraining scripts (config/ds_block_10B.sh): --bert-prob 0.4, --gap-sentence-prob 0.3, the
+    # rest document-level generation
+    token: float = 0.4  # [MASK] spans of Poisson(mean_span) lengths until mask_ratio of the tokens
+    sentence: float = 0.3  # [sMASK] whole sentences until mask_ratio of the tokens
+    document: float = 0.3  # [gMASK] one span at the end, document_min_ratio .. 100% of the text
+    mask_ratio: float = 0.15
+    mean_span: float = 3.0
+    document_min_ratio: float = 0.5
+    copies: int = 1  # differently corrupted copies of every document (new spans, as another epoch would draw)
+
+
+@dataclasses.dataclass
 class Config:
     run_dir: str = "runs/tiny"
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -188,6 +206,7 @@ class Config:
     export: ExportSection = dataclasses.field(default_factory=ExportSection)
     distill: DistillSection = dataclasses.field(default_factory=DistillSection)
     embedding: EmbeddingSection = dataclasses.field(default_factory=EmbeddingSection)
+    blank_infilling: BlankInfillingSection = dataclasses.field(default_factory=BlankInfillingSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -195,6 +214,7 @@ class Config:
 
 CHOICES = {
     "data.task": ("pretrain", "sft", "classification", "embedding"),
+    "data.objective": ("causal", "blank_infilling"),
     "embedding.pooling": ("last", "mean"),
     "data.text_split": ("paragraph", "line", "file"),
     "train.schedule": ("cosine", "linear", "constant"),
@@ -361,6 +381,7 @@ def validate_static(cfg: Config) -> None:
     _check_adapters(cfg)
     _check_distill(cfg)
     _check_embedding(cfg)
+    _check_blank_infilling(cfg)
     _check_mesh(cfg)
     if cfg.model.overrides:
         fields = {f.name for f in dataclasses.fields(GLMConfig)}
@@ -476,6 +497,32 @@ def _check_embedding(cfg: Config) -> None:
                               f"pairs read from train_files)")
 
 
+def _check_blank_infilling(cfg: Config) -> None:
+    b = cfg.blank_infilling
+    for key in ("token", "sentence", "document"):
+        if getattr(b, key) < 0:
+            raise ConfigError(f"blank_infilling.{key}: a weight of the mix, must be >= 0, got {getattr(b, key)}")
+    if b.token + b.sentence + b.document <= 0:
+        raise ConfigError("blank_infilling.token: the mix (token, sentence, document) has no positive weight")
+    for key in ("mask_ratio", "document_min_ratio"):
+        if not 0 < getattr(b, key) < 1:
+            raise ConfigError(f"blank_infilling.{key}: must be in (0, 1), got {getattr(b, key)}")
+    if not b.mean_span > 0:
+        raise ConfigError(f"blank_infilling.mean_span: must be positive, got {b.mean_span}")
+    if b.copies < 1:
+        raise ConfigError(f"blank_infilling.copies: must be >= 1, got {b.copies}")
+    if cfg.data.objective != "blank_infilling":
+        return
+    t = cfg.train
+    for key, bad in (("data.task", cfg.data.task != "pretrain"), ("data.prepared", cfg.data.prepared),
+                     ("distill.teacher", cfg.distill.teacher), ("train.mtp_loss_weight", t.mtp_loss_weight)):
+        if bad:
+            raise ConfigError(f"{key}: not with data.objective blank_infilling (pretraining text read from "
+                              f"train_files, corrupted when the run starts)")
+    if cfg.data.seq_len < 8:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is too short for blank infilling (at least 8)")
+
+
 def _check_mesh(cfg: Config) -> None:
     m, d = cfg.mesh, cfg.data
     sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.sequence": m.sequence, "mesh.tensor": m.tensor}
@@ -569,6 +616,14 @@ def check_model_fit(cfg: Config, model_cfg) -> None:
         raise ConfigError(f"mesh.expert: {cfg.mesh.expert} does not divide the model's {experts} routed experts")
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    two_d = model_cfg.position_encoding_2d
+    if cfg.data.objective == "blank_infilling" and not two_d:
+        raise ConfigError("data.objective: blank_infilling needs a model with 2D positions (ChatGLM-6B: model.preset "
+                          "chatglm-6b or chatglm-6b-tiny, or a ChatGLM-6B checkpoint)")
+    if two_d and cfg.data.task == "pretrain" and cfg.data.objective == "causal":
+        # its context attends both ways: next-token targets would be visible to every position
+        raise ConfigError("data.objective: causal pretraining of a model with 2D positions (ChatGLM-6B) would let "
+                          "every token see the next one; use data.objective: blank_infilling")
 
 
 def to_yaml(cfg: Config) -> str:

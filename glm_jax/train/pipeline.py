@@ -244,14 +244,15 @@ class PretrainText(grain.transforms.Map):
 
 
 class Tokenize(grain.transforms.Map):
-    """A list of texts -> their token ids, each + eos (one SentencePiece call for the list)."""
+    """A list of texts -> their token ids, each + eos unless `eos` is false (one SentencePiece call for the
+    list)."""
 
-    def __init__(self, tok):
-        self.tok = tok
+    def __init__(self, tok, eos: bool = True):
+        self.tok, self.eos = tok, eos
 
     def map(self, texts):
-        eos = self.tok.eos_token_id
-        return [ids + [eos] for ids in self.tok.encode(list(texts), add_special_tokens=False)]
+        end = [self.tok.eos_token_id] if self.eos else []
+        return [ids + end for ids in self.tok.encode(list(texts), add_special_tokens=False)]
 
 
 class Unbatch(_StreamDataset):
@@ -406,11 +407,11 @@ class EmbeddingPairRow(grain.transforms.Map):
 # ------------------------------------------------------------------------------------------------ pipelines
 
 def document_dataset(files: list[Path], tok, split: str, bad: BadRecords, text_key: str = "text",
-                     max_tokens: int | None = None) -> grain.IterDataset:
+                     max_tokens: int | None = None, eos: bool = True) -> grain.IterDataset:
     """The token ids (+ eos) of every pretraining document, in order, up to max_tokens in all."""
     ds = FileRecords(files, bad, documents=True, text_split=split)
     ds = ds.map(PretrainText(text_key, bad)).filter(_not_none)
-    ds = Unbatch(ds.batch(TOKENIZE_BATCH, batch_fn=list).map(Tokenize(tok)))
+    ds = Unbatch(ds.batch(TOKENIZE_BATCH, batch_fn=list).map(Tokenize(tok, eos)))
     return LimitTokens(ds, max_tokens)
 
 
@@ -490,6 +491,25 @@ def build_pretrain(files: list[Path], tok, seq_len: int, split: str, bad: BadRec
         raise D.no_examples(files, bad)
     log.info("pretraining data: %d tokens from %d files -> %d rows of %d", int((arrays["segment_ids"] > 0).sum()),
              len(files), len(arrays["input_ids"]), seq_len)
+    return arrays
+
+
+def build_blank_infilling(files: list[Path], tok, corruptor, seed: int, split: str, bad: BadRecords,
+                          text_key: str = "text", max_tokens: int | None = None) -> dict[str, np.ndarray]:
+    """GLM blank-infilling rows (train/blank_infilling.py): every document (no eos: <eop> ends each span) cut
+    to fit, corrupted by `corruptor` with numpy's generator of `seed`, the examples packed whole."""
+    try:
+        documents = list(document_dataset(files, tok, split, bad, text_key, max_tokens, eos=False))
+    except DataError as e:
+        raise _without_grain_note(e) from None
+    arrays = corruptor.rows(documents, np.random.default_rng(seed), tok.pad_token_id or 0)
+    if not len(arrays["input_ids"]):
+        raise D.no_examples(files, bad)
+    c = corruptor.counts
+    log.info("blank-infilling data: %d tokens from %d documents, %d examples (token %d, sentence %d, document %d), "
+             "%.1f%% masked -> %d rows of %d", c["tokens"], len(documents), c["token"] + c["sentence"] + c["document"],
+             c["token"], c["sentence"], c["document"], 100 * c["masked"] / max(c["tokens"], 1),
+             len(arrays["input_ids"]), corruptor.seq_len)
     return arrays
 
 

@@ -169,6 +169,9 @@ class StepBuilder:
         kw = {"return_hidden": True} if return_hidden else {}
         if moe_stats:
             kw["mutable"] = ["intermediates"]
+        if "block_position_ids" in batch:  # GLM blank-infilling rows (train/blank_infilling.py): 2D positions
+            kw.update(position_ids=batch["position_ids"], block_position_ids=batch["block_position_ids"],
+                      context_ends=batch["context_ends"])
         with axis_rules():
             # no segment_ids (one unpadded document per row): plain causal attention, cuDNN's fast path
             out = self.model.apply({"params": params}, batch["input_ids"], segment_ids=batch.get("segment_ids"),

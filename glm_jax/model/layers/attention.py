@@ -205,17 +205,15 @@ def dot_product_attention(q, k, v, q_segments=None, kv_segments=None, q_offset=0
     ChatGLM-6B's bidirectional context (`make_mask`; xla kernel only).
     """
     impl = resolve_impl(impl, q.dtype)
-    if context_len is not None:
+    if context_len is not None or prefix is not None:
         if impl != "xla":
-            _warn_once(f"attention_impl={impl!r} has no bidirectional-context mask (ChatGLM-6B): using xla")
-        return xla_attention(q, k, v, make_mask(q_segments, kv_segments, q.shape[1], k.shape[1], q_offset,
-                                                context_len))
-    if prefix is not None:
-        if impl != "xla":
-            _warn_once(f"attention_impl={impl!r} has no P-tuning prefix support: using xla")
+            _warn_once(f"attention_impl={impl!r} has no " + ("bidirectional-context mask (ChatGLM-6B)" if prefix is None
+                       else "P-tuning prefix support") + ": using xla")
+        mask = make_mask(q_segments, kv_segments, q.shape[1], k.shape[1], q_offset, context_len)
+        if prefix is None:
+            return xla_attention(q, k, v, mask)
         b, p = q.shape[0], prefix.shape[1]
         pk, pv = (jnp.broadcast_to(x.astype(k.dtype), (b, *x.shape)) for x in prefix)
-        mask = make_mask(q_segments, kv_segments, q.shape[1], k.shape[1], q_offset)
         mask = jnp.concatenate([jnp.ones((mask.shape[0], q.shape[1], p), bool), mask], axis=-1)
         return xla_attention(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), mask)
     is_self = q.shape[1] == k.shape[1] and isinstance(q_offset, int) and q_offset == 0

@@ -29,11 +29,13 @@ class MLP(nn.Module, kw_only=True):
     def __call__(self, x):
         if self.gelu:
             h = Linear(features=(self.ffn_hidden_size,), kernel_axes=("embed", "mlp"), use_bias=True,
-                       bias_axes=("mlp",), dtype=self.dtype, param_dtype=self.param_dtype, name="wi")(x)
+                       bias_axes=("mlp",), dtype=self.dtype, param_dtype=self.param_dtype,
+                       quantization_bit=self.quantization_bit, name="wi")(x)
             h = nn.gelu(h, approximate=True)
             record(self, "mlp_channels", lambda: sum_squares(h))
             return Linear(features=(self.hidden_size,), kernel_axes=("mlp", "embed"), use_bias=True,
-                          bias_axes=("embed",), dtype=self.dtype, param_dtype=self.param_dtype, name="wo")(h)
+                          bias_axes=("embed",), dtype=self.dtype, param_dtype=self.param_dtype,
+                          quantization_bit=self.quantization_bit, name="wo")(h)
         gate_up = Linear(features=(2, self.ffn_hidden_size), kernel_axes=("embed", None, "mlp"), dtype=self.dtype,
                          param_dtype=self.param_dtype,
                          quantization_bit=self.quantization_bit, name="wi")(x)
