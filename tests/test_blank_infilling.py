@@ -141,3 +141,18 @@ def test_packed_rows_keep_documents_apart():
     assert i == len(examples)
     with pytest.raises(ValueError, match="does not fit rows of 8"):
         pack(examples, 8)
+
+
+def test_part_a_is_closed_by_the_end_token_unless_a_mask_ends_it():
+    """With an end token (</s>), Part A is framed as ChatGLM-6B's tokenizer frames a text (THUDM's
+    build_inputs_with_special_tokens: the text, </s> unless it ends with [MASK] / [gMASK], then <sop>); Part B's
+    positions still point at the masks."""
+    s = SpecialIds(mask=1, gmask=2, smask=3, sop=4, eop=5, end=9)
+    x = [11, 12, 13, 14, 15, 16]
+    ex = assemble(x, [(2, 3)], [0], M, s)
+    assert ex.input_ids.tolist() == [11, 12, M, 14, 15, 16, 9, SOP, 13]
+    assert ex.context_length == 7 and ex.position_ids[-2:].tolist() == [2, 2]
+    ex = assemble(x, [(4, 6)], [0], M, s)  # the text ends with the mask: no </s>
+    assert ex.input_ids.tolist() == [11, 12, 13, 14, M, SOP, 15, 16]
+    ex = assemble(x, [(3, 6)], [0], G, s)  # document-level: Part A ends with [gMASK]
+    assert ex.input_ids[:ex.context_length].tolist() == [11, 12, 13, G]
