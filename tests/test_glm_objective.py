@@ -23,9 +23,9 @@ SMALL = ["model.overrides.hidden_size=64", "model.overrides.num_layers=2", "mode
          "checkpoint.keep=5", "train.steps=12"]
 
 
-def train(run_dir, *overrides, devices=1, check=True):
-    """train.py on configs/glm-objective-tiny.yaml with `overrides` (SMALL's sizes unless they say otherwise)."""
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(CONFIG), *overrides,
+def train(run_dir, *overrides, devices=1, check=True, config=CONFIG):
+    """train.py on `config` (configs/glm-objective-tiny.yaml) with `overrides`."""
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(config), *overrides,
                         f"run_dir={run_dir}"], cwd=ROOT, env=env_for(devices), capture_output=True, text=True,
                        timeout=300)
     if check:
@@ -130,7 +130,7 @@ def test_configuration_errors_name_the_key(tmp_path, overrides, message):
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("glm_objective")
-    r = train(run_dir, *SMALL)
+    r = train(run_dir, *SMALL, f"export.path={run_dir / 'export'}", "export.format=thudm")
     return run_dir, r
 
 

@@ -283,3 +283,56 @@ class Corruptor:
     def rows(self, documents: Sequence[Sequence[int]], rng: np.random.Generator, pad_id: int) -> dict[str, np.ndarray]:
         """`pack`ed rows of every example."""
         return pack(self.examples(documents, rng), self.seq_len, pad_id)
+
+
+# ------------------------------------------------------------------------------------------------ cloze
+
+def verbalizer_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
+    """Each label word's token ids as they stand inside a text (a leading piece that decodes to nothing but
+    whitespace, SentencePiece's dummy prefix before a word that has no piece of its own, is dropped).
+    ValueError naming a word that gives no token or two words that give the same ids."""
+    out = []
+    for word in words:
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
+            ids = ids[1:]
+        if not ids:
+            raise ValueError(f"the label word {word!r} has no tokens")
+        if ids in out:
+            raise ValueError(f"the label words {words[out.index(ids)]!r} and {word!r} are the same tokens {ids}")
+        out.append(ids)
+    return out
+
+
+def cloze_rows(tokenizer, text: str, pattern: str, candidates: Sequence[Sequence[int]],
+               seq_len: int) -> dict[str, np.ndarray]:
+    """GLM's cloze form of a classification example (Du et al., section 2.3, "NLU tasks as cloze questions"):
+    `pattern` with the text at "{text}" and a "[MASK]" the label word fills, framed as the tokenizer frames a
+    prompt (`prompt_end`: ... </s> <sop>); one row per candidate: the prompt, then the candidate's tokens but
+    its last, predicting the candidate's tokens from the <sop> on: the prompt is `tokenizer.encode(pattern with
+    the text)`, as a user prompts the model, unless the longest candidate would then not fit `seq_len`; the
+    text's tokens are then cut. Returns input_ids, segment_ids, targets [C, seq_len] int32 and target_mask [C, seq_len]
+    float32 (1 where a candidate token is predicted)."""
+    room = seq_len - 2 - (max(map(len, candidates)) - 1)  # </s> and <sop> close the prompt
+    body = tokenizer.encode(pattern.replace("{text}", text), add_special_tokens=False)
+    if len(body) > room:  # too long: the text's tokens are cut, the pattern's kept
+        before, after = pattern.split("{text}")
+        head = tokenizer.encode(before, add_special_tokens=False) if before else []
+        tail = tokenizer.encode(after, add_special_tokens=False) if after else []
+        if room - len(head) - len(tail) < 1:
+            raise ValueError(f"the pattern and the longest label word leave no room for the text in {seq_len} "
+                             f"tokens")
+        body = head + tokenizer.encode(text, add_special_tokens=False)[:room - len(head) - len(tail)] + tail
+    prompt = tokenizer.prompt_end(body)
+    names = ("input_ids", "segment_ids", "targets")
+    out = {name: np.zeros((len(candidates), seq_len), np.int32) for name in names}
+    out["input_ids"][:] = tokenizer.pad_token_id or 0
+    out["target_mask"] = np.zeros((len(candidates), seq_len), np.float32)
+    for c, word in enumerate(candidates):
+        ids = prompt + list(word[:-1])
+        out["input_ids"][c, :len(ids)] = ids
+        out["segment_ids"][c, :len(ids)] = 1
+        start = len(prompt) - 1  # the <sop> predicts the word's first token
+        out["targets"][c, start:start + len(word)] = word
+        out["target_mask"][c, start:start + len(word)] = 1
+    return out

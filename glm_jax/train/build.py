@@ -42,7 +42,7 @@ from glm_jax.train.config import Config, ConfigError, check_model_fit, load_conf
 from glm_jax.train.optimizer import make_optimizer
 from glm_jax.train.pipeline import GrainLoader
 from glm_jax.train.rundir import export_params
-from glm_jax.train.step import StepBuilder, batch_shardings, make_state, state_shardings
+from glm_jax.train.step import ACCURACY_TASKS, StepBuilder, batch_shardings, make_state, state_shardings
 
 log = logging.getLogger("glm_jax.train")
 
@@ -73,10 +73,10 @@ def build_model_config(cfg: Config):
 
 
 def task_model(cfg: Config, model_cfg):
-    """("lm" | "classification" | "embedding", the model data.task trains)."""
+    """("lm" | "classification" | "embedding" | "cloze", the model data.task trains)."""
     if cfg.data.task == "classification":
         return "classification", GLMForSequenceClassification(model_cfg)
-    return ("embedding" if cfg.data.task == "embedding" else "lm"), GLMForCausalLM(model_cfg)
+    return (cfg.data.task if cfg.data.task in ("embedding", "cloze") else "lm"), GLMForCausalLM(model_cfg)
 
 
 def step_builder(cfg: Config, model, task: str):
@@ -158,7 +158,7 @@ class ModelParts:
     """What a run and `--compile-only` both build from the config before any data or parameter exists."""
     mesh: Mesh
     model_cfg: GLMConfig
-    task: str  # "lm" | "classification"
+    task: str  # "lm" | "classification" | "embedding" | "cloze"
     model: nn.Module
     boxed: dict  # the parameters' abstract tree with their logical axis names (param_specs)
     p_shard: dict  # the parameters' shardings over the mesh
@@ -231,6 +231,8 @@ def load_datasets(cfg: Config, model_cfg) -> tuple[dict, dict | None, int]:
             return P.build_sft(files, tok, dc.seq_len, bad)[0]
         if dc.task == "embedding":
             return P.build_embedding(files, tok, dc.seq_len, cfg.embedding.negatives, bad)
+        if dc.task == "cloze":
+            return P.build_cloze(files, tok, dc.seq_len, cfg.cloze.pattern, label_words(cfg, tok), bad)
         return P.build_classification(files, tok, dc.seq_len, model_cfg.num_labels, bad)
 
     if dc.prepared:
@@ -259,6 +261,14 @@ def corruptor(cfg: Config, tok) -> BI.Corruptor:
     return BI.Corruptor(special, cfg.data.seq_len, BI.sentence_end_ids(tok),
                         {"token": b.token, "sentence": b.sentence, "document": b.document}, b.mask_ratio,
                         b.mean_span, b.document_min_ratio, b.copies)
+
+
+def label_words(cfg: Config, tok) -> list[list[int]]:
+    """The token ids of cloze.verbalizer's words; ConfigError naming a word that does not tokenize apart."""
+    try:
+        return BI.verbalizer_ids(tok, cfg.cloze.verbalizer)
+    except ValueError as e:
+        raise ConfigError(f"cloze.verbalizer: {e}") from None
 
 
 def process_slices(sharding, shape) -> tuple[slice, ...]:
@@ -453,7 +463,7 @@ class TrainRun:
             res["eval_kl"] = float(sums["kl_sum"] / max(sums["count"], 1.0))
         if "hidden_sum" in sums:
             res["eval_hidden_mse"] = float(sums["hidden_sum"] / max(sums["count"], 1.0))
-        if self.task in ("classification", "embedding"):
+        if self.task in ACCURACY_TASKS:
             res["eval_accuracy"] = float(sums["correct"] / max(sums["count"], 1.0))
         if "mtp_count" in sums:
             res["eval_mtp_loss"] = float(sums["mtp_loss_sum"] / max(sums["mtp_count"], 1.0))

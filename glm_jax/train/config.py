@@ -47,7 +47,9 @@ class ModelSection:
 
 @dataclasses.dataclass
 class DataSection:
-    task: str = "pretrain"  # pretrain | sft | classification | embedding (query / positive pairs: docs/knowledge.md)
+    # pretrain | sft | classification | embedding (query / positive pairs: docs/knowledge.md) | cloze (classification
+    # as GLM's blank filling, the cloze section: docs/glm-objective.md)
+    task: str = "pretrain"
     # pretrain: causal (next token) | blank_infilling (GLM's objective, for a model with 2D positions such as
     # ChatGLM-6B; the blank_infilling section; docs/glm-objective.md)
     objective: str = "causal"
@@ -182,7 +184,7 @@ class EmbeddingSection:
 class BlankInfillingSection:
     # data.objective: blank_infilling (docs/glm-objective.md). The mix of corruption kinds, drawn per text piece:
     # THUDM/GLM's pretraining scripts (config/ds_block_10B.sh): --bert-prob 0.4, --gap-sentence-prob 0.3, the
-    # rest document-level generation
+    # rest document-level generation; GLM-130B (its paper, section 2.1): token 0.3, sentence 0, document 0.7
     token: float = 0.4  # [MASK] spans of Poisson(mean_span) lengths until mask_ratio of the tokens
     sentence: float = 0.3  # [sMASK] whole sentences until mask_ratio of the tokens
     document: float = 0.3  # [gMASK] one span at the end, document_min_ratio .. 100% of the text
@@ -190,6 +192,14 @@ class BlankInfillingSection:
     mean_span: float = 3.0
     document_min_ratio: float = 0.5
     copies: int = 1  # differently corrupted copies of every document (new spans, as another epoch would draw)
+
+
+@dataclasses.dataclass
+class ClozeSection:
+    # data.task: cloze (docs/glm-objective.md, "Classification as cloze"): {"text", "label"} records as GLM
+    # fine-tuned for SuperGLUE, the label a word filling the [MASK] of `pattern`, scored by its log-probability
+    pattern: str = "{text} [MASK]"  # "{text}" once and "[MASK]" once
+    verbalizer: list = dataclasses.field(default_factory=list)  # the word of label 0, 1, ...
 
 
 @dataclasses.dataclass
@@ -207,13 +217,14 @@ class Config:
     distill: DistillSection = dataclasses.field(default_factory=DistillSection)
     embedding: EmbeddingSection = dataclasses.field(default_factory=EmbeddingSection)
     blank_infilling: BlankInfillingSection = dataclasses.field(default_factory=BlankInfillingSection)
+    cloze: ClozeSection = dataclasses.field(default_factory=ClozeSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 CHOICES = {
-    "data.task": ("pretrain", "sft", "classification", "embedding"),
+    "data.task": ("pretrain", "sft", "classification", "embedding", "cloze"),
     "data.objective": ("causal", "blank_infilling"),
     "embedding.pooling": ("last", "mean"),
     "data.text_split": ("paragraph", "line", "file"),
@@ -382,6 +393,7 @@ def validate_static(cfg: Config) -> None:
     _check_distill(cfg)
     _check_embedding(cfg)
     _check_blank_infilling(cfg)
+    _check_cloze(cfg)
     _check_mesh(cfg)
     if cfg.model.overrides:
         fields = {f.name for f in dataclasses.fields(GLMConfig)}
@@ -471,7 +483,7 @@ def _check_distill(cfg: Config) -> None:
         raise ConfigError(f"distill.top_k: {k.top_k} must be >= 0, and > 0 only with distill.kl: forward")
     if k.hidden_weight < 0:
         raise ConfigError(f"distill.hidden_weight: must be >= 0, got {k.hidden_weight}")
-    if cfg.data.task in ("classification", "embedding"):
+    if cfg.data.task in ("classification", "embedding", "cloze"):
         raise ConfigError("distill.teacher: distillation matches next-token distributions (data.task pretrain or "
                           f"sft), not data.task {cfg.data.task}")
     if cfg.train.mode == "ptuning" or cfg.train.loss_chunk or cfg.train.mtp_loss_weight:
@@ -521,6 +533,21 @@ def _check_blank_infilling(cfg: Config) -> None:
                               f"train_files, corrupted when the run starts)")
     if cfg.data.seq_len < 8:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is too short for blank infilling (at least 8)")
+
+
+def _check_cloze(cfg: Config) -> None:
+    if cfg.data.task != "cloze":
+        return
+    c = cfg.cloze
+    if c.pattern.count("{text}") != 1 or c.pattern.count("[MASK]") != 1:
+        raise ConfigError(f"cloze.pattern: {c.pattern!r} must hold {{text}} once and [MASK] once")
+    if len(c.verbalizer) < 2 or not all(isinstance(w, str) and w.strip() for w in c.verbalizer):
+        raise ConfigError(f"cloze.verbalizer: give a word per label (at least two), got {c.verbalizer!r}")
+    t = cfg.train
+    for key, bad in (("data.prepared", cfg.data.prepared), ("train.mtp_loss_weight", t.mtp_loss_weight),
+                     ("train.loss_chunk", t.loss_chunk)):
+        if bad:
+            raise ConfigError(f"{key}: not with data.task cloze (label words scored on {{text, label}} records)")
 
 
 def _check_mesh(cfg: Config) -> None:
@@ -620,6 +647,9 @@ def check_model_fit(cfg: Config, model_cfg) -> None:
     if cfg.data.objective == "blank_infilling" and not two_d:
         raise ConfigError("data.objective: blank_infilling needs a model with 2D positions (ChatGLM-6B: model.preset "
                           "chatglm-6b or chatglm-6b-tiny, or a ChatGLM-6B checkpoint)")
+    if cfg.data.task == "cloze" and not two_d:
+        raise ConfigError("data.task: cloze fills a [MASK] with a label word: it needs a model with 2D positions "
+                          "(ChatGLM-6B: model.preset chatglm-6b or chatglm-6b-tiny, or a ChatGLM-6B checkpoint)")
     if two_d and cfg.data.task == "pretrain" and cfg.data.objective == "causal":
         # its context attends both ways: next-token targets would be visible to every position
         raise ConfigError("data.objective: causal pretraining of a model with 2D positions (ChatGLM-6B) would let "

@@ -471,16 +471,25 @@ def encode_sft_record(tok, obj: Any) -> tuple[list[int], list[bool]]:
 
 # ------------------------------------------------------------------------------------------------ example arrays
 
-def example_spec(task: str, seq_len: int, negatives: int = 0) -> dict[str, tuple[tuple[int, ...], type]]:
+def example_spec(task: str, seq_len: int, negatives: int = 0, objective: str = "causal",
+                 labels: int = 0) -> dict[str, tuple[tuple[int, ...], type]]:
     """Per-example shape and dtype of every array the pipeline's builders produce for `task` (for abstract batches:
-    compiling a step without reading any data). embedding: `negatives` hard negatives after each positive."""
+    compiling a step without reading any data). embedding: `negatives` hard negatives after each positive;
+    blank_infilling: GLM's 2D positions and Part A ends too; cloze: a row per label word (`labels`)."""
     row = ((seq_len,), np.int32)
     if task == "classification":
         return {"input_ids": row, "segment_ids": row, "labels": ((), np.int32)}
     if task == "embedding":
         passages = ((1 + negatives, seq_len), np.int32)
         return {"query_ids": row, "query_segments": row, "passage_ids": passages, "passage_segments": passages}
-    return {"input_ids": row, "segment_ids": row, "targets": row, "loss_mask": ((seq_len,), np.float32)}
+    if task == "cloze":
+        rows = ((labels, seq_len), np.int32)
+        return {"input_ids": rows, "segment_ids": rows, "targets": rows, "target_mask": ((labels, seq_len), np.float32),
+                "labels": ((), np.int32)}
+    spec = {"input_ids": row, "segment_ids": row, "targets": row, "loss_mask": ((seq_len,), np.float32)}
+    if objective == "blank_infilling":
+        spec.update(position_ids=row, block_position_ids=row, context_ends=row)
+    return spec
 
 
 def split_holdout(arrays: dict[str, np.ndarray], fraction: float) -> tuple[dict, dict]:

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Iterator
 import grain
 import numpy as np
 
+from glm_jax.train import blank_infilling as BI
 from glm_jax.train import data as D
 from glm_jax.train.data import BadRecords, DataError
 
@@ -371,6 +372,27 @@ class ClassificationRow(grain.transforms.Map):
         return {"input_ids": tokens, "segment_ids": segments, "labels": np.int32(label)}
 
 
+class ClozeRow(grain.transforms.Map):
+    """(where, {"text", "label"}) -> GLM's cloze rows of the record (blank_infilling.cloze_rows: one per label
+    word) and its label, or None for a bad record."""
+
+    def __init__(self, tok, seq_len: int, pattern: str, candidates: list[list[int]], bad: BadRecords):
+        self.tok, self.seq_len, self.pattern, self.candidates, self.bad = tok, seq_len, pattern, candidates, bad
+
+    def map(self, element):
+        where, obj = element
+        text = obj.get("text") if isinstance(obj, dict) else None
+        label = obj.get("label") if isinstance(obj, dict) else None
+        if not isinstance(text, str) or not isinstance(label, int) or isinstance(label, bool):
+            self.bad.handle(where, 'expected {"text": str, "label": int}')
+            return None
+        if not 0 <= label < len(self.candidates):
+            self.bad.handle(where, f"label {label} is outside [0, {len(self.candidates)}) (cloze.verbalizer)")
+            return None
+        rows = BI.cloze_rows(self.tok, text, self.pattern, self.candidates, self.seq_len)
+        return {**rows, "labels": np.int32(label)}
+
+
 class EmbeddingPairRow(grain.transforms.Map):
     """(where, {"query", "positive", "negatives"?}) -> {query_ids, query_segments, passage_ids, passage_segments}:
     each text's `Tokenizer.embedding_ids` (as glm_jax.embed encodes it), right-padded; the passages are the
@@ -455,6 +477,13 @@ def classification_dataset(files: list[Path], tok, seq_len: int, num_labels: int
     return ds.batch(ROWS_PER_BATCH)
 
 
+def cloze_dataset(files: list[Path], tok, seq_len: int, pattern: str, candidates: list[list[int]],
+                  bad: BadRecords) -> grain.IterDataset:
+    ds = FileRecords(files, bad, documents=False)
+    ds = ds.map(ClozeRow(tok, seq_len, pattern, candidates, bad)).filter(_not_none)
+    return ds.batch(ROWS_PER_BATCH)
+
+
 def embedding_dataset(files: list[Path], tok, seq_len: int, negatives: int, bad: BadRecords) -> grain.IterDataset:
     ds = FileRecords(files, bad, documents=False)
     ds = ds.map(EmbeddingPairRow(tok, seq_len, negatives, bad)).filter(_not_none)
@@ -529,6 +558,15 @@ def build_classification(files: list[Path], tok, seq_len: int, num_labels: int,
                          bad: BadRecords) -> dict[str, np.ndarray]:
     """Classification rows: {"text", "label"} records, right-padded, and their labels."""
     arrays = collect(classification_dataset(files, tok, seq_len, num_labels, bad))
+    if arrays is None:
+        raise D.no_examples(files, bad)
+    return arrays
+
+
+def build_cloze(files: list[Path], tok, seq_len: int, pattern: str, candidates: list[list[int]],
+                bad: BadRecords) -> dict[str, np.ndarray]:
+    """GLM cloze rows: {"text", "label"} records -> [records, label words, seq_len] rows and their labels."""
+    arrays = collect(cloze_dataset(files, tok, seq_len, pattern, candidates, bad))
     if arrays is None:
         raise D.no_examples(files, bad)
     return arrays

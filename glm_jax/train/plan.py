@@ -164,7 +164,7 @@ def abstract_step_inputs(cfg: Config, parts: ModelParts):
     abstract_state = jax.eval_shape(lambda p: make_state(p, tx, t.seed), trainable)
     s_shard = state_shardings(abstract_state, train_shard, tx, mesh)
     micro = t.global_batch_size // t.grad_accum
-    spec = D.example_spec(dc.task, dc.seq_len, cfg.embedding.negatives)
+    spec = D.example_spec(dc.task, dc.seq_len, cfg.embedding.negatives, dc.objective, len(cfg.cloze.verbalizer))
     shapes = {k: (t.grad_accum, micro) + sh for k, (sh, _) in spec.items()}
     b_shard = batch_shardings(mesh, {k: np.zeros(s, np.int8) for k, s in shapes.items()}, microbatched=True)
     batch = {k: jax.ShapeDtypeStruct(shapes[k], np.dtype(spec[k][1]), sharding=b_shard[k]) for k in shapes}

@@ -40,6 +40,7 @@ from glm_jax.model.layers.pooling import pool
 from glm_jax.sharding import axis_rules
 from glm_jax.train import lora as lora_lib
 
+ACCURACY_TASKS = ("classification", "embedding", "cloze")  # tasks whose steps also count correct answers
 BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis is also data parallel outside the experts (sharding.py)
 
 # The L2 norm over every leaf: optax.tree.norm, which deprecates optax.global_norm (older optax has only the latter).
@@ -96,6 +97,17 @@ def mtp_targets(targets, mask, segment_ids, depth: int):
     return pad(targets), mask
 
 
+def label_sums(logits, labels, z_loss: float = 0.0):
+    """Cross-entropy of [batch, labels] logits (fp32) against `labels`: (sum of nll + z-loss, {"loss_sum",
+    "correct", "count"})."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.sum(nll + z_loss * jnp.square(lse)), {"loss_sum": jnp.sum(nll), "correct": jnp.sum(correct),
+                                                     "count": jnp.asarray(nll.shape[0], jnp.float32)}
+
+
 def lm_token_losses(logits, targets, z_loss: float):
     """Per-token nll and z-loss terms in float32."""
     logits = logits.astype(jnp.float32)
@@ -131,7 +143,8 @@ def hidden_mse(student_hidden, teacher_hidden):
 class StepBuilder:
     """Builds `train_step(state, frozen, batch) -> (state, metrics)` and `eval_step(state, frozen, batch)`.
 
-    task: "lm" (pretrain / sft), "classification" or "embedding" (contrastive query / passage pairs).
+    task: "lm" (pretrain / sft), "classification", "embedding" (contrastive query / passage pairs) or "cloze"
+    (label words filling a [MASK], GLM's classification).
     """
 
     def __init__(self, model, tx: optax.GradientTransformation, schedule: Callable, task: str, z_loss: float = 0.0,
@@ -211,6 +224,8 @@ class StepBuilder:
     def _sums(self, params, batch, forward, teacher_params=None):
         if self.task == "embedding":
             return self.contrastive_sums(params, batch, forward)
+        if self.task == "cloze":
+            return self.cloze_sums(params, batch, forward)
         if self.task != "classification" and (self.loss_chunk or self.mtp_loss_weight):
             hidden = forward(params, batch, return_hidden=True)
             chunk = self.loss_chunk or hidden.shape[1]
@@ -229,13 +244,7 @@ class StepBuilder:
         else:
             logits = forward(params, batch)
         if self.task == "classification":
-            logits = logits.astype(jnp.float32)
-            lse = jax.nn.logsumexp(logits, axis=-1)
-            nll = lse - jnp.take_along_axis(logits, batch["labels"][:, None], axis=-1)[:, 0]
-            z = self.z_loss * jnp.square(lse)
-            correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-            return jnp.sum(nll + z), {"loss_sum": jnp.sum(nll), "correct": jnp.sum(correct),
-                                      "count": jnp.asarray(nll.shape[0], jnp.float32)}
+            return label_sums(logits, batch["labels"], self.z_loss)
         nll, z = lm_token_losses(logits, batch["targets"], self.z_loss)
         mask = batch["loss_mask"].astype(jnp.float32)
         data, aux = jnp.sum((nll + z) * mask), {"loss_sum": jnp.sum(nll * mask), "count": jnp.sum(mask)}
@@ -251,6 +260,15 @@ class StepBuilder:
             mse = jnp.sum(hidden_mse(hidden, t_hidden) * mask)
             obj, aux = obj + d["hidden_weight"] * mse, {**aux, "hidden_sum": mse}
         return obj, aux
+
+    def cloze_sums(self, params, batch, forward):
+        """GLM's cloze classification (docs/glm-objective.md): each label word's log-probability of filling the
+        [MASK] (the sum over its tokens, from the <sop> on), cross-entropy over the label words."""
+        b, c, s = batch["input_ids"].shape
+        flat = {k: batch[k].reshape(b * c, s) for k in ("input_ids", "segment_ids")}
+        nll, _ = lm_token_losses(forward(params, flat), batch["targets"].reshape(b * c, s), 0.0)
+        scores = -jnp.sum(nll * batch["target_mask"].reshape(b * c, s), axis=-1).reshape(b, c)
+        return label_sums(scores, batch["labels"], self.z_loss)
 
     def contrastive_sums(self, params, batch, forward):
         """InfoNCE (docs/knowledge.md, "Training an embedder"): every query against every passage of the
@@ -290,7 +308,7 @@ class StepBuilder:
 
     @staticmethod
     def count(batch, task):
-        if task == "classification":
+        if task in ("classification", "cloze"):
             return jnp.asarray(batch["labels"].size, jnp.float32)
         if task == "embedding":  # queries, over every leading (microbatch, row) axis
             return jnp.asarray(batch["query_ids"].size // batch["query_ids"].shape[-1], jnp.float32)
@@ -336,7 +354,7 @@ class StepBuilder:
                    "tokens": aux["count"] if self.task == "lm" else total, "finite": finite,
                    "update_finite": update_finite,
                    "skipped": new_state["skipped"]}
-        if self.task in ("classification", "embedding"):
+        if self.task in ACCURACY_TASKS:
             metrics["accuracy"] = aux["correct"] / total
         if self.teacher is not None:  # "loss" stays the data loss, comparable with runs without a teacher
             metrics["kl"], metrics["data_loss"] = aux["kl_sum"] / jnp.maximum(aux["count"], 1.0), loss

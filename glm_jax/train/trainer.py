@@ -29,6 +29,7 @@ from glm_jax.train.config import Config
 from glm_jax.train.exit_codes import ExitCode
 from glm_jax.train.metrics import mfu, plot_loss
 from glm_jax.train.rundir import mark_complete
+from glm_jax.train.step import ACCURACY_TASKS
 
 log = logging.getLogger("glm_jax.train")
 
@@ -60,7 +61,7 @@ class MetricsReader:
         record = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                   "tokens": int(m["tokens"]), "tokens_per_s": tps,
                   "mfu": mfu(tps, self.flops_per_token, self.device_kind, jax.device_count()) if tps else None}
-        if self.task in ("classification", "embedding"):  # embedding: in-batch retrieval accuracy
+        if self.task in ACCURACY_TASKS:  # embedding: in-batch retrieval accuracy
             record["accuracy"] = float(m["accuracy"])
         if "mtp_loss" in m:
             record["mtp_loss"], record["mtp_accuracy"] = float(m["mtp_loss"]), float(m["mtp_accuracy"])
