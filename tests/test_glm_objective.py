@@ -125,6 +125,12 @@ def test_configuration_errors_name_the_key(tmp_path, overrides, message):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_prepare_data_refuses_the_objective(tmp_path):
+    r = train(tmp_path / "run", *SMALL, "--prepare-data", str(tmp_path / "prep"), check=False)
+    assert r.returncode == 2 and "data.objective: --prepare-data packs next-token rows" in r.stderr, r.stderr
+    assert not (tmp_path / "prep").exists()
+
+
 # ------------------------------------------------------------------------------------------------ runs
 
 @pytest.fixture(scope="module")

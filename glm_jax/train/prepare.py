@@ -21,6 +21,9 @@ def prepare_data(cfg: Config, out_dir: str | Path) -> ExitCode:
     dc = cfg.data
     if dc.task != "pretrain":
         raise ConfigError(f"data.task: --prepare-data packs pretraining text, not {dc.task} data")
+    if dc.objective != "causal":
+        raise ConfigError(f"data.objective: --prepare-data packs next-token rows; {dc.objective} examples are "
+                          f"corrupted when the run starts")
     if not dc.train_files:
         raise ConfigError("data.train_files: nothing to prepare")
     sources = {split: P.expand_sources(files) for split, files in (("train", dc.train_files),
