@@ -10,8 +10,10 @@ from pathlib import Path
 import yaml
 
 from glm_jax.convert import load_hf
-from glm_jax.tokenizers import TOKENIZER_FILES, TOKENIZER_FILES_TEXT, SentencePieceTokenizer, load_tokenizer
-from glm_jax.train.build import load_run
+from glm_jax.tokenizers import (CHATGLM6B_VOCABULARY, TOKENIZER_FILES, TOKENIZER_FILES_TEXT, SentencePieceTokenizer,
+                                load_tokenizer)
+from glm_jax.train.build import build_model_config, load_run
+from glm_jax.train.config import load_config
 
 
 def load_checkpoint(path: str | Path, **overrides):
@@ -42,8 +44,9 @@ def load_orbax_run(path: Path, **overrides):
 
 def default_tokenizer(checkpoint: str | Path) -> Path | None:
     """Where a checkpoint's tokenizer is: the directory itself when it holds one of TOKENIZER_FILES;
-    for a train.py run directory, its config's `data.tokenizer`, else its `model.init_from` directory's; None:
-    the tokenizer shipped with glm_jax."""
+    for a train.py run directory, its config's `data.tokenizer`, else its `model.init_from` directory's, else for a
+    model with 2D positions the shipped ChatGLM-6B-style vocabulary (what train.py used); None: the tokenizer
+    shipped with glm_jax."""
     path = Path(checkpoint)
     if any((path / f).is_file() for f in TOKENIZER_FILES):
         return path
@@ -59,7 +62,18 @@ def default_tokenizer(checkpoint: str | Path) -> Path | None:
     if data.get("tokenizer"):
         return Path(data["tokenizer"])
     init = model.get("init_from")
-    return Path(init) if init and any((Path(init) / f).is_file() for f in TOKENIZER_FILES) else None
+    if init and any((Path(init) / f).is_file() for f in TOKENIZER_FILES):
+        return Path(init)
+    return CHATGLM6B_VOCABULARY if _run_has_2d_positions(path) else None
+
+
+def _run_has_2d_positions(run_dir: Path) -> bool:
+    """Whether a train.py run's model has 2D positions (ChatGLM-6B): train.py then used the shipped ChatGLM-6B-style
+    vocabulary when the run named no tokenizer."""
+    try:
+        return build_model_config(load_config(run_dir / "config.yaml", check_paths=False)).position_encoding_2d
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def tokenizer_or_shipped(source: str | Path | None):

@@ -176,19 +176,8 @@ def _flat(tree, prefix=""):
 
 
 def thudm_logits(cfg, params, ids) -> np.ndarray:
-    conf, modeling = thudm_chatglm6b.load("configuration"), thudm_chatglm6b.load("text_generation")
-    theirs = modeling.ChatGLMModel(conf.ChatGLMConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, inner_hidden_size=cfg.ffn_hidden_size, layernorm_epsilon=cfg.norm_eps,
-        max_sequence_length=cfg.max_seq_len, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_ids[0],
-        mask_token_id=cfg.mask_token_id, gmask_token_id=cfg.gmask_token_id, pad_token_id=cfg.pad_token_id,
-        position_encoding_2d=True)).float()  # float32 before loading: its parameters are created in float16
-    assert not theirs.load_state_dict(to_thudm_v1(cfg, params), strict=False).missing_keys
-    theirs = theirs.eval()
-    with torch.no_grad():
-        hidden = theirs(input_ids=torch.as_tensor(np.asarray(ids))).last_hidden_state  # [seq, batch, hidden]
-    head = torch.from_numpy(np.asarray(params["lm_head"]["kernel"], np.float32))
-    return (hidden.transpose(0, 1) @ head).numpy()
+    """THUDM's ChatGLM-6B logits for our parameters (converted by the test's own to_thudm_v1)."""
+    return thudm_v1_logits(thudm_v1(cfg, to_thudm_v1(cfg, params)), np.asarray(params["lm_head"]["kernel"]).T, ids)
 
 
 @pytest.mark.parametrize("ids", [
@@ -387,7 +376,7 @@ def thudm_v1(cfg, state: dict, **config):
         num_attention_heads=cfg.num_heads, inner_hidden_size=cfg.ffn_hidden_size, layernorm_epsilon=cfg.norm_eps,
         max_sequence_length=cfg.max_seq_len, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_ids[0],
         mask_token_id=cfg.mask_token_id, gmask_token_id=cfg.gmask_token_id, pad_token_id=cfg.pad_token_id,
-        position_encoding_2d=True, **config)).float()
+        position_encoding_2d=True, **config)).float()  # float32 before loading: its parameters are created in float16
     result = theirs.load_state_dict({k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in state.items()},
                                     strict=False)
     assert not result.missing_keys, result.missing_keys
@@ -396,7 +385,7 @@ def thudm_v1(cfg, state: dict, **config):
 
 def thudm_v1_logits(model, head, ids) -> np.ndarray:
     with torch.no_grad():
-        hidden = model(input_ids=torch.as_tensor(np.asarray(ids))).last_hidden_state
+        hidden = model(input_ids=torch.as_tensor(np.asarray(ids))).last_hidden_state  # [seq, batch, hidden]
     return (hidden.transpose(0, 1) @ torch.as_tensor(np.asarray(head, np.float32)).T).numpy()
 
 

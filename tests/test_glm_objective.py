@@ -150,6 +150,21 @@ def test_a_run_lowers_the_loss_on_part_b(baseline):
     assert len(evals) == 2 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 
 
+def test_the_run_and_its_export_carry_the_chatglm6b_vocabulary(baseline):
+    """The chat CLI, the server and the benchmarks find the vocabulary train.py used: the export holds
+    ice_text.model and its tokenizer_config.json (as THUDM's checkpoints), the run directory resolves to the
+    shipped ChatGLM-6B-style vocabulary."""
+    from glm_jax.checkpoints import default_tokenizer
+    from glm_jax.tokenizers import ChatGLM6BTokenizer
+
+    run_dir, _ = baseline
+    assert default_tokenizer(run_dir) == CHATGLM6B_VOCABULARY
+    export = run_dir / "export"
+    assert default_tokenizer(export) == export
+    tok = load_tokenizer(export)
+    assert isinstance(tok, ChatGLM6BTokenizer) and tok.num_image_tokens == 0 and tok.vocab_size == 8000
+
+
 def test_resume_equals_uninterrupted(baseline, tmp_path):
     import shutil
 

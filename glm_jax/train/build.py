@@ -490,8 +490,10 @@ class TrainRun:
             self.bar = None
 
     def export(self, step: int, state) -> None:
+        # a ChatGLM-6B vocabulary travels with the weights (THUDM's layout has ice_text.model beside them)
+        tokenizer = load_train_tokenizer(self.cfg, self.model_cfg) if self.model_cfg.position_encoding_2d else None
         export_params(self.cfg, self.model_cfg, self.builder.effective_params(state["params"], self.frozen),
-                      self.primary, step)
+                      self.primary, step, tokenizer)
 
     def close(self) -> None:
         self.close_progress()

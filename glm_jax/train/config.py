@@ -502,11 +502,16 @@ def _check_embedding(cfg: Config) -> None:
     if cfg.data.task != "embedding":
         return
     t = cfg.train
-    for key, bad in (("train.mode", t.mode == "ptuning"), ("train.loss_chunk", t.loss_chunk),
-                     ("train.mtp_loss_weight", t.mtp_loss_weight), ("data.prepared", cfg.data.prepared)):
+    _refuse({"train.mode": t.mode == "ptuning", "train.loss_chunk": t.loss_chunk,
+             "train.mtp_loss_weight": t.mtp_loss_weight, "data.prepared": cfg.data.prepared},
+            "data.task embedding (full or LoRA training on query / passage pairs read from train_files)")
+
+
+def _refuse(settings: dict, what: str) -> None:
+    """ConfigError naming the first of `settings` (key -> set or not) that is set: it does not go with `what`."""
+    for key, bad in settings.items():
         if bad:
-            raise ConfigError(f"{key}: not with data.task embedding (full or LoRA training on query / passage "
-                              f"pairs read from train_files)")
+            raise ConfigError(f"{key}: not with {what}")
 
 
 def _check_blank_infilling(cfg: Config) -> None:
@@ -525,12 +530,9 @@ def _check_blank_infilling(cfg: Config) -> None:
         raise ConfigError(f"blank_infilling.copies: must be >= 1, got {b.copies}")
     if cfg.data.objective != "blank_infilling":
         return
-    t = cfg.train
-    for key, bad in (("data.task", cfg.data.task != "pretrain"), ("data.prepared", cfg.data.prepared),
-                     ("distill.teacher", cfg.distill.teacher), ("train.mtp_loss_weight", t.mtp_loss_weight)):
-        if bad:
-            raise ConfigError(f"{key}: not with data.objective blank_infilling (pretraining text read from "
-                              f"train_files, corrupted when the run starts)")
+    _refuse({"data.task": cfg.data.task != "pretrain", "data.prepared": cfg.data.prepared,
+             "distill.teacher": cfg.distill.teacher, "train.mtp_loss_weight": cfg.train.mtp_loss_weight},
+            "data.objective blank_infilling (pretraining text read from train_files, corrupted when the run starts)")
     if cfg.data.seq_len < 8:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is too short for blank infilling (at least 8)")
 
@@ -543,11 +545,8 @@ def _check_cloze(cfg: Config) -> None:
         raise ConfigError(f"cloze.pattern: {c.pattern!r} must hold {{text}} once and [MASK] once")
     if len(c.verbalizer) < 2 or not all(isinstance(w, str) and w.strip() for w in c.verbalizer):
         raise ConfigError(f"cloze.verbalizer: give a word per label (at least two), got {c.verbalizer!r}")
-    t = cfg.train
-    for key, bad in (("data.prepared", cfg.data.prepared), ("train.mtp_loss_weight", t.mtp_loss_weight),
-                     ("train.loss_chunk", t.loss_chunk)):
-        if bad:
-            raise ConfigError(f"{key}: not with data.task cloze (label words scored on {{text, label}} records)")
+    _refuse({"data.prepared": cfg.data.prepared, "train.mtp_loss_weight": cfg.train.mtp_loss_weight,
+             "train.loss_chunk": cfg.train.loss_chunk}, "data.task cloze (label words scored on {text, label} records)")
 
 
 def _check_mesh(cfg: Config) -> None:

@@ -347,6 +347,21 @@ class SftRow(grain.transforms.Map):
         return tokens, segments, target
 
 
+def labelled_text(element, num_labels: int, limit: str, bad: BadRecords) -> tuple[str, int] | None:
+    """(text, label) of a (where, {"text", "label"}) record, or None for a bad one (reported to `bad`; `limit`
+    names the setting that bounds the labels)."""
+    where, obj = element
+    text = obj.get("text") if isinstance(obj, dict) else None
+    label = obj.get("label") if isinstance(obj, dict) else None
+    if not isinstance(text, str) or not isinstance(label, int) or isinstance(label, bool):
+        bad.handle(where, 'expected {"text": str, "label": int}')
+        return None
+    if not 0 <= label < num_labels:
+        bad.handle(where, f"label {label} is outside [0, {num_labels}) ({limit})")
+        return None
+    return text, label
+
+
 class ClassificationRow(grain.transforms.Map):
     """(where, {"text", "label"}) -> {input_ids, segment_ids, labels} ([gMASK] sop + text, first seq_len tokens,
     right-padded), or None for a bad record."""
@@ -355,15 +370,10 @@ class ClassificationRow(grain.transforms.Map):
         self.tok, self.seq_len, self.num_labels, self.bad = tok, seq_len, num_labels, bad
 
     def map(self, element):
-        where, obj = element
-        text = obj.get("text") if isinstance(obj, dict) else None
-        label = obj.get("label") if isinstance(obj, dict) else None
-        if not isinstance(text, str) or not isinstance(label, int) or isinstance(label, bool):
-            self.bad.handle(where, 'expected {"text": str, "label": int}')
+        record = labelled_text(element, self.num_labels, "model num_labels", self.bad)
+        if record is None:
             return None
-        if not 0 <= label < self.num_labels:
-            self.bad.handle(where, f"label {label} is outside [0, {self.num_labels}) (model num_labels)")
-            return None
+        text, label = record
         ids = self.tok.encode(text)[:self.seq_len]
         tokens = np.full(self.seq_len, self.tok.pad_token_id, np.int32)
         segments = np.zeros(self.seq_len, np.int32)
@@ -380,15 +390,10 @@ class ClozeRow(grain.transforms.Map):
         self.tok, self.seq_len, self.pattern, self.candidates, self.bad = tok, seq_len, pattern, candidates, bad
 
     def map(self, element):
-        where, obj = element
-        text = obj.get("text") if isinstance(obj, dict) else None
-        label = obj.get("label") if isinstance(obj, dict) else None
-        if not isinstance(text, str) or not isinstance(label, int) or isinstance(label, bool):
-            self.bad.handle(where, 'expected {"text": str, "label": int}')
+        record = labelled_text(element, len(self.candidates), "cloze.verbalizer", self.bad)
+        if record is None:
             return None
-        if not 0 <= label < len(self.candidates):
-            self.bad.handle(where, f"label {label} is outside [0, {len(self.candidates)}) (cloze.verbalizer)")
-            return None
+        text, label = record
         rows = BI.cloze_rows(self.tok, text, self.pattern, self.candidates, self.seq_len)
         return {**rows, "labels": np.int32(label)}
 

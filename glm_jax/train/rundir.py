@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from glm_jax import save_hf
+from glm_jax.tokenizers import ChatGLM6BTokenizer
 from glm_jax.train.atomic_dir import Protected, check_destination, pid_alive, proc_start, write_atomically
 from glm_jax.train.config import Config, ConfigError, load_config
 
@@ -195,11 +197,20 @@ def has_export(path: str | Path | None) -> bool:
     return path is not None and any((Path(path) / f).is_file() for f in (EXPORT_MARKER, "config.json"))
 
 
-def export_params(cfg, model_cfg, params, primary, step: int):
+def export_params(cfg, model_cfg, params, primary, step: int, tokenizer=None):
     """export.path <- params in export.format with this run's marker, written beside it and swapped in whole
-    (rundir.write_export: an export never replaces what it did not write)."""
+    (rundir.write_export: an export never replaces what it did not write). A ChatGLM-6B `tokenizer` goes with
+    the weights, as in THUDM's checkpoints (ice_text.model and its tokenizer_config.json)."""
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
+
+    def write(tmp: Path) -> None:
+        save_hf(model_cfg, params, tmp, format=cfg.export.format)
+        if isinstance(tokenizer, ChatGLM6BTokenizer):
+            shutil.copyfile(tokenizer.model_file, tmp / "ice_text.model")
+            (tmp / "tokenizer_config.json").write_text(json.dumps({"num_image_tokens": tokenizer.num_image_tokens})
+                                                       + "\n")
+
     if primary:
-        out = write_export(lambda tmp: save_hf(model_cfg, params, tmp, format=cfg.export.format), cfg, step)
+        out = write_export(write, cfg, step)
         print(f"exported {cfg.export.format} checkpoint to {out}", flush=True)
