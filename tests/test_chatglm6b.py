@@ -480,3 +480,32 @@ def test_quantized_checkpoints_load_to_thudms_logits_and_save_back(tmp_path, bit
             np.testing.assert_array_equal(written[key], t.numpy(), err_msg=key)
     assert (written["lm_head.weight"].dtype == np.int8) == embeddings
     assert json.loads((out / "config.json").read_text()).get("quantization_embeddings", False) == embeddings
+
+
+def test_the_serving_engine_decodes_as_generate():
+    """The serving engine's paged cache on ChatGLM-6B: each row's context end and mask position go into the
+    paged index, the context (attending both ways) is prefilled in one chunk even past prefill_chunk, prefix caching
+    is off; greedy tokens equal glm_jax.generate's (which equal THUDM's, above) with small pages and with a KV budget
+    that forces preemption."""
+    import jax
+
+    from glm_jax import GLMForCausalLM, generate, init_params
+    from glm_jax.serve import Engine, SamplingParams
+
+    cfg = v1_config()
+    model = GLMForCausalLM(cfg)
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                          init_params(model, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    prompts = [[5, 6, 7, 8, 253, 250], [5, 6, 252, 7, 8, 250], rng.integers(5, 200, 40).tolist() + [253, 250],
+               [9, 10, 11, 12]]
+    want = [generate(model, params, np.asarray(p, np.int32), max_new_tokens=12, stop_ids=())[len(p):].tolist()
+            for p in prompts]
+    for kw in (dict(), dict(prefill_chunk=16, page_size=4), dict(prefill_chunk=16, page_size=4, kv_cache_tokens=80)):
+        engine = Engine(model, params, max_num_seqs=4, **kw)
+        assert not engine.pool.prefix_caching
+        outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+        assert [o.token_ids for o in outs] == want, kw
+        assert (engine.stats().get("preemptions", 0) > 0) == ("kv_cache_tokens" in kw)
+    with pytest.raises(ValueError, match="speculative: not with a model with 2D positions"):
+        Engine(model, params, speculative="ngram")

@@ -308,3 +308,40 @@ def test_grounded_chat_requests_carry_the_passages_and_their_sources(server, che
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body={"knowledge": bad})
         assert e.value.body["param"] == param
+
+
+def test_a_chatglm_6b_server_chats_and_fills_blanks_as_generate(tmp_path):
+    """ChatGLM-6B (2D positions) behind the server: a THUDM-layout checkpoint with its ice_text.model; the chat
+    answer is generate's on its [Round] prompt, a completion of a text holding [MASK] fills the blank as generate
+    does on tokenizer.encode(text) (the engine prefills the bidirectional context in one chunk, prefix caching
+    off)."""
+    from glm_jax.tokenizers import CHATGLM6B_VOCABULARY
+
+    cfg = GLMConfig.from_preset("chatglm-6b-tiny", hidden_size=64, ffn_hidden_size=160, num_layers=2, num_heads=4,
+                                num_kv_heads=4, head_dim=16)
+    params = jax.jit(lambda k: jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x,
+                                            init_params(GLMForCausalLM(cfg), k)))(jax.random.key(2))
+    ckpt = save_hf(cfg, params, tmp_path / "chatglm-6b-tiny", format="thudm")
+    for name in ("ice_text.model", "tokenizer_config.json"):
+        (ckpt / name).write_bytes((CHATGLM6B_VOCABULARY / name).read_bytes())
+    tok = load_tokenizer(ckpt)
+    model = GLMForCausalLM(cfg)
+
+    def expected(ids, n):
+        return generate(model, params, np.asarray(ids, np.int32), max_new_tokens=n, temperature=0.0)[len(ids):]
+
+    proc, url = start(ckpt, "--served-model-name", "tiny", "--prefill-chunk", "16")
+    try:
+        messages = [{"role": "user", "content": "你好，请介绍一下北京。"}]
+        reply = client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+        ids = expected(tok.apply_chat_template(messages), 12).tolist()
+        ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+        assert reply.choices[0].message.content == tok.parse_reply(ids)["content"] != ""
+        text = "In the beginning God created the [MASK] and the earth. And the earth was without form, and void."
+        done = client(url).completions.create(model="tiny", prompt=text, max_tokens=8, temperature=0,
+                                              extra_body={"ignore_eos": True})
+        assert done.usage.prompt_tokens == len(tok.encode(text)) > 16  # a context longer than one prefill chunk
+        assert done.choices[0].text == tok.decode(expected(tok.encode(text), 8).tolist())
+    finally:
+        proc.kill()
+        proc.wait()

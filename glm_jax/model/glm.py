@@ -408,8 +408,14 @@ class GLMModel(nn.Module):
         context_len = None
         if cfg.position_encoding_2d:  # ChatGLM-6B: 2D positions and the bidirectional context from the ids
             if paged is not None:
-                raise NotImplementedError("position_encoding_2d (ChatGLM-6B): the paged cache is not built yet")
-            if block_position_ids is not None:  # given whole (packed blank-infilling rows: train/blank_infilling.py)
+                if paged.context_len is None or paged.mask_position is None:
+                    raise ValueError("position_encoding_2d (ChatGLM-6B): the PagedIndex needs each row's "
+                                     "context_len and mask_position")
+                # the row's whole context is in this call or already in its pages (the engine prefills it in one
+                # chunk), so keys before the context end are seen by every query, as in the full forward
+                context_len = paged.context_len
+                positions, blocks = positions_2d(position_ids, context_len[:, None], paged.mask_position[:, None])
+            elif block_position_ids is not None:  # given whole (packed blank-infilling rows: train/blank_infilling.py)
                 if position_ids is None or context_ends is None or decode:
                     raise ValueError("block_position_ids: give position_ids and context_ends with them (no decode)")
                 positions, blocks, context_len = position_ids, block_position_ids, context_ends

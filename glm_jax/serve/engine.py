@@ -96,6 +96,9 @@ class Request:
     verify_steps: int = 0  # speculative decoding: its verify steps and the tokens they gave it
     verified_tokens: int = 0
 
+    context_len: int = 0  # ChatGLM-6B (2D positions): the prompt's context end and mask position (glm_positions)
+    mask_position: int = -1
+
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.generated
@@ -127,9 +130,12 @@ class Engine:
                  max_waiting: int = 1024, mesh: Mesh | None = None, rules: Sequence | None = None,
                  speculative: str | None = None, num_speculative_tokens: int | None = None):
         cfg = model.cfg
-        if cfg.position_encoding_2d:
-            raise ValueError("position_encoding_2d (ChatGLM-6B): the serving engine's paged cache is not built yet; "
-                             "glm_jax.generate decodes it (docs/glm-objective.md)")
+        if cfg.position_encoding_2d and speculative is not None:
+            raise ValueError("speculative: not with a model with 2D positions (ChatGLM-6B)")
+        if cfg.position_encoding_2d and prefix_caching:
+            # its context attends both ways: a page's keys depend on the context after it (docs/serving.md)
+            log.info("serving engine: prefix caching is off for ChatGLM-6B (2D positions, bidirectional context)")
+            prefix_caching = False
         if cfg.is_glm5_next and prefix_caching:
             # its KDA layers' state after a cached prefix is not kept (docs/serving.md, "Recurrent state")
             log.info("serving engine: prefix caching is off for glm5_next (KDA state per slot, not per page)")
@@ -206,6 +212,8 @@ class Engine:
         stops = (frozenset() if sampling.ignore_eos else self.default_stop_ids) | frozenset(sampling.stop_token_ids)
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
         req = Request(rid, prompt, sampling, seed % (1 << 31), max_tokens, stops, order)
+        if self.model.cfg.position_encoding_2d:
+            req.context_len, req.mask_position = context_of(self.model.cfg, prompt)
         self.requests[rid] = req
         self.waiting.append(req)
         self.counters["requests"] += 1
@@ -273,7 +281,7 @@ class Engine:
                               np.zeros((rows, chunk), np.int32))
             self.cache, self.seen, self.mtp_cache, self.draft_logq = out[3], out[4], out[6], out[7]
             return
-        out = self._program(kind, spec)(self.params, self.cache, self.seen, *inputs)
+        out = self._program(kind, spec)(self.params, self.cache, self.seen, *inputs, self._contexts([], rows))
         self.cache, self.seen = out[3], out[4]
 
     # ------------------------------------------------------------------ one step
@@ -346,13 +354,16 @@ class Engine:
     def _prefill(self, rows: list[Request], outputs: dict) -> None:
         counts = {}
         for req in rows:
-            counts[req.id] = min(self.prefill_chunk, req.prefill_target - req.computed)
+            # a 2D-position model's context attends both ways: all of it goes in the first chunk
+            counts[req.id] = min(max(self.prefill_chunk, req.context_len + 1 - req.computed),
+                                 req.prefill_target - req.computed)
             self._ensure_pages(req, req.computed + counts[req.id])
         rows = [r for r in rows if r.status == "running"]
         if not rows:
             return
         n_rows = _bucket(len(rows), 1, self.max_prefill_rows)
-        chunk = _bucket(max(counts[r.id] for r in rows), 16, self.prefill_chunk)
+        longest = max(counts[r.id] for r in rows)  # beyond prefill_chunk only for a long 2D-position context
+        chunk = _bucket(longest, 16, max(self.prefill_chunk, 1 << (longest - 1).bit_length()))
         tokens = np.zeros((n_rows, chunk), np.int32)
         offset, new = np.zeros(n_rows, np.int32), np.zeros(n_rows, np.int32)
         slots = np.zeros(n_rows, np.int32)
@@ -383,7 +394,7 @@ class Engine:
             fn = self._program("prefill", spec)
             tok, lp, top, self.cache, self.seen = fn(self.params, self.cache, self.seen, tokens,
                                                      self._page_table(rows, n_rows), offset, new, slots, sample_mask,
-                                                     knobs)
+                                                     knobs, self._contexts(rows, n_rows))
         tok, lp = np.asarray(tok), np.asarray(lp)
         top = None if top is None else tuple(np.asarray(t) for t in top)
         for b, req in enumerate(rows):
@@ -407,7 +418,8 @@ class Engine:
         spec = RowSpec.of([r.sampling for r in rows])
         fn = self._program("decode", spec)
         tok, lp, top, self.cache, self.seen = fn(self.params, self.cache, self.seen, tokens, self._page_table(rows, n),
-                                                 offset, new, slots, new.astype(bool), self._knobs(rows, n))
+                                                 offset, new, slots, new.astype(bool), self._knobs(rows, n),
+                                                 self._contexts(rows, n))
         tok, lp = np.asarray(tok), np.asarray(lp)
         top = None if top is None else tuple(np.asarray(t) for t in top)
         for b, req in enumerate(rows):
@@ -482,6 +494,15 @@ class Engine:
                 knobs["count"][b] = len(req.generated)
         knobs["vocab_limit"] = np.int32(self.vocab_limit)
         return knobs
+
+    def _contexts(self, rows: Sequence[Request], n: int) -> np.ndarray | None:
+        """[2, n] the rows' context ends and mask positions (ChatGLM-6B), None for every other model."""
+        if not self.model.cfg.position_encoding_2d:
+            return None
+        out = np.zeros((2, n), np.int32)
+        for b, req in enumerate(rows):
+            out[:, b] = req.context_len, req.mask_position
+        return out
 
     def _program(self, kind: str, spec: RowSpec):
         return functools.partial(run_sharded, self.mesh, self.rules,
@@ -561,9 +582,10 @@ def _step_program(model, kind: str, spec: RowSpec, mesh: Mesh | None = None, rul
     """The compiled prefill / decode step of `model` for rows of kind `spec`: one per (model, kind, spec, mesh),
     shared by every engine of that model (jax compiles it once per shape)."""
 
-    def run(params, cache, seen, tokens, pages, offset, new, slots, sampled, knobs):
+    def run(params, cache, seen, tokens, pages, offset, new, slots, sampled, knobs, contexts=None):
         TRACE_COUNTS[kind] += 1
-        index = PagedIndex(pages=pages, offset=offset, new=new, slots=slots)
+        index = PagedIndex(pages=pages, offset=offset, new=new, slots=slots,
+                           **({} if contexts is None else {"context_len": contexts[0], "mask_position": contexts[1]}))
         logits, updated = model.apply({"params": params, "cache": cache}, tokens, paged=index, mutable=["cache"],
                                       last_logits_only=True)
         tok, lp, top = sample_rows(logits[:, 0], seen[slots], knobs, spec)
@@ -574,6 +596,16 @@ def _step_program(model, kind: str, spec: RowSpec, mesh: Mesh | None = None, rul
         return tok, lp, top, cache, seen
 
     return jax.jit(run, donate_argnums=(1, 2))
+
+
+def context_of(cfg, prompt: Sequence[int]) -> tuple[int, int]:
+    """A ChatGLM-6B prompt's context end (its first <sop>, else its length) and mask position (its first
+    [gMASK], else its first [MASK], else -1): what glm_positions derives from the ids."""
+    def first(token):
+        return prompt.index(token) if token in prompt else -1
+
+    sop, gmask = first(cfg.bos_token_id), first(cfg.gmask_token_id)
+    return (sop if sop >= 0 else len(prompt)), (gmask if gmask >= 0 else first(cfg.mask_token_id))
 
 
 def _bucket(n: int, low: int, high: int) -> int:

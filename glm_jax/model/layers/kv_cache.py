@@ -32,6 +32,10 @@ class PagedIndex:
     offset: jax.Array
     new: jax.Array
     slots: jax.Array | None = None  # [B] each row's decode slot: its row of a recurrent-state pool
+    # ChatGLM-6B (2D positions): [B] each row's context end (its first <sop>, or its prompt length) and mask
+    # position (its first [gMASK], else [MASK]; -1 for none), logical positions of the row's sequence
+    context_len: jax.Array | None = None
+    mask_position: jax.Array | None = None
 
     def fresh(self, seq: int):
         """[B] bool: rows whose first real token is position 0 (a new or recomputed sequence: zero state)."""
