@@ -23,10 +23,10 @@ SMALL = ["model.overrides.hidden_size=64", "model.overrides.num_layers=2", "mode
          "checkpoint.keep=5", "train.steps=12"]
 
 
-def train(run_dir, *overrides, devices=1, check=True, config=CONFIG):
+def train(run_dir, *overrides, devices=1, check=True, config=CONFIG, env=None):
     """train.py on `config` (configs/glm-objective-tiny.yaml) with `overrides`."""
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(config), *overrides,
-                        f"run_dir={run_dir}"], cwd=ROOT, env=env_for(devices), capture_output=True, text=True,
+                        f"run_dir={run_dir}"], cwd=ROOT, env=env or env_for(devices), capture_output=True, text=True,
                        timeout=300)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

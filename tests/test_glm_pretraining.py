@@ -24,18 +24,27 @@ def tok():
 
 MEASURED = ["model.overrides.hidden_size=128", "model.overrides.num_layers=2", "model.overrides.num_heads=4",
             "model.overrides.num_kv_heads=4", "model.overrides.ffn_hidden_size=512", "train.global_batch_size=16",
-            "data.seq_len=64"]
+            "data.seq_len=64", "train.schedule=constant"]
+
+
+def optimized_env() -> dict:
+    """The suite's environment with XLA's backend optimisation back on: conftest.py turns it off to compile the
+    suite's many small programs faster, but these runs execute their few programs hundreds of times."""
+    env = env_for(1)
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", "")
+    return env
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """benchmarks/glm_objective.py: 600 steps of a 2-layer, hidden-128 ChatGLM-6B-architecture model on 90% of
-    the shipped corpus's paragraphs, then the [MASK]-fill measurement on the rest; exported in THUDM's layout."""
+    """benchmarks/glm_objective.py: 500 steps (constant learning rate 3e-3) of a 2-layer, hidden-128
+    ChatGLM-6B-architecture model on 90% of the shipped corpus's paragraphs, then the [MASK]-fill measurement on
+    the rest; exported in THUDM's layout."""
     out = tmp_path_factory.mktemp("pretrained")
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "glm_objective.py"), "--steps", "600",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "glm_objective.py"), "--steps", "500",
                         "--task-tokens", "40", "--run-dir", str(out / "run"), "--json", str(out / "fill.json"),
                         "--set", *MEASURED, f"export.path={out / 'export'}", "export.format=thudm"],
-                       cwd=ROOT, env=env_for(1), capture_output=True, text=True, timeout=900)
+                       cwd=ROOT, env=optimized_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out, json.loads((out / "fill.json").read_text()), r.stdout
 
@@ -44,13 +53,13 @@ def pretrained(tmp_path_factory):
 def test_the_pretrained_model_fills_a_mask_better_than_the_unigram_guess(pretrained):
     """On ~600 masked tokens of held-out paragraphs, the model pretrained with the objective beats the best
     context-free guess (the training text's unigram distribution) in top-1, top-5 and mean log-probability;
-    the untrained model is far below both (measured: 0.059 / 0.167 / -5.99 against 0.033 / 0.139 / -6.14)."""
+    the untrained model is far below both (measured: 0.064 / 0.193 / -5.92 against 0.033 / 0.139 / -6.14)."""
     _, fill, stdout = pretrained
     rows = {r["model"].split(" (")[0]: r for r in fill["rows"]}
     ours, unigram, untrained = rows["pretrained"], rows["unigram of the training text"], rows["untrained"]
     assert fill["tasks"] > 500 and fill["eval_loss"][-1] < fill["eval_loss"][0] - 0.8, fill
     assert ours["top1"] > unigram["top1"] + 0.01 and ours["top5"] > unigram["top5"] + 0.01, fill
-    assert ours["log_prob"] > unigram["log_prob"] + 0.05, fill
+    assert ours["log_prob"] > unigram["log_prob"] + 0.1, fill
     assert untrained["top5"] < 0.02 and untrained["log_prob"] < unigram["log_prob"] - 2, fill
     assert "| pretrained" in stdout and "| unigram of the training text" in stdout
 
@@ -61,7 +70,7 @@ def test_cloze_fine_tuning_scores_label_words_as_glm_defines(pretrained, tmp_pat
     poetry records as "{text} 文体：[MASK]" with the label words 散文 / 诗歌. The reported eval accuracy is
     recomputed here from the definition: for each record, log p(word | prompt) summed over the word's tokens
     from a plain forward pass of the trained model on tokenizer.encode(prompt) + the word, the label the argmax.
-    (Measured: 0.75 after 40 steps; the same model from random weights stays at 0.5.)"""
+    (Measured: 0.84 after 40 steps at a constant 3e-3; the same architecture from random weights 0.76.)"""
     import jax
 
     from glm_jax import GLMForCausalLM
@@ -69,8 +78,8 @@ def test_cloze_fine_tuning_scores_label_words_as_glm_defines(pretrained, tmp_pat
 
     out, _, _ = pretrained
     r = train(tmp_path, f"model.init_from={out / 'export'}", "train.steps=40", "train.global_batch_size=20",
-              "train.eval_every=20", "train.eval_batches=5", "checkpoint.every=40",
-              config=ROOT / "configs" / "cloze-tiny.yaml")
+              "train.eval_every=20", "train.eval_batches=5", "checkpoint.every=40", "train.lr=3e-3",
+              "train.schedule=constant", config=ROOT / "configs" / "cloze-tiny.yaml", env=optimized_env())
     assert "data: task cloze, 300 train examples, 100 eval" in r.stdout
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     reported = [m["eval_accuracy"] for m in records if "eval_accuracy" in m]
@@ -95,4 +104,4 @@ def test_cloze_fine_tuning_scores_label_words_as_glm_defines(pretrained, tmp_pat
                          for n, (start, word) in enumerate(spans)]).reshape(len(evals), len(words))
     correct = int(np.sum(np.argmax(scores, -1) == np.asarray([rec["label"] for rec in evals])))
     assert abs(correct / len(evals) - reported[-1]) < 1e-6, (correct, reported)
-    assert reported[-1] >= 0.7, reported  # balanced labels: chance is 0.5
+    assert reported[-1] >= 0.75, reported  # balanced labels: chance is 0.5
