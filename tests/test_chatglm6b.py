@@ -244,11 +244,11 @@ def test_a_thudm_checkpoint_loads_with_thudms_logits_and_saves_back(tmp_path):
 def test_greedy_decoding_with_the_cache_equals_thudms_forward_token_by_token():
     """glm_jax.generate on a ChatGLM-6B model (prefill of `... [gMASK] <sop>`, then one token a step from the
     cache, each at the mask's position and the next block position) picks THUDM's greedy tokens: those of its
-    model run on the whole sequence at every step (the positions its cached generation also gives). The paged
-    serving engine is refused in one line for now; a left-padded batch decodes each row as alone."""
+    model run on the whole sequence at every step (the positions its cached generation also gives); a left-padded
+    batch decodes each row as alone (the serving engine: test_the_serving_engine_decodes_as_generate)."""
     import jax
 
-    from glm_jax import Engine, GLMForCausalLM, generate, init_params
+    from glm_jax import GLMForCausalLM, generate, init_params
 
     cfg = v1_config()
     model = GLMForCausalLM(cfg)
@@ -261,8 +261,6 @@ def test_greedy_decoding_with_the_cache_equals_thudms_forward_token_by_token():
     for _ in range(8):
         ids.append(int(thudm_logits(cfg, params, [ids])[0, -1].argmax()))
     assert ours == ids[len(prompt):] and len(set(ours)) > 1, (ours, ids)
-    with pytest.raises(ValueError, match=r"^position_encoding_2d \(ChatGLM-6B\): the serving engine's paged cache"):
-        Engine(model, params)
     # a left-padded batch decodes each row as it decodes alone
     short = [7, 253, 250]
     batch = np.asarray([prompt, [0] * (len(prompt) - len(short)) + short], np.int32)

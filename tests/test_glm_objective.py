@@ -4,6 +4,7 @@ ChatGLM-6B-architecture model: the loss falls, resume is exact, the mesh, LoRA a
 export loads in THUDM's code with our logits."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 
 from glm_jax import load_tokenizer
 from glm_jax.tokenizers import CHATGLM6B_VOCABULARY
-from glm_jax.train.blank_infilling import Corruptor, SpecialIds, pieces, sentence_end_ids
+from glm_jax.train.blank_infilling import Corruptor, SpecialIds, longest_piece, pieces, sentence_end_ids
 from test_train_run import ROOT, env_for, losses
 
 CONFIG = ROOT / "configs" / "glm-objective-tiny.yaml"
@@ -56,6 +57,10 @@ def test_pieces_cover_the_document_and_every_example_fits(tok):
         parts = pieces(doc, longest)
         assert sum(parts, []) == doc and max(map(len, parts)) <= longest
         assert max(map(len, parts)) - min(map(len, parts)) <= 1  # no short remainder
+    for seq_len in range(8, 300):  # the worst case: every span one token, Part A closed by </s>
+        for ratio in (0.05, 0.15, 0.4, 0.9):
+            n = longest_piece(seq_len, ratio)
+            assert n + 2 * math.ceil(ratio * n) + 1 <= seq_len or n == 2, (seq_len, ratio, n)
     special = SpecialIds.of(tok)
     text = " ".join(open(ROOT / "data" / "corpus" / "bible_asv_en.txt", encoding="utf-8").read().split()[:6000])
     documents = [tok.encode(text, add_special_tokens=False)]

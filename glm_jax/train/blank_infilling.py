@@ -234,10 +234,10 @@ def packed_attention_mask(segment_ids: np.ndarray, context_ends: np.ndarray) -> 
 
 
 def longest_piece(seq_len: int, ratio: float = MASK_RATIO) -> int:
-    """The longest text piece whose example surely fits `seq_len`: an example is n + 2k tokens for k spans (a
-    mask in Part A, a <sop> in Part B), and k <= ceil(ratio * n) since every span covers a token (one span for
-    a document-level corruption)."""
-    return max(2, int((seq_len - 2) // (1 + 2 * ratio)))
+    """The longest text piece whose example surely fits `seq_len`: an example is at most n + 2k + 1 tokens for
+    k spans (a mask in Part A and a <sop> in Part B per span, the </s> closing Part A), and k <= ceil(ratio * n)
+    since every span covers a token (one span for a document-level corruption)."""
+    return max(2, int((seq_len - 3) // (1 + 2 * ratio)))
 
 
 def pieces(document: Sequence[int], longest: int) -> list[Sequence[int]]:
