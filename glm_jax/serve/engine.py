@@ -305,7 +305,8 @@ class Engine:
             usable = (target - 1) // self.page_size  # the last prompt token is always computed (its logits)
             keys = page_keys(req.tokens, self.page_size, usable)
             pages = self.pool.match(keys)
-            first = min(target, len(pages) * self.page_size + self.prefill_chunk)
+            # its first chunk (a 2D-position model's whole context, whatever prefill_chunk says)
+            first = min(target, max(len(pages) * self.page_size + self.prefill_chunk, req.context_len + 1))
             if math.ceil(first / self.page_size) - len(pages) > self.pool.available:
                 self.pool.release(pages)  # no room for its first chunk yet
                 return
