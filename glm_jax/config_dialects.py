@@ -125,13 +125,14 @@ def read_chatglm_v1(raw: dict[str, Any], source: str, need) -> dict[str, Any]:
         raise ValueError(f"{source}: prefix_projection=true (an MLP-reparametrised P-tuning prefix) is not "
                          "supported; only the plain prefix embedding is")
     heads, hidden = need("num_attention_heads"), need("hidden_size")
-    return dict(pre_seq_len=int(raw.get("pre_seq_len") or 0),
+    return dict(
         vocab_size=need("vocab_size"), hidden_size=hidden, ffn_hidden_size=raw.get("inner_hidden_size") or 4 * hidden,
         num_layers=need("num_layers"), num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
         norm_eps=raw.get("layernorm_epsilon", 1e-5), max_seq_len=raw.get("max_sequence_length", 2048),
         qkv_bias=True, position_encoding_2d=True, mask_token_id=need("mask_token_id"),
         gmask_token_id=need("gmask_token_id"), bos_token_id=need("bos_token_id"),
-        pad_token_id=raw.get("pad_token_id", 0), num_labels=raw.get("num_labels", 2))
+        pad_token_id=raw.get("pad_token_id", 0), num_labels=raw.get("num_labels", 2),
+        pre_seq_len=int(raw.get("pre_seq_len") or 0))
 
 
 def _gqa_fields(raw: dict[str, Any], need) -> dict[str, Any]:

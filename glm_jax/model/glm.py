@@ -40,6 +40,8 @@ model/segment_ids [batch, max_len] (0 = pad / empty) and model/position [batch] 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -212,6 +214,19 @@ def glm_positions(cfg: GLMConfig, input_ids, segments=None):
     mask_at = jnp.where(gmask >= 0, gmask, first(cfg.mask_token_id)) - start
     positions, blocks = positions_2d(idx, context_len, mask_at, start)
     return positions, blocks, context_len[:, 0], mask_at[:, 0]
+
+
+def prompt_context(cfg: GLMConfig, prompt: Sequence[int]) -> tuple[int, int]:
+    """`glm_positions`' rule for one unpadded prompt on the host (the serving engine's per-request index): its
+    context end (its first <sop>, else its length) and mask position (its first [gMASK], else its first [MASK],
+    else -1)."""
+    prompt = list(prompt)
+
+    def first(token):
+        return prompt.index(token) if token in prompt else -1
+
+    sop, gmask = first(cfg.bos_token_id), first(cfg.gmask_token_id)
+    return (sop if sop >= 0 else len(prompt)), (gmask if gmask >= 0 else first(cfg.mask_token_id))
 
 
 def positions_2d(slots, context_len, mask_at, start=0):

@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from glm_jax import speculative as speculative_lib
 from glm_jax.generation import shard_params
 from glm_jax.model import PagedIndex, init_paged_cache, init_paged_mtp_cache
+from glm_jax.model.glm import prompt_context
 from glm_jax.serve import drafts as drafts_lib
 from glm_jax.serve.pages import PagePool, page_keys
 from glm_jax.serve.sampling import RowSpec, SamplingParams, sample_rows
@@ -96,7 +97,7 @@ class Request:
     verify_steps: int = 0  # speculative decoding: its verify steps and the tokens they gave it
     verified_tokens: int = 0
 
-    context_len: int = 0  # ChatGLM-6B (2D positions): the prompt's context end and mask position (glm_positions)
+    context_len: int = 0  # ChatGLM-6B (2D positions): the prompt's context end and mask position (prompt_context)
     mask_position: int = -1
 
     @property
@@ -213,7 +214,7 @@ class Engine:
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
         req = Request(rid, prompt, sampling, seed % (1 << 31), max_tokens, stops, order)
         if self.model.cfg.position_encoding_2d:
-            req.context_len, req.mask_position = context_of(self.model.cfg, prompt)
+            req.context_len, req.mask_position = prompt_context(self.model.cfg, prompt)
         self.requests[rid] = req
         self.waiting.append(req)
         self.counters["requests"] += 1
@@ -597,16 +598,6 @@ def _step_program(model, kind: str, spec: RowSpec, mesh: Mesh | None = None, rul
         return tok, lp, top, cache, seen
 
     return jax.jit(run, donate_argnums=(1, 2))
-
-
-def context_of(cfg, prompt: Sequence[int]) -> tuple[int, int]:
-    """A ChatGLM-6B prompt's context end (its first <sop>, else its length) and mask position (its first
-    [gMASK], else its first [MASK], else -1): what glm_positions derives from the ids."""
-    def first(token):
-        return prompt.index(token) if token in prompt else -1
-
-    sop, gmask = first(cfg.bos_token_id), first(cfg.gmask_token_id)
-    return (sop if sop >= 0 else len(prompt)), (gmask if gmask >= 0 else first(cfg.mask_token_id))
 
 
 def _bucket(n: int, low: int, high: int) -> int:

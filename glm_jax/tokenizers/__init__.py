@@ -29,9 +29,9 @@ from glm_jax.tokenizers.tiktoken_bpe import TiktokenTokenizer, looks_like_tiktok
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "ice_text.model")  # a checkpoint's, in order of preference
 TOKENIZER_FILES_TEXT = "tokenizer.json, tokenizer.model or ice_text.model"  # the same, in messages
-__all__ = ["load_tokenizer", "CHATGLM6B_VOCABULARY", "Tokenizer", "SentencePieceTokenizer", "ChatGLM2Tokenizer", "ChatGLM6BTokenizer",
-           "TiktokenTokenizer",
-           "HFTokenizer", "ChatGLMTokenizer", "StreamParser", "reply_format_of"]
+__all__ = ["load_tokenizer", "CHATGLM6B_VOCABULARY", "Tokenizer", "SentencePieceTokenizer", "ChatGLM2Tokenizer",
+           "ChatGLM6BTokenizer", "TiktokenTokenizer", "HFTokenizer", "ChatGLMTokenizer", "StreamParser",
+           "reply_format_of"]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

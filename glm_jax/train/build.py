@@ -213,18 +213,19 @@ def check_2d_ids(model_cfg, tok) -> None:
                               f"tokenizer's {token} ({have.get(token, 'absent')})")
 
 
-def load_datasets(cfg: Config, model_cfg) -> tuple[dict, dict | None, int]:
-    """(train arrays, eval arrays or None, bad records skipped) of data.task, read before anything compiles."""
+def load_datasets(cfg: Config, model_cfg, tok) -> tuple[dict, dict | None, int]:
+    """(train arrays, eval arrays or None, bad records skipped) of data.task, tokenized by `tok` (the run's
+    `load_train_tokenizer`), read before anything compiles."""
     dc = cfg.data
-    tok = load_train_tokenizer(cfg, model_cfg)
     bad = D.BadRecords(skip=dc.skip_bad_records)
-    splits = iter(range(2))  # the corruption's seed per split: (train.seed, 0) for train, (train.seed, 1) for eval
+    corrupt = corruptor(cfg, tok) if dc.objective == "blank_infilling" else None
+    words = label_words(cfg, tok) if dc.task == "cloze" else None
 
-    def build(files):  # text / JSONL / Parquet files or saved HF datasets, read through Grain (pipeline.py)
+    def build(files, split: int):  # text / JSONL / Parquet files or saved HF datasets, read through Grain
         files = P.expand_sources(files)
-        if dc.objective == "blank_infilling":
-            return P.build_blank_infilling(files, tok, corruptor(cfg, tok), [cfg.train.seed, next(splits)],
-                                           dc.text_split, bad, dc.text_key, dc.max_tokens)
+        if corrupt is not None:  # the corruption's seed: (train.seed, 0) for train, (train.seed, 1) for eval
+            return P.build_blank_infilling(files, tok, corrupt, [cfg.train.seed, split], dc.text_split, bad,
+                                           dc.text_key, dc.max_tokens)
         if dc.task == "pretrain":
             return P.build_pretrain(files, tok, dc.seq_len, dc.text_split, bad, dc.text_key, dc.max_tokens)
         if dc.task == "sft":
@@ -232,7 +233,7 @@ def load_datasets(cfg: Config, model_cfg) -> tuple[dict, dict | None, int]:
         if dc.task == "embedding":
             return P.build_embedding(files, tok, dc.seq_len, cfg.embedding.negatives, bad)
         if dc.task == "cloze":
-            return P.build_cloze(files, tok, dc.seq_len, cfg.cloze.pattern, label_words(cfg, tok), bad)
+            return P.build_cloze(files, tok, dc.seq_len, cfg.cloze.pattern, words, bad)
         return P.build_classification(files, tok, dc.seq_len, model_cfg.num_labels, bad)
 
     if dc.prepared:
@@ -241,8 +242,8 @@ def load_datasets(cfg: Config, model_cfg) -> tuple[dict, dict | None, int]:
         if train is None:
             raise D.DataError(f"{Path(dc.prepared) / D.PREPARED_META}: no train split")
     else:
-        train = build(dc.train_files)
-        evals = build(dc.eval_files) if dc.eval_files else None
+        train = build(dc.train_files, 0)
+        evals = build(dc.eval_files, 1) if dc.eval_files else None
     if evals is None and dc.eval_fraction > 0:
         train, evals = D.split_holdout(train, dc.eval_fraction)
     if D.num_examples(train) == 0:
@@ -421,8 +422,9 @@ class TrainRun:
     """The pieces of one run. Built by `set_up`; read by the Trainer and its hooks."""
 
     def __init__(self, *, cfg: Config, model_cfg, task: str, model, builder, mesh, train_layout, eval_layout, loader,
-                 eval_sets, ckpt, state, frozen, train_step, eval_step):
+                 eval_sets, ckpt, state, frozen, train_step, eval_step, tokenizer):
         self.cfg, self.model_cfg, self.task, self.model, self.builder = cfg, model_cfg, task, model, builder
+        self.tokenizer = tokenizer
         self.mesh, self.train_layout, self.eval_layout = mesh, train_layout, eval_layout
         self.loader, self.eval_sets, self.ckpt = loader, eval_sets, ckpt
         self.state, self.frozen, self.train_step, self.eval_step = state, frozen, train_step, eval_step
@@ -490,10 +492,8 @@ class TrainRun:
             self.bar = None
 
     def export(self, step: int, state) -> None:
-        # a ChatGLM-6B vocabulary travels with the weights (THUDM's layout has ice_text.model beside them)
-        tokenizer = load_train_tokenizer(self.cfg, self.model_cfg) if self.model_cfg.position_encoding_2d else None
         export_params(self.cfg, self.model_cfg, self.builder.effective_params(state["params"], self.frozen),
-                      self.primary, step, tokenizer)
+                      self.primary, step, self.tokenizer)
 
     def close(self) -> None:
         self.close_progress()
@@ -526,7 +526,8 @@ def set_up(cfg: Config) -> TrainRun:
     mesh, model_cfg, builder = parts.mesh, parts.model_cfg, parts.builder
     if jax.process_index() == 0:
         print("resolved config:\n" + to_yaml(cfg), flush=True)
-    train, evals, bad_count = load_datasets(cfg, model_cfg)  # host side, before anything compiles
+    tokenizer = load_train_tokenizer(cfg, model_cfg)
+    train, evals, bad_count = load_datasets(cfg, model_cfg, tokenizer)  # host side, before anything compiles
     micro = t.global_batch_size // t.grad_accum
     example = {k: v[:1] for k, v in train.items()}
     train_layout = BatchLayout(mesh, example, (t.grad_accum, micro), microbatched=True)
@@ -546,7 +547,8 @@ def set_up(cfg: Config) -> TrainRun:
         eval_step = builder.jit_eval(s_shard, frozen_shard, eval_layout.shardings) if eval_sets else None
     return TrainRun(cfg=cfg, model_cfg=model_cfg, task=parts.task, model=parts.model, builder=builder, mesh=mesh,
                     train_layout=train_layout, eval_layout=eval_layout, loader=loader, eval_sets=eval_sets,
-                    ckpt=ckpt, state=state, frozen=frozen, train_step=train_step, eval_step=eval_step)
+                    ckpt=ckpt, state=state, frozen=frozen, train_step=train_step, eval_step=eval_step,
+                    tokenizer=tokenizer)
 
 
 def load_run(run_dir: str | Path, step: int | None = None):
