@@ -128,7 +128,7 @@ def load_hf(ckpt_dir: str | Path, *, mesh: Mesh | None = None, shardings=None, r
                              "stacked layout are derived, then split per block)")
         cfg, params = load_hf(ckpt_dir, mesh=mesh, rules=rules, progress=progress,
                               **{**config_overrides, "scan_layers": True})
-        return cfg.replace(scan_layers=False), unstack_layers(params)
+        return cfg.replace(scan_layers=False), unstack_layers(params, free_stacked=True)
     reader = CheckpointReader(ckpt_dir)
     if cfg.num_mtp_layers and f"model.layers.{cfg.num_layers}.eh_proj.weight" not in reader:
         log.info("%s: config.json has %d MTP layer(s) but the checkpoint none: num_mtp_layers=0", ckpt_dir,

@@ -736,22 +736,39 @@ def init_params(model: nn.Module, rng, seq_len: int = 8, batch: int = 1):
 STACKS = ("layers", "moe_layers")  # the layer scans' parameter stacks, in layer order (see layer_stacks)
 
 
-def unstack_layers(params):
+def unstack_layers(params, *, free_stacked: bool = False):
     """Stacked block parameters (model/layers/... and model/moe_layers/..., leading axis = their layers) -> one
     subtree per block (model/layers_0, ... layers_{L-1}, numbered across both stacks), the layout of
     GLMConfig(scan_layers=False). The slices are copies: both layouts exist until the caller drops the stacked
-    tree. The MTP layers (model/mtp) stay stacked."""
+    tree, unless `free_stacked` (the caller gives the stacked tree up): each stacked array is deleted as soon as
+    it is split, so the peak is one array above the tree's size. The MTP layers (model/mtp) stay stacked."""
+    def split(x):
+        parts = [x[j] for j in range(x.shape[0])]
+        if free_stacked and isinstance(x, jax.Array):
+            x.delete()
+        return parts
+
     model = dict(params["model"])
     i = 0
     for name in STACKS:
         if name not in model:
             continue
-        stacked = model.pop(name)
-        n = jax.tree.leaves(stacked)[0].shape[0]
+        parts = jax.tree.map(split, model.pop(name))
+        n = len(jax.tree.leaves(parts, is_leaf=lambda p: isinstance(p, list))[0])
         for j in range(n):
-            model[f"layers_{i}"] = jax.tree.map(lambda x: x[j], stacked)
+            model[f"layers_{i}"] = jax.tree.map(lambda p: p[j], parts, is_leaf=lambda p: isinstance(p, list))
             i += 1
     return {**params, "model": model}
+
+
+def decoding_layout(cfg: GLMConfig, params, *, free_stacked: bool = False):
+    """(cfg, params) in the layout decoding runs fastest in: one weight buffer per block (scan_layers=False),
+    because a layer scan copies each block's weights out of the stack at every step (MaxText serves with
+    scan_layers=false too; measured in docs/serving.md). glm5_next keeps its stacks (its hybrid units scan).
+    `free_stacked`: see `unstack_layers`."""
+    if not cfg.scan_layers or cfg.is_glm5_next:
+        return cfg, params
+    return cfg.replace(scan_layers=False), unstack_layers(params, free_stacked=free_stacked)
 
 
 def stack_layers(params):

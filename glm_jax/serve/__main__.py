@@ -19,6 +19,7 @@ from typing import Sequence
 import uvicorn
 
 from glm_jax import GLMForCausalLM, make_mesh, quantize_params
+from glm_jax.model import decoding_layout
 from glm_jax.checkpoints import default_tokenizer, load_checkpoint, shipped_tokenizer_warning, tokenizer_or_shipped
 from glm_jax import knowledge
 from glm_jax.config import DTYPES
@@ -124,6 +125,7 @@ def build(args):
                          f"({tokenizer.vocab_size})")
     if args.quantization_bit:
         cfg, params = quantize_params(cfg, params, args.quantization_bit)
+    cfg, params = decoding_layout(cfg, params, free_stacked=True)  # what the engine decodes from, without a copy
     engine = Engine(GLMForCausalLM(cfg), params, tokenizer, max_num_seqs=args.max_num_seqs,
                     max_model_len=args.max_model_len, page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
                     prefill_chunk=args.prefill_chunk, prefix_caching=args.prefix_caching,

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from glm_jax import speculative as speculative_lib
 from glm_jax.generation import shard_params
-from glm_jax.model import PagedIndex, init_paged_cache, init_paged_mtp_cache
+from glm_jax.model import GLMForCausalLM, PagedIndex, decoding_layout, init_paged_cache, init_paged_mtp_cache
 from glm_jax.model.glm import prompt_context
 from glm_jax.serve import drafts as drafts_lib
 from glm_jax.serve.pages import PagePool, page_keys
@@ -131,6 +131,8 @@ class Engine:
                  max_waiting: int = 1024, mesh: Mesh | None = None, rules: Sequence | None = None,
                  speculative: str | None = None, num_speculative_tokens: int | None = None):
         cfg = model.cfg
+        cfg, params = decoding_layout(cfg, params)  # stacked blocks: decoded from a per-block copy
+        model = model if cfg is model.cfg else GLMForCausalLM(cfg)
         if cfg.position_encoding_2d and speculative is not None:
             raise ValueError("speculative: not with a model with 2D positions (ChatGLM-6B)")
         if cfg.position_encoding_2d and prefix_caching:

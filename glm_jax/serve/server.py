@@ -123,6 +123,22 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
                         status_code=status)
 
 
+class BearerAuth:
+    """`--api-key`: 401 for a /v1/ request without `Authorization: Bearer <key>`. A plain ASGI middleware, which
+    passes a streamed response through untouched (`@app.middleware("http")` re-queues every chunk of it)."""
+
+    def __init__(self, app, *, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode("latin-1")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and \
+                dict(scope["headers"]).get(b"authorization") != self.expected:
+            response = _error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------------------------------- metrics
 class Metrics:
     def __init__(self, runner: EngineRunner):
@@ -183,12 +199,8 @@ def build_app(engine: Engine, tokenizer, *, served_model_name: str = "glm", api_
     app = FastAPI(title="glm_jax", lifespan=lifespan)
     app.state.runner, app.state.metrics = runner, metrics
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/") and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
-            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

@@ -59,9 +59,10 @@ class Tokenizer:
 
     def check_ids(self, ids: Iterable[int]) -> None:
         """ValueError naming the first id outside the vocabulary."""
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        size = self.vocab_size
+        bad = [i for i in ids if not 0 <= i < size]
         if bad:
-            raise ValueError(f"token id {bad[0]} out of range [0, {self.vocab_size})")
+            raise ValueError(f"token id {bad[0]} out of range [0, {size})")
 
     def template_special_tokens(self) -> dict[str, str]:
         """The `bos_token` / `eos_token` / ... strings a chat template can read."""
