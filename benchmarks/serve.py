@@ -5,14 +5,19 @@ same workload, one run.
     python benchmarks/serve.py --checkpoint DIR     # any transformers-format GLM checkpoint with its tokenizer
     python benchmarks/serve.py --tiny               # smoke test: 2-layer model, few requests
     python benchmarks/serve.py --concurrency 1 8 16 32 --requests 64 --max-tokens 64 --json out.json
+    python benchmarks/serve.py --servers glm_jax engine   # and the engine in-process: what HTTP costs
 
 The peer needs `pip install accelerate` besides transformers. Each server runs alone (started, measured, stopped, then the next), so they never share the CPU / GPU. The
 workload for each concurrency c: `--requests` chat completions sent by c client threads (each sends its next one
 when the previous finishes), the same fixed prompt text for all, greedy, `max_tokens` new tokens, streamed with
 `stream_options.include_usage`. Reported per server and c: output tokens/s (completion tokens / wall time), time to
 first token and inter-token latency (time between streamed content chunks) p50 / p99. Before each measured level,
-one unmeasured wave of c requests at that concurrency warms both servers up (glm_jax compiles each new step shape
-once, on first use).
+the same wave unmeasured warms both servers up (glm_jax compiles each new step shape once, on first use: a
+smaller warm-up wave left shapes that the measured one compiled).
+
+`engine`: the same workload on `glm_jax.serve.Engine` in this process (built as glm-serve builds it, the chat
+prompt rendered as the server renders it), c requests in flight, each replaced as soon as it finishes: no HTTP,
+no client threads; ITL is the time between a request's steps. It runs after the servers.
 """
 
 from __future__ import annotations
@@ -110,12 +115,39 @@ def run_load(client, model: str, concurrency: int, requests: int, max_tokens: in
     t = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda _: one_request(client, model, max_tokens), range(requests)))
-    wall = time.perf_counter() - t
+    return summary(concurrency, results, time.perf_counter() - t)
+
+
+def engine_load(engine, prompt: list[int], concurrency: int, requests: int, max_tokens: int) -> dict:
+    """run_load's workload on the engine itself: a closed loop keeping `concurrency` requests in flight."""
+    from glm_jax.serve.sampling import SamplingParams
+
+    sampling = SamplingParams(temperature=0, max_tokens=max_tokens)
+    sent, results, stamps = 0, [], {}
+    t0 = time.perf_counter()
+    while sent < min(concurrency, requests):
+        stamps[engine.add_request(prompt, sampling)] = [time.perf_counter()]
+        sent += 1
+    while engine.has_unfinished():
+        for out in engine.step():
+            now = time.perf_counter()
+            stamps[out.request_id].append(now)
+            if out.finished:
+                times = stamps.pop(out.request_id)
+                results.append({"tokens": len(out.token_ids), "ttft": times[1] - times[0],
+                                "itl": list(np.diff(times[1:]))})
+                if sent < requests:
+                    stamps[engine.add_request(prompt, sampling)] = [time.perf_counter()]
+                    sent += 1
+    return summary(concurrency, results, time.perf_counter() - t0)
+
+
+def summary(concurrency: int, results: list[dict], wall: float) -> dict:
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     itl = [x for r in results for x in r["itl"]]
     pct = lambda xs, q: float(np.percentile(xs, q) * 1000) if xs else float("nan")  # noqa: E731
     tokens = sum(r["tokens"] for r in results)
-    return {"concurrency": concurrency, "requests": requests, "output_tokens": tokens, "wall_s": wall,
+    return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall, "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99)}
 
@@ -127,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=None)
     p.add_argument("--requests", type=int, default=None, help="requests per concurrency level (default 2 x c, >= 8)")
     p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--servers", nargs="+", default=["glm_jax", "transformers"], choices=["glm_jax", "transformers"])
+    p.add_argument("--servers", nargs="+", default=["glm_jax", "transformers"], choices=["glm_jax", "transformers", "engine"])
     p.add_argument("--torch-device", default="cpu")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/glm_jax_serve_bench"))
     p.add_argument("--json", type=Path, default=None)
@@ -142,7 +174,10 @@ def main(argv=None) -> int:
     max_tokens = args.max_tokens or (8 if args.tiny else 64)
     ckpt = args.checkpoint or build_checkpoint(args.workdir, args.tiny)
     rows = []
-    for name in args.servers:
+    for name in sorted(args.servers, key=lambda n: n == "engine"):  # in-process last: its runtime stays here
+        if name == "engine":
+            rows += run_engine(ckpt, args, max_tokens)
+            continue
         port = free_port()
         proc = start(name, ckpt, port, args)
         try:
@@ -150,12 +185,11 @@ def main(argv=None) -> int:
             model = str(ckpt)  # transformers serve, pinned to a checkpoint, answers to its path only
             one_request(client, model, max_tokens)  # warm-up: compilation
             for c in args.concurrency:
-                run_load(client, model, c, c, max_tokens)  # warm-up at this concurrency (glm_jax: its shapes compile)
-                row = {"server": name, **run_load(client, model, c, args.requests or max(8, 2 * c), max_tokens)}
+                n = args.requests or max(8, 2 * c)
+                run_load(client, model, c, n, max_tokens)  # warm-up: the same wave (glm_jax: its shapes compile)
+                row = {"server": name, **run_load(client, model, c, n, max_tokens)}
                 rows.append(row)
-                print(f"| {name:12s} | c={c:3d} | {row['tok_s']:8.1f} tok/s | TTFT p50 {row['ttft_p50_ms']:8.1f} ms "
-                      f"p99 {row['ttft_p99_ms']:8.1f} ms | ITL p50 {row['itl_p50_ms']:7.1f} ms "
-                      f"p99 {row['itl_p99_ms']:7.1f} ms |", flush=True)
+                report(row)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -165,6 +199,29 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": str(ckpt), "max_tokens": max_tokens, "rows": rows}, indent=1))
     return 0
+
+
+def run_engine(ckpt: Path, args, max_tokens: int) -> list[dict]:
+    from glm_jax.serve.__main__ import _arg_parser, build
+
+    served = _arg_parser().parse_args(["--checkpoint", str(ckpt), "--max-num-seqs", str(max(args.concurrency))])
+    _, engine = build(served)
+    prompt = list(engine.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                                       add_generation_prompt=True))
+    rows = []
+    engine_load(engine, prompt, 1, 1, max_tokens)  # warm-up: compilation
+    for c in args.concurrency:
+        n = args.requests or max(8, 2 * c)
+        engine_load(engine, prompt, c, n, max_tokens)
+        rows.append({"server": "engine", **engine_load(engine, prompt, c, n, max_tokens)})
+        report(rows[-1])
+    return rows
+
+
+def report(row: dict) -> None:
+    print(f"| {row['server']:12s} | c={row['concurrency']:3d} | {row['tok_s']:8.1f} tok/s | TTFT p50 "
+          f"{row['ttft_p50_ms']:8.1f} ms p99 {row['ttft_p99_ms']:8.1f} ms | ITL p50 {row['itl_p50_ms']:7.1f} ms "
+          f"p99 {row['itl_p99_ms']:7.1f} ms |", flush=True)
 
 
 if __name__ == "__main__":

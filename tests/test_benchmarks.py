@@ -81,11 +81,14 @@ def test_moe_benchmark_compares_with_transformers_and_finds_dense_expert_matmuls
 
 
 def test_serve_benchmark_runs_in_tiny_mode(tmp_path):
-    """benchmarks/serve.py against glm_jax.serve only (the transformers peer needs `accelerate`, not a test extra)."""
+    """benchmarks/serve.py against glm_jax.serve and the engine in-process (the transformers peer needs
+    `accelerate`, not a test extra): the same workload, so the same number of output tokens."""
     out = tmp_path / "serve.json"
-    run("serve.py", "--json", str(out), "--servers", "glm_jax", "--concurrency", "2", "--workdir", str(tmp_path))
+    run("serve.py", "--json", str(out), "--servers", "engine", "glm_jax", "--concurrency", "2", "--workdir",
+        str(tmp_path))
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["server"], r["concurrency"]) for r in rows] == [("glm_jax", 2)] and rows[0]["output_tokens"] > 0
+    assert [(r["server"], r["concurrency"]) for r in rows] == [("glm_jax", 2), ("engine", 2)]
+    assert rows[0]["output_tokens"] == rows[1]["output_tokens"] > 0 and rows[0]["requests"] == rows[1]["requests"]
 
 
 def test_speculative_benchmark_runs_in_tiny_mode(tmp_path):

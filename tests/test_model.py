@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 from glm_jax import GLMConfig, GLMForCausalLM, init_cache, init_params
-from glm_jax.model import positions_from_segments, stack_layers, unstack_layers
+from glm_jax.model import decoding_layout, positions_from_segments, stack_layers, unstack_layers
 from glm_jax.model.layers import attention as attn
 
 CFG = GLMConfig.from_preset("glm-test")
@@ -159,6 +159,19 @@ def test_unstacked_layers_give_the_same_model(params, remat):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(prefill_and_step(CFG, params, ids), prefill_and_step(flat, per_block, ids),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_layout_splits_the_stacks_and_can_free_them(params):
+    """decoding_layout: the per-block layout (glm5_next and a per-block tree are returned as they are); with
+    free_stacked the stacked arrays are deleted once split and the blocks hold the same values."""
+    copy = jax.tree.map(jnp.array, params)  # decoding_layout(free_stacked=True) consumes its stacks
+    cfg, per_block = decoding_layout(CFG, copy, free_stacked=True)
+    assert not cfg.scan_layers and "layers" not in per_block["model"]
+    assert jax.tree.leaves(copy["model"]["layers"])[0].is_deleted()
+    for x, y in zip(jax.tree.leaves(stack_layers(per_block)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for given in [(cfg, per_block), (GLMConfig.from_preset("glm5-next-test"), params)]:
+        assert all(a is b for a, b in zip(decoding_layout(*given), given))
 
 
 def test_unavailable_kernel_falls_back_with_a_log(params, caplog):
