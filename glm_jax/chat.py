@@ -50,7 +50,6 @@ from glm_jax.config import DTYPES, read_json
 from glm_jax.generation import SamplingParams
 from glm_jax.knowledge.documents import Passage
 from glm_jax.knowledge.grounding import fitted_messages, has_system_role, sources
-from glm_jax.model import decoding_layout
 from glm_jax.platforms import skip_absent_tpu
 from glm_jax.tokenizers import Tokenizer
 from glm_jax.tokenizers.formats import check_tools
@@ -477,7 +476,6 @@ def _cli_session(args) -> ChatSession:
     if cfg.vocab_size < tokenizer.vocab_size:
         raise _CliError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
                         f"({tokenizer.vocab_size})")
-    cfg, params = decoding_layout(cfg, params, free_stacked=True)
     sampling = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     try:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from glm_jax import GLMConfig, GLMForCausalLM, generate, init_params, load_hf, save_hf
+from glm_jax.model import decoding_layout
 from glm_jax.serve import Engine, QueueFull, SamplingParams
 from glm_jax.serve import drafts as drafts_lib
 from glm_jax.serve import engine as E
@@ -50,7 +51,7 @@ def reference(model, params, prompts, n):
 def test_greedy_equals_generate_with_prefix_cache_and_preemption(preset):
     """Dense GQA, MoE, MLA's latent cache and DSA's indexer keys: the same tokens as `generate`, with the prefix
     cache on (its hits counted), off, and with a KV budget so small that requests are preempted and resumed (the
-    other families: that budget only, prefix hits included)."""
+    other families: that budget only, prefix hits included, with the blocks stacked and one buffer per block)."""
     model, params = tiny(preset)
     prompts = prompts_sharing_a_prefix(model.cfg.vocab_size)
     expected = reference(model, params, prompts, GREEDY.max_tokens)
@@ -58,9 +59,12 @@ def test_greedy_equals_generate_with_prefix_cache_and_preemption(preset):
     cases = [({}, lambda s: s["hit_tokens"] >= 24 and not s.get("preemptions")),
              ({"prefix_caching": False}, lambda s: s["hit_tokens"] == 0),
              ({"num_pages": 10}, lambda s: s.get("preemptions", 0) > 0)]
+    models = [(model, params)] * 3
     if preset != "glm-test":  # the cache layout is what differs: one engine that both hits and preempts
-        cases = [({"num_pages": 10}, lambda s: s.get("preemptions", 0) > 0 and s["hit_tokens"] >= 24)]
-    for options, check in cases:
+        cases = [({"num_pages": 10}, lambda s: s.get("preemptions", 0) > 0 and s["hit_tokens"] >= 24)] * 2
+        cfg, blocks = decoding_layout(model.cfg, params)  # (the dense per-block model: tests/test_serve_http.py)
+        models = [(model, params), (GLMForCausalLM(cfg), blocks)]
+    for (options, check), (model, params) in zip(cases, models):
         engine = Engine(model, params, max_num_seqs=4, page_size=8, prefill_chunk=16, max_model_len=64, **options)
         outs = engine.generate(prompts, GREEDY)
         assert [o.token_ids for o in outs] == expected, options
@@ -205,6 +209,10 @@ def test_a_checkpoint_without_tokenizer_files_is_served_with_the_shipped_one(tmp
     assert capsys.readouterr().err.strip().splitlines() == [
         f"warning: {ckpt} has no tokenizer.json, tokenizer.model or ice_text.model: using the small SentencePiece "
         f"tokenizer shipped with glm_jax (pass --tokenizer for the model's own)"]
+    # glm-serve decodes from one weight buffer per block unless --scan-layers keeps the stack
+    assert not engine.model.cfg.scan_layers and "layers_1" in engine.params["model"]
+    _, stacked = build(_arg_parser().parse_args(["--checkpoint", str(ckpt), "--max-num-seqs", "1", "--scan-layers"]))
+    assert stacked.model.cfg.scan_layers and "layers" in stacked.params["model"]
     with pytest.raises(ValueError, match=rf"^--knowledge: {tmp_path}: not a knowledge index"):  # before loading
         build(_arg_parser().parse_args(["--checkpoint", str(tmp_path / "nope"), "--knowledge", str(tmp_path)]))
 

@@ -57,6 +57,9 @@ def _arg_parser() -> argparse.ArgumentParser:
                    help="speculative decoding: drafts from the model's MTP layer or from the context (n-gram)")
     p.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="drafts per verify step (default: 1 for mtp, 3 for ngram)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="keep the blocks' weights stacked (one scanned block per step program): each program "
+                        "compiles several times faster, and decodes slower (docs/serving.md)")
     p.add_argument("--warmup", action="store_true",
                    help="compile every step program before serving: a longer start, and no request waits for a "
                         "compile (Engine.warm_up)")
@@ -125,7 +128,8 @@ def build(args):
                          f"({tokenizer.vocab_size})")
     if args.quantization_bit:
         cfg, params = quantize_params(cfg, params, args.quantization_bit)
-    cfg, params = decoding_layout(cfg, params, free_stacked=True)  # what the engine decodes from, without a copy
+    if not args.scan_layers:  # one weight buffer per block, split in place (docs/serving.md, "Weights")
+        cfg, params = decoding_layout(cfg, params, free_stacked=True)
     engine = Engine(GLMForCausalLM(cfg), params, tokenizer, max_num_seqs=args.max_num_seqs,
                     max_model_len=args.max_model_len, page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
                     prefill_chunk=args.prefill_chunk, prefix_caching=args.prefix_caching,

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from glm_jax import speculative as speculative_lib
 from glm_jax.generation import shard_params
-from glm_jax.model import GLMForCausalLM, PagedIndex, decoding_layout, init_paged_cache, init_paged_mtp_cache
+from glm_jax.model import PagedIndex, init_paged_cache, init_paged_mtp_cache
 from glm_jax.model.glm import prompt_context
 from glm_jax.serve import drafts as drafts_lib
 from glm_jax.serve.pages import PagePool, page_keys
@@ -123,7 +123,9 @@ class Engine:
     every slot at `max_model_len`. `mesh` (a `glm_jax.make_mesh`): the parameters are placed with the logical
     rules (tensor parallel over "tensor", experts over "expert") and the page pool's KV heads over "tensor".
     `speculative` ("mtp" | "ngram") and `num_speculative_tokens`: speculative decoding, each decode step a verify
-    step of 1 .. k+1 tokens per request (glm_jax/serve/drafts.py; one device)."""
+    step of 1 .. k+1 tokens per request (glm_jax/serve/drafts.py; one device). The model decodes fastest with one
+    weight buffer per block (`glm_jax.model.decoding_layout`, or `load_hf(..., scan_layers=False)`); stacked
+    blocks compile faster (docs/serving.md, "Weights")."""
 
     def __init__(self, model, params, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, kv_cache_tokens: int | None = None,
@@ -131,8 +133,6 @@ class Engine:
                  max_waiting: int = 1024, mesh: Mesh | None = None, rules: Sequence | None = None,
                  speculative: str | None = None, num_speculative_tokens: int | None = None):
         cfg = model.cfg
-        cfg, params = decoding_layout(cfg, params)  # stacked blocks: decoded from a per-block copy
-        model = model if cfg is model.cfg else GLMForCausalLM(cfg)
         if cfg.position_encoding_2d and speculative is not None:
             raise ValueError("speculative: not with a model with 2D positions (ChatGLM-6B)")
         if cfg.position_encoding_2d and prefix_caching:
