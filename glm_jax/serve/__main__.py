@@ -19,10 +19,10 @@ from typing import Sequence
 import uvicorn
 
 from glm_jax import GLMForCausalLM, make_mesh, quantize_params
-from glm_jax.model import decoding_layout
 from glm_jax.checkpoints import default_tokenizer, load_checkpoint, shipped_tokenizer_warning, tokenizer_or_shipped
 from glm_jax import knowledge
 from glm_jax.config import DTYPES
+from glm_jax.model import decoding_layout
 from glm_jax.model.layers.pooling import POOLINGS
 from glm_jax.platforms import skip_absent_tpu
 from glm_jax.serve.engine import Engine
