@@ -745,6 +745,7 @@ def unstack_layers(params, *, free_stacked: bool = False):
     def split(x):
         parts = [x[j] for j in range(x.shape[0])]
         if free_stacked and isinstance(x, jax.Array):
+            jax.block_until_ready(parts)  # the slices are dispatched asynchronously: done reading x before it goes
             x.delete()
         return parts
 
