@@ -200,20 +200,6 @@ def test_page_pool_reference_counts_and_prefix_keys():
     assert sorted(taken) == [1, 2, 3, 4] and pool.allocate() is None and pool.match(keys) == []
 
 
-def test_quantized_weights_split_per_block_serve_as_stacked(tmp_path, bits="4"):
-    """glm-serve --quantization-bit 4: the packed int4 kernels and their scales split per block give the tokens of
-    the stacked quantized model (--scan-layers)."""
-    cfg = GLMConfig.from_preset("glm-test", vocab_size=SentencePieceTokenizer().vocab_size + 8, max_seq_len=64)
-    ckpt = save_hf(cfg, init_params(GLMForCausalLM(cfg), jax.random.key(1)), tmp_path / "ckpt", format="transformers")
-    outs = []
-    for extra in ([], ["--scan-layers"]):
-        _, engine = build(_arg_parser().parse_args(["--checkpoint", str(ckpt), "--max-num-seqs", "2",
-                                                    "--quantization-bit", bits, *extra]))
-        assert engine.model.cfg.quantization_bit == int(bits) and engine.model.cfg.scan_layers == bool(extra)
-        outs.append([o.token_ids for o in engine.generate([[5, 6, 7, 8], [9, 10]], GREEDY)])
-    assert outs[0] == outs[1]
-
-
 def test_a_checkpoint_without_tokenizer_files_is_served_with_the_shipped_one(tmp_path, capsys):
     """As in the chat CLI: the small SentencePiece tokenizer stands in, with one warning line."""
     cfg = GLMConfig.from_preset("glm-test", vocab_size=SentencePieceTokenizer().vocab_size + 8, max_seq_len=64)
