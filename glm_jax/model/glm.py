@@ -754,8 +754,9 @@ def unstack_layers(params, *, free_stacked: bool = False):
     for name in STACKS:
         if name not in model:
             continue
-        parts = jax.tree.map(split, model.pop(name))
-        n = len(jax.tree.leaves(parts, is_leaf=lambda p: isinstance(p, list))[0])
+        stacked = model.pop(name)
+        n = jax.tree.leaves(stacked)[0].shape[0]
+        parts = jax.tree.map(split, stacked)
         for j in range(n):
             model[f"layers_{i}"] = jax.tree.map(lambda p: p[j], parts, is_leaf=lambda p: isinstance(p, list))
             i += 1
