@@ -6,6 +6,7 @@ same workload, one run.
     python benchmarks/serve.py --tiny               # smoke test: 2-layer model, few requests
     python benchmarks/serve.py --concurrency 1 8 16 32 --requests 64 --max-tokens 64 --json out.json
     python benchmarks/serve.py --servers glm_jax engine   # and the engine in-process: what HTTP costs
+    python benchmarks/serve.py --dtype bfloat16     # both servers in bf16 (the checkpoint's dtype by default)
 
 The peer needs `pip install accelerate` besides transformers. Each server runs alone (started, measured, stopped, then the next), so they never share the CPU / GPU. The
 workload for each concurrency c: `--requests` chat completions sent by c client threads (each sends its next one
@@ -78,10 +79,12 @@ def start(name: str, checkpoint: Path, port: int, args) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if name == "glm_jax":
         cmd = [sys.executable, "-m", "glm_jax.serve", "--checkpoint", str(checkpoint), "--port", str(port),
-               "--served-model-name", str(checkpoint), "--max-num-seqs", str(max(args.concurrency)), "--log-level", "warning"]
+               "--served-model-name", str(checkpoint), "--max-num-seqs", str(max(args.concurrency)),
+               "--log-level", "warning", *(["--dtype", args.dtype] if args.dtype else [])]
     else:
         cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(checkpoint), "--port", str(port),
-               "--continuous-batching", "--device", args.torch_device, "--log-level", "warning"]
+               "--continuous-batching", "--device", args.torch_device, "--log-level", "warning",
+               *(["--dtype", args.dtype] if args.dtype else [])]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for _ in range(1200):
         if proc.poll() is not None:
@@ -163,6 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--torch-device", default="cpu")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/glm_jax_serve_bench"))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="both servers compute in this dtype (default: the checkpoint's)")
     args = p.parse_args(argv)
     import openai
 
@@ -204,7 +209,8 @@ def main(argv=None) -> int:
 def run_engine(ckpt: Path, args, max_tokens: int) -> list[dict]:
     from glm_jax.serve.__main__ import _arg_parser, build
 
-    served = _arg_parser().parse_args(["--checkpoint", str(ckpt), "--max-num-seqs", str(max(args.concurrency))])
+    served = _arg_parser().parse_args(["--checkpoint", str(ckpt), "--max-num-seqs", str(max(args.concurrency)),
+                                       *(["--dtype", args.dtype] if args.dtype else [])])
     _, engine = build(served)
     prompt = list(engine.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
                                                        add_generation_prompt=True))

@@ -27,6 +27,15 @@ def skip_absent_tpu() -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
+def current_platform() -> str:
+    """"gpu", "tpu" or "cpu": the platform of the current mesh's devices, else of the default backend. (A mesh
+    over a TPU slice described by libtpu, compiled ahead of time from a CPU host, counts as TPU.)"""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None) or jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def _google_pci_device() -> bool:
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from hf_models import (DSA_TOPK, add_mtp_layer, assert_decode_matches_forward, a
 from jaxprs import equations, out_shapes, primitives
 from glm_jax import GLMConfig, GLMForCausalLM, load_hf, save_hf
 from glm_jax import generation as G
-from glm_jax.model import cache_specs
+from glm_jax.model import cache_specs, glm as glm_module
 from glm_jax.model.layers import dsa
 from glm_jax.model.layers.embeddings import apply_rotary, rotary_cos_sin
 
@@ -274,10 +275,14 @@ def test_config_layouts_and_presets():
     hf5 = transformers.GlmMoeDsaConfig(**{k: v for k, v in written.items() if k != "torch_dtype"})
     assert (hf5.index_topk, hf5.indexer_types, hf5.qk_head_dim) == (2048, ["full"] * 78, 256)
     # GLM-5's decode cache per token, from the cache's own arrays (docs/dsa.md): 78 x (512 + 64) latent values
-    # plus 78 x 128 indexer-key values, bf16.
+    # plus 78 x 128 indexer-key values, bf16 (fp32 on this CPU: glm_jax.model.glm.cache_dtype).
     specs = cache_specs(GLMForCausalLM(glm5), 1, 4)["model"]
-    per_token = {k: math.prod(v.shape) * v.dtype.itemsize // 4 for k, v in specs.items() if k.startswith("cached")}
-    assert per_token == {"cached_latent": 89856, "cached_index_key": 19968}
+    per_token = {k: math.prod(v.shape) // 4 for k, v in specs.items() if k.startswith("cached")}
+    assert per_token == {"cached_latent": 44928, "cached_index_key": 9984}
+    assert {specs[k].dtype for k in per_token} == {jnp.dtype(jnp.float32)}
+    with mock.patch.object(glm_module, "current_platform", return_value="tpu"):
+        specs = cache_specs(GLMForCausalLM(glm5), 1, 4)["model"]
+    assert {specs[k].dtype for k in per_token} == {jnp.dtype(jnp.bfloat16)}
 
 
 # ------------------------------------------------------------------------ "shared" indexer layers

@@ -100,8 +100,13 @@ def test_cloze_fine_tuning_scores_label_words_as_glm_defines(pretrained, tmp_pat
             spans.append((len(prompt) - 1, word))
     ids = np.asarray([r + [0] * (128 - len(r)) for r in rows], np.int32)
     mask = np.asarray([[1] * len(r) + [0] * (128 - len(r)) for r in rows], np.int32)
-    logp = jax.nn.log_softmax(np.asarray(model.apply({"params": params}, ids, attention_mask=mask), np.float64), -1)
-    scores = np.asarray([sum(logp[n, start + k, t] for k, t in enumerate(word))
+    logits = np.asarray(model.apply({"params": params}, ids, attention_mask=mask))
+
+    def log_p(n: int, position: int, token: int) -> float:  # float64, only where a word's token is predicted
+        row = logits[n, position].astype(np.float64)
+        return row[token] - row.max() - np.log(np.sum(np.exp(row - row.max())))
+
+    scores = np.asarray([sum(log_p(n, start + k, t) for k, t in enumerate(word))
                          for n, (start, word) in enumerate(spans)]).reshape(len(evals), len(words))
     correct = int(np.sum(np.argmax(scores, -1) == np.asarray([rec["label"] for rec in evals])))
     assert abs(correct / len(evals) - reported[-1]) < 1e-6, (correct, reported)

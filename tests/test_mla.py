@@ -5,6 +5,7 @@ the latent cache) against the full forward; greedy generation token for token; s
 logits, MTP layer kept; both config.json layouts; and the latent cache's size, read from the cache's arrays."""
 
 import json
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import transformers
 from safetensors.numpy import load_file as np_load_file
 
 from glm_jax import GLMConfig, GLMForCausalLM, init_cache, load_hf, save_hf
-from glm_jax.model import cache_specs
+from glm_jax.model import cache_specs, glm as glm_module
 from hf_models import (RTOL, add_mtp_layer, assert_decode_matches_forward, assert_greedy_matches_oracle,
                        assert_matches_oracle, assert_same_params, left_padded_batch, save_and_load, saved_oracle, tiny_lite_model)
 from jaxprs import out_shapes
@@ -85,10 +86,12 @@ def test_cached_decoding_equals_full_forward_without_expanding_the_cache(saved):
 def test_latent_cache_size_from_its_arrays():
     """Bytes per token of the decode cache, summed over the cache's own arrays: MLA keeps kv_lora + rope values
     per layer; the GQA cache of the same model (keys and values of every head, what expanding would store) many
-    times more. The README's table comes from the same computation on the glm-4.7-flash preset."""
+    times more. The README's table comes from the same computation on the glm-4.7-flash preset, for an accelerator
+    (a CPU keeps a bf16 cache in fp32: glm_jax.model.glm.cache_dtype)."""
     for name in ("glm-mla-test", "glm-4.7-flash"):
         cfg = GLMConfig.from_preset(name)
-        mla, gqa = cache_bytes_per_token(cfg), cache_bytes_per_token(gqa_equivalent(cfg))
+        with mock.patch.object(glm_module, "current_platform", return_value="gpu"):
+            mla, gqa = cache_bytes_per_token(cfg), cache_bytes_per_token(gqa_equivalent(cfg))
         item = jnp.dtype(cfg.dtype).itemsize
         assert mla == cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * item
         assert gqa == cfg.num_layers * cfg.num_heads * 2 * cfg.head_dim * item

@@ -66,6 +66,34 @@ def test_prefill_plus_decode_equals_full_forward(params, prefill):
                                                                    CFG.head_dim)
 
 
+def test_bf16_on_cpu_takes_xlas_fast_forms(params):
+    """A bf16 model on CPU (docs/serving.md, "bf16 on CPU"): every weight product has an fp32 result and at least
+    two rows (Linear's `contract`; XLA's bf16-result and one-row forms are 3-5x slower) and the decode cache is
+    fp32 (`cache_dtype`: a bf16 cache write copies the whole buffer); one decode step gives the full pass's
+    logits, and both stay those of the fp32 model within bf16 rounding."""
+    from jaxprs import equations
+
+    cfg = CFG.replace(dtype="bfloat16")
+    model = GLMForCausalLM(cfg)
+    ids = jnp.asarray(np.random.RandomState(3).randint(3, CFG.vocab_size, (1, 6)))
+    cache = init_cache(model, 1, 8)
+    floats = {x.dtype for x in jax.tree.leaves(cache) if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert floats == {jnp.dtype(jnp.float32)}
+    _, v = model.apply({"params": params, "cache": cache}, ids[:, :5], decode=True, mutable=["cache"])
+    step = lambda c, tok: model.apply({"params": params, "cache": c}, tok, decode=True, mutable=["cache"])  # noqa: E731
+    dots = [e for e in equations(jax.make_jaxpr(step)(v["cache"], ids[:, 5:]).jaxpr)  # weight products: no batch axes
+            if e.primitive.name == "dot_general" and e.params["dimension_numbers"][1] == ((), ())]
+    assert len(dots) >= 5  # the scanned block's query / key / value / output / MLP products and the vocabulary's
+    for eqn in dots:
+        assert eqn.params["preferred_element_type"] == jnp.float32 and eqn.invars[0].aval.dtype == jnp.bfloat16
+        assert eqn.invars[0].aval.size >= 2 * eqn.invars[0].aval.shape[-1], eqn.invars[0].aval
+    decoded = np.asarray(step(v["cache"], ids[:, 5:])[0], np.float32)[0, -1]
+    full = np.asarray(model.apply({"params": params}, ids), np.float32)[0, -1]
+    exact = np.asarray(GLMForCausalLM(CFG).apply({"params": params}, ids))[0, -1]
+    np.testing.assert_allclose(decoded, full, atol=0.05 * np.abs(exact).max())
+    np.testing.assert_allclose(full, exact, atol=0.05 * np.abs(exact).max())
+
+
 def test_packed_segments_do_not_attend_across_documents(params):
     model = GLMForCausalLM(CFG)
     rng = np.random.RandomState(1)

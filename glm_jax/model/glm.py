@@ -56,6 +56,7 @@ from glm_jax.model.layers.importance import COLLECTION as IMPORTANCE, record, su
 from glm_jax.model.layers.kda import KDA
 from glm_jax.model.layers.kv_cache import PagedIndex
 from glm_jax.model.layers.mla import LATENT_NORM_EPS, MLA, softmax_scale, yarn_cos_sin
+from glm_jax.platforms import current_platform
 
 JAX_REMAT_POLICIES = {  # GLMConfig.remat_policy -> what each block keeps for the backward pass
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -295,8 +296,13 @@ def mla_buffers(cfg: GLMConfig) -> int:
 
 
 def cache_dtype(cfg: GLMConfig, name: str):
-    """The dtype of decode-cache buffer `name`: KDA's recurrent state accumulates in fp32, the rest is cfg.dtype."""
-    return jnp.float32 if name == "kda_state" else jnp.dtype(cfg.dtype)
+    """The dtype of decode-cache buffer `name`: KDA's recurrent state accumulates in fp32, the rest is cfg.dtype,
+    except on CPU, where a bf16 / fp16 cache is kept in fp32: XLA's CPU backend has no 16-bit float scatter or
+    dynamic-update-slice and converts the whole buffer around each write (one token into an 8-layer 134 MB bf16
+    pool: 111 ms, in fp32 0.01 ms; docs/serving.md)."""
+    if name == "kda_state" or (current_platform() == "cpu" and jnp.dtype(cfg.dtype).itemsize < 4):
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(cfg.dtype)
 
 
 class MTPLayer(nn.Module, kw_only=True):
@@ -821,5 +827,5 @@ def init_paged_cache(cfg: GLMConfig, num_pages: int, page_size: int, num_slots: 
 def init_paged_mtp_cache(cfg: GLMConfig, num_pages: int, page_size: int) -> tuple:
     """A zeroed pool for one MTP layer (`MTPHead`'s kv_cache while decoding): the buffers of `cache_shapes` for
     one layer, in their order; it shares the page tables of the model's own pool."""
-    return tuple(jnp.zeros((1,) + shape[1:], jnp.dtype(cfg.dtype))
-                 for shape in cache_shapes(cfg, num_pages, page_size).values())
+    return tuple(jnp.zeros((1,) + shape[1:], cache_dtype(cfg, name))
+                 for name, shape in cache_shapes(cfg, num_pages, page_size).items())

@@ -28,6 +28,7 @@ from glm_jax.model.layers.importance import record, sum_squares
 from glm_jax.model.layers.linear import Linear
 from glm_jax.model.layers.norms import RMSNorm
 from glm_jax.model.layers import kv_cache as kv_cache_lib
+from glm_jax.platforms import current_platform
 from glm_jax.sharding import logical_to_spec
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,6 @@ log = logging.getLogger(__name__)
 @functools.lru_cache(maxsize=None)
 def _warn_once(msg: str):
     log.warning(msg)
-
-
-def current_platform() -> str:
-    """"gpu", "tpu" or "cpu": the platform of the current mesh's devices, else of the default backend. (A mesh
-    over a TPU slice described by libtpu, compiled ahead of time from a CPU host, counts as TPU.)"""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    platform = getattr(device, "platform", None) or jax.default_backend()
-    return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 def resolve_impl(impl: str, dtype) -> str:
