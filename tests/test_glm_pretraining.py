@@ -72,8 +72,6 @@ def test_cloze_fine_tuning_scores_label_words_as_glm_defines(pretrained, tmp_pat
     recomputed here from the definition: for each record, log p(word | prompt) summed over the word's tokens
     from a plain forward pass of the trained model on tokenizer.encode(prompt) + the word, the label the argmax.
     (Measured: 0.74 after 40 steps at a constant 3e-3.)"""
-    import jax
-
     from glm_jax import GLMForCausalLM
     from glm_jax.train.build import load_run
 
