@@ -13,8 +13,9 @@ workload for each concurrency c: `--requests` chat completions sent by c client 
 when the previous finishes), the same fixed prompt text for all, greedy, `max_tokens` new tokens, streamed with
 `stream_options.include_usage`. Reported per server and c: output tokens/s (completion tokens / wall time), time to
 first token and inter-token latency (time between streamed content chunks) p50 / p99. Before each measured level,
-the same wave unmeasured warms both servers up (glm_jax compiles each new step shape once, on first use: a
-smaller warm-up wave left shapes that the measured one compiled).
+the same wave unmeasured warms both servers up; glm_jax also starts with `--warmup` (every step program compiled
+before traffic, over a `--max-model-len` context: without it, a measured wave whose arrivals met a rows x chunk x
+page-table shape the warm-up wave had not compiled it mid-wave).
 
 `engine`: the same workload on `glm_jax.serve.Engine` in this process (built as glm-serve builds it, the chat
 prompt rendered as the server renders it), c requests in flight, each replaced as soon as it finishes: no HTTP,
@@ -79,14 +80,13 @@ def start(name: str, checkpoint: Path, port: int, args) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if name == "glm_jax":
         cmd = [sys.executable, "-m", "glm_jax.serve", "--checkpoint", str(checkpoint), "--port", str(port),
-               "--served-model-name", str(checkpoint), "--max-num-seqs", str(max(args.concurrency)),
-               "--log-level", "warning", *(["--dtype", args.dtype] if args.dtype else [])]
+               "--served-model-name", str(checkpoint), "--log-level", "warning", *glm_jax_options(args)]
     else:
         cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(checkpoint), "--port", str(port),
                "--continuous-batching", "--device", args.torch_device, "--log-level", "warning",
                *(["--dtype", args.dtype] if args.dtype else [])]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for _ in range(1200):
+    for _ in range(2400):  # glm_jax's --warmup compiles its step programs first (minutes on a CPU)
         if proc.poll() is not None:
             raise RuntimeError(f"{name} server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
         try:
@@ -96,6 +96,17 @@ def start(name: str, checkpoint: Path, port: int, args) -> subprocess.Popen:
             time.sleep(0.25)
     proc.kill()
     raise RuntimeError(f"{name} server did not start")
+
+
+def glm_jax_options(args) -> list[str]:
+    """glm-serve's options for the run (the engine mode builds its engine from the same): a slot per client and,
+    but for --tiny, `--warmup` over a context that fits the workload, so that no step program compiles while a
+    wave is measured (glm-serve compiles each rows x chunk x page-table shape on first use otherwise; a measured
+    wave whose arrivals met new shapes ran at ~60% speed)."""
+    options = ["--max-num-seqs", str(max(args.concurrency)), *(["--dtype", args.dtype] if args.dtype else [])]
+    if not args.tiny:
+        options += ["--warmup", "--max-model-len", str(args.max_model_len)]
+    return options
 
 
 def one_request(client, model: str, max_tokens: int) -> dict:
@@ -168,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="both servers compute in this dtype (default: the checkpoint's)")
+    p.add_argument("--max-model-len", type=int, default=256,
+                   help="glm_jax's context (its --warmup compiles every step shape up to it); the prompt + --max-tokens fit")
     args = p.parse_args(argv)
     import openai
 
@@ -209,8 +222,7 @@ def main(argv=None) -> int:
 def run_engine(ckpt: Path, args, max_tokens: int) -> list[dict]:
     from glm_jax.serve.__main__ import _arg_parser, build
 
-    served = _arg_parser().parse_args(["--checkpoint", str(ckpt), "--max-num-seqs", str(max(args.concurrency)),
-                                       *(["--dtype", args.dtype] if args.dtype else [])])
+    served = _arg_parser().parse_args(["--checkpoint", str(ckpt), *glm_jax_options(args)])
     _, engine = build(served)
     prompt = list(engine.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
                                                        add_generation_prompt=True))
