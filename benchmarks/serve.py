@@ -8,8 +8,10 @@ same workload, one run.
     python benchmarks/serve.py --servers glm_jax engine   # and the engine in-process: what HTTP costs
     python benchmarks/serve.py --dtype bfloat16     # both servers in bf16 (the checkpoint's dtype by default)
 
-The peer needs `pip install accelerate` besides transformers. Each server runs alone (started, measured, stopped, then the next), so they never share the CPU / GPU. The
-workload for each concurrency c: `--requests` chat completions sent by c client threads (each sends its next one
+The peer needs `pip install accelerate` besides transformers. Every target is started first and the levels are
+interleaved (each concurrency measured on every target before the next), so that a machine whose speed drifts
+during the run (shared cloud VMs do, by tens of percent) does not favour the target measured first; a target
+waiting for requests takes no CPU, so each wave still has the machine to itself. The workload for each concurrency c: `--requests` chat completions sent by c client threads (each sends its next one
 when the previous finishes), the same fixed prompt text for all, greedy, `max_tokens` new tokens, streamed with
 `stream_options.include_usage`. Reported per server and c: output tokens/s (completion tokens / wall time), time to
 first token and inter-token latency (time between streamed content chunks) p50 / p99. Before each measured level,
@@ -19,12 +21,13 @@ page-table shape the warm-up wave had not compiled it mid-wave).
 
 `engine`: the same workload on `glm_jax.serve.Engine` in this process (built as glm-serve builds it, the chat
 prompt rendered as the server renders it), c requests in flight, each replaced as soon as it finishes: no HTTP,
-no client threads; ITL is the time between a request's steps. It runs after the servers.
+no client threads; ITL is the time between a request's steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -191,25 +194,29 @@ def main(argv=None) -> int:
     args.concurrency = args.concurrency or ([1, 4] if args.tiny else [1, 8, 16, 32])
     max_tokens = args.max_tokens or (8 if args.tiny else 64)
     ckpt = args.checkpoint or build_checkpoint(args.workdir, args.tiny)
-    rows = []
-    for name in sorted(args.servers, key=lambda n: n == "engine"):  # in-process last: its runtime stays here
-        if name == "engine":
-            rows += run_engine(ckpt, args, max_tokens)
-            continue
-        port = free_port()
-        proc = start(name, ckpt, port, args)
-        try:
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
-            model = str(ckpt)  # transformers serve, pinned to a checkpoint, answers to its path only
-            one_request(client, model, max_tokens)  # warm-up: compilation
-            for c in args.concurrency:
-                n = args.requests or max(8, 2 * c)
-                run_load(client, model, c, n, max_tokens)  # warm-up: the same wave (glm_jax: its shapes compile)
-                row = {"server": name, **run_load(client, model, c, n, max_tokens)}
-                rows.append(row)
-                report(row)
-        finally:
+    targets, procs = {}, []
+    try:
+        for name in sorted(args.servers, key=lambda n: n == "engine"):  # all up at once: idle, a server takes no CPU
+            targets[name] = engine_target(ckpt, args, max_tokens) if name == "engine" else None
+            if name != "engine":
+                port = free_port()
+                procs.append(start(name, ckpt, port, args))
+                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                                       timeout=600)
+                model = str(ckpt)  # transformers serve, pinned to a checkpoint, answers to its path only
+                targets[name] = functools.partial(run_load, client, model, max_tokens=max_tokens)
+                one_request(client, model, max_tokens)  # warm-up: compilation
+        rows = []
+        for c in args.concurrency:  # interleaved: each level measured on every target before the next level
+            n = args.requests or max(8, 2 * c)
+            for name, load in targets.items():
+                load(concurrency=c, requests=n)  # warm-up: the same wave (glm_jax: its shapes compile)
+                rows.append({"server": name, **load(concurrency=c, requests=n)})
+                report(rows[-1])
+    finally:
+        for proc in procs:
             proc.send_signal(signal.SIGTERM)
+        for proc in procs:
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -219,21 +226,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_engine(ckpt: Path, args, max_tokens: int) -> list[dict]:
+def engine_target(ckpt: Path, args, max_tokens: int):
+    """The engine as glm-serve builds it, with the chat prompt the server renders: a load function like run_load's."""
     from glm_jax.serve.__main__ import _arg_parser, build
 
     served = _arg_parser().parse_args(["--checkpoint", str(ckpt), *glm_jax_options(args)])
     _, engine = build(served)
     prompt = list(engine.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
                                                        add_generation_prompt=True))
-    rows = []
     engine_load(engine, prompt, 1, 1, max_tokens)  # warm-up: compilation
-    for c in args.concurrency:
-        n = args.requests or max(8, 2 * c)
-        engine_load(engine, prompt, c, n, max_tokens)
-        rows.append({"server": "engine", **engine_load(engine, prompt, c, n, max_tokens)})
-        report(rows[-1])
-    return rows
+    return functools.partial(engine_load, engine, prompt, max_tokens=max_tokens)
 
 
 def report(row: dict) -> None:

@@ -82,13 +82,16 @@ def test_moe_benchmark_compares_with_transformers_and_finds_dense_expert_matmuls
 
 def test_serve_benchmark_runs_in_tiny_mode(tmp_path):
     """benchmarks/serve.py against glm_jax.serve and the engine in-process (the transformers peer needs
-    `accelerate`, not a test extra): the same workload, so the same number of output tokens."""
+    `accelerate`, not a test extra): the same workload, so the same number of output tokens; the levels
+    interleaved (each measured on every target before the next)."""
     out = tmp_path / "serve.json"
-    run("serve.py", "--json", str(out), "--servers", "engine", "glm_jax", "--concurrency", "2", "--workdir",
+    run("serve.py", "--json", str(out), "--servers", "engine", "glm_jax", "--concurrency", "1", "2", "--workdir",
         str(tmp_path))
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["server"], r["concurrency"]) for r in rows] == [("glm_jax", 2), ("engine", 2)]
-    assert rows[0]["output_tokens"] == rows[1]["output_tokens"] > 0 and rows[0]["requests"] == rows[1]["requests"]
+    assert [(r["server"], r["concurrency"]) for r in rows] == [("glm_jax", 1), ("engine", 1), ("glm_jax", 2),
+                                                                ("engine", 2)]
+    for http, engine in (rows[:2], rows[2:]):
+        assert http["output_tokens"] == engine["output_tokens"] > 0 and http["requests"] == engine["requests"]
 
 
 def test_speculative_benchmark_runs_in_tiny_mode(tmp_path):

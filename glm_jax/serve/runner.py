@@ -43,7 +43,7 @@ class EngineRunner:
         """Queues a request checked with `Engine.check_request` (ValueError, QueueFull); returns its id and the
         queue its outputs arrive on (a final `RequestOutput` with finished=True, or an exception)."""
         self.engine.check_request(prompt, sampling)
-        if self.engine.stats()["waiting"] + self._inbox.qsize() >= self.engine.max_waiting:
+        if len(self.engine.waiting) + self._inbox.qsize() >= self.engine.max_waiting:  # (not stats(): it counts pages)
             raise QueueFull(f"{self.engine.max_waiting} requests are already waiting")
         rid = f"req-{uuid.uuid4().hex}"
         outputs: asyncio.Queue = asyncio.Queue()
