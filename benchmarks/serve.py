@@ -11,8 +11,9 @@ same workload, one run.
 The peer needs `pip install accelerate` besides transformers. Every target is started first and the levels are
 interleaved (each concurrency measured on every target before the next), so that a machine whose speed drifts
 during the run (shared cloud VMs do, by tens of percent) does not favour the target measured first; a target
-waiting for requests takes no CPU, so each wave still has the machine to itself. The workload for each concurrency c: `--requests` chat completions sent by c client threads (each sends its next one
-when the previous finishes), the same fixed prompt text for all, greedy, `max_tokens` new tokens, streamed with
+waiting for requests takes no CPU, so each wave still has the machine to itself. The workload for each
+concurrency c: `--requests` chat completions sent by c client threads (each sends its next one when the previous
+finishes), the same fixed prompt text for all, greedy, `max_tokens` new tokens, streamed with
 `stream_options.include_usage`. Reported per server and c: output tokens/s (completion tokens / wall time), time to
 first token and inter-token latency (time between streamed content chunks) p50 / p99. Before each measured level,
 the same wave unmeasured warms both servers up; glm_jax also starts with `--warmup` (every step program compiled
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="both servers compute in this dtype (default: the checkpoint's)")
     p.add_argument("--max-model-len", type=int, default=256,
-                   help="glm_jax's context (its --warmup compiles every step shape up to it); the prompt + --max-tokens fit")
+                   help="glm_jax's context (its --warmup compiles every step shape up to it); the prompt + "
+                        "--max-tokens fit")
     args = p.parse_args(argv)
     import openai
 
@@ -197,15 +199,15 @@ def main(argv=None) -> int:
     targets, procs = {}, []
     try:
         for name in sorted(args.servers, key=lambda n: n == "engine"):  # all up at once: idle, a server takes no CPU
-            targets[name] = engine_target(ckpt, args, max_tokens) if name == "engine" else None
-            if name != "engine":
-                port = free_port()
-                procs.append(start(name, ckpt, port, args))
-                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
-                                       timeout=600)
-                model = str(ckpt)  # transformers serve, pinned to a checkpoint, answers to its path only
-                targets[name] = functools.partial(run_load, client, model, max_tokens=max_tokens)
-                one_request(client, model, max_tokens)  # warm-up: compilation
+            if name == "engine":
+                targets[name] = engine_target(ckpt, args, max_tokens)
+                continue
+            port = free_port()
+            procs.append(start(name, ckpt, port, args))
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+            model = str(ckpt)  # transformers serve, pinned to a checkpoint, answers to its path only
+            one_request(client, model, max_tokens)  # warm-up: compilation
+            targets[name] = functools.partial(run_load, client, model, max_tokens=max_tokens)
         rows = []
         for c in args.concurrency:  # interleaved: each level measured on every target before the next level
             n = args.requests or max(8, 2 * c)
